@@ -1,0 +1,1 @@
+"""Presets shipped with twml: `twml <command> --preset NAME` reads NAME.toml from here."""

@@ -1,0 +1,200 @@
+"""Data sets as in-memory tensors of [0, 1] images (N, C, H, W) and integer labels (N,).
+
+- ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 grayscale images,
+  10 classes), split once, stratified, with a fixed seed. Offline, no download.
+- torchvision data sets by name, downloaded under ``data_dir`` on first use.
+- a user's ``.npz`` with ``x_train, y_train, x_test, y_test``, loaded with
+  ``allow_pickle=False``: uint8 images as (N, H, W, C) or (N, H, W), or float images in
+  [0, 1] as (N, C, H, W).
+
+Small data sets fit in memory; batches are made by indexing, on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from .errors import TwmlError
+
+EMBEDDED = "digits"
+TORCHVISION = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "gtsrb")
+DATASETS = (EMBEDDED, *TORCHVISION)
+DEFAULT_DATA_DIR = "data"
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+GTSRB_SIZE = 32  # GTSRB images come in many sizes; they are resized to 32x32 once and cached
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about a data set."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    input_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_train: int
+    num_test: int
+
+
+def load_dataset(name: str = EMBEDDED, data_dir: str | Path | None = None) -> tuple[TensorDataset, TensorDataset]:
+    """(train, test) as TensorDatasets of float32 [0, 1] images (N, C, H, W) and int64 labels.
+
+    `name` is one of DATASETS or a path to an .npz file. Raises TwmlError for anything
+    else, for files that cannot be read, and when a torchvision data set is neither on
+    disk nor downloadable.
+    """
+    if name == EMBEDDED:
+        arrays = _digits()
+    elif name in TORCHVISION:
+        arrays = _torchvision(name, Path(data_dir or DEFAULT_DATA_DIR))
+    elif str(name).endswith(".npz"):
+        arrays = _npz(Path(name))
+    else:
+        raise TwmlError(f"unknown data set '{name}': use one of {', '.join(DATASETS)} or a path to an .npz file")
+    x_train, y_train, x_test, y_test = arrays
+    return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
+
+
+def describe(name: str, train: TensorDataset, test: TensorDataset) -> DataInfo:
+    """Number of classes, shape and per-channel mean/std (of the training split)."""
+    x, y = train.tensors
+    num_classes = int(max(y.max(), test.tensors[1].max())) + 1
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return DataInfo(
+        name=str(name),
+        num_classes=num_classes,
+        in_chans=x.shape[1],
+        input_size=(x.shape[2], x.shape[3]),
+        mean=tuple(round(float(v), 6) for v in mean),
+        std=tuple(round(float(v), 6) for v in std),
+        num_train=len(x),
+        num_test=len(test.tensors[0]),
+    )
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=DIGITS_SPLIT_SEED
+    )
+    return (
+        torch.from_numpy(x_train[:, None]),
+        torch.from_numpy(y_train),
+        torch.from_numpy(x_test[:, None]),
+        torch.from_numpy(y_test),
+    )
+
+
+def _torchvision(name: str, root: Path):
+    import torchvision.datasets as tvd
+
+    def split(train: bool):
+        if name == "mnist":
+            ds = tvd.MNIST(root, train=train, download=True)
+            return ds.data.numpy(), ds.targets.numpy()
+        if name == "fashion-mnist":
+            ds = tvd.FashionMNIST(root, train=train, download=True)
+            return ds.data.numpy(), ds.targets.numpy()
+        if name in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(root, train=train, download=True)
+            return ds.data, np.asarray(ds.targets)
+        if name == "svhn":
+            ds = tvd.SVHN(root / "svhn", split="train" if train else "test", download=True)
+            return ds.data.transpose(0, 2, 3, 1), ds.labels  # stored (N, C, H, W)
+        return _gtsrb(tvd, root, train)
+
+    try:
+        x_train, y_train = split(True)
+        x_test, y_test = split(False)
+    except (RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TwmlError(
+            f"cannot load data set '{name}' from {root.resolve()} ({first}); without internet access, "
+            f"download it elsewhere with --data-dir DIR and copy DIR here, or pass an .npz file"
+        ) from None
+    return (*_from_uint8(x_train, y_train), *_from_uint8(x_test, y_test))
+
+
+def _gtsrb(tvd, root: Path, train: bool):
+    cache = root / f"gtsrb-{'train' if train else 'test'}-{GTSRB_SIZE}.npz"
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as f:
+            return f["x"], f["y"]
+    from PIL import Image
+
+    ds = tvd.GTSRB(root, split="train" if train else "test", download=True)
+    images, labels = [], []
+    for path, label in ds._samples:
+        with Image.open(path) as im:
+            images.append(np.asarray(im.convert("RGB").resize((GTSRB_SIZE, GTSRB_SIZE), Image.BILINEAR)))
+        labels.append(label)
+    x, y = np.stack(images), np.asarray(labels, dtype=np.int64)
+    np.savez(cache, x=x, y=y)
+    return x, y
+
+
+def _npz(path: Path):
+    if not path.is_file():
+        raise TwmlError(f"data file '{path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise TwmlError(f"{path}: missing arrays {', '.join(missing)} (need x_train, y_train, x_test, y_test)")
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except TwmlError:
+        raise
+    except (ValueError, OSError) as err:  # not a zip, object arrays (pickle refused), truncated
+        raise TwmlError(f"{path}: not a readable .npz of plain arrays ({err})") from None
+    x_train, y_train = _npz_split(path, "train", arrays["x_train"], arrays["y_train"])
+    x_test, y_test = _npz_split(path, "test", arrays["x_test"], arrays["y_test"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise TwmlError(f"{path}: x_train images are {tuple(x_train.shape[1:])} but x_test images are {tuple(x_test.shape[1:])}")
+    return x_train, y_train, x_test, y_test
+
+
+def _npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray):
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise TwmlError(f"{path}: y_{split} must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
+    if len(x) != len(y):
+        raise TwmlError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+    if len(y) == 0 or y.min() < 0:
+        raise TwmlError(f"{path}: y_{split} must hold labels 0..K-1 (got {len(y)} labels, min {y.min() if len(y) else 'n/a'})")
+    if x.dtype == np.uint8:
+        if x.ndim not in (3, 4):
+            raise TwmlError(f"{path}: uint8 x_{split} must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+        return _from_uint8(x, y)
+    if np.issubdtype(x.dtype, np.floating):
+        if x.ndim != 4:
+            raise TwmlError(f"{path}: float x_{split} must be (N, C, H, W) in [0, 1], got shape {x.shape}")
+        if x.size and (x.min() < 0 or x.max() > 1):
+            raise TwmlError(f"{path}: float x_{split} must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+    raise TwmlError(f"{path}: x_{split} must be uint8 (N, H, W[, C]) or float (N, C, H, W), got dtype {x.dtype}")
+
+
+def _from_uint8(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, H, W) or (N, H, W, C) -> float32 [0, 1] (N, C, H, W)."""
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float().div_(255.0)
+    return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
