@@ -1,0 +1,206 @@
+"""Randomized smoothing (Cohen, Rosenfeld, Kolter, ICML 2019).
+
+The smoothed classifier g(x) = argmax_c P(f(x + N(0, sigma^2 I)) = c). CERTIFY returns a
+class and an L2 radius within which g is constant with probability >= 1 - alpha over the
+noise; PREDICT returns g(x) or abstains, and is wrong with probability <= alpha.
+
+Noise for example `index` is drawn in blocks of NOISE_BLOCK samples, each from a stream
+keyed by (seed, index, phase, block). An example's certificate therefore does not depend
+on the batch size, on which other examples share its batches, or on how a test set is
+split across processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import binomtest, norm
+from statsmodels.stats.proportion import proportion_confint
+from torch import nn
+
+from .runtime import Progress, Timer, autocast, generator, no_progress
+
+ABSTAIN = -1
+NOISE_BLOCK = 1000  # samples per noise stream; fixed, so certificates are batch-independent
+SELECTION, ESTIMATION, PREDICTION = 0, 1, 2  # phases: separate streams, never reused
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """Per-example results of a batch certification (CPU arrays)."""
+
+    prediction: np.ndarray  # class, or ABSTAIN (-1)
+    radius: np.ndarray  # certified L2 radius in [0, 1] pixel units (0 when abstaining)
+    count: np.ndarray  # nA: votes for the selected class among the n estimation samples
+    p_lower: np.ndarray  # one-sided (1 - alpha) Clopper-Pearson lower bound of pA
+
+
+class Smooth:
+    """A smoothed classifier around `base_classifier` (which takes [0, 1] images)."""
+
+    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, seed: int = 0):
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.base_classifier = base_classifier
+        self.num_classes = num_classes
+        self.sigma = sigma
+        self.seed = seed
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, index: int = 0) -> tuple[int, float]:
+        """CERTIFY for one image x (C, H, W): (class, L2 radius), or (-1, 0.0) to abstain.
+
+        1. n0 noisy samples select the top class cA;
+        2. n fresh samples count nA, the votes for cA;
+        3. pA_lower = one-sided (1 - alpha) Clopper-Pearson lower bound of nA / n;
+        4. abstain if pA_lower < 1/2, else return cA and radius sigma * Phi^-1(pA_lower).
+        `index` names the example's noise stream.
+        """
+        cert = self.certify_batch(x[None], n0, n, alpha, batch_size, indices=[index])
+        return int(cert.prediction[0]), float(cert.radius[0])
+
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, index: int = 0) -> int:
+        """PREDICT for one image: the top class of n noisy samples, or -1 when a two-sided
+        binomial test cannot tell the top two classes apart at level alpha."""
+        counts = self._counts(x[None], [index], PREDICTION, n, batch_size)[0].cpu()
+        top2 = counts.topk(2)
+        c1, c2 = int(top2.values[0]), int(top2.values[1])
+        if binomtest(c1, c1 + c2, p=0.5).pvalue > alpha:
+            return ABSTAIN
+        return int(top2.indices[0])
+
+    def certify_batch(
+        self,
+        x: torch.Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        indices: Sequence[int] | None = None,
+    ) -> Certificate:
+        """CERTIFY for many images at once (the same certificates as one at a time).
+
+        The noisy copies of several images share forward batches; votes are counted on the
+        device with bincount; there is one host copy at the end.
+        """
+        check_certify_args(n0, n, alpha, batch_size)
+        indices = list(range(len(x))) if indices is None else [int(i) for i in indices]
+        selection = self._counts(x, indices, SELECTION, n0, batch_size)
+        estimation = self._counts(x, indices, ESTIMATION, n, batch_size)
+        c_a = selection.argmax(1)
+        n_a = estimation.gather(1, c_a[:, None])[:, 0]
+        c_a, n_a = c_a.cpu().numpy(), n_a.cpu().numpy()
+        p_lower = lower_confidence_bound(n_a, n, alpha)
+        certified = p_lower >= 0.5
+        radius = np.where(certified, self.sigma * norm.ppf(np.where(certified, p_lower, 0.5)), 0.0)
+        prediction = np.where(certified, c_a, ABSTAIN)
+        return Certificate(prediction=prediction, radius=radius, count=n_a, p_lower=p_lower)
+
+    def _counts(self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int) -> torch.Tensor:
+        """(len(x), num_classes) votes of the base classifier on `num` noisy copies of each image."""
+        model = self.base_classifier
+        device = next(model.parameters()).device
+        x = x.to(device)
+        k = self.num_classes
+        counts = torch.zeros(len(x) * k, dtype=torch.long, device=device)
+        model.eval()
+        with torch.inference_mode():
+            for owner, noise in self._noise_batches(x, indices, phase, num, batch_size, device):
+                batch = x[owner] + self.sigma * noise
+                if device.type == "cuda":
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                with autocast(device):
+                    predictions = model(batch).argmax(1)
+                counts += torch.bincount(owner * k + predictions, minlength=len(x) * k)
+        return counts.view(len(x), k)
+
+    def _noise_batches(
+        self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(owner, noise) batches of at most batch_size samples: owner[j] is the row of x that
+        sample j perturbs. Each example's `num` samples come in fixed blocks of NOISE_BLOCK,
+        each from its own keyed stream."""
+        owners: list[torch.Tensor] = []
+        noises: list[torch.Tensor] = []
+        pending = 0
+        for row, index in enumerate(indices):
+            for block in range(math.ceil(num / NOISE_BLOCK)):
+                length = min(NOISE_BLOCK, num - block * NOISE_BLOCK)
+                gen = generator(device, self.seed, index, phase, block)
+                noises.append(torch.randn((length, *x.shape[1:]), generator=gen, device=device))
+                owners.append(torch.full((length,), row, dtype=torch.long, device=device))
+                pending += length
+                while pending >= batch_size:
+                    owner, noise = torch.cat(owners), torch.cat(noises)
+                    yield owner[:batch_size], noise[:batch_size]
+                    owners, noises = [owner[batch_size:]], [noise[batch_size:]]
+                    pending -= batch_size
+        if pending:
+            yield torch.cat(owners), torch.cat(noises)
+
+
+def check_certify_args(n0: int, n: int, alpha: float, batch_size: int) -> None:
+    if n0 < 1:
+        raise ValueError(f"n0 must be >= 1, got {n0}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+
+
+def lower_confidence_bound(n_a, n: int, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion nA / n:
+    the alpha-quantile of Beta(nA, n - nA + 1), and 0 when nA = 0."""
+    return np.asarray(proportion_confint(np.asarray(n_a), n, alpha=2 * alpha, method="beta")[0], dtype=np.float64)
+
+
+def certify_dataset(
+    smooth: Smooth,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    progress: Progress = no_progress,
+) -> dict[str, np.ndarray]:
+    """Certify the test examples `indices` in chunks that fill the forward batches.
+
+    Returns the per-example table: idx, label, predict, radius, correct, time_s (time_s is
+    the chunk's time shared equally among its examples).
+    """
+    device = next(smooth.base_classifier.parameters()).device
+    chunk = max(1, math.ceil(8 * batch_size / (n0 + n)))  # >= 8 full forward batches per chunk
+    rows: dict[str, list] = {"idx": [], "label": [], "predict": [], "radius": [], "correct": [], "time_s": []}
+    starts = range(0, len(indices), chunk)
+    for start in progress(starts, len(starts), f"certify (sigma={smooth.sigma:g})"):
+        part = [int(i) for i in indices[start : start + chunk]]
+        with Timer(device) as timer:
+            cert = smooth.certify_batch(x[part], n0, n, alpha, batch_size, indices=part)
+        elapsed = timer.seconds / len(part)
+        labels = y[part].cpu().numpy()
+        rows["idx"] += part
+        rows["label"] += labels.tolist()
+        rows["predict"] += cert.prediction.tolist()
+        rows["radius"] += cert.radius.tolist()
+        rows["correct"] += (cert.prediction == labels).tolist()
+        rows["time_s"] += [elapsed] * len(part)
+    return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Fraction of ALL examples that are correct and certified at radius >= r, for each r.
+    Abstentions are never correct, so they count as wrong."""
+    radius, correct = np.asarray(radius), np.asarray(correct, dtype=bool)
+    return np.array([float(np.mean(correct & (radius >= r))) for r in np.asarray(radii)])
+
+
+def average_certified_radius(radius: np.ndarray, correct: np.ndarray) -> float:
+    """Mean over examples of the radius when correct, else 0 (ACR)."""
+    return float(np.mean(np.where(np.asarray(correct, dtype=bool), radius, 0.0)))
