@@ -1,0 +1,250 @@
+"""Neural Cleanse (Wang et al., IEEE S&P 2019): reverse-engineer, for every class t, the
+smallest trigger (mask m, pattern p) that sends clean images to t, then flag classes whose
+trigger is abnormally small.
+
+    x' = (1 - m) * x + m * p,   m = tanh(w_m) / 2 + 1/2 (H x W),  p = tanh(w_p) / 2 + 1/2 (C x H x W)
+    loss_t = CE(f(x'), t) + lambda_t * |m|_1
+
+All classes of a model are optimized together: K masks and K patterns, one forward over
+K x B stamped images per step. Adam is elementwise and the losses are separate, so this
+is the class-by-class method run in parallel, not an approximation of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runtime import Progress, autocast, generator, no_progress, to_device_layout
+
+CLEANSE_STREAM = 4
+MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal's standard deviation
+TANH_EPSILON = 1e-7
+
+
+@dataclass(frozen=True)
+class CleanseConfig:
+    """Defaults are the authors' (bolunwang/backdoor, visualizer.py)."""
+
+    steps: int = 100  # optimization rounds; each is a pass over the clean images, then a check
+    batch_size: int = 32  # clean images per class in one optimizer step
+    lr: float = 0.1
+    betas: tuple[float, float] = (0.5, 0.9)
+    init_cost: float = 1e-3  # lambda once the attack first succeeds
+    cost_multiplier: float = 1.5  # lambda *= 1.5 after `patience` successes; /= 1.5 ** 1.5 after failures
+    patience: int = 5
+    early_stop_patience: int = 25  # rounds without a smaller successful mask (5 * patience)
+    threshold: float = 0.99  # attack success a mask must reach to count
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"cleanse steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"cleanse batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"cleanse lr must be > 0, got {self.lr}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"success threshold must lie in (0, 1], got {self.threshold}")
+        if self.patience < 1 or self.early_stop_patience < 1:
+            raise ValueError("patience and early-stop patience must be >= 1")
+        if not self.cost_multiplier > 1:
+            raise ValueError(f"cost multiplier must be > 1, got {self.cost_multiplier}")
+
+
+@dataclass
+class ReversedTriggers:
+    """The best trigger found for each class (CPU tensors)."""
+
+    classes: list[int]
+    masks: torch.Tensor  # (K, H, W) in [0, 1]
+    patterns: torch.Tensor  # (K, C, H, W) in [0, 1]
+    norms: np.ndarray  # (K,) L1 norm of each mask
+    success: np.ndarray  # (K,) attack success of the stamped clean batch when the mask was kept
+    reached: np.ndarray  # (K,) whether the success threshold was ever reached
+    rounds: np.ndarray  # (K,) optimization rounds each class ran before it stopped
+
+
+def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """(1 - m) * x + m * p for images x (N, C, H, W), mask (H, W) and pattern (C, H, W)."""
+    return (1 - mask) * x + mask * pattern
+
+
+def _to_tanh_space(v: torch.Tensor) -> torch.Tensor:
+    return torch.atanh((v - 0.5) * (2 - TANH_EPSILON))
+
+
+def reverse_engineer(
+    model: nn.Module,
+    x_clean: torch.Tensor,
+    num_classes: int,
+    config: CleanseConfig = CleanseConfig(),
+    classes: list[int] | None = None,
+    progress: Progress = no_progress,
+) -> ReversedTriggers:
+    """Reverse-engineer a trigger for every class in `classes` (default: all), together.
+
+    Dynamic lambda per class, as the authors: lambda starts at 0; once the stamped images
+    reach `threshold` success for `patience` rounds it is set to init_cost; then it is
+    multiplied by cost_multiplier after `patience` successful rounds in a row and divided
+    by cost_multiplier ** 1.5 after `patience` failing ones. The smallest mask that reached
+    the threshold is kept; a class stops once lambda has moved both ways and its best norm
+    has not improved for `early_stop_patience` rounds.
+    """
+    classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
+    device = next(model.parameters()).device
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = to_device_layout(x_clean, device)
+    k, (c, h, w), n = len(classes), x.shape[1:], len(x)
+
+    # Each class starts from its own seeded random mask and pattern: the same start whether
+    # it is optimized alone or with the others.
+    starts = [generator(torch.device("cpu"), config.seed, CLEANSE_STREAM, t) for t in classes]
+    w_mask = torch.stack([_to_tanh_space(torch.rand(1, h, w, generator=g)) for g in starts]).to(device)
+    w_pattern = torch.stack([_to_tanh_space(torch.rand(c, h, w, generator=g)) for g in starts]).to(device)
+    w_mask.requires_grad_(True)
+    w_pattern.requires_grad_(True)
+    optimizer = torch.optim.Adam([w_mask, w_pattern], lr=config.lr, betas=config.betas)
+    targets = torch.tensor(classes, device=device)
+
+    state = _LambdaSchedule(k, config)
+    best_mask = torch.zeros(k, h, w)
+    best_pattern = torch.zeros(k, c, h, w)
+    best_norm = np.full(k, np.inf)
+    best_success = np.zeros(k)
+    order_gen = generator(device, config.seed, CLEANSE_STREAM, -1)
+    steps_per_round = math.ceil(n / config.batch_size)
+
+    try:
+        for _ in progress(range(config.steps), config.steps, f"cleanse ({k} classes)"):
+            active = np.flatnonzero(~state.done)
+            if len(active) == 0:
+                break
+            rows = torch.as_tensor(active, device=device)
+            cost = torch.as_tensor(state.cost[active], dtype=torch.float32, device=device)
+            hits = torch.zeros(len(active), device=device)
+            order = torch.randperm(n, generator=order_gen, device=device)
+            for b in range(steps_per_round):
+                xb = x[order[b * config.batch_size : (b + 1) * config.batch_size]]
+                mask = torch.tanh(w_mask[rows]) / 2 + 0.5  # (A, 1, H, W)
+                pattern = torch.tanh(w_pattern[rows]) / 2 + 0.5  # (A, C, H, W)
+                stamped = stamp(xb[None], mask[:, None], pattern[:, None]).flatten(0, 1)  # (A * B, C, H, W)
+                labels = targets[rows].repeat_interleave(len(xb))
+                with autocast(device):
+                    logits = model(stamped)
+                ce = F.cross_entropy(logits.float(), labels, reduction="none").view(len(active), -1).mean(1)
+                loss = (ce + cost * mask.flatten(1).sum(1)).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                hits += (logits.argmax(1) == labels).view(len(active), -1).sum(1)
+            with torch.no_grad():  # one host copy per round
+                mask = (torch.tanh(w_mask[rows]) / 2 + 0.5)[:, 0]
+                pattern = torch.tanh(w_pattern[rows]) / 2 + 0.5
+                norms = mask.flatten(1).sum(1).cpu().numpy()
+                mask, pattern = mask.cpu(), pattern.cpu()
+            success = hits.cpu().numpy() / n
+            for j, row in enumerate(active):
+                if success[j] >= config.threshold and norms[j] < best_norm[row]:
+                    best_norm[row], best_success[row] = norms[j], success[j]
+                    best_mask[row], best_pattern[row] = mask[j], pattern[j]
+                if not np.isfinite(best_norm[row]):  # nothing reached the threshold yet: keep the latest
+                    best_mask[row], best_pattern[row], best_success[row] = mask[j], pattern[j], success[j]
+            state.update(active, success, best_norm)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    reached = np.isfinite(best_norm)
+    norms = np.where(reached, best_norm, best_mask.flatten(1).sum(1).numpy())
+    return ReversedTriggers(
+        classes=classes,
+        masks=best_mask,
+        patterns=best_pattern,
+        norms=norms,
+        success=best_success,
+        reached=reached,
+        rounds=state.rounds,
+    )
+
+
+class _LambdaSchedule:
+    """The authors' per-class lambda ("cost") schedule and early stop, vectorized over classes."""
+
+    def __init__(self, k: int, config: CleanseConfig):
+        self.config = config
+        self.cost = np.zeros(k)
+        self.set_counter = np.zeros(k, dtype=int)
+        self.up_counter = np.zeros(k, dtype=int)
+        self.down_counter = np.zeros(k, dtype=int)
+        self.up_flag = np.zeros(k, dtype=bool)
+        self.down_flag = np.zeros(k, dtype=bool)
+        self.early_counter = np.zeros(k, dtype=int)
+        self.early_best = np.full(k, np.inf)
+        self.done = np.zeros(k, dtype=bool)
+        self.rounds = np.zeros(k, dtype=int)
+
+    def update(self, active: np.ndarray, success: np.ndarray, best_norm: np.ndarray) -> None:
+        cfg = self.config
+        for j, i in enumerate(active):
+            self.rounds[i] += 1
+            ok = success[j] >= cfg.threshold
+            # early stop: only once a successful mask exists and lambda has moved both ways
+            if np.isfinite(best_norm[i]):
+                self.early_counter[i] = self.early_counter[i] + 1 if best_norm[i] >= self.early_best[i] else 0
+            self.early_best[i] = min(best_norm[i], self.early_best[i])
+            if self.up_flag[i] and self.down_flag[i] and self.early_counter[i] >= cfg.early_stop_patience:
+                self.done[i] = True
+                continue
+            # lambda starts at 0 and is set once the attack keeps succeeding
+            if self.cost[i] == 0 and ok:
+                self.set_counter[i] += 1
+                if self.set_counter[i] >= cfg.patience:
+                    self.cost[i] = cfg.init_cost
+                    self.up_counter[i] = self.down_counter[i] = 0
+                    self.up_flag[i] = self.down_flag[i] = False
+            else:
+                self.set_counter[i] = 0
+            if ok:
+                self.up_counter[i] += 1
+                self.down_counter[i] = 0
+            else:
+                self.up_counter[i] = 0
+                self.down_counter[i] += 1
+            if self.up_counter[i] >= cfg.patience:
+                self.up_counter[i] = 0
+                self.cost[i] *= cfg.cost_multiplier
+                self.up_flag[i] = True
+            elif self.down_counter[i] >= cfg.patience:
+                self.down_counter[i] = 0
+                self.cost[i] /= cfg.cost_multiplier**1.5
+                self.down_flag[i] = True
+
+
+@dataclass(frozen=True)
+class OutlierTest:
+    median: float
+    mad: float  # 1.4826 * median(|l - median|)
+    anomaly_index: np.ndarray  # |l - median| / mad
+    flagged: np.ndarray  # below the median and anomaly index > threshold
+
+
+def mad_outlier_test(norms, threshold: float = 2.0) -> OutlierTest:
+    """Median absolute deviation test on trigger norms. Only classes whose norm is BELOW the
+    median can be flagged: a backdoor makes its target's trigger abnormally small."""
+    norms = np.asarray(norms, dtype=np.float64)
+    median = float(np.median(norms))
+    deviation = np.abs(norms - median)
+    mad = MAD_CONSISTENCY * float(np.median(deviation))
+    if mad > 0:
+        index = deviation / mad
+    else:  # more than half the norms are equal: any other value is infinitely far out
+        index = np.where(deviation > 0, np.inf, 0.0)
+    return OutlierTest(median=median, mad=mad, anomaly_index=index, flagged=(norms < median) & (index > threshold))
