@@ -1,0 +1,199 @@
+"""Everything MLflow: the store, runs and their end states, params, metrics, artifacts,
+finding runs and loading their models back.
+
+The store is MLflow's default, `sqlite:///mlflow.db` in the working directory with
+artifacts under ./mlruns, unless MLFLOW_TRACKING_URI or --tracking-uri says otherwise.
+A run that raises ends FAILED, one interrupted (Ctrl-C, SIGTERM) ends KILLED; none is left
+RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .errors import TwmlError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+COMMAND_TAG = "twml.command"
+MODEL_PATH = "model"
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow at --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def experiment_id(name: str, create: bool = True) -> str | None:
+    """The id of experiment `name`, created if missing (safe when several processes race)."""
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is None and create:
+        try:
+            return c.create_experiment(name)
+        except MlflowException:  # another process created it first
+            exp = c.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise TwmlError(f"experiment '{name}' is deleted; restore it in mlflow ui or choose another --experiment")
+    return exp.experiment_id if exp else None
+
+
+def environment_params(device: str) -> dict[str, str]:
+    import timm
+    import torch
+
+    from . import __version__
+
+    return {
+        "twml_version": __version__,
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "python_version": platform.python_version(),
+        "device": device,
+    }
+
+
+class Run:
+    """A live MLflow run; every method logs to it."""
+
+    def __init__(self, run_id: str):
+        self.id = run_id
+        self._client = client()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, _param_str(v)) for k, v in params.items() if v is not None]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self._log_metrics([Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_series(self, name: str, steps: list[int], values: list[float]) -> None:
+        """One metric over steps (e.g. per-epoch loss with step = epoch)."""
+        now = int(time.time() * 1000)
+        self._log_metrics([Metric(name, float(v), now, int(s)) for s, v in zip(steps, values)])
+
+    def _log_metrics(self, items: list[Metric]) -> None:
+        for i in range(0, len(items), 500):  # MLflow's per-batch limit is 1000
+            self._client.log_batch(self.id, metrics=items[i : i + 500])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.id, str(path), artifact_path)
+
+    def log_dir(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifacts(self.id, str(path), artifact_path)
+
+    def log_json(self, obj: Any, name: str) -> None:
+        self._client.log_text(self.id, json.dumps(obj, indent=2, default=str), name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._client.log_text(self.id, text, name)
+
+    def log_model(self, model) -> None:
+        from .models import save_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, tmp)
+            self.log_dir(tmp, MODEL_PATH)
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, command: str, run_name: str | None = None, tags: dict | None = None) -> Iterator[Run]:
+    """A run tagged twml.command=<command>. It ends FINISHED, or FAILED if the block raises,
+    or KILLED on KeyboardInterrupt (Ctrl-C; the CLI turns SIGTERM into one too)."""
+    c = client()
+    info = c.create_run(
+        experiment_id(experiment), run_name=run_name, tags={COMMAND_TAG: command, **(tags or {})}
+    ).info
+    try:
+        yield Run(info.run_id)
+    except KeyboardInterrupt:
+        c.set_terminated(info.run_id, "KILLED")
+        raise
+    except BaseException:
+        c.set_terminated(info.run_id, "FAILED")
+        raise
+    else:
+        c.set_terminated(info.run_id, "FINISHED")
+
+
+def _param_str(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------- reading runs back
+
+
+def get_run(run_id: str):
+    """The MLflow run `run_id`; TwmlError when there is none."""
+    try:
+        return client().get_run(run_id)
+    except MlflowException:
+        raise TwmlError(f"no run '{run_id}' in the tracking store {mlflow.get_tracking_uri()}") from None
+
+
+def find_runs(experiment: str, command: str, status: str = "FINISHED") -> list:
+    """Runs of `command` in `experiment`, newest first."""
+    exp = experiment_id(experiment, create=False)
+    if exp is None:
+        return []
+    return client().search_runs(
+        [exp],
+        filter_string=f"tags.`{COMMAND_TAG}` = '{command}' and attributes.status = '{status}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=10_000,
+    )
+
+
+def run_id_of(uri: str) -> str:
+    """The run id in a run id or a runs:/<id>/... URI."""
+    return uri.removeprefix("runs:/").split("/")[0] if uri.startswith("runs:/") else uri
+
+
+def download_model(uri: str) -> str:
+    """A local folder holding the model logged by a run (a run id or runs:/<id>/model)."""
+    run_id = run_id_of(uri)
+    if not run_id:
+        raise TwmlError(f"'{uri}' names no run")
+    get_run(run_id)
+    artifact_path = uri.split("/", 2)[2] if uri.startswith("runs:/") and uri.count("/") >= 2 else MODEL_PATH
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)
+    except (MlflowException, OSError):
+        raise TwmlError(f"run '{run_id}' holds no model under '{artifact_path}'") from None
+
+
+def download_artifact(run_id: str, path: str) -> str | None:
+    """A local copy of one artifact of a run, or None when the run has no such file."""
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+    except (MlflowException, OSError):
+        return None
