@@ -317,4 +317,6 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{command}: error: {err.format_message()} (see '{command} --help')")
     except TwmlError as err:
         fail(f"twml: error: {err}")
+    if code == 130:
+        fail("twml: interrupted; the MLflow run ended KILLED", 130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from twml_cli.backdoor import Trigger, poison
+from twml_cli.cleanse import CleanseConfig, mad_outlier_test, reverse_engineer, stamp
+from twml_cli.models import ModelSpec, create_model
+from twml_cli.training import TrainConfig, train
+
+
+def test_mad_outlier_test_on_known_norms():
+    norms = [1.0, 8.0, 9.0, 10.0, 11.0, 12.0]
+    # median 9.5; |l - 9.5| = 8.5 1.5 .5 .5 1.5 2.5, whose median is 1.5; MAD = 1.4826 * 1.5
+    test = mad_outlier_test(norms)
+    assert test.median == 9.5 and test.mad == pytest.approx(2.2239)
+    assert test.anomaly_index == pytest.approx(np.array([8.5, 1.5, 0.5, 0.5, 1.5, 2.5]) / 2.2239)
+    assert test.flagged.tolist() == [True, False, False, False, False, False]
+
+
+def test_a_class_above_the_median_is_never_flagged():
+    test = mad_outlier_test([30.0, 8.0, 9.0, 10.0, 11.0, 12.0])  # 30 is far out, but large
+    assert test.anomaly_index[0] > 2 and not test.flagged.any()
+
+
+def test_threshold_and_equal_norms():
+    assert mad_outlier_test([5.0, 8.0, 9.0, 10.0, 11.0], threshold=2.0).flagged.tolist() == [True, False, False, False, False]
+    assert not mad_outlier_test([5.0, 8.0, 9.0, 10.0, 11.0], threshold=3.0).flagged.any()
+    same = mad_outlier_test([4.0, 4.0, 4.0, 4.0, 1.0])  # MAD = 0: any other value is infinitely out
+    assert same.flagged.tolist() == [False, False, False, False, True] and np.isinf(same.anomaly_index[4])
+
+
+def test_stamp_blends_mask_and_pattern():
+    x = torch.zeros(2, 3, 4, 4)
+    mask = torch.zeros(4, 4)
+    mask[0, 0], mask[1, 1] = 1.0, 0.5
+    pattern = torch.ones(3, 4, 4)
+    out = stamp(x, mask, pattern)
+    assert out[:, :, 0, 0].eq(1).all() and out[:, :, 1, 1].eq(0.5).all() and out.sum() == 2 * 3 * 1.5
+
+
+@pytest.fixture(scope="module")
+def backdoored(digits):
+    train_set, test_set, info = digits
+    x, y, _ = poison(*train_set.tensors, target=0, rate=0.1, trigger=Trigger(2), seed=0)
+    torch.manual_seed(0)
+    model = create_model(ModelSpec.for_data("test_byobnet", info))
+    train(model, x, y, TrainConfig(epochs=28))
+    return model, train_set.tensors[0][:128]
+
+
+def test_masks_and_patterns_stay_in_unit_range(backdoored):
+    model, x = backdoored
+    rev = reverse_engineer(model, x, 10, CleanseConfig(steps=6, lr=5.0), classes=[0, 5])  # a huge step size
+    for t in (rev.masks, rev.patterns):
+        assert t.min() >= 0 and t.max() <= 1
+    assert rev.masks.shape == (2, 8, 8) and rev.patterns.shape == (2, 1, 8, 8)
+    assert np.allclose(rev.norms, rev.masks.flatten(1).sum(1).numpy(), rtol=1e-5)
+
+
+def test_all_classes_together_give_the_class_by_class_answer(backdoored):
+    model, x = backdoored
+    cfg = CleanseConfig(steps=30, batch_size=32, seed=2)
+    together = reverse_engineer(model, x, 10, cfg)
+    alone = [reverse_engineer(model, x, 10, cfg, classes=[c]) for c in range(10)]
+    assert np.allclose(together.norms, [a.norms[0] for a in alone], rtol=1e-3)
+    assert torch.allclose(together.masks, torch.cat([a.masks for a in alone]), atol=1e-3)
+    assert together.reached.all()
+    # the poisoned target has by far the smallest trigger
+    assert int(np.argmin(together.norms)) == 0 and mad_outlier_test(together.norms).flagged.tolist() == [True] + [False] * 9
+
+
+def test_lambda_schedule_stops_a_class_early(backdoored):
+    model, x = backdoored
+    rev = reverse_engineer(model, x[:64], 10, CleanseConfig(steps=400, batch_size=64, patience=2, early_stop_patience=4), classes=[0])
+    assert rev.reached[0] and rev.rounds[0] < 400
+
+
+@pytest.mark.parametrize("kwargs, message", [({"steps": 0}, "steps"), ({"threshold": 0}, "threshold"), ({"cost_multiplier": 1.0}, "multiplier")])
+def test_cleanse_config_refuses_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CleanseConfig(**kwargs)
