@@ -65,6 +65,24 @@ def certified_accuracy_figure(curves: dict[float, tuple[np.ndarray, np.ndarray]]
     return fig
 
 
+def adversarial_bars_figure(labels: list[str], accuracy: list[float], pgd_success: list[float]):
+    """Benign accuracy and PGD success rate side by side for each training run."""
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(labels) + 1.5), 3.4))
+    ax.bar(x - 0.2, accuracy, 0.4, label="benign accuracy", color="tab:blue")
+    ax.bar(x + 0.2, pgd_success, 0.4, label="PGD success rate", color="tab:red")
+    for xi, a, s in zip(x, accuracy, pgd_success):
+        ax.text(xi - 0.2, a + 0.01, f"{a:.3f}", ha="center", fontsize=7)
+        ax.text(xi + 0.2, s + 0.01, f"{s:.3f}", ha="center", fontsize=7)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 1.25)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def example_figure(clean: torch.Tensor, triggered: torch.Tensor, label: int, target: int):
     """A clean training image beside its triggered copy."""
     fig, axes = plt.subplots(1, 2, figsize=(4, 2.3))

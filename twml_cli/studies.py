@@ -447,7 +447,7 @@ def cleanse_models(cfg: dict, ctx: Context, runs: list[str] | None = None, datas
                 "anomaly_threshold": threshold,
             }
         )
-        rows, panels, findings, metrics = [], [], [], {}
+        rows, panels, findings, metrics, arrays = [], [], [], {}, {}
         with _temp_dir() as tmp:
             tmp = Path(tmp)
             for i, model in enumerate(loaded):
@@ -491,6 +491,7 @@ def cleanse_models(cfg: dict, ctx: Context, runs: list[str] | None = None, datas
                     folder = _mkdir(tmp / "backdoor" / f"model{i}_class{c}")
                     figures.save_image(rev.masks[c], folder / "mask.png")
                     figures.save_image(rev.masks[c] * rev.patterns[c], folder / "trigger.png")
+                arrays[f"model{i}_masks"], arrays[f"model{i}_patterns"] = rev.masks.numpy(), rev.patterns.numpy()
                 panels.append(
                     {
                         "name": f"model {i} ({next(iter(sources[i].values()))[:8]})",
@@ -504,6 +505,7 @@ def cleanse_models(cfg: dict, ctx: Context, runs: list[str] | None = None, datas
                     }
                 )
             pd.DataFrame(rows).to_csv(tmp / "norms.csv", index=False)
+            np.savez(tmp / "reversed-triggers.npz", **arrays)  # plain float arrays: loads with allow_pickle=False
             figures.save(figures.norms_figure(panels), tmp / "norms.png")
             figures.save(figures.mask_grid_figure(panels), tmp / "mask-grid.png")
             if findings:
@@ -532,3 +534,61 @@ def cleanse_models(cfg: dict, ctx: Context, runs: list[str] | None = None, datas
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# ---------------------------------------------------------------- twml reproduce
+
+REPRODUCE_SIGMAS = [0.05, 0.20]
+
+
+def reproduce(raw: dict, overrides: dict, ctx: Context, out: Path) -> None:
+    """The whole write-up: standard, free m=4 and m=7 training; smoothing at sigma 0.05 and
+    0.20; a BadNets model; Neural Cleanse on the standard and the backdoored model; the
+    report. Every step is its own run, as the single commands log it."""
+    import time
+
+    from . import report
+
+    cfgs = {c: config.resolve(c, raw, overrides) for c in ("train", "smooth", "backdoor", "cleanse")}
+    cfgs["smooth"]["sigma"] = REPRODUCE_SIGMAS
+    _check_reproduce(cfgs)
+    tracking.experiment_id(ctx.experiment)  # the store and experiment exist before any step runs
+    ids: dict[str, str] = {}
+    steps = [
+        ("standard training", lambda: ids.update(standard=train(cfgs["train"], ctx))),
+        ("free adversarial training, m = 4", lambda: train({**cfgs["train"], "m": 4}, ctx, free=True)),
+        ("free adversarial training, m = 7", lambda: train({**cfgs["train"], "m": 7}, ctx, free=True)),
+        ("randomized smoothing, sigma = 0.05 and 0.20", lambda: smooth(cfgs["smooth"], ctx)),
+        ("BadNets backdoor", lambda: ids.update(backdoor=backdoor_model(cfgs["backdoor"], ctx))),
+        ("Neural Cleanse on the standard and the backdoored model", lambda: cleanse_models(cfgs["cleanse"], ctx, [ids["standard"], ids["backdoor"]])),
+    ]
+    began = time.perf_counter()
+    for k, (title, step) in enumerate(steps, 1):
+        ctx.echo(f"\n[{k}/{len(steps) + 1}] {title}  ({time.perf_counter() - began:.0f} s elapsed)")
+        step()
+    ctx.echo(f"\n[{len(steps) + 1}/{len(steps) + 1}] report  ({time.perf_counter() - began:.0f} s elapsed)")
+    files = report.build(ctx.experiment, out, tracking.mlflow.get_tracking_uri())
+    ctx.echo(f"\nDone in {time.perf_counter() - began:.0f} s.")
+    ctx.echo(f"Report: {files.markdown} and {files.pdf} (figures in {files.figures}/)")
+    ctx.echo("Browse every run, metric and image: mlflow ui   (then open http://127.0.0.1:5000)")
+
+
+def _check_reproduce(cfgs: dict) -> None:
+    """Every step's settings, checked before the first run starts."""
+    for c in ("train", "smooth", "backdoor"):
+        _train_configs(cfgs[c])
+    for m in (4, 7):
+        try:
+            training.FreeAdversarial(cfgs["train"]["eps"], m)
+        except ValueError as err:
+            raise TwmlError(str(err)) from None
+    s = cfgs["smooth"]
+    try:
+        smoothing.check_certify_args(int(s["n0"]), int(s["n"]), float(s["alpha"]), int(s["certify_batch_size"]))
+        backdoor.Trigger(int(cfgs["backdoor"].get("trigger_size") or 1), cfgs["backdoor"].get("position", "bottom-right"))
+    except ValueError as err:
+        raise TwmlError(str(err)) from None
+    config.build(cleanse.CleanseConfig, cfgs["cleanse"])
+    for c in cfgs.values():
+        _device(c)
+        models.check_arch(c["model"]) if "model" in c else None
