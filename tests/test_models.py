@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from twml_cli.errors import TwmlError
-from twml_cli.models import ModelSpec, create_model, load_model, load_model_dir, save_model
+from twml_cli.models import ModelSpec, create_model, load_model, load_model_dir, prepare, save_model
 
 
 def spec_for(arch, chans=1, size=8, classes=10, **kwargs):
@@ -40,7 +40,7 @@ def test_normalization_is_the_first_layer():
 
 
 def test_saved_model_loads_back_with_identical_outputs(tmp_path):
-    model = create_model(spec_for("test_byobnet"))
+    model = prepare(create_model(spec_for("test_byobnet")), torch.device("cpu"))  # as twml trains it
     model.train()
     model(torch.rand(16, 1, 8, 8))  # move the BatchNorm running statistics away from their init
     model.eval()

@@ -145,11 +145,8 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def prepare(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to the device; channels_last on CUDA."""
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    """Move to the device, channels_last (see runtime.to_device_layout)."""
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------- save / load

@@ -109,9 +109,7 @@ class Smooth:
         model.eval()
         with torch.inference_mode():
             for owner, noise in self._noise_batches(x, indices, phase, num, batch_size, device):
-                batch = x[owner] + self.sigma * noise
-                if device.type == "cuda":
-                    batch = batch.contiguous(memory_format=torch.channels_last)
+                batch = (x[owner] + self.sigma * noise).contiguous(memory_format=torch.channels_last)
                 with autocast(device):
                     predictions = model(batch).argmax(1)
                 counts += torch.bincount(owner * k + predictions, minlength=len(x) * k)
