@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="rounds (default 20 on CPU, 100 on CUDA)")
     parser.add_argument("--images", type=int, default=None, help="clean images (default 256 on CPU, 1,000 on CUDA)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per class per step (default 32 CPU, 128 CUDA)")
+    parser.add_argument("--skip-alone", action="store_true", help="time only all classes together (with early stopping, as twml runs it)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -49,8 +50,15 @@ def main() -> None:
     cfg = CleanseConfig(steps=steps, batch_size=batch, early_stop_patience=10**9)
 
     reverse_engineer(model, x[:batch], 10, CleanseConfig(steps=1, batch_size=batch))  # warm-up
+    if args.skip_alone:
+        with Timer(device) as together_t:
+            together = reverse_engineer(model, x, 10, CleanseConfig(steps=steps, batch_size=batch))
+        print(json.dumps({"model": name, "device": str(device), "classes": 10, "steps": steps, "images": images,
+                          "batch_per_class": batch, "together_s": round(together_t.seconds, 2), "rounds": together.rounds.tolist()}))  # fmt: skip
+        return
     with Timer(device) as together_t:
         together = reverse_engineer(model, x, 10, cfg)
+    print(f"together: {together_t.seconds:.2f} s", flush=True)
     with Timer(device) as alone_t:
         alone = [reverse_engineer(model, x, 10, cfg, classes=[c]) for c in range(10)]
     norms_alone = np.array([a.norms[0] for a in alone])

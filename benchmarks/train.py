@@ -5,7 +5,7 @@ and twml's loop against a plain DataLoader reference loop, measured in one run.
     python benchmarks/train.py --device cuda --cifar-images 50000
 
 The resnet18 case uses random CIFAR-10-shaped tensors (speed does not depend on the data).
-Prints a table and one JSON line per case.
+Prints one JSON line as each case ends, then a table.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from twml_cli.runtime import Timer, resolve_device
 from twml_cli.training import FreeAdversarial, TrainConfig, train
 
 
-def reference_epochs(model, x, y, config: TrainConfig, device) -> float:
+def reference_loop(model, x, y, config: TrainConfig, device) -> float:
     """A plain loop as tutorials write it: DataLoader from host memory, fp32, no channels_last.
     Returns images per second."""
     loader = DataLoader(TensorDataset(x, y), batch_size=config.batch_size, shuffle=True)
@@ -42,7 +42,7 @@ def reference_epochs(model, x, y, config: TrainConfig, device) -> float:
     return config.epochs * len(x) / timer.seconds
 
 
-def case(name, spec, x, y, x_test, y_test, epochs, m, eps, batch_size, device) -> dict:
+def case(name, spec, x, y, x_test, y_test, epochs, m, eps, batch_size, device, reference_epochs=None) -> dict:
     def fresh():
         torch.manual_seed(0)
         return prepare(create_model(spec), device)
@@ -51,13 +51,14 @@ def case(name, spec, x, y, x_test, y_test, epochs, m, eps, batch_size, device) -
     train(fresh(), x[: 4 * batch_size], y[: 4 * batch_size], TrainConfig(epochs=1, batch_size=batch_size))  # warm-up
     standard = train(fresh(), x, y, cfg)
     free = train(fresh(), x, y, cfg, FreeAdversarial(eps, m))
-    reference = reference_epochs(fresh(), x, y, cfg, device)
+    reference = reference_loop(fresh(), x, y, TrainConfig(epochs=reference_epochs or epochs, batch_size=batch_size, lr=0.05), device)
     model = fresh().eval()
     pgd = evaluate_robustness(model, x_test, y_test, PGDConfig(eps=eps, alpha=eps / 4, steps=10), batch_size=max(512, batch_size))
     row = {
         "case": name,
         "device": str(device),
         "images": len(x),
+        "batch_size": batch_size,
         "epochs": epochs,
         "m": m,
         "standard_images_per_s": round(standard.images_per_s),
@@ -78,15 +79,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cifar-images", type=int, default=None, help="resnet18 case size (default 50,000 on CUDA, 2,048 on CPU)")
+    parser.add_argument("--epochs", type=int, default=None, help="resnet18 case SGD budget (default 4 on CUDA, 1 on CPU)")
+    parser.add_argument("--batch-size", type=int, action="append", default=None, help="resnet18 case batch size, repeatable (default 128 and 512 on CUDA, 128 on CPU)")
     parser.add_argument("--skip-cifar", action="store_true")
+    parser.add_argument("--skip-digits", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
     rows = []
 
-    train_set, test_set = load_dataset("digits")
-    info = describe("digits", train_set, test_set)
-    spec = ModelSpec.for_data("test_byobnet", info)
-    rows.append(case("digits/test_byobnet", spec, *train_set.tensors, *test_set.tensors, epochs=28, m=4, eps=0.1, batch_size=128, device=device))
+    def report(row: dict) -> None:  # as each case ends: a lease may end before the last
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    if not args.skip_digits:
+        train_set, test_set = load_dataset("digits")
+        spec = ModelSpec.for_data("test_byobnet", describe("digits", train_set, test_set))
+        report(case("digits/test_byobnet", spec, *train_set.tensors, *test_set.tensors, epochs=28, m=4, eps=0.1, batch_size=128, device=device))
 
     if not args.skip_cifar:
         n = args.cifar_images or (50_000 if device.type == "cuda" else 2_048)
@@ -94,17 +102,19 @@ def main() -> None:
         x = torch.rand(n, 3, 32, 32, generator=g)
         y = torch.randint(0, 10, (n,), generator=g)
         spec = ModelSpec("resnet18", 10, 3, (32, 32), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), {}, True, "random")
-        epochs = 8 if device.type == "cuda" else 1
-        m = 8 if device.type == "cuda" else 1
-        test = 2048 if device.type == "cuda" else 256
-        rows.append(case("cifar-shaped/resnet18", spec, x, y, x[:test], y[:test], epochs=epochs, m=m, eps=8 / 255, batch_size=512 if device.type == "cuda" else 128, device=device))
+        cuda = device.type == "cuda"
+        epochs = args.epochs or (4 if cuda else 1)
+        test = 2048 if cuda else 256
+        for batch_size in args.batch_size or ([128, 512] if cuda else [128]):
+            report(
+                case("cifar-shaped/resnet18", spec, x, y, x[:test], y[:test], epochs=epochs, m=epochs, eps=8 / 255,
+                     batch_size=batch_size, device=device, reference_epochs=1)
+            )  # fmt: skip
 
     keys = list(rows[0])
     print(" | ".join(keys))
     for r in rows:
         print(" | ".join(str(r[k]) for k in keys))
-    for r in rows:
-        print(json.dumps(r))
 
 
 if __name__ == "__main__":
