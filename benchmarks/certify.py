@@ -18,8 +18,8 @@ import torch
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
-from twml_cli.data import describe, load_dataset
-from twml_cli.models import ModelSpec, create_model, prepare
+from _models import subject
+from twml_cli.models import create_model, prepare
 from twml_cli.runtime import Timer, resolve_device
 from twml_cli.smoothing import Smooth
 
@@ -69,15 +69,7 @@ def main() -> None:
     batch = args.batch_size or (4_000 if cuda else 1_000)
     reference_images = min(images, args.reference_images or (4 if cuda else images))
     torch.manual_seed(0)
-    if cuda:
-        spec = ModelSpec("resnet18", 10, 3, (32, 32), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), {}, True, "random")
-        x = torch.rand(images, 3, 32, 32)
-        name = "resnet18 3x32x32"
-    else:
-        train, test = load_dataset("digits")
-        spec = ModelSpec.for_data("test_byobnet", describe("digits", train, test))
-        x = test.tensors[0][:images]
-        name = "test_byobnet digits 8x8"
+    spec, x, name = subject(cuda, images, "test")
     model = prepare(create_model(spec), device).eval()
     x = x.to(device)
     samples = images * (n0 + n)

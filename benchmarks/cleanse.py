@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from twml_cli.cleanse import CleanseConfig, reverse_engineer
-from twml_cli.data import describe, load_dataset
-from twml_cli.models import ModelSpec, create_model, prepare
+from _models import subject
+from twml_cli.models import create_model, prepare
 from twml_cli.runtime import Timer, resolve_device
 
 
@@ -37,15 +37,7 @@ def main() -> None:
     images = args.images or (1_000 if cuda else 256)
     batch = args.batch_size or (128 if cuda else 32)
     torch.manual_seed(0)
-    if cuda:
-        spec = ModelSpec("resnet18", 10, 3, (32, 32), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), {}, True, "random")
-        x = torch.rand(images, 3, 32, 32)
-        name = "resnet18 3x32x32"
-    else:
-        train, test = load_dataset("digits")
-        spec = ModelSpec.for_data("test_byobnet", describe("digits", train, test))
-        x = train.tensors[0][:images]
-        name = "test_byobnet digits 8x8"
+    spec, x, name = subject(cuda, images, "train")
     model = prepare(create_model(spec), device).eval()
     cfg = CleanseConfig(steps=steps, batch_size=batch, early_stop_patience=10**9)
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from twml_cli.attacks import PGDConfig, evaluate_robustness
-from twml_cli.data import describe, load_dataset
-from twml_cli.models import ModelSpec, create_model, prepare
+from _models import RESNET18_CIFAR, digits_spec
+from twml_cli.models import create_model, prepare
 from twml_cli.runtime import Timer, resolve_device
 from twml_cli.training import FreeAdversarial, TrainConfig, train
 
@@ -92,8 +92,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     if not args.skip_digits:
-        train_set, test_set = load_dataset("digits")
-        spec = ModelSpec.for_data("test_byobnet", describe("digits", train_set, test_set))
+        spec, train_set, test_set = digits_spec()
         report(case("digits/test_byobnet", spec, *train_set.tensors, *test_set.tensors, epochs=28, m=4, eps=0.1, batch_size=128, device=device))
 
     if not args.skip_cifar:
@@ -101,7 +100,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         x = torch.rand(n, 3, 32, 32, generator=g)
         y = torch.randint(0, 10, (n,), generator=g)
-        spec = ModelSpec("resnet18", 10, 3, (32, 32), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), {}, True, "random")
+        spec = RESNET18_CIFAR
         cuda = device.type == "cuda"
         epochs = args.epochs or (4 if cuda else 1)
         test = 2048 if cuda else 256
