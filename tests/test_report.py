@@ -5,7 +5,7 @@ import re
 import pandas as pd
 import pytest
 
-from twml_cli.report import change
+from twml_cli.report import _thin_margin, change
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,8 @@ def test_report_states_the_logged_numbers(reproduced):
     assert "**Backdoor is at model 1 class 0**" in md
     assert f"sends {cleanse.data.metrics['backdoor_success_rate']:.4f} of them to class 0" in md
     assert "The verdict names that model and class." in md
+    index = cleanse.data.metrics["model1_anomaly_index"]
+    assert ("is a thin margin" in md) == (index < 3.0)  # 1.5 x the threshold of 2
     for run_id in (r.info.run_id for r in cli.runs() if r.data.tags["twml.command"] != "report"):
         assert run_id in md  # every number links back to its run
 
@@ -85,6 +87,11 @@ def test_a_study_without_runs_gets_one_line(cli):
     assert (cli.path / "out" / "twml.pdf").stat().st_size > 1000
     empty = cli("report", "--experiment", "nothing-here", "--out", "out")
     assert empty.code == 0 and "No finished runs in experiment 'nothing-here'" in (cli.path / "out" / "nothing-here.md").read_text()
+
+
+def test_thin_margin_only_near_the_threshold():
+    assert "2.23 against a threshold of 2 is a thin margin" in _thin_margin(2.23, 2.0)
+    assert _thin_margin(3.0, 2.0) == "" and _thin_margin(5.7, 2.0) == ""
 
 
 def test_change_wording():

@@ -460,6 +460,7 @@ def cleanse_section(doc: Document, runs: list, backdoor_runs: list, fig_dir: Pat
         rows.append(row)
     doc.add(Table(header, rows))
     flagged = norms[norms["flagged"].astype(bool)]
+    threshold = float(_p(run, "anomaly_threshold"))
     accuracy = {i: _m(run, f"model{i}_accuracy") for i in models}
     lines = [f"Accuracy of model {i}: **{f4(accuracy[i])}**; largest anomaly index below the median: {_m(run, f'model{i}_anomaly_index'):.2f}" for i in models]
     doc.add(Bullets(lines))
@@ -475,6 +476,7 @@ def cleanse_section(doc: Document, runs: list, backdoor_runs: list, fig_dir: Pat
                     f"{others.min():.4f} to {others.max():.4f} for the other classes of that model (anomaly index "
                     f"{f['anomaly_index']:.2f}). Stamped on clean test images of other classes, it sends "
                     f"{f4(_m(run, 'backdoor_success_rate'))} of them to class {c} (backdoor success rate)."
+                    + _thin_margin(f["anomaly_index"], threshold)
                 )
             )
     truth = {i: b for i in models for b in backdoor_runs if b.info.run_id == str(model_runs[i])}
@@ -486,7 +488,8 @@ def cleanse_section(doc: Document, runs: list, backdoor_runs: list, fig_dir: Pat
                 f"Ground truth, from the `twml backdoor` run that made model {i} (Neural Cleanse read only its weights): a "
                 f"{size}x{size} white square at the {_p(b, 'position')} corner ({size * size} pixels) sending images to class "
                 f"{target}, with attack success {f4(_m(b, 'attack_success_rate'))}. "
-                + ("The verdict names that model and class." if hit else f"Neural Cleanse did not flag class {target} of model {i}.")
+                + ("The verdict names that model and class." if hit else f"Neural Cleanse did not flag class {target} of model {i} "
+                   f"(its anomaly index: {_index_of(norms, i, target):.2f}).")
             )
         )
 
@@ -535,6 +538,20 @@ def cleanse_section(doc: Document, runs: list, backdoor_runs: list, fig_dir: Pat
                 )
             else:
                 doc.add(Para(f"Model {i} (backdoored) has benign accuracy {f4(accuracy[i])}; no clean model was inspected beside it."))
+
+
+def _index_of(norms: pd.DataFrame, model: int, c: int) -> float:
+    return float(norms[(norms["model"] == model) & (norms["class"] == c)]["anomaly_index"].iloc[0])
+
+
+def _thin_margin(index: float, threshold: float) -> str:
+    """A caution when a flagged class sits close to the detection threshold."""
+    if index >= 1.5 * threshold:
+        return ""
+    return (
+        f" An index of {index:.2f} against a threshold of {threshold:g} is a thin margin: another training seed or device "
+        f"can move it across the line, so check the verdict on backdoored models trained with other `--seed` values."
+    )
 
 
 def _describe_mask(mask: np.ndarray, backdoor_run=None) -> str:
