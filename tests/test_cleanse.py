@@ -57,6 +57,14 @@ def test_masks_and_patterns_stay_in_unit_range(backdoored):
     assert np.allclose(rev.norms, rev.masks.flatten(1).sum(1).numpy(), rtol=1e-5)
 
 
+def test_global_state_is_restored(backdoored, monkeypatch):
+    model, x = backdoored
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as models.prepare sets it on CUDA
+    reverse_engineer(model, x[:32], 10, CleanseConfig(steps=1, batch_size=32), classes=[1])
+    assert torch.backends.cudnn.benchmark is True
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_all_classes_together_give_the_class_by_class_answer(backdoored):
     model, x = backdoored
     cfg = CleanseConfig(steps=30, batch_size=32, seed=2)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import Progress, Timer, autocast, batches, generator, no_progress, to_device_layout
+from .runtime import Progress, Timer, autocast, batches, frozen, generator, no_progress, to_device_layout
 
 PGD_STREAM = 1  # key that separates PGD's random starts from other derived streams
 
@@ -55,7 +55,7 @@ def pgd(
     if indices is None:
         indices = torch.arange(len(x))
     device = x.device
-    with torch.enable_grad(), _frozen(model):
+    with torch.enable_grad(), frozen(model):
         best = x.clone()
         best_loss = torch.full((len(x),), -float("inf"), device=device)
         best_fooled = torch.zeros(len(x), dtype=torch.bool, device=device)
@@ -136,18 +136,3 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         for s in batches(len(x), batch_size):
             correct += (model(to_device_layout(x[s], device)).argmax(1) == y[s].to(device)).sum()
     return correct.item() / len(x)
-
-
-class _frozen:
-    """Parameters stop requiring grad during the attack: only the input's gradient is needed."""
-
-    def __init__(self, model: nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)

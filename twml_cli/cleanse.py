@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import Progress, autocast, generator, no_progress, to_device_layout
+from .runtime import Progress, autocast, frozen, generator, no_autotune, no_progress, to_device_layout
 
 CLEANSE_STREAM = 4
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal's standard deviation
@@ -99,8 +99,6 @@ def reverse_engineer(
     classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
     device = next(model.parameters()).device
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     x = to_device_layout(x_clean, device)
     k, (c, h, w), n = len(classes), x.shape[1:], len(x)
 
@@ -122,7 +120,9 @@ def reverse_engineer(
     order_gen = generator(device, config.seed, CLEANSE_STREAM, -1)
     steps_per_round = math.ceil(n / config.batch_size)
 
-    try:
+    # The batch shrinks as classes stop early: cuDNN autotuning every new shape would cost
+    # more than it saves, so it stays off here (models.prepare turns it on for CUDA).
+    with frozen(model), no_autotune():
         for _ in progress(range(config.steps), config.steps, f"cleanse ({k} classes)"):
             active = np.flatnonzero(~state.done)
             if len(active) == 0:
@@ -158,9 +158,6 @@ def reverse_engineer(
                 if not np.isfinite(best_norm[row]):  # nothing reached the threshold yet: keep the latest
                     best_mask[row], best_pattern[row], best_success[row] = mask[j], pattern[j], success[j]
             state.update(active, success, best_norm)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
 
     reached = np.isfinite(best_norm)
     norms = np.where(reached, best_norm, best_mask.flatten(1).sum(1).numpy())

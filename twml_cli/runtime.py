@@ -74,6 +74,31 @@ def generator(device: torch.device, *keys: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))
 
 
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside the block the model's parameters require no grad (attacks and trigger search
+    need only the input's gradient); afterwards those that did require it again."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def no_autotune() -> Iterator[None]:
+    """cuDNN autotuning off inside the block (for work whose batch shape keeps changing)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
