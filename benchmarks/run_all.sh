@@ -19,7 +19,7 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...
 }
 bench train 150 benchmarks/train.py
 bench certify 100 benchmarks/certify.py
-bench cleanse 150 benchmarks/cleanse.py --batch-size 64
+bench cleanse 150 benchmarks/cleanse.py
 bench study 100 benchmarks/study.py
 bench certify-large-batch 60 benchmarks/certify.py --batch-size 10000 --images 10 --reference-images 1
 exit $status

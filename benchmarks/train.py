@@ -79,8 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cifar-images", type=int, default=None, help="resnet18 case size (default 50,000 on CUDA, 2,048 on CPU)")
-    parser.add_argument("--epochs", type=int, default=None, help="resnet18 case SGD budget (default 4 on CUDA, 1 on CPU)")
-    parser.add_argument("--batch-size", type=int, action="append", default=None, help="resnet18 case batch size, repeatable (default 128 and 512 on CUDA, 128 on CPU)")
+    parser.add_argument("--epochs", type=int, default=None, help="resnet18 case SGD budget (default 2 on CUDA, 1 on CPU)")
+    parser.add_argument("--batch-size", type=int, action="append", default=None, help="resnet18 case batch size, repeatable (default 128, the cifar10 preset's)")
     parser.add_argument("--skip-cifar", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
     args = parser.parse_args()
@@ -102,9 +102,9 @@ def main() -> None:
         y = torch.randint(0, 10, (n,), generator=g)
         spec = RESNET18_CIFAR
         cuda = device.type == "cuda"
-        epochs = args.epochs or (4 if cuda else 1)
+        epochs = args.epochs or (2 if cuda else 1)
         test = 2048 if cuda else 256
-        for batch_size in args.batch_size or ([128, 512] if cuda else [128]):
+        for batch_size in args.batch_size or [128]:
             report(
                 case("cifar-shaped/resnet18", spec, x, y, x[:test], y[:test], epochs=epochs, m=epochs, eps=8 / 255,
                      batch_size=batch_size, device=device, reference_epochs=1)

@@ -454,7 +454,7 @@ def cleanse_section(doc: Document, runs: list, backdoor_runs: list, fig_dir: Pat
     for c in sorted(norms["class"].unique()):
         row = [str(c)]
         for i in models:
-            hit = norms[(norms["model"] == i) & (norms["class"] == c)].iloc[0]
+            hit = _row(norms, i, c)
             mark = " **(flagged)**" if bool(hit["flagged"]) else ""
             row += [f"{hit['norm']:.4f}{mark}", f"{hit['anomaly_index']:.2f}"]
         rows.append(row)
@@ -489,7 +489,7 @@ def cleanse_section(doc: Document, runs: list, backdoor_runs: list, fig_dir: Pat
                 f"{size}x{size} white square at the {_p(b, 'position')} corner ({size * size} pixels) sending images to class "
                 f"{target}, with attack success {f4(_m(b, 'attack_success_rate'))}. "
                 + ("The verdict names that model and class." if hit else f"Neural Cleanse did not flag class {target} of model {i} "
-                   f"(its anomaly index: {_index_of(norms, i, target):.2f}).")
+                   f"(its anomaly index: {_row(norms, i, target)['anomaly_index']:.2f}).")
             )
         )
 
@@ -540,8 +540,9 @@ def cleanse_section(doc: Document, runs: list, backdoor_runs: list, fig_dir: Pat
                 doc.add(Para(f"Model {i} (backdoored) has benign accuracy {f4(accuracy[i])}; no clean model was inspected beside it."))
 
 
-def _index_of(norms: pd.DataFrame, model: int, c: int) -> float:
-    return float(norms[(norms["model"] == model) & (norms["class"] == c)]["anomaly_index"].iloc[0])
+def _row(norms: pd.DataFrame, model: int, c: int) -> pd.Series:
+    """The norms.csv row of class c of model `model`."""
+    return norms[(norms["model"] == model) & (norms["class"] == c)].iloc[0]
 
 
 def _thin_margin(index: float, threshold: float) -> str:
