@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from twml_cli.backdoor import Trigger, poison
-from twml_cli.cleanse import CleanseConfig, mad_outlier_test, reverse_engineer, stamp
+from twml_cli.backdoor import Trigger, poison, stamped_success_rate
+from twml_cli.cleanse import CleanseConfig, mad_outlier_test, reverse_engineer, reversed_trigger_success, stamp
 from twml_cli.models import ModelSpec, create_model
 from twml_cli.training import TrainConfig, train
 
@@ -75,6 +75,14 @@ def test_all_classes_together_give_the_class_by_class_answer(backdoored):
     assert together.reached.all()
     # the poisoned target has by far the smallest trigger
     assert int(np.argmin(together.norms)) == 0 and mad_outlier_test(together.norms).flagged.tolist() == [True] + [False] * 9
+
+
+def test_reversed_trigger_sends_other_classes_to_its_target(backdoored, digits):
+    model, x = backdoored
+    x_test, y_test = digits[1].tensors
+    rev = reverse_engineer(model, x, 10, CleanseConfig(steps=30, batch_size=32), classes=[3, 0])  # class 0 is second
+    clean = stamped_success_rate(model, x_test[y_test != 0], 0, lambda z: z)
+    assert clean < 0.05 and reversed_trigger_success(model, rev, 0, x_test, y_test) >= 0.9
 
 
 def test_lambda_schedule_stops_a_class_early(backdoored):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backdoor import stamped_success_rate
 from .runtime import Progress, autocast, frozen, generator, no_autotune, no_progress, to_device_layout
 
 CLEANSE_STREAM = 4
@@ -170,6 +171,13 @@ def reverse_engineer(
         reached=reached,
         rounds=state.rounds,
     )
+
+
+def reversed_trigger_success(model: nn.Module, rev: ReversedTriggers, c: int, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of images x of classes other than c that class c's reversed trigger sends to c."""
+    j = rev.classes.index(c)
+    mask, pattern = rev.masks[j], rev.patterns[j]
+    return stamped_success_rate(model, x[y != c], c, lambda z: stamp(z, mask.to(z.device), pattern.to(z.device)))
 
 
 class _LambdaSchedule:

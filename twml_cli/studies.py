@@ -483,10 +483,7 @@ def cleanse_models(cfg: dict, ctx: Context, runs: list[str] | None = None, datas
                     figures.save_image(rev.masks[c] * rev.patterns[c], _mkdir(tmp / "triggers") / f"model{i}_class{c}_trigger.png")
                 for c in np.flatnonzero(test.flagged):
                     c = int(c)
-                    keep = y_test != c
-                    rate = backdoor.stamped_success_rate(
-                        model, x_test[keep], c, lambda z, c=c: cleanse.stamp(z, rev.masks[c].to(z.device), rev.patterns[c].to(z.device))
-                    )
+                    rate = cleanse.reversed_trigger_success(model, rev, c, x_test, y_test)
                     findings.append((i, c, float(test.anomaly_index[c]), rate))
                     folder = _mkdir(tmp / "backdoor" / f"model{i}_class{c}")
                     figures.save_image(rev.masks[c], folder / "mask.png")
