@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded data set, a private MLflow store, and an in-process CLI runner."""
+"""Shared fixtures: the embedded data set, a private MLflow store with an in-process CLI
+runner, and one `twml reproduce` on the embedded default that several test modules read."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def digits():
-    from twml_cli.data import describe, load_dataset
+    """The embedded data set: .train, .test (TensorDatasets) and .info."""
+    from twml_cli.studies.common import load_data
 
-    train, test = load_dataset("digits")
-    return train, test, describe("digits", train, test)
+    return load_data("digits", "data")
 
 
 @dataclass
@@ -77,6 +78,9 @@ class Cli:
                 (todo.append(f.path) if f.is_dir else found.add(f.path))
         return found
 
+    def download(self, run, path: str) -> str:
+        return self.client().download_artifacts(run.info.run_id, path)
+
 
 @pytest.fixture
 def cli(tmp_path):
@@ -86,3 +90,37 @@ def cli(tmp_path):
 @pytest.fixture(scope="module")
 def module_cli(tmp_path_factory):
     return Cli(tmp_path_factory.mktemp("store"))
+
+
+@dataclass
+class Reproduced:
+    """`twml reproduce` on the embedded default, and its runs by role."""
+
+    cli: Cli
+    result: Result
+    standard: object
+    free4: object
+    free7: object
+    smooth: dict  # sigma -> run
+    backdoor: object
+    cleanse: object
+    report: object
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Reproduced:
+    cli = Cli(tmp_path_factory.mktemp("reproduce"))
+    result = cli("reproduce")
+    assert result.code == 0, result.err
+    trains = {r.data.params["method"] + r.data.params.get("m", ""): r for r in cli.runs("train")}
+    return Reproduced(
+        cli=cli,
+        result=result,
+        standard=trains["standard"],
+        free4=trains["free4"],
+        free7=trains["free7"],
+        smooth={float(r.data.params["sigma"]): r for r in cli.runs("smooth")},
+        backdoor=cli.runs("backdoor")[0],
+        cleanse=cli.runs("cleanse")[0],
+        report=cli.runs("report")[0],
+    )

@@ -40,7 +40,7 @@ def test_stamp_blends_mask_and_pattern():
 
 @pytest.fixture(scope="module")
 def backdoored(digits):
-    train_set, test_set, info = digits
+    train_set, info = digits.train, digits.info
     x, y, _ = poison(*train_set.tensors, target=0, rate=0.1, trigger=Trigger(2), seed=0)
     torch.manual_seed(0)
     model = create_model(ModelSpec.for_data("test_byobnet", info))
@@ -79,7 +79,7 @@ def test_all_classes_together_give_the_class_by_class_answer(backdoored):
 
 def test_reversed_trigger_sends_other_classes_to_its_target(backdoored, digits):
     model, x = backdoored
-    x_test, y_test = digits[1].tensors
+    x_test, y_test = digits.test.tensors
     rev = reverse_engineer(model, x, 10, CleanseConfig(steps=30, batch_size=32), classes=[3, 0])  # class 0 is second
     clean = stamped_success_rate(model, x_test[y_test != 0], 0, lambda z: z)
     assert clean < 0.05 and reversed_trigger_success(model, rev, 0, x_test, y_test) >= 0.9

@@ -1,5 +1,5 @@
-"""`twml train` and `twml attack` end to end on the embedded default, bad input, Ctrl-C,
-and several processes logging to one store."""
+"""`twml train` and `twml attack` end to end: what a run logs, the findings of study 1 on the
+logged numbers, bad input, Ctrl-C, and several processes logging to one store."""
 
 import os
 import signal
@@ -9,90 +9,77 @@ import time
 
 import pytest
 
-from twml_cli import load_dataset, load_model
+from twml_cli import findings, load_dataset, load_model, results
 from twml_cli.attacks import accuracy
 
 TRAIN_PARAMS = {
-    "dataset", "model", "method", "m", "eps", "epochs", "batch_size", "lr", "seed", "device",
-    "pgd_steps", "pgd_alpha", "pgd_restarts", "torch_version", "timm_version", "twml_version",
+    "dataset", "model", "method", "eps", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed",
+    "device", "pgd_steps", "pgd_alpha", "pgd_restarts", "eval_batch_size", "preset", "torch_version", "timm_version",
+    "twml_version",
 }  # fmt: skip
-TRAIN_METRICS = {"train_time_s", "accuracy", "pgd_success_rate", "robust_accuracy", "images_per_s", "train_loss", "train_accuracy"}
+TRAIN_METRICS = {"train_time_s", "accuracy", "pgd_success_rate", "robust_accuracy", "images_per_s", "sgd_steps", "train_loss", "train_accuracy"}
 
 
-@pytest.fixture(scope="module")
-def trained(module_cli):
-    """The README's first block with default settings: standard, then free m=4 training."""
-    standard = module_cli("train")
-    free = module_cli("train", "--free", "--m", "4")
-    assert standard.code == 0, standard.err
-    assert free.code == 0, free.err
-    runs = {r.data.params["method"]: r for r in module_cli.runs("train")}
-    return module_cli, runs, standard, free
-
-
-def test_train_logs_every_param_and_metric(trained):
-    cli, runs, _, _ = trained
-    for method, run in runs.items():
+def test_train_logs_every_param_and_metric(reproduced):
+    cli = reproduced.cli
+    for run in (reproduced.standard, reproduced.free4):
         assert run.info.status == "FINISHED" and run.data.tags["twml.command"] == "train"
         assert TRAIN_PARAMS <= set(run.data.params), TRAIN_PARAMS - set(run.data.params)
         assert TRAIN_METRICS <= set(run.data.metrics), TRAIN_METRICS - set(run.data.metrics)
         p = run.data.params
-        assert (p["dataset"], p["model"], p["epochs"], p["device"]) == ("digits", "test_byobnet", "28", "cpu")
+        assert (p["dataset"], p["model"], p["epochs"], p["device"], p["preset"]) == ("digits", "test_byobnet", "28", "cpu", "digits")
         assert float(p["eps"]) == 0.1 and p["pgd_steps"] == "10" and p["seed"] == "0"
         assert {"model/model.safetensors", "model/spec.json", "config.json"} <= cli.artifacts(run)
-    assert runs["standard"].data.params["m"] == "1" and runs["free"].data.params["m"] == "4"
-    history = cli.client().get_metric_history(runs["free"].info.run_id, "train_loss")
+    assert "m" not in reproduced.standard.data.params  # m only shapes free training
+    assert reproduced.free4.data.params["m"] == "4" and reproduced.free7.data.params["m"] == "7"
+    history = cli.client().get_metric_history(reproduced.free4.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [4, 8, 12, 16, 20, 24, 28]  # 7 passes of 4 replays
-    history = cli.client().get_metric_history(runs["standard"].info.run_id, "train_accuracy")
+    history = cli.client().get_metric_history(reproduced.standard.info.run_id, "train_accuracy")
     assert sorted(m.step for m in history) == list(range(1, 29))
 
 
-def test_free_training_trades_a_little_accuracy_for_much_robustness(trained):
-    _, runs, _, _ = trained
-    standard, free = runs["standard"].data.metrics, runs["free"].data.metrics
-    assert standard["accuracy"] >= 0.95
-    assert free["accuracy"] >= 0.90
-    assert free["pgd_success_rate"] <= 0.6 * standard["pgd_success_rate"]
-    assert free["sgd_steps"] == standard["sgd_steps"]  # 28 epochs: 7 passes x 4 replays
-    for m in (standard, free):
+def logged(run):
+    where = f"run {run.info.run_id}"
+    return results.read(run.data.metrics, results.TrainingMetrics, where), results.read(run.data.metrics, results.RobustnessMetrics, where)
+
+
+def test_free_training_trades_a_little_accuracy_for_much_robustness(reproduced):
+    checks = findings.free_training(logged(reproduced.standard), logged(reproduced.free4))
+    assert all(c.ok for c in checks), [str(c) for c in checks]
+    for run in (reproduced.standard, reproduced.free4, reproduced.free7):
+        m = run.data.metrics
         assert m["robust_accuracy"] == pytest.approx(1 - m["pgd_success_rate"])
 
 
-def test_console_reads_like_the_write_up(trained):
-    _, runs, standard, free = trained
-    assert "Time (in seconds) to complete standard training:" in standard.out
-    assert "Time (in seconds) to complete free adversarial training (m=4):" in free.out
-    acc = runs["free"].data.metrics["accuracy"]
-    assert f"Model accuracy: {acc:.4f}" in free.out
-    assert "Success rate of untargeted white-box PGD" in free.out
-    assert f"Run id: {runs['free'].info.run_id}" in free.out
+def test_console_reads_like_the_write_up(reproduced):
+    out = reproduced.result.out
+    assert "Time (in seconds) to complete standard training:" in out
+    assert "Time (in seconds) to complete free adversarial training (m=4):" in out
+    acc = reproduced.free4.data.metrics["accuracy"]
+    assert f"Model accuracy: {acc:.4f}" in out
+    assert "Success rate of untargeted white-box PGD (eps=0.1, 10 steps, 1 restart)" in out
+    assert f"Run id: {reproduced.free4.info.run_id}" in out
 
 
-def test_logged_model_loads_back_and_gives_the_logged_accuracy(trained):
-    cli, runs, _, _ = trained
-    run = runs["free"]
-    os.environ["MLFLOW_TRACKING_URI"] = cli.uri
-    try:
-        for uri in (run.info.run_id, f"runs:/{run.info.run_id}/model"):
-            model = load_model(uri)
-            assert not model.training
-            _, test = load_dataset("digits")
-            assert accuracy(model, *test.tensors) == run.data.metrics["accuracy"]
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+def test_logged_model_loads_back_and_gives_the_logged_accuracy(reproduced, monkeypatch):
+    run = reproduced.free4
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", reproduced.cli.uri)
+    _, test = load_dataset("digits")
+    for uri in (run.info.run_id, f"runs:/{run.info.run_id}/model"):
+        model = load_model(uri)
+        assert not model.training
+        assert accuracy(model, *test.tensors) == run.data.metrics["accuracy"]
 
 
-def test_attack_reevaluates_a_logged_model_as_its_own_run(trained):
-    cli, runs, _, _ = trained
-    source = runs["free"]
-    result = cli("attack", "--run", source.info.run_id, "--steps", "20", "--restarts", "2")
+def test_attack_reevaluates_a_logged_model_as_its_own_run(reproduced):
+    cli, source = reproduced.cli, reproduced.free4
+    result = cli("attack", "--run", source.info.run_id, "--pgd-steps", "20", "--pgd-restarts", "2", "--experiment", "attacks")
     assert result.code == 0, result.err
-    run = cli.runs("attack")[0]
+    (run,) = cli.runs("attack", experiment="attacks")
     assert run.info.status == "FINISHED"
     assert run.data.params["model_run"] == source.info.run_id == run.data.tags["twml.model_run"]
-    assert (run.data.params["pgd_steps"], run.data.params["pgd_restarts"]) == ("20", "2")
+    assert (run.data.params["pgd_steps"], run.data.params["pgd_restarts"], run.data.params["dataset"]) == ("20", "2", "digits")
     assert run.data.metrics["accuracy"] == source.data.metrics["accuracy"]  # the same model on the same data
-    assert {"pgd_success_rate", "robust_accuracy"} <= set(run.data.metrics)
     assert "20 steps, 2 restarts" in result.out
 
 
@@ -100,14 +87,20 @@ BAD = [
     (["train", "--dataset", "imagenet-x"], "unknown data set 'imagenet-x'"),
     (["train", "--model", "resnet_nonexistent"], "unknown model 'resnet_nonexistent'"),
     (["train", "--free", "--m", "0"], "m (replays per minibatch) must be >= 1, got 0"),
+    (["train", "--free", "--method", "standard"], "--free and --method disagree"),
+    (["train", "--method", "magic"], "unknown method 'magic'"),
     (["train", "--eps", "1.5"], "eps must lie in [0, 1]"),
     (["train", "--eps", "-0.1"], "eps must lie in [0, 1]"),
     (["train", "--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["train", "--schedule", "wavy"], "unknown schedule 'wavy'"),
     (["train", "--m", "four"], "Invalid value for '--m'"),
     (["train", "--preset", "imagenet"], "unknown preset 'imagenet'"),
     (["train", "--model-kwargs", "[1, 2]"], "--model-kwargs must be a JSON object"),
+    (["attack"], "name the model to attack with --run"),
     (["attack", "--run", "0123456789abcdef0123456789abcdef"], "no run '0123456789abcdef0123456789abcdef'"),
     (["attack", "--run", "runs:/feedface/model"], "no run 'feedface'"),
+    (["attack", "--steps", "5"], "No such option: --steps"),
+    (["config", "nonsense"], "unknown command 'nonsense'"),
     (["nonsense"], "No such command 'nonsense'"),
 ]
 
@@ -120,6 +113,16 @@ def test_bad_input_is_one_line_exit_2_and_no_run(cli, args, message):
     assert len(result.err.strip().splitlines()) == 1, result.err
     assert "Traceback" not in result.err + result.out
     assert cli.runs() == []
+
+
+def test_a_preset_with_a_wrong_key_or_type_is_refused(cli, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochs = 'ten'\n")
+    result = cli("train", "--config", str(bad))
+    assert result.code == 2 and "epochs must be int, got 'ten'" in result.err
+    bad.write_text("[cleanse]\nsteps = 3\n")  # renamed: search_steps
+    result = cli("cleanse", "--config", str(bad))
+    assert result.code == 2 and "unknown keys cleanse.steps" in result.err
 
 
 def test_weights_that_are_not_safetensors_end_with_exit_2(cli, tmp_path):
@@ -173,7 +176,11 @@ def test_several_processes_can_log_to_one_store(cli, tmp_path):
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1", "2", "3"]
 
 
-def test_help_lists_every_command():
+def test_help_lists_every_command_and_the_new_flag_names():
     out = subprocess.run([sys.executable, "-m", "twml_cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("train", "attack", "smooth", "backdoor", "cleanse"):
+    for command in ("train", "attack", "smooth", "backdoor", "cleanse", "report", "reproduce", "config"):
         assert command in out
+    attack = subprocess.run([sys.executable, "-m", "twml_cli", "attack", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--pgd-steps" in attack and "--pgd-alpha" in attack and "--run" in attack
+    smooth = subprocess.run([sys.executable, "-m", "twml_cli", "smooth", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--cert-alpha" in smooth and "--pgd-alpha" not in smooth and "[default: 0.05, 0.2]" in smooth

@@ -10,7 +10,7 @@ from twml_cli.errors import TwmlError
 
 
 def test_digits_is_a_fixed_stratified_split_of_all_1797_images(digits):
-    train, test, info = digits
+    train, test, info = digits.train, digits.test, digits.info
     x_train, y_train = train.tensors
     x_test, y_test = test.tensors
     assert x_train.shape == (1437, 1, 8, 8) and x_test.shape == (360, 1, 8, 8)

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from twml_cli import load_model
 from twml_cli.errors import TwmlError
-from twml_cli.models import ModelSpec, create_model, load_model, load_model_dir, prepare, save_model
+from twml_cli.models import ModelSpec, create_model, load_model_dir, prepare, save_model
 
 
 def spec_for(arch, chans=1, size=8, classes=10, **kwargs):

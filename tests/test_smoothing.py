@@ -121,7 +121,7 @@ def test_certified_accuracy_counts_abstentions_as_wrong_and_never_increases():
 
 @pytest.fixture(scope="module")
 def small_base(digits):
-    train, test, info = digits
+    test, info = digits.test, digits.info
     torch.manual_seed(0)
     return create_model(ModelSpec.for_data("test_byobnet", info)).eval(), test.tensors
 

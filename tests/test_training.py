@@ -22,7 +22,7 @@ def count_steps():
 
 @pytest.mark.parametrize("epochs, m", [(4, 4), (8, 4), (7, 7), (6, 4)])
 def test_free_training_makes_as_many_sgd_steps_as_standard(digits, epochs, m):
-    train_set, _, info = digits
+    train_set, info = digits.train, digits.info
     x, y = train_set.tensors[0][:300], train_set.tensors[1][:300]
     cfg = TrainConfig(epochs=epochs, batch_size=64)
     counts = {}
@@ -59,7 +59,7 @@ class Recorder(FreeAdversarial):
 
 
 def test_free_perturbation_persists_and_stays_in_the_ball_and_unit_range(digits):
-    train_set, _, info = digits
+    train_set, info = digits.train, digits.info
     x, y = train_set.tensors[0][:200], train_set.tensors[1][:200]
     eps = 0.1
     rec = Recorder(eps, m=3)
@@ -82,7 +82,7 @@ def test_free_perturbation_persists_and_stays_in_the_ball_and_unit_range(digits)
 
 
 def test_same_seed_gives_the_same_model_on_cpu(digits):
-    train_set, _, info = digits
+    train_set, info = digits.train, digits.info
     x, y = train_set.tensors[0][:256], train_set.tensors[1][:256]
     results, weights = [], []
     for _ in range(2):
@@ -94,7 +94,7 @@ def test_same_seed_gives_the_same_model_on_cpu(digits):
 
 
 def test_history_is_logged_per_epoch_of_sgd_budget(digits):
-    train_set, _, info = digits
+    train_set, info = digits.train, digits.info
     x, y = train_set.tensors[0][:128], train_set.tensors[1][:128]
     standard = train(small_model(info), x, y, TrainConfig(epochs=4, batch_size=64))
     free = train(small_model(info), x, y, TrainConfig(epochs=4, batch_size=64), FreeAdversarial(0.1, 2))

@@ -9,8 +9,25 @@ The public Python API:
 Both import lazily, so `import twml_cli` is cheap and needs neither torch nor MLflow.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from .version import __version__
+
 __all__ = ["load_dataset", "load_model", "__version__"]
+
+
+def load_model(uri, device="cpu"):
+    """A model in eval mode that takes [0, 1] images: from a local folder (model.safetensors
+    and spec.json; no MLflow needed), a run id or a ``runs:/<id>/model`` URI (through MLflow)."""
+    from pathlib import Path
+
+    if Path(uri).is_dir():
+        from .models import load_model_dir
+
+        return load_model_dir(uri, device)
+    from .tracking import load_model as load_logged
+
+    return load_logged(str(uri), device)
 
 
 def __getattr__(name: str):
@@ -18,8 +35,4 @@ def __getattr__(name: str):
         from .data import load_dataset
 
         return load_dataset
-    if name == "load_model":
-        from .models import load_model
-
-        return load_model
     raise AttributeError(f"module 'twml_cli' has no attribute '{name}'")

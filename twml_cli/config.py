@@ -1,58 +1,83 @@
-"""Presets (experiments/*.toml) merged with command-line flags into one effective config.
+"""Presets and flags into typed settings (settings.py), and settings into MLflow params and back.
 
-A preset has top-level keys shared by every command and one section per study:
-
-    dataset, model, model_kwargs, device, seed, data_dir, eval_batch_size
-    [train]     training and PGD evaluation (also used to train smoothing and backdoor models)
-    [smooth]    certification; may override [train] keys for the base classifier
-    [backdoor]  BadNets poisoning; may override [train] keys
-    [cleanse]   Neural Cleanse
-
-The effective config of a command is: the preset's top level, then its sections in order,
-then every flag given on the command line. `--config FILE` is read over the embedded
-default preset, so a file only needs the keys it changes.
+A preset (experiments/*.toml) has top-level keys (the `Common` settings) and one section per
+study; a command's settings are: field defaults, the preset's top level, its sections in
+order, then the flags given. `--config FILE` is read over the default preset. A preset
+states only what differs from the defaults; `twml config COMMAND` prints the result.
 """
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import fields
+import dataclasses
+import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from .errors import TwmlError
+from .settings import (  # noqa: F401 - callers name the settings classes config.Training etc.
+    COMMANDS,
+    SECTIONS,
+    TOP_LEVEL,
+    Attack,
+    Backdoor,
+    Cleanse,
+    Common,
+    Smoothing,
+    Training,
+    field_of,
+    field_type,
+    flag_of,
+    panel_of,
+    settings_fields,
+)
 
 DEFAULT_PRESET = "digits"
 
-TOP = {"dataset", "model", "model_kwargs", "device", "seed", "data_dir", "eval_batch_size"}
-TRAIN = {
-    "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "m", "eps",
-    "pgd_steps", "pgd_alpha", "pgd_restarts",
-}  # fmt: skip
-SECTIONS = {
-    "train": TRAIN,
-    "smooth": TRAIN | {"sigma", "n0", "n", "alpha", "num_examples", "certify_batch_size"},
-    "backdoor": TRAIN | {"target", "poison_rate", "trigger_size", "position"},
-    "cleanse": {
-        "steps", "num_images", "batch_size", "lr", "threshold", "anomaly_threshold",
-        "patience", "init_cost",
-    },
-}  # fmt: skip
-COMMAND_SECTIONS = {
-    "train": ("train",),
-    "attack": ("train",),
-    "smooth": ("train", "smooth"),
-    "backdoor": ("train", "backdoor"),
-    "cleanse": ("cleanse",),
-}
+
+def _top_level() -> dict[str, tuple[type, dataclasses.Field]]:
+    return {f.name: (cls, f) for cls in TOP_LEVEL for f in settings_fields(cls)}
+
+
+def _section_keys(section: str) -> set[str]:
+    return {f.name for f in settings_fields(SECTIONS[section])} - set(_top_level())
+
+
+def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
+    """A value from TOML or a flag, as the field's type; a list for `each` fields."""
+    kind = field_type(cls, f)
+    if f.metadata.get("each") and isinstance(value, (list, tuple)):
+        if not value:
+            raise TwmlError(f"{where}: {f.name} needs at least one value")
+        return [_coerce(cls, f, v, where) for v in value]
+    ok = {
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, (list, tuple)),
+        dict: lambda v: isinstance(v, dict),
+    }[kind]
+    if not ok(value):
+        raise TwmlError(f"{where}: {f.name} must be {kind.__name__}, got {value!r}")
+    value = float(value) if kind is float else list(value) if kind is list else value
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise TwmlError(f"{where}: unknown {f.name.replace('_', ' ')} '{value}': use one of {', '.join(choices)}")
+    return value
+
+
+# ---------------------------------------------------------------- presets
 
 
 def _preset_dirs() -> list:
     """./experiments first (a user's own presets), then the ones shipped with twml."""
-    dirs = [resources.files("twml_cli.experiments")]
+    shipped = resources.files("twml_cli.experiments")
     local = Path.cwd() / "experiments"
-    return [local, *dirs] if local.is_dir() else dirs
+    return [local, shipped] if local.is_dir() else [shipped]
 
 
 def preset_names() -> list[str]:
@@ -71,52 +96,146 @@ def _read_toml(text: str, where: str) -> dict:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise TwmlError(f"{where}: not valid TOML ({err})") from None
-    unknown = [k for k in raw if k not in TOP and k not in SECTIONS]
+    top = _top_level()
+    unknown = [k for k in raw if k not in top and k not in SECTIONS]
     for section in SECTIONS:
         if section in raw:
             if not isinstance(raw[section], dict):
                 raise TwmlError(f"{where}: [{section}] must be a table")
-            unknown += [f"{section}.{k}" for k in raw[section] if k not in SECTIONS[section]]
+            unknown += [f"{section}.{k}" for k in raw[section] if k not in _section_keys(section)]
     if unknown:
         raise TwmlError(f"{where}: unknown keys {', '.join(unknown)}")
+    for key, value in raw.items():  # every value's type and choices, whatever the command
+        if key in SECTIONS:
+            for k, v in value.items():
+                _coerce(SECTIONS[key], field_of(SECTIONS[key], k), v, f"{where} [{key}]")
+        else:
+            _coerce(*top[key], value, where)
     return raw
 
 
-def load(preset: str | None = None, config_file: str | Path | None = None) -> tuple[dict, str]:
-    """The raw preset and its name (for logging)."""
-    if preset and config_file:
+@dataclass(frozen=True)
+class Preset:
+    name: str  # what was read: a preset's name or a file's path (logged as the param `preset`)
+    raw: dict
+
+
+def load_preset(name: str | None = None, config_file: str | Path | None = None) -> Preset:
+    """A preset by name (default: digits), or a TOML file read over the default preset."""
+    if name and config_file:
         raise TwmlError("give --preset or --config, not both")
-    base_name = preset or DEFAULT_PRESET
-    raw = _read_toml(_find_preset(base_name).read_text(), f"preset {base_name}")
+    base = name or DEFAULT_PRESET
+    raw = _read_toml(_find_preset(base).read_text(), f"preset {base}")
     if config_file is None:
-        return raw, base_name
+        return Preset(base, raw)
     path = Path(config_file)
     if not path.is_file():
         raise TwmlError(f"config file '{path}' does not exist")
-    user = _read_toml(path.read_text(), str(path))
-    for key, value in user.items():
-        if key in SECTIONS:
-            raw[key] = {**raw.get(key, {}), **value}
-        else:
-            raw[key] = value
-    return raw, str(path)
+    for key, value in _read_toml(path.read_text(), str(path)).items():
+        raw[key] = {**raw.get(key, {}), **value} if key in SECTIONS else value
+    return Preset(str(path), raw)
 
 
-def resolve(command: str, raw: dict, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The effective config of `command`: preset top level, its sections, then flags (not None)."""
-    cfg = {k: v for k, v in raw.items() if k in TOP}
-    for section in COMMAND_SECTIONS.get(command, ()):
-        cfg.update(raw.get(section, {}))
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    cfg.setdefault("model_kwargs", {})
-    return cfg
+def resolve(command: str, preset: Preset, overrides: dict[str, Any] | None = None) -> list:
+    """The settings of `command`: field defaults, the preset's top level, the command's sections
+    in order, then the flags given (None: not given). One settings object per value of an
+    `each` field (several sigmas: several runs)."""
+    cls = COMMANDS[command][0]
+    by_name = {f.name: f for f in settings_fields(cls)}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values = _layered(command, preset)
+    for key, value in given.items():
+        if key not in by_name:
+            raise TwmlError(f"twml {command} takes no setting '{key}'")
+        values[key] = _coerce(cls, by_name[key], value, "command line")
+    if (getattr(cls, "DATA_FROM_MODEL", False) or values.get("model_run")) and "dataset" not in given:
+        values["dataset"] = ""  # the data set the given model was trained on (studies/common.data_name)
+    fan = [(k, v) for k, v in values.items() if isinstance(v, list) and by_name[k].metadata.get("each")]
+    if not fan:
+        return [cls(**values)]
+    (key, options), *more = fan
+    assert not more, "one `each` field per study"
+    return [cls(**{**values, key: v}) for v in options]
 
 
-def build(cls, cfg: dict[str, Any], **extra):
-    """Construct a library config dataclass from the keys of `cfg` it has; its own
-    validation errors become TwmlError (a one-line message, exit 2)."""
-    names = {f.name for f in fields(cls)}
-    try:
-        return cls(**{k: v for k, v in cfg.items() if k in names}, **extra)
-    except (ValueError, TypeError) as err:
-        raise TwmlError(str(err)) from None
+def _layered(command: str, preset: Preset) -> dict[str, Any]:
+    """The values a preset sets for a command: its top level, then the command's sections."""
+    cls, sections = COMMANDS[command]
+    by_name = {f.name: f for f in settings_fields(cls)}
+    values: dict[str, Any] = {}
+    layers = [({k: v for k, v in preset.raw.items() if k not in SECTIONS}, f"preset {preset.name}")]
+    layers += [(preset.raw.get(s, {}), f"preset {preset.name} [{s}]") for s in sections]
+    for layer, where in layers:
+        values.update({k: _coerce(cls, by_name[k], v, where) for k, v in layer.items() if k in by_name})
+    return values
+
+
+def defaults(command: str) -> dict[str, Any]:
+    """Each setting of a command as the default preset leaves it (shown in --help)."""
+    cls = COMMANDS[command][0]
+    fallback = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in settings_fields(cls)}
+    return {**fallback, **_layered(command, load_preset())}
+
+
+def resolve_one(command: str, preset: Preset, overrides: dict[str, Any] | None = None):
+    (settings,) = resolve(command, preset, overrides)
+    return settings
+
+
+# ---------------------------------------------------------------- params
+
+
+def params(settings) -> dict[str, Any]:
+    """The MLflow params of a run made with these settings: every field that applies."""
+    out = {}
+    for f in settings_fields(type(settings)):
+        applies = f.metadata.get("applies")
+        if f.metadata.get("log", True) and (applies is None or applies(settings)):
+            out[f.name] = getattr(settings, f.name)
+    return out
+
+
+def param_text(value: Any) -> str:
+    """How a param value is logged: JSON for lists and dicts, str() otherwise."""
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def to_dict(settings) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in settings_fields(type(settings))}
+
+
+def from_params(cls: type, logged: dict[str, str]):
+    """Settings rebuilt from a run's params (strings); fields not logged keep their defaults."""
+    values = {}
+    for f in settings_fields(cls):
+        if f.name not in logged:
+            continue
+        text, kind = logged[f.name], field_type(cls, f)
+        try:
+            values[f.name] = (
+                json.loads(text) if kind in (list, dict) else text == "True" if kind is bool else kind(text)
+            )
+        except ValueError:
+            raise TwmlError(f"param {f.name}={text!r} is not a {kind.__name__}") from None
+    return cls(**values)
+
+
+def to_toml(settings) -> str:
+    """The settings as a TOML table (for `twml config`)."""
+    lines = []
+    for f in settings_fields(type(settings)):
+        value = getattr(settings, f.name)
+        note = "  (empty: the one the model was trained on)" if f.name == "dataset" and value == "" else ""
+        lines.append(f"{f.name} = {_toml_value(value)}   # {f.metadata['help']}{note}")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+

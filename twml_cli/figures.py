@@ -21,6 +21,16 @@ def save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+def save_both(fig, stem: str | Path, close: bool = True) -> tuple[Path, Path]:
+    """The figure as stem.png and stem.pdf (a write-up wants the PDF, a browser the PNG)."""
+    paths = Path(f"{stem}.png"), Path(f"{stem}.pdf")
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    if close:
+        plt.close(fig)
+    return paths
+
+
 def _as_array(t: torch.Tensor) -> np.ndarray:
     """A [0, 1] image (H, W) or (C, H, W) as an (H, W) or (H, W, C) array."""
     a = t.detach().float().cpu().clamp(0, 1).numpy()

@@ -4,7 +4,7 @@ weights as safetensors beside a JSON spec (never pickle).
     spec = ModelSpec.for_data("resnet18", info)      # info: data.DataInfo
     model = create_model(spec)                       # nn.Module: [0, 1] images -> logits
     save_model(model, "out/model")                   # model.safetensors + spec.json
-    model = load_model("out/model")                  # or a run id, or runs:/<id>/model
+    model = load_model_dir("out/model")              # twml_cli.load_model also takes run ids
 """
 
 from __future__ import annotations
@@ -190,13 +190,3 @@ def load_model_dir(folder: str | Path, device: str | torch.device = "cpu") -> Cl
     except RuntimeError as err:
         raise TwmlError(f"{weights}: weights do not fit the {spec.arch} in {SPEC_FILE} ({str(err).splitlines()[0]})") from None
     return prepare(model, torch.device(device)).eval()
-
-
-def load_model(uri: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """A model in eval mode, taking [0, 1] input, from a local folder, a run id or a
-    ``runs:/<run_id>/model`` URI (the last two through MLflow)."""
-    if Path(uri).is_dir():
-        return load_model_dir(uri, device)
-    from .tracking import download_model  # only here: local folders load without MLflow
-
-    return load_model_dir(download_model(str(uri)), device)

@@ -25,6 +25,7 @@ from torch import nn
 from .runtime import Progress, Timer, autocast, generator, no_progress
 
 ABSTAIN = -1
+TABLE_RADII = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # where tables read certified accuracy
 NOISE_BLOCK = 1000  # samples per noise stream; fixed, so certificates are batch-independent
 SELECTION, ESTIMATION, PREDICTION = 0, 1, 2  # phases: separate streams, never reused
 
@@ -202,3 +203,16 @@ def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: np.ndarra
 def average_certified_radius(radius: np.ndarray, correct: np.ndarray) -> float:
     """Mean over examples of the radius when correct, else 0 (ACR)."""
     return float(np.mean(np.where(np.asarray(correct, dtype=bool), radius, 0.0)))
+
+
+def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+    """The radius CERTIFY returns when all n samples vote for the top class: no larger one is
+    possible with this n and alpha (2.46 sigma at n = 1,000 and 3.81 sigma at n = 100,000
+    for alpha = 0.001)."""
+    p = float(lower_confidence_bound(n, n, alpha))
+    return sigma * float(norm.ppf(p)) if p > 0.5 else 0.0
+
+
+def radius_grid(top: float, points: int = 201) -> np.ndarray:
+    """Evenly spaced radii from 0 to 10% beyond `top`: where a certified-accuracy curve is drawn."""
+    return np.linspace(0.0, max(top, 1e-3) * 1.1, points)

@@ -25,11 +25,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from . import models
+from .config import param_text
 from .errors import TwmlError
+from .results import COMMAND_TAG, MODEL_DIR
+from .version import __version__
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-COMMAND_TAG = "twml.command"
-MODEL_PATH = "model"
 
 
 def configure(tracking_uri: str | None = None) -> str:
@@ -40,6 +42,10 @@ def configure(tracking_uri: str | None = None) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
 
 
 def client() -> MlflowClient:
@@ -64,8 +70,6 @@ def environment_params(device: str) -> dict[str, str]:
     import timm
     import torch
 
-    from . import __version__
-
     return {
         "twml_version": __version__,
         "torch_version": torch.__version__,
@@ -83,7 +87,7 @@ class Run:
         self._client = client()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, _param_str(v)) for k, v in params.items() if v is not None]
+        items = [Param(k, param_text(v)) for k, v in params.items() if v is not None]
         for i in range(0, len(items), 100):
             self._client.log_batch(self.id, params=items[i : i + 100])
 
@@ -115,12 +119,10 @@ class Run:
     def log_text(self, text: str, name: str) -> None:
         self._client.log_text(self.id, text, name)
 
-    def log_model(self, model) -> None:
-        from .models import save_model
-
+    def log_model(self, model: models.Classifier) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            save_model(model, tmp)
-            self.log_dir(tmp, MODEL_PATH)
+            models.save_model(model, tmp)
+            self.log_dir(tmp, MODEL_DIR)
 
 
 @contextlib.contextmanager
@@ -141,12 +143,6 @@ def start_run(experiment: str, command: str, run_name: str | None = None, tags: 
         raise
     else:
         c.set_terminated(info.run_id, "FINISHED")
-
-
-def _param_str(value: Any) -> str:
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value)
-    return str(value)
 
 
 # ---------------------------------------------------------------- reading runs back
@@ -184,11 +180,16 @@ def download_model(uri: str) -> str:
     if not run_id:
         raise TwmlError(f"'{uri}' names no run")
     get_run(run_id)
-    artifact_path = uri.split("/", 2)[2] if uri.startswith("runs:/") and uri.count("/") >= 2 else MODEL_PATH
+    artifact_path = uri.split("/", 2)[2] if uri.startswith("runs:/") and uri.count("/") >= 2 else MODEL_DIR
     try:
         return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)
     except (MlflowException, OSError):
         raise TwmlError(f"run '{run_id}' holds no model under '{artifact_path}'") from None
+
+
+def load_model(uri: str, device="cpu") -> models.Classifier:
+    """The model a run logged (a run id or runs:/<id>/model), in eval mode."""
+    return models.load_model_dir(download_model(uri), device)
 
 
 def download_artifact(run_id: str, path: str) -> str | None:

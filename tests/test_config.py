@@ -1,0 +1,88 @@
+"""Typed settings: one field gives a hyperparameter's default, TOML key, flag, validation and
+logged param."""
+
+import dataclasses
+
+import pytest
+
+from twml_cli import config
+from twml_cli.errors import TwmlError
+
+
+def test_defaults_are_the_embedded_default():
+    (s,) = config.resolve("train", config.load_preset())
+    assert (s.dataset, s.model, s.epochs, s.eps, s.pgd_alpha, s.method) == ("digits", "test_byobnet", 28, 0.1, 0.025, "standard")
+    assert [x.sigma for x in config.resolve("smooth", config.load_preset())] == [0.05, 0.2]  # one run each
+
+
+def test_layers_apply_in_order_preset_sections_then_flags():
+    cifar = config.load_preset("cifar10")
+    s = config.resolve_one("train", cifar, {"epochs": 3})
+    assert (s.dataset, s.model, s.epochs, s.schedule, s.m) == ("cifar10", "resnet18", 3, "step", 8)
+    smooth = config.resolve("smooth", cifar)
+    assert [x.sigma for x in smooth] == [0.12, 0.25, 0.5] and smooth[0].epochs == 90  # [smooth] over [train]
+    assert smooth[0].batch_size == 128  # from [train]
+
+
+def test_each_field_fans_out_into_one_settings_per_value():
+    runs = config.resolve("smooth", config.load_preset(), {"sigma": [0.1, 0.3], "n": 50})
+    assert [(s.sigma, s.n) for s in runs] == [(0.1, 50), (0.3, 50)]
+
+
+def test_every_setting_is_a_toml_key_a_flag_and_a_param():
+    for command, (cls, _) in config.COMMANDS.items():
+        names = {f.name for f in config.settings_fields(cls)}
+        s = config.resolve(command, config.load_preset())[0]
+        logged = config.params(s)
+        assert set(logged) <= names
+        assert config.from_params(cls, {k: config.param_text(v) for k, v in logged.items()}) == s  # read back as logged
+
+
+def test_one_name_one_meaning():
+    """A field name means the same thing in every study that has it (same help text)."""
+    seen = {}
+    for cls, _ in config.COMMANDS.values():
+        for f in config.settings_fields(cls):
+            assert seen.setdefault(f.name, f.metadata["help"]) == f.metadata["help"], f.name
+    flags = [config.flag_of(f) for f in config.settings_fields(config.Smoothing)]
+    assert "--cert-alpha" in flags and "--alpha" not in flags
+    assert {"--search-lr", "--search-batch-size"} <= {config.flag_of(f) for f in config.settings_fields(config.Cleanse)}
+
+
+def test_params_leave_out_what_does_not_apply():
+    standard = config.resolve_one("train", config.load_preset())
+    assert "m" not in config.params(standard) and config.params(dataclasses.replace(standard, method="free"))["m"] == 4
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("epochs = 3", "unknown keys epochs"),
+        ("[train]\nsigma = 0.1", "unknown keys train.sigma"),
+        ("[train]\nepochs = 2.5", "epochs must be int, got 2.5"),
+        ("[train]\nschedule = 'wavy'", "unknown schedule 'wavy'"),
+        ("[smooth]\nsigma = []", "sigma needs at least one value"),
+        ("[train\n", "not valid TOML"),
+    ],
+)
+def test_bad_presets_are_refused(tmp_path, toml, message):
+    path = tmp_path / "p.toml"
+    path.write_text(toml)
+    with pytest.raises(TwmlError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        config.resolve("train", config.load_preset(config_file=path))
+
+
+def test_validation_lives_in_the_library_configs():
+    with pytest.raises(TwmlError, match="lr must be > 0"):
+        config.Training(lr=0)
+    with pytest.raises(TwmlError, match="pgd steps must be >= 1"):
+        config.Attack(model_run="x", pgd_steps=0)
+    with pytest.raises(TwmlError, match="success threshold must lie in"):
+        config.Cleanse(search_threshold=0)
+
+
+def test_config_command_prints_the_effective_settings(cli):
+    result = cli("config", "smooth", "--preset", "cifar10")
+    assert result.code == 0, result.err
+    assert result.out.count("# twml smooth, preset cifar10") == 3
+    assert "n = 100000" in result.out and "cert_alpha = 0.001" in result.out

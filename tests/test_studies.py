@@ -1,0 +1,126 @@
+"""Each study's three steps without MLflow: compute() on small budgets, record() into a
+recording Run, summarize()."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twml_cli import config, models, results
+from twml_cli.studies import attack, backdoor, cleanse, smooth, train
+
+PRESET = config.load_preset()
+
+
+class RecordingRun:
+    """A Run that keeps what a study records (the Run protocol of studies/common.py)."""
+
+    id = "0" * 32
+
+    def __init__(self, tmp: Path):
+        self.params, self.metrics, self.series, self.tags, self.files, self.models = {}, {}, {}, {}, set(), []
+        self.tmp = tmp
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_metrics(self, metrics, step=0):
+        self.metrics.update(metrics)
+
+    def log_series(self, name, steps, values):
+        self.series[name] = dict(zip(steps, values))
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def log_dir(self, path, artifact_path=None):
+        self.files |= {p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file()}
+
+    def log_model(self, model):
+        self.models.append(model)
+
+
+def settings(command: str, **changes):
+    return dataclasses.replace(config.resolve(command, PRESET)[0], **changes)
+
+
+@pytest.fixture(scope="module")
+def quick_train():
+    """Free training, 4 epochs: enough to exercise every step."""
+    return train.compute(train.prepare(settings("train", method="free", m=2, epochs=4, pgd_steps=2)))
+
+
+def test_train_outcome_records_the_schema(quick_train, tmp_path):
+    run = RecordingRun(tmp_path)
+    train.record(run, quick_train)
+    assert set(run.metrics) == {f.name for f in dataclasses.fields(results.TrainingMetrics)} | {f.name for f in dataclasses.fields(results.RobustnessMetrics)}
+    assert run.metrics["sgd_steps"] == quick_train.training.steps == 2 * 2 * 12  # 2 passes x 2 replays x ceil(1437 / 128)
+    assert sorted(run.series[results.TRAIN_LOSS]) == [2, 4]  # step = epochs of SGD budget
+    assert run.models == [quick_train.model] and not quick_train.model.training
+    training, robustness = train.metrics(quick_train)
+    assert results.metrics(robustness) == {k: run.metrics[k] for k in results.metrics(robustness)}
+    assert robustness.robust_accuracy == pytest.approx(1 - robustness.pgd_success_rate)
+
+
+def test_train_summary_reads_like_the_write_up(quick_train):
+    lines = train.summarize(quick_train)
+    assert lines[0].startswith("Time (in seconds) to complete free adversarial training (m=2): ")
+    assert lines[1] == f"Model accuracy: {quick_train.robustness.accuracy:.4f}"
+    assert lines[2].startswith("Success rate of untargeted white-box PGD (eps=0.1, 2 steps, 1 restart): ")
+
+
+def test_compute_is_deterministic_on_cpu(quick_train):
+    again = train.compute(train.prepare(quick_train.settings))
+    assert again.robustness == dataclasses.replace(quick_train.robustness, attack_time_s=again.robustness.attack_time_s)
+    assert [h.loss for h in again.training.history] == [h.loss for h in quick_train.training.history]
+
+
+def test_attack_on_a_model_folder_uses_the_models_data(quick_train, tmp_path):
+    folder = models.save_model(quick_train.model, tmp_path / "m")
+    s = config.resolve_one("attack", PRESET, {"model_run": str(folder), "pgd_steps": 2})
+    assert s.dataset == ""  # the model's own, unless --dataset is given
+    inputs = attack.prepare(s)
+    assert inputs.settings.dataset == "digits" and attack.extra_params(inputs)["model_path"] == str(folder.resolve())
+    outcome = attack.compute(inputs)
+    assert outcome.robustness.accuracy == quick_train.robustness.accuracy  # the same weights, the same data
+
+
+def test_smooth_compute_and_record(quick_train, tmp_path):
+    folder = models.save_model(quick_train.model, tmp_path / "m")
+    s = config.resolve_one("smooth", PRESET, {"model_run": str(folder), "sigma": [0.1], "n": 200, "num_examples": 12})
+    outcome = smooth.compute(smooth.prepare(s))
+    assert outcome.training is None and len(outcome.table["idx"]) == 12
+    assert outcome.table["idx"].tolist() == np.linspace(0, 359, 12).round().astype(int).tolist()
+    run = RecordingRun(tmp_path)
+    smooth.record(run, outcome)
+    assert {results.CERTIFY_CSV, results.CURVE_CSV, results.CURVE_FIGURE + ".png", results.CURVE_FIGURE + ".pdf"} <= run.files
+    assert run.models == []  # given, not trained
+    assert run.metrics["certified_accuracy"] == smooth.certified_at(outcome, [0])[0]
+    assert set(smooth.table_metrics(outcome)) == {results.certified_accuracy_key(r) for r in (0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)}
+    assert outcome.max_radius == pytest.approx(0.1 * 1.825682, abs=1e-6)  # n = 200, alpha = 0.001: Phi^-1(0.001 ** (1/200))
+    lines = smooth.summarize(outcome)
+    assert lines[0] == "sigma = 0.1:" and "at most 0.1826 with this n and alpha" in lines[3]
+
+
+def test_backdoor_and_cleanse_compute(tmp_path):
+    poisoned = backdoor.compute(backdoor.prepare(settings("backdoor", epochs=6)))
+    assert poisoned.settings.trigger_size == 2 and poisoned.poisoned == 144  # round(0.1 * 1437)
+    clean, stamped, label = poisoned.example
+    assert label != 0 and np.all(stamped[..., 6:, 6:].numpy() == 1.0) and not np.all(clean[..., 6:, 6:].numpy() == 1.0)
+    assert backdoor.metrics(poisoned).attack_success_rate == poisoned.attack_success_rate
+    folder = models.save_model(poisoned.model, tmp_path / "bad")
+    s = config.resolve_one("cleanse", PRESET, {"model_runs": [str(folder)], "search_steps": 4, "search_images": 64})
+    outcome = cleanse.compute(cleanse.prepare(s))
+    (ins,) = outcome.inspections
+    assert ins.reversed.norms.shape == (10,) and ins.accuracy == poisoned.accuracy
+    run = RecordingRun(tmp_path)
+    cleanse.record(run, outcome)
+    assert run.tags[results.VERDICT_TAG] == outcome.verdict
+    assert {results.NORMS_CSV, results.NORMS_FIGURE, results.MASK_GRID_FIGURE, results.REVERSED_NPZ, "masks/model0_class9_mask.png"} <= run.files
+    assert run.metrics["model0_accuracy"] == poisoned.accuracy
+    table = cleanse.norms_table(outcome)
+    assert table["class"].tolist() == list(range(10)) and table["norm"].tolist() == ins.reversed.norms.tolist()
+    assert cleanse.summarize(outcome)[0] == f"Accuracy of model 0: {poisoned.accuracy:.4f}"

@@ -1,0 +1,141 @@
+"""Section 1: free adversarial training against standard training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .. import figures
+from .document import Bullets, Document, Figure, Heading, Para, Table
+from .runs import AttackRun, TrainRun
+from .words import change, f4, secs, short
+
+
+def replays(r: TrainRun) -> int:
+    return r.settings.m if r.settings.method == "free" else 1
+
+
+def label(r: TrainRun) -> str:
+    return r.settings.method + (f" m={r.settings.m}" if r.settings.method == "free" else "")
+
+
+def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], fig_dir: Path) -> None:
+    doc.add(Heading("1 Free adversarial training"))
+    if not runs:
+        doc.add(Para("No finished `twml train` runs in this experiment: run `twml train`, `twml train --free --m 4` and `twml train --free --m 7`."))
+        return
+    doc.add(
+        Para(
+            "Every finished training run. PGD is untargeted, white-box, L-inf with a random start; its success rate "
+            "counts every misclassified adversarial example (inputs already misclassified included), and robust "
+            "accuracy is its complement. Run ids are shortened; section 4 lists them whole."
+        ),
+        Table(
+            ["method", "m", "data", "model", "eps", "epochs", "train time", "accuracy", "PGD success", "robust acc.", "PGD", "run"],
+            [
+                [r.settings.method, str(replays(r)), r.settings.dataset, r.settings.model, f"{r.settings.eps:.4g}", str(r.settings.epochs),
+                 secs(r.training.train_time_s), f4(r.robustness.accuracy), f4(r.robustness.pgd_success_rate),
+                 f4(r.robustness.robust_accuracy), f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}", short(r.id)]
+                for r in runs
+            ],
+        ),
+    )  # fmt: skip
+    bars = figures.adversarial_bars_figure(
+        [f"{label(r)}\n{short(r.id)}" for r in runs], [r.robustness.accuracy for r in runs], [r.robustness.pgd_success_rate for r in runs]
+    )
+    doc.add(Figure(figures.save(bars, fig_dir / "adversarial-training.png"), "Benign accuracy and PGD success rate of every training run", 0.75))
+
+    # The questions compare the newest run of each kind trained like the newest standard run.
+    standard = next((r for r in runs if r.settings.method == "standard"), None)
+    keys = ("dataset", "model", "eps", "epochs")
+    free: dict[int, TrainRun] = {}
+    for r in runs:
+        if r.settings.method == "free" and (standard is None or all(getattr(r.settings, k) == getattr(standard.settings, k) for k in keys)):
+            free.setdefault(r.settings.m, r)
+    _times(doc, standard, free)
+    _effect(doc, standard, free)
+    _increasing_m(doc, free)
+    if attack_runs:
+        doc.add(
+            Heading("Stronger attacks on logged models", 2),
+            Para("`twml attack` re-evaluations; a robustness claim should survive more steps and restarts."),
+            Table(
+                ["model run", "eps", "PGD", "accuracy", "PGD success", "robust acc.", "run"],
+                [[short(r.model), f"{r.settings.eps:.4g}", f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}", f4(r.robustness.accuracy),
+                  f4(r.robustness.pgd_success_rate), f4(r.robustness.robust_accuracy), short(r.id)] for r in attack_runs],
+            ),
+        )  # fmt: skip
+
+
+def _times(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) -> None:
+    doc.add(Heading("How much time did it take to train each of the models?", 2))
+    items = []
+    if standard is not None:
+        items.append(f"standard training: **{secs(standard.training.train_time_s)}**")
+    for m, r in sorted(free.items()):
+        ratio = f" ({r.training.train_time_s / standard.training.train_time_s:.2f}x standard)" if standard is not None else ""
+        items.append(f"free adversarial training, m = {m}: **{secs(r.training.train_time_s)}**{ratio}")
+    doc.add(Bullets(items))
+    if standard is not None and free:
+        steps = {m: r.training.sgd_steps for m, r in free.items()}
+        same = all(s == standard.training.sgd_steps for s in steps.values())
+        doc.add(
+            Para(
+                f"Free training replays each minibatch m times and makes ceil(epochs / m) passes, so at "
+                f"{standard.settings.epochs} epochs of budget it makes "
+                + ("the same number of SGD steps as standard training" if same else "slightly more SGD steps than standard training (epochs not divisible by m)")
+                + f" ({standard.training.sgd_steps} for standard; "
+                + ", ".join(f"{s} for m = {m}" for m, s in sorted(steps.items()))
+                + "), so the times above compare equal SGD budgets."
+            )
+        )
+
+
+def _effect(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) -> None:
+    doc.add(Heading("What was the effect of adversarial training on benign accuracy and robustness?", 2))
+    if standard is None or not free:
+        doc.add(Para("This needs a standard and a free run trained alike: run `twml train` and `twml train --free --m 4`."))
+        return
+    m0 = 4 if 4 in free else min(free)
+    a, b = standard.robustness, free[m0].robustness
+    doc.add(
+        Para(
+            f"With free adversarial training (m = {m0}, eps = {free[m0].settings.eps:.4g}) benign accuracy "
+            f"{change(a.accuracy, b.accuracy)} and the success rate of untargeted white-box PGD "
+            f"{change(a.pgd_success_rate, b.pgd_success_rate)}; robust accuracy {change(a.robust_accuracy, b.robust_accuracy)}."
+        ),
+        Para(tradeoff(b.accuracy - a.accuracy, a.pgd_success_rate - b.pgd_success_rate)),
+    )
+
+
+def _increasing_m(doc: Document, free: dict[int, TrainRun]) -> None:
+    doc.add(Heading("Increasing m: what is the impact on training time, benign accuracy and robustness?", 2))
+    if len(free) < 2:
+        doc.add(Para("This needs free runs with two values of m: run `twml train --free --m 4` and `twml train --free --m 7`."))
+        return
+    lo, hi = (4, 7) if {4, 7} <= set(free) else (min(free), max(free))
+    a, b = free[lo], free[hi]
+    doc.add(
+        Para(
+            f"From m = {lo} to m = {hi}, training time {change(a.training.train_time_s, b.training.train_time_s, secs, points=False)}, "
+            f"benign accuracy {change(a.robustness.accuracy, b.robustness.accuracy)} and the PGD success rate "
+            f"{change(a.robustness.pgd_success_rate, b.robustness.pgd_success_rate)}; robust accuracy "
+            f"{change(a.robustness.robust_accuracy, b.robustness.robust_accuracy)}."
+        ),
+        Para(
+            f"At an equal SGD budget a larger m makes fewer passes over the data ({math.ceil(a.settings.epochs / lo)} "
+            f"against {math.ceil(b.settings.epochs / hi)}) with more ascent steps on each minibatch."
+        ),
+    )
+
+
+def tradeoff(acc_delta: float, rob_delta: float) -> str:
+    acc = f"{abs(acc_delta) * 100:.2f} points of benign accuracy"
+    rob = f"{abs(rob_delta) * 100:.2f} points of PGD success rate"
+    if rob_delta > 0 and acc_delta < 0:
+        if rob_delta > 2 * -acc_delta:
+            return f"Adversarial training traded {acc} for {rob}: a small loss of accuracy for a large gain in robustness."
+        return f"Adversarial training traded {acc} for {rob}."
+    if rob_delta > 0:
+        return f"Here adversarial training cost no benign accuracy (it gained {acc}) and removed {rob}."
+    return f"Here adversarial training did not make the model more robust: the PGD success rate changed by {-rob_delta * 100:+.2f} points."

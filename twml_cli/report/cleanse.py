@@ -1,0 +1,163 @@
+"""Section 3: Neural Cleanse, which model is backdoored and toward which class."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import results
+from ..backdoor import Trigger
+from .document import Bullets, Document, Figure, FigureRow, Heading, Para, Table
+from .runs import BackdoorRun, CleanseRun
+from .words import f4, short
+
+
+def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorRun], fig_dir: Path) -> None:
+    doc.add(Heading("3 Neural Cleanse"))
+    if not runs:
+        doc.add(Para("No finished `twml cleanse` runs in this experiment: run `twml train`, `twml backdoor` and `twml cleanse`."))
+        return
+    run = runs[0]
+    s, norms = run.settings, run.norms
+    models = sorted(int(i) for i in norms["model"].unique())
+    model_runs = {i: str(norms[norms["model"] == i]["run_id"].iloc[0]) for i in models}
+    doc.add(
+        Para(
+            f"The newest cleanse run ({short(run.id)}) inspected {len(models)} models: "
+            + "; ".join(f"model {i} = run {short(model_runs[i])}" for i in models)
+            + f". For every class t it searched the smallest mask m and pattern p with (1 - m)·x + m·p classified as t on "
+            f"{s.search_images} clean training images (attack success at least {s.search_threshold:g}, up to "
+            f"{s.search_steps} rounds, all classes of a model in one batch), then applied the MAD outlier test to the L1 "
+            f"norms of the masks: anomaly index |l - median| / (1.4826 · MAD), classes below the median with an index above "
+            f"{s.anomaly_threshold:g} are flagged."
+        )
+    )
+    doc.add(Heading("Which model is backdoored? Which class is the backdoor targeting?", 2))
+    header = ["class"] + [h for i in models for h in (f"norm, model {i}", f"anomaly index, model {i}")]
+    rows = []
+    for c in sorted(norms["class"].unique()):
+        row = [str(c)]
+        for i in models:
+            hit = _row(norms, i, c)
+            row += [f"{hit['norm']:.4f}" + (" **(flagged)**" if bool(hit["flagged"]) else ""), f"{hit['anomaly_index']:.2f}"]
+        rows.append(row)
+    doc.add(Table(header, rows))
+    flagged = norms[norms["flagged"].astype(bool)]
+    accuracy = {i: run.models[i].accuracy for i in models}
+    doc.add(Bullets([f"Accuracy of model {i}: **{f4(accuracy[i])}**; largest anomaly index below the median: "
+                     f"{run.models[i].anomaly_index:.2f}" for i in models]))  # fmt: skip
+    if flagged.empty:
+        doc.add(Para(f"**No backdoor found**: no class of any model has an anomaly index above {s.anomaly_threshold:g} below its median norm."))
+    for _, f in flagged.iterrows():
+        i, c = int(f["model"]), int(f["class"])
+        others = norms[(norms["model"] == i) & (norms["class"] != c)]["norm"]
+        doc.add(
+            Para(
+                f"**Backdoor is at model {i} class {c}**: its reversed trigger has L1 norm {f['norm']:.4f} against "
+                f"{others.min():.4f} to {others.max():.4f} for the other classes of that model (anomaly index "
+                f"{f['anomaly_index']:.2f}). Stamped on clean test images of other classes, it sends "
+                f"{f4(run.backdoor_success_rate)} of them to class {c} (backdoor success rate)." + thin_margin(f["anomaly_index"], s.anomaly_threshold)
+            )
+        )
+    truth = {i: b for i in models for b in backdoor_runs if b.id == model_runs[i]}
+    for i, b in truth.items():
+        size, target = b.settings.trigger_size, b.settings.target
+        hit = not flagged[(flagged["model"] == i) & (flagged["class"] == target)].empty
+        doc.add(
+            Para(
+                f"Ground truth, from the `twml backdoor` run that made model {i} (Neural Cleanse read only its weights): a "
+                f"{size}x{size} white square at the {b.settings.position} corner ({size * size} pixels) sending images to class "
+                f"{target}, with attack success {f4(b.backdoor.attack_success_rate)}. "
+                + ("The verdict names that model and class." if hit else f"Neural Cleanse did not flag class {target} of model {i} "
+                   f"(its anomaly index: {_row(norms, i, target)['anomaly_index']:.2f}).")
+            )
+        )  # fmt: skip
+    _looks(doc, run, flagged, truth, fig_dir)
+    _benign(doc, models, flagged, accuracy)
+
+
+def _looks(doc: Document, run: CleanseRun, flagged: pd.DataFrame, truth: dict, fig_dir: Path) -> None:
+    doc.add(Heading("How does the backdoor look?", 2))
+    for name, path in run.files.items():
+        if name.endswith(".png"):
+            shutil.copy(path, fig_dir / f"cleanse-{name}")
+    if not flagged.empty and results.TRIGGER_PNG in run.files and results.MASK_PNG in run.files:
+        f = flagged.sort_values("anomaly_index", ascending=False).iloc[0]
+        i, c = int(f["model"]), int(f["class"])
+        if results.REVERSED_NPZ in run.files:
+            with np.load(run.files[results.REVERSED_NPZ], allow_pickle=False) as z:
+                mask = z[f"model{i}_masks"][c]
+            doc.add(Para(f"The reversed mask of model {i} class {c} has L1 norm {f['norm']:.4f}. " + describe_mask(mask, truth.get(i))))
+        doc.add(
+            FigureRow(
+                [
+                    Figure(fig_dir / f"cleanse-{results.TRIGGER_PNG}", f"Trigger for the backdoor (mask · pattern), model {i} class {c}", 0.25),
+                    Figure(fig_dir / f"cleanse-{results.MASK_PNG}", f"Mask for the backdoor, model {i} class {c}", 0.25),
+                ]
+            )
+        )
+    elif flagged.empty:
+        doc.add(Para("No class was flagged, so there is no backdoor trigger to show; every reversed mask is in the grid below."))
+    if results.MASK_GRID_FIGURE in run.files:
+        doc.add(Figure(fig_dir / f"cleanse-{results.MASK_GRID_FIGURE}", "Reversed masks and triggers of every class of every model (red: flagged)", 0.95))
+    if results.NORMS_FIGURE in run.files:
+        doc.add(Figure(fig_dir / f"cleanse-{results.NORMS_FIGURE}", "L1 norms of the reversed masks, with the median and the detection threshold", 0.95))
+
+
+def _benign(doc: Document, models: list[int], flagged: pd.DataFrame, accuracy: dict[int, float]) -> None:
+    doc.add(Heading("Does the backdoor maintain benign accuracy?", 2))
+    if flagged.empty:
+        doc.add(Para("No model was found backdoored; benign accuracies: " + ", ".join(f"model {i} {f4(a)}" for i, a in accuracy.items()) + "."))
+        return
+    bad = sorted({int(v) for v in flagged["model"]})
+    clean = [i for i in models if i not in bad]
+    for i in bad:
+        if not clean:
+            doc.add(Para(f"Model {i} (backdoored) has benign accuracy {f4(accuracy[i])}; no clean model was inspected beside it."))
+            continue
+        j = clean[0]
+        doc.add(
+            Para(
+                f"Model {i} (backdoored) classifies clean test images with accuracy {f4(accuracy[i])} against "
+                f"{f4(accuracy[j])} for model {j}, a difference of {(accuracy[i] - accuracy[j]) * 100:+.2f} points: "
+                + ("the backdoor keeps benign accuracy." if accuracy[i] >= accuracy[j] - 0.03 else "the backdoor costs benign accuracy.")
+            )
+        )
+
+
+def _row(norms: pd.DataFrame, model: int, c: int) -> pd.Series:
+    """The norms.csv row of class c of model `model`."""
+    return norms[(norms["model"] == model) & (norms["class"] == c)].iloc[0]
+
+
+def thin_margin(index: float, threshold: float) -> str:
+    """A caution when a flagged class sits close to the detection threshold."""
+    if index >= 1.5 * threshold:
+        return ""
+    return (
+        f" An index of {index:.2f} against a threshold of {threshold:g} is a thin margin: another training seed or device "
+        f"can move it across the line, so check the verdict on backdoored models trained with other `--seed` values."
+    )
+
+
+def describe_mask(mask: np.ndarray, backdoor_run: BackdoorRun | None = None) -> str:
+    """Where the reversed mask is strong, and how that compares with the injected trigger."""
+    rows, cols = np.nonzero(mask > 0.5)
+    if len(rows) == 0:
+        return "No pixel of it exceeds 0.5: the trigger is spread thinly."
+    where = ", ".join(f"({r}, {c})" for r, c in zip(rows, cols)) if len(rows) <= 12 else f"rows {rows.min()}-{rows.max()}, columns {cols.min()}-{cols.max()}"
+    text = f"{len(rows)} of its {mask.size} pixels exceed 0.5, at (row, column) {where} of the {mask.shape[0]}x{mask.shape[1]} image."
+    if backdoor_run is not None:
+        r, c = Trigger(backdoor_run.settings.trigger_size, backdoor_run.settings.position).region(*mask.shape)
+        inside = np.zeros(mask.shape, dtype=bool)
+        inside[r, c] = True
+        hits = int((inside & (mask > 0.5)).sum())
+        text += (
+            f" The injected square covers rows {r.start}-{r.stop - 1}, columns {c.start}-{c.stop - 1}: {hits} of the "
+            f"{len(rows)} strong pixels lie inside it, and the mask puts {mask[inside].sum() / mask.sum():.0%} of its "
+            f"weight there ({inside.sum() / mask.size:.0%} of the image)."
+        )
+    return text

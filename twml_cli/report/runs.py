@@ -1,0 +1,137 @@
+"""The finished runs of an experiment as typed records: settings rebuilt from params by their
+config class, metrics read through the results schema. A run that lacks what its section
+needs stops the report with one line naming it, never a NaN in the write-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import config, results, tracking
+from ..errors import TwmlError
+
+
+@dataclass
+class Logged:
+    id: str
+    name: str
+    command: str
+    start_time: int  # ms since the epoch
+    params: dict[str, str]
+
+    @property
+    def where(self) -> str:
+        return f"run {self.id[:8]} ({self.command})"
+
+    def param(self, key: str, default: str = "") -> str:
+        return self.params.get(key, default)
+
+
+@dataclass
+class TrainRun(Logged):
+    settings: config.Training = None
+    training: results.TrainingMetrics = None
+    robustness: results.RobustnessMetrics = None
+
+
+@dataclass
+class AttackRun(Logged):
+    settings: config.Attack = None
+    robustness: results.RobustnessMetrics = None
+
+    @property
+    def model(self) -> str:
+        return self.param("model_run") or self.param("model_path")
+
+
+@dataclass
+class SmoothRun(Logged):
+    settings: config.Smoothing = None
+    certification: results.CertificationMetrics = None
+    table: pd.DataFrame = field(default=None, repr=False)  # certify.csv
+
+    def certified(self, radius: float) -> float:
+        from ..smoothing import certified_accuracy
+
+        return float(certified_accuracy(self.table["radius"].to_numpy(), self.table["correct"].to_numpy(), np.array([radius]))[0])
+
+
+@dataclass
+class BackdoorRun(Logged):
+    settings: config.Backdoor = None
+    backdoor: results.BackdoorMetrics = None
+
+
+@dataclass
+class CleanseRun(Logged):
+    settings: config.Cleanse = None
+    norms: pd.DataFrame = field(default=None, repr=False)  # norms.csv
+    models: dict[int, results.CleanseModelMetrics] = field(default_factory=dict)
+    backdoor_success_rate: float | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # figures and arrays, downloaded
+
+
+@dataclass
+class Runs:
+    train: list[TrainRun]
+    attack: list[AttackRun]
+    smooth: list[SmoothRun]
+    backdoor: list[BackdoorRun]
+    cleanse: list[CleanseRun]  # only the newest is read in full
+
+    @property
+    def all(self) -> list[Logged]:
+        every = [*self.train, *self.attack, *self.smooth, *self.backdoor, *self.cleanse]
+        return sorted(every, key=lambda r: r.start_time, reverse=True)
+
+
+def load(experiment: str) -> Runs:
+    def base(r, cls, settings_cls):
+        return cls(r.info.run_id, r.info.run_name or "", r.data.tags.get(results.COMMAND_TAG, ""), r.info.start_time,
+                   dict(r.data.params), settings=config.from_params(settings_cls, r.data.params))  # fmt: skip
+
+    def read(r, cls, where, prefix=""):
+        return results.read(r.data.metrics, cls, where, prefix)
+
+    train = []
+    for r in tracking.find_runs(experiment, "train"):
+        t = base(r, TrainRun, config.Training)
+        t.training, t.robustness = read(r, results.TrainingMetrics, t.where), read(r, results.RobustnessMetrics, t.where)
+        train.append(t)
+    attack = []
+    for r in tracking.find_runs(experiment, "attack"):
+        a = base(r, AttackRun, config.Attack)
+        a.robustness = read(r, results.RobustnessMetrics, a.where)
+        attack.append(a)
+    smooth = []
+    for r in tracking.find_runs(experiment, "smooth"):
+        s = base(r, SmoothRun, config.Smoothing)
+        s.certification = read(r, results.CertificationMetrics, s.where)
+        s.table = pd.read_csv(_artifact(s, results.CERTIFY_CSV))
+        smooth.append(s)
+    backdoor = []
+    for r in tracking.find_runs(experiment, "backdoor"):
+        b = base(r, BackdoorRun, config.Backdoor)
+        b.backdoor = read(r, results.BackdoorMetrics, b.where)
+        backdoor.append(b)
+    cleanse = [base(r, CleanseRun, config.Cleanse) for r in tracking.find_runs(experiment, "cleanse")]
+    if cleanse:
+        c, r = cleanse[0], tracking.find_runs(experiment, "cleanse")[0]
+        c.norms = pd.read_csv(_artifact(c, results.NORMS_CSV))
+        c.models = {int(i): read(r, results.CleanseModelMetrics, c.where, f"model{int(i)}_") for i in sorted(c.norms["model"].unique())}
+        c.backdoor_success_rate = r.data.metrics.get(results.BACKDOOR_SUCCESS)
+        for name in (results.TRIGGER_PNG, results.MASK_PNG, results.MASK_GRID_FIGURE, results.NORMS_FIGURE, results.REVERSED_NPZ):
+            path = tracking.download_artifact(c.id, name)
+            if path:
+                c.files[name] = Path(path)
+    return Runs(train, attack, smooth, backdoor, cleanse)
+
+
+def _artifact(run: Logged, name: str) -> Path:
+    path = tracking.download_artifact(run.id, name)
+    if not path:
+        raise TwmlError(f"{run.where} has no artifact '{name}': run `twml {run.command}` again")
+    return Path(path)

@@ -1,0 +1,24 @@
+"""Numbers into words: the write-up's sentences are computed, never typed in."""
+
+from __future__ import annotations
+
+
+def f4(v: float) -> str:
+    return f"{v:.4f}"
+
+
+def secs(v: float) -> str:
+    return f"{v:.1f} s"
+
+
+def change(before: float, after: float, fmt=f4, points: bool = True) -> str:
+    """'rose from A to B (+d points)', 'fell from ...', or 'stayed at A'."""
+    if abs(after - before) < 5e-5:
+        return f"stayed at {fmt(before)}"
+    verb = "rose" if after > before else "fell"
+    delta = f" ({(after - before) * 100:+.2f} points)" if points else f" (x{after / before:.2f})" if before else ""
+    return f"{verb} from {fmt(before)} to {fmt(after)}{delta}"
+
+
+def short(run_id: str) -> str:
+    return run_id[:8]

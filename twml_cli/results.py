@@ -1,0 +1,115 @@
+"""The names twml logs under and reads back: one schema for the studies that record runs and
+the report that reads them.
+
+Metrics are grouped in frozen dataclasses; a study records `asdict(...)` of one, the report
+reads it back with `read(run_metrics, Cls, where)`, which names what is missing instead of
+returning NaN. Params are the settings' fields (config.py). Artifacts are named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .errors import TwmlError
+
+COMMAND_TAG = "twml.command"
+VERDICT_TAG = "twml.verdict"
+
+# ---------------------------------------------------------------- artifacts
+
+MODEL_DIR = "model"  # model.safetensors + spec.json
+CONFIG_JSON = "config.json"  # the effective settings
+CERTIFY_CSV = "certify.csv"  # one row per certified example
+CURVE_CSV = "certified-accuracy-vs-radius.csv"
+CURVE_FIGURE = "randomized-smoothing-acc-vs-radius"  # .png and .pdf
+BACKDOOR_EXAMPLES = ("example.png", "example-clean.png", "example-triggered.png")
+NORMS_CSV = "norms.csv"  # one row per (model, class)
+NORMS_FIGURE = "norms.png"
+MASK_GRID_FIGURE = "mask-grid.png"
+TRIGGER_PNG, MASK_PNG = "trigger.png", "mask.png"  # of the most anomalous flagged class
+REVERSED_NPZ = "reversed-triggers.npz"  # plain float arrays, loads with allow_pickle=False
+
+# per-epoch curves, logged with step = epochs of SGD budget
+TRAIN_LOSS, TRAIN_ACCURACY = "train_loss", "train_accuracy"
+
+# ---------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class TrainingMetrics:
+    """What training itself costs (train, and the training inside smooth and backdoor)."""
+
+    train_time_s: float  # training only, evaluation excluded
+    images_per_s: float  # images through forward+backward, replays counted
+    sgd_steps: int
+
+
+@dataclass(frozen=True)
+class RobustnessMetrics:
+    """Clean accuracy and untargeted white-box PGD (train, attack)."""
+
+    accuracy: float
+    pgd_success_rate: float  # misclassified under attack, already-wrong inputs included
+    robust_accuracy: float  # 1 - pgd_success_rate
+    attack_time_s: float
+
+
+@dataclass(frozen=True)
+class CertificationMetrics:
+    """Randomized smoothing's figures (smooth). Certified accuracy at each table radius r is
+    logged as certified_accuracy_r{r:g} beside these."""
+
+    accuracy: float  # the base classifier on clean test images
+    certified_accuracy: float  # at radius 0
+    abstain_rate: float
+    average_certified_radius: float
+    max_certified_radius: float
+    certify_time_s: float
+    samples_per_s: float
+
+
+def certified_accuracy_key(radius: float) -> str:
+    return f"certified_accuracy_r{radius:g}"
+
+
+@dataclass(frozen=True)
+class BackdoorMetrics:
+    accuracy: float  # clean test images
+    attack_success_rate: float  # triggered test images of other classes sent to the target
+
+
+@dataclass(frozen=True)
+class CleanseModelMetrics:
+    """One inspected model of a cleanse run, logged as model{i}_<name>."""
+
+    accuracy: float
+    anomaly_index: float  # the largest index below the median norm
+    cleanse_time_s: float
+
+
+def model_key(i: int, name: str) -> str:
+    return f"model{i}_{name}"
+
+
+BACKDOOR_SUCCESS = "backdoor_success_rate"  # reversed trigger of the most anomalous flagged class
+
+
+# ---------------------------------------------------------------- reading back
+
+
+def metrics(record: Any, prefix: str = "") -> dict[str, float]:
+    """A metrics dataclass as {name: value}, names prefixed."""
+    return {f"{prefix}{k}": float(v) for k, v in asdict(record).items()}
+
+
+def read(logged: dict[str, float], cls: type, where: str, prefix: str = ""):
+    """The metrics dataclass `cls` from a run's metrics; a one-line TwmlError names the first
+    missing metric (a renamed metric never becomes a silent NaN)."""
+    values = {}
+    for f in fields(cls):
+        key = prefix + f.name
+        if key not in logged:
+            raise TwmlError(f"{where} has no metric '{key}': it was logged by another twml version, or did not finish")
+        values[f.name] = int(logged[key]) if f.type in ("int", int) else float(logged[key])
+    return cls(**values)

@@ -1,0 +1,269 @@
+"""Typed study settings: the one source of every hyperparameter's name, default, help text and
+validation. A study's settings are a frozen dataclass assembled from groups (data and model,
+SGD, threat model and PGD, ...). A field declared with `setting()` is, at once:
+
+- the key of a preset: top level for `Common`, else in the study's section;
+- the flag `--name-with-hyphens` of every command whose settings hold it (cli.py builds
+  the options from the fields; help text and panel come from here);
+- an MLflow param of the runs it shapes (config.params), read back by config.from_params;
+- checked by its group's `check()`, which builds the library's own config (training.TrainConfig,
+  attacks.PGDConfig, ...) so the validation lives once, in the algorithm layer.
+
+The defaults are the embedded default's (digits on a CPU). config.py turns presets and flags
+into these settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+from .errors import TwmlError
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple = (), each: bool = False,
+            applies: Callable[[Any], bool] | None = None, log: bool = True) -> Any:  # fmt: skip
+    """A settings field. `flag` overrides the flag name (default `--field-name`); `choices`
+    lists the allowed values; `each=True` lets a preset or repeated flag give several values,
+    one run each; `applies(settings)` says whether the value matters (only then is it logged)."""
+    meta = {"help": help, "flag": flag, "choices": tuple(choices), "each": each, "applies": applies, "log": log}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Group:
+    """A group of settings (one help panel). Subclasses may define check(self) -> None."""
+
+    PANEL = "Options"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Base of every study's settings: runs each group's check() once built."""
+
+    def __post_init__(self) -> None:
+        for cls in type(self).__mro__:
+            check = cls.__dict__.get("check")
+            if check is not None:
+                try:
+                    check(self)
+                except (ValueError, TypeError) as err:
+                    raise TwmlError(str(err)) from None
+
+
+# ---------------------------------------------------------------- groups
+
+
+@dataclass(frozen=True)
+class Common(Group):
+    PANEL = "Data and model"
+    dataset: str = setting("digits", "digits (embedded), mnist, fashion-mnist, cifar10, cifar100, svhn, gtsrb, or a .npz file.")
+    data_dir: str = setting("data", "Where torchvision data sets are stored.")
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
+    seed: int = setting(0, "Seed of every random choice.")
+    eval_batch_size: int = setting(512, "Batch size of evaluation and attacks.")
+
+    def check(self) -> None:
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval batch size must be >= 1, got {self.eval_batch_size}")
+
+
+@dataclass(frozen=True)
+class Architecture(Group):
+    """The model a study trains (studies of a given model have none)."""
+
+    PANEL = "Data and model"
+    model: str = setting("test_byobnet", "timm architecture, trained from scratch.")
+    model_kwargs: dict = setting({}, "JSON keyword arguments for timm.create_model (architecture arguments only).")
+
+
+@dataclass(frozen=True)
+class SGD(Group):
+    PANEL = "Training"
+    epochs: int = setting(28, "SGD budget in epochs (free training: ceil(epochs/m) passes of m replays).")
+    batch_size: int = setting(128, "Training batch size.")
+    lr: float = setting(0.1, "Peak SGD learning rate.")
+    momentum: float = setting(0.9, "SGD (Nesterov) momentum.")
+    weight_decay: float = setting(5e-4, "SGD weight decay.")
+    schedule: str = setting("cosine", "Learning-rate schedule.", choices=("cosine", "step", "constant"))
+
+    def check(self) -> None:
+        self.train_config()
+
+    def train_config(self):
+        from .training import TrainConfig
+
+        return TrainConfig(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, self.schedule, self.seed)
+
+
+@dataclass(frozen=True)
+class Threat(Group):
+    PANEL = "Threat model and PGD"
+    eps: float = setting(0.1, "L-inf budget in [0, 1] pixel units (adversarial training and PGD).")
+    pgd_steps: int = setting(10, "PGD iterations.")
+    pgd_alpha: float = setting(0.025, "PGD step size (pixel units).")
+    pgd_restarts: int = setting(1, "PGD random restarts; per example the most damaging is kept.")
+
+    def check(self) -> None:
+        self.pgd_config()
+
+    def pgd_config(self):
+        from .attacks import PGDConfig
+
+        return PGDConfig(eps=self.eps, alpha=self.pgd_alpha, steps=self.pgd_steps, restarts=self.pgd_restarts)
+
+
+@dataclass(frozen=True)
+class GivenModel(Group):
+    PANEL = "Model"
+    model_run: str = setting("", "A logged model: a run id, runs:/RUN_ID/model, or a folder with model.safetensors.", flag="run")
+
+
+# ---------------------------------------------------------------- one class per study
+
+METHODS = ("standard", "free")
+
+
+@dataclass(frozen=True)
+class Training(Threat, SGD, Architecture, Common, Settings):
+    """`twml train`: standard or free adversarial training, then accuracy and PGD."""
+
+    PANEL = "Training"
+    method: str = setting("standard", "Training method (`--free` is `--method free`).", choices=METHODS)
+    m: int = setting(4, "Free training: replays of each minibatch.", applies=lambda s: s.method == "free")
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
+        self.perturbation()
+
+    def perturbation(self):
+        from .training import FreeAdversarial, Perturbation
+
+        return FreeAdversarial(self.eps, self.m) if self.method == "free" else Perturbation()
+
+
+@dataclass(frozen=True)
+class Attack(Threat, GivenModel, Common, Settings):
+    """`twml attack`: PGD with other settings against a logged model."""
+
+    DATA_FROM_MODEL = True
+
+
+@dataclass(frozen=True)
+class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
+    """`twml smooth`: a Gaussian-noise-trained base classifier, then CERTIFY (Cohen et al.)."""
+
+    PANEL = "Randomized smoothing"
+    sigma: float = setting(0.25, "Noise level σ in pixel units; repeat the flag for several (one run each).", each=True)
+    n0: int = setting(100, "Noise samples that select the top class.")
+    n: int = setting(1000, "Fresh noise samples that estimate its probability.")
+    cert_alpha: float = setting(0.001, "Failure probability of each certificate.")
+    num_examples: int = setting(360, "Evenly spaced test examples to certify.")
+    certify_batch_size: int = setting(2000, "Noisy samples per forward pass.")
+
+    def check(self) -> None:
+        from .smoothing import check_certify_args
+
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma:g}")
+        check_certify_args(self.n0, self.n, self.cert_alpha, self.certify_batch_size)
+        if self.num_examples < 1:
+            raise ValueError(f"num examples must be >= 1, got {self.num_examples}")
+
+
+@dataclass(frozen=True)
+class Backdoor(SGD, Architecture, Common, Settings):
+    """`twml backdoor`: BadNets poisoning, then ordinary training."""
+
+    PANEL = "BadNets"
+    target: int = setting(0, "Class the trigger sends images to.")
+    poison_rate: float = setting(0.1, "Fraction of training images poisoned, in (0, 1).")
+    trigger_size: int = setting(0, "Side of the square trigger (0: a tenth of the image side, at least 2).")
+    position: str = setting("bottom-right", "Corner of the trigger.", choices=("bottom-right", "bottom-left", "top-right", "top-left"))
+
+    def check(self) -> None:
+        from .backdoor import Trigger
+
+        if not 0.0 < self.poison_rate < 1.0:
+            raise ValueError(f"poison rate must lie in (0, 1), got {self.poison_rate}")
+        if self.trigger_size < 0:
+            raise ValueError(f"trigger size must be >= 0 (0: automatic), got {self.trigger_size}")
+        Trigger(max(self.trigger_size, 1), self.position)
+
+
+@dataclass(frozen=True)
+class Cleanse(Common, Settings):
+    """`twml cleanse`: Neural Cleanse on each model (Wang et al.)."""
+
+    PANEL = "Neural Cleanse"
+    DATA_FROM_MODEL = True
+    model_runs: list = setting([], "A model to inspect (run id, runs:/ URI or folder); repeat for several "
+                               "(default: the newest standard train run, then the newest backdoor run).", flag="run")  # fmt: skip
+    search_steps: int = setting(60, "Trigger search: optimization rounds (passes over the clean images).")
+    search_images: int = setting(256, "Trigger search: clean training images used.")
+    search_batch_size: int = setting(32, "Trigger search: clean images per class in one step.")
+    search_lr: float = setting(0.1, "Trigger search: Adam learning rate.")
+    search_threshold: float = setting(0.99, "Trigger search: attack success a reversed trigger must reach.")
+    patience: int = setting(5, "Trigger search: rounds before lambda moves.")
+    init_cost: float = setting(1e-3, "Trigger search: lambda once the attack first succeeds.")
+    anomaly_threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
+
+    def check(self) -> None:
+        self.cleanse_config()
+        if not self.anomaly_threshold > 0:
+            raise ValueError(f"anomaly threshold must be > 0, got {self.anomaly_threshold}")
+        if self.search_images < 1:
+            raise ValueError(f"search images must be >= 1, got {self.search_images}")
+
+    def cleanse_config(self):
+        from .cleanse import CleanseConfig
+
+        return CleanseConfig(steps=self.search_steps, batch_size=self.search_batch_size, lr=self.search_lr,
+                             threshold=self.search_threshold, patience=self.patience, init_cost=self.init_cost,
+                             seed=self.seed)  # fmt: skip
+
+
+TOP_LEVEL = (Common, Architecture)  # a preset's keys outside any section
+# A preset's sections, and the sections each command reads (in order, after the top level).
+SECTIONS: dict[str, type] = {"train": Training, "attack": Attack, "smooth": Smoothing, "backdoor": Backdoor, "cleanse": Cleanse}
+COMMANDS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "train": (Training, ("train",)),
+    "attack": (Attack, ("train", "attack")),
+    "smooth": (Smoothing, ("train", "smooth")),
+    "backdoor": (Backdoor, ("train", "backdoor")),
+    "cleanse": (Cleanse, ("cleanse",)),
+}
+
+
+# ---------------------------------------------------------------- fields
+
+
+def settings_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in fields(cls) if "help" in f.metadata]
+
+
+def field_of(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in settings_fields(cls) if f.name == name)
+
+
+def panel_of(cls: type, name: str) -> str:
+    """The help panel of a field: that of the group that declares it."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__.get("__annotations__", {}):
+            return klass.__dict__.get("PANEL", Group.PANEL)
+    return Group.PANEL
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def field_type(cls: type, f: dataclasses.Field) -> type:
+    """The field's runtime type (int, float, str, bool, list or dict)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    origin = typing.get_origin(hint) or hint
+    return origin if isinstance(origin, type) else str

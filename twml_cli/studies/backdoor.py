@@ -1,0 +1,101 @@
+"""`twml backdoor`: BadNets (Gu et al., 2017): poison the training set, train as usual, measure
+clean accuracy and attack success."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import TensorDataset
+
+from .. import attacks, backdoor, config, figures, models, results, training
+from ..errors import TwmlError
+from .common import Data, Hooks, Run, artifacts, device, load_data, new_model
+from .train import record_training
+
+COMMAND = "backdoor"
+
+
+@dataclass
+class Inputs:
+    settings: config.Backdoor
+    device: torch.device
+    data: Data
+    trigger: backdoor.Trigger
+    poisoned: TensorDataset  # the training set with the poisoned images
+    chosen: torch.Tensor  # indices of the poisoned images
+    model: models.Classifier
+
+
+@dataclass
+class Outcome:
+    settings: config.Backdoor
+    model: models.Classifier
+    training: training.TrainResult
+    accuracy: float
+    attack_success_rate: float
+    trigger: backdoor.Trigger
+    poisoned: int  # how many training images
+    num_train: int
+    example: tuple[torch.Tensor, torch.Tensor, int]  # a clean image, its poisoned copy, its label
+
+
+def run_name(s: config.Backdoor) -> str:
+    return f"badnets-target{s.target}"
+
+
+def prepare(s: config.Backdoor) -> Inputs:
+    dev = device(s)
+    data = load_data(s.dataset, s.data_dir)
+    h, w = data.info.input_size
+    if not 0 <= s.target < data.info.num_classes:
+        raise TwmlError(f"target class {s.target} is outside the classes 0..{data.info.num_classes - 1} of '{data.info.name}'")
+    s = dataclasses.replace(s, trigger_size=s.trigger_size or backdoor.default_trigger_size(h, w))
+    try:
+        trigger = backdoor.Trigger(s.trigger_size, s.position)
+        x_p, y_p, chosen = backdoor.poison(*data.train.tensors, s.target, s.poison_rate, trigger, s.seed)
+    except ValueError as err:
+        raise TwmlError(str(err)) from None
+    return Inputs(s, dev, data, trigger, TensorDataset(x_p, y_p), chosen, new_model(s, data.info, dev))
+
+
+def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
+    s, model = inputs.settings, inputs.model
+    result = training.train(model, *inputs.poisoned.tensors, s.train_config(), None, hooks.progress)
+    x_test, y_test = inputs.data.test.tensors
+    accuracy = attacks.accuracy(model, x_test, y_test, s.eval_batch_size)
+    success = backdoor.attack_success_rate(model, x_test, y_test, s.target, inputs.trigger, s.eval_batch_size)
+    i = int(inputs.chosen[0])
+    example = (inputs.data.train.tensors[0][i], inputs.poisoned.tensors[0][i], int(inputs.data.train.tensors[1][i]))
+    return Outcome(s, model, result, accuracy, success, inputs.trigger, len(inputs.chosen), len(inputs.poisoned), example)
+
+
+def extra_params(inputs: Inputs) -> dict:
+    return {"method": "badnets", "poisoned_images": len(inputs.chosen)}
+
+
+def metrics(outcome: Outcome) -> results.BackdoorMetrics:
+    return results.BackdoorMetrics(outcome.accuracy, outcome.attack_success_rate)
+
+
+def record(run: Run, outcome: Outcome) -> None:
+    record_training(run, outcome.training)
+    run.log_metrics(results.metrics(metrics(outcome)))
+    run.log_model(outcome.model)
+    clean, triggered, label = outcome.example
+    with artifacts(run) as folder:
+        pair, alone, stamped = results.BACKDOOR_EXAMPLES
+        figures.save(figures.example_figure(clean, triggered, label, outcome.settings.target), folder / pair)
+        figures.save_image(clean, folder / alone)
+        figures.save_image(triggered, folder / stamped)
+
+
+def summarize(o: Outcome) -> list[str]:
+    t, target = o.trigger, o.settings.target
+    return [
+        f"Time (in seconds) to complete training on poisoned data: {o.training.train_time_s:.4f}",
+        f"Poisoned training images: {o.poisoned} of {o.num_train} (target class {target}, {t.size}x{t.size} {t.position} trigger)",
+        f"Model accuracy (clean test): {o.accuracy:.4f}",
+        f"Attack success rate (triggered test images not of class {target}): {o.attack_success_rate:.4f}",
+    ]

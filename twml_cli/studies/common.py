@@ -1,0 +1,103 @@
+"""What the studies share: hooks into the caller, the device, data and models, and the Run
+protocol a study records to. No MLflow here: a Run is anything with these methods
+(tracking.Run logs to MLflow; tests may pass their own)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .. import data, models
+from ..errors import TwmlError
+from ..runtime import Progress, no_progress, resolve_device
+
+
+@dataclass
+class Hooks:
+    """How compute() reaches its caller without printing: a progress wrapper for long loops."""
+
+    progress: Progress = no_progress
+
+
+class Run(Protocol):
+    """Where record() writes: an MLflow run (tracking.Run) or anything with these methods."""
+
+    id: str
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+    def log_series(self, name: str, steps: list[int], values: list[float]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_dir(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_model(self, model: models.Classifier) -> None: ...
+
+
+@contextlib.contextmanager
+def artifacts(run: Run) -> Iterator[Path]:
+    """A scratch folder whose files become the run's artifacts when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="twml-") as tmp:
+        yield Path(tmp)
+        run.log_dir(tmp)
+
+
+def device(settings) -> torch.device:
+    try:
+        return resolve_device(settings.device)
+    except ValueError as err:
+        raise TwmlError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class Data:
+    train: torch.utils.data.TensorDataset
+    test: torch.utils.data.TensorDataset
+    info: data.DataInfo
+
+
+@functools.lru_cache(maxsize=2)
+def load_data(name: str, data_dir: str) -> Data:
+    """A data set with its description (cached: a command making several runs loads it once)."""
+    train, test = data.load_dataset(name, data_dir)
+    return Data(train, test, data.describe(name, train, test))
+
+
+def new_model(settings, info: data.DataInfo, dev: torch.device) -> models.Classifier:
+    """A freshly initialized model, seeded by the settings' seed."""
+    torch.manual_seed(settings.seed)
+    spec = models.ModelSpec.for_data(settings.model, info, settings.model_kwargs)
+    return models.prepare(models.create_model(spec), dev)
+
+
+def load_model(uri: str, dev: torch.device) -> models.Classifier:
+    """A logged model: a folder, a run id or a runs:/ URI (the last two through MLflow)."""
+    from .. import load_model as load
+
+    return load(uri, dev)
+
+
+def check_fits(model: models.Classifier, info: data.DataInfo, what: str) -> None:
+    spec = model.spec
+    if (spec.in_chans, tuple(spec.input_size)) != (info.in_chans, tuple(info.input_size)) or spec.num_classes < info.num_classes:
+        raise TwmlError(
+            f"{what} takes {spec.in_chans}x{spec.input_size[0]}x{spec.input_size[1]} images of {spec.num_classes} classes, "
+            f"but data set '{info.name}' has {info.in_chans}x{info.input_size[0]}x{info.input_size[1]} images of {info.num_classes}"
+        )
+
+
+def model_source(uri: str) -> dict[str, str]:
+    """How a run names the model it used: {'model_run': id} or {'model_path': folder}."""
+    if Path(uri).is_dir():
+        return {"model_path": str(Path(uri).resolve())}
+    return {"model_run": uri.removeprefix("runs:/").split("/")[0]}
+
+
+def data_name(explicit: str | None, model: models.Classifier | None, default: str) -> str:
+    """The data set a study on a given model uses: the one named, else the model's, else the default."""
+    return explicit or (model.spec.dataset if model is not None else None) or default

@@ -1,0 +1,148 @@
+"""`twml smooth`: randomized smoothing at one sigma per run: a Gaussian-noise-trained base
+classifier (or a given model), then CERTIFY on evenly spaced test images."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import attacks, config, figures, models, results, smoothing, training
+from ..runtime import Timer
+from .common import Data, Hooks, Run, artifacts, check_fits, data_name, device, load_data, load_model, model_source, new_model
+from .train import record_training
+
+COMMAND = "smooth"
+
+
+@dataclass
+class Inputs:
+    settings: config.Smoothing
+    device: torch.device
+    data: Data
+    model: models.Classifier  # the given model, or a fresh one to train with noise
+    given: bool
+    indices: list[int]  # the test examples certified
+
+
+@dataclass
+class Outcome:
+    settings: config.Smoothing
+    model: models.Classifier
+    training: training.TrainResult | None  # None when the model was given
+    accuracy: float  # base classifier, clean test images
+    table: dict[str, np.ndarray]  # per example: idx, label, predict, radius, correct, time_s
+    certify_time_s: float
+
+    @property
+    def max_radius(self) -> float:
+        """The largest radius CERTIFY can return with this n and alpha."""
+        s = self.settings
+        return smoothing.max_certifiable_radius(s.sigma, s.n, s.cert_alpha)
+
+
+def run_name(s: config.Smoothing) -> str:
+    return f"sigma={s.sigma:g}"
+
+
+def tags(s: config.Smoothing) -> dict[str, str]:
+    return {f"twml.{k}": v for k, v in model_source(s.model_run).items()} if s.model_run else {}
+
+
+def prepare(s: config.Smoothing) -> Inputs:
+    dev = device(s)
+    given = load_model(s.model_run, dev) if s.model_run else None
+    data = load_data(data_name(s.dataset, given, "digits"), s.data_dir)
+    if given is not None:
+        check_fits(given, data.info, f"model {s.model_run}")
+    n_test = len(data.test.tensors[0])
+    num = min(s.num_examples, n_test)
+    indices = np.linspace(0, n_test - 1, num).round().astype(int).tolist()
+    s = dataclasses.replace(s, dataset=data.info.name, num_examples=num)
+    model = given if given is not None else new_model(s, data.info, dev)
+    return Inputs(s, dev, data, model, given is not None, indices)
+
+
+def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
+    s, model = inputs.settings, inputs.model
+    result = None
+    if not inputs.given:
+        result = training.train(model, *inputs.data.train.tensors, s.train_config(), training.GaussianNoise(s.sigma, s.seed), hooks.progress)
+    x_test, y_test = inputs.data.test.tensors
+    accuracy = attacks.accuracy(model, x_test, y_test, s.eval_batch_size)
+    smoothed = smoothing.Smooth(model, model.spec.num_classes, s.sigma, seed=s.seed)
+    with Timer(inputs.device) as timer:
+        table = smoothing.certify_dataset(smoothed, x_test, y_test, inputs.indices, s.n0, s.n, s.cert_alpha, s.certify_batch_size, hooks.progress)
+    return Outcome(s, model, result, accuracy, table, timer.seconds)
+
+
+def extra_params(inputs: Inputs) -> dict[str, str]:
+    if inputs.given:
+        return {**model_source(inputs.settings.model_run), "model": inputs.model.spec.arch}
+    return {"method": "noise"}
+
+
+def record(run: Run, outcome: Outcome) -> None:
+    if outcome.training is not None:
+        record_training(run, outcome.training)
+        run.log_model(outcome.model)
+    run.log_metrics({**results.metrics(metrics(outcome)), **table_metrics(outcome)})
+    table = outcome.table
+    grid = smoothing.radius_grid(float(table["radius"].max()))
+    curve = smoothing.certified_accuracy(table["radius"], table["correct"], grid)
+    with artifacts(run) as folder:
+        pd.DataFrame(table).to_csv(folder / results.CERTIFY_CSV, index=False)
+        pd.DataFrame({"radius": grid, "certified_accuracy": curve}).to_csv(folder / results.CURVE_CSV, index=False)
+        figures.save_both(figures.certified_accuracy_figure({outcome.settings.sigma: (grid, curve)}), folder / results.CURVE_FIGURE)
+
+
+def record_together(runs: list[Run], outcomes: list[Outcome]) -> None:
+    """Several sigmas of one call: each of their runs also gets the figure with all of them."""
+    top = max(float(o.table["radius"].max()) for o in outcomes)
+    grid = smoothing.radius_grid(top)
+    curves = {o.settings.sigma: (grid, smoothing.certified_accuracy(o.table["radius"], o.table["correct"], grid)) for o in outcomes}
+    fig = figures.certified_accuracy_figure(curves)
+    for run in runs:
+        with artifacts(run) as folder:
+            figures.save_both(fig, folder / results.CURVE_FIGURE, close=False)
+    figures.plt.close(fig)
+
+
+def metrics(o: Outcome) -> results.CertificationMetrics:
+    t = o.table
+    n = len(t["idx"])
+    return results.CertificationMetrics(
+        accuracy=o.accuracy,
+        certified_accuracy=float(smoothing.certified_accuracy(t["radius"], t["correct"], [0.0])[0]),
+        abstain_rate=float(np.mean(t["predict"] == smoothing.ABSTAIN)),
+        average_certified_radius=smoothing.average_certified_radius(t["radius"], t["correct"]),
+        max_certified_radius=float(t["radius"].max()),
+        certify_time_s=o.certify_time_s,
+        samples_per_s=n * (o.settings.n0 + o.settings.n) / o.certify_time_s,
+    )
+
+
+def certified_at(o: Outcome, radii) -> list[float]:
+    """Certified accuracy at each radius."""
+    return [float(a) for a in smoothing.certified_accuracy(o.table["radius"], o.table["correct"], radii)]
+
+
+def table_metrics(o: Outcome) -> dict[str, float]:
+    """certified_accuracy_r{r} at each of the table radii."""
+    return {results.certified_accuracy_key(r): a for r, a in zip(smoothing.TABLE_RADII, certified_at(o, smoothing.TABLE_RADII))}
+
+
+def summarize(o: Outcome) -> list[str]:
+    t, r_max = o.table, o.max_radius
+    radii = [r for r in smoothing.TABLE_RADII if r <= r_max]
+    accs = certified_at(o, radii)
+    return [
+        f"sigma = {o.settings.sigma:g}:",
+        f"  Base classifier accuracy (clean test): {o.accuracy:.4f}",
+        "  Certified accuracy: " + ", ".join(f"r={r:g}: {a:.4f}" for r, a in zip(radii, accs)),
+        f"  Largest certified radius: {t['radius'].max():.4f} (at most {r_max:.4f} with this n and alpha)",
+        f"  Abstain rate: {np.mean(t['predict'] == smoothing.ABSTAIN):.4f}",
+    ]

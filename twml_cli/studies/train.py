@@ -1,0 +1,91 @@
+"""`twml train`: standard or free adversarial training, then clean accuracy and PGD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import attacks, config, models, results, training
+from .common import Data, Hooks, Run, device, load_data, new_model
+
+COMMAND = "train"
+
+
+@dataclass
+class Inputs:
+    settings: config.Training
+    device: torch.device
+    data: Data
+    model: models.Classifier  # freshly initialized
+
+
+@dataclass
+class Outcome:
+    settings: config.Training
+    model: models.Classifier  # trained, in eval mode
+    training: training.TrainResult
+    robustness: attacks.RobustnessResult
+
+
+def run_name(s: config.Training) -> str:
+    return f"free-m{s.m}" if s.method == "free" else s.method
+
+
+def prepare(s: config.Training) -> Inputs:
+    dev = device(s)
+    data = load_data(s.dataset, s.data_dir)
+    return Inputs(s, dev, data, new_model(s, data.info, dev))
+
+
+def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
+    s, data, model = inputs.settings, inputs.data, inputs.model
+    result = training.train(model, *data.train.tensors, s.train_config(), s.perturbation(), hooks.progress)
+    robust = attacks.evaluate_robustness(model, *data.test.tensors, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress)
+    return Outcome(s, model, result, robust)
+
+
+def metrics(outcome: Outcome) -> tuple[results.TrainingMetrics, results.RobustnessMetrics]:
+    """The outcome as the schema's records: what record() logs and the findings check."""
+    return training_metrics(outcome.training), robustness_metrics(outcome.robustness)
+
+
+def record(run: Run, outcome: Outcome) -> None:
+    record_training(run, outcome.training)
+    run.log_metrics(results.metrics(robustness_metrics(outcome.robustness)))
+    run.log_model(outcome.model)
+
+
+def summarize(outcome: Outcome) -> list[str]:
+    s = outcome.settings
+    label = f"free adversarial training (m={s.m})" if s.method == "free" else f"{s.method} training"
+    return [f"Time (in seconds) to complete {label}: {outcome.training.train_time_s:.4f}",
+            *robustness_lines(outcome.robustness, s.pgd_config())]  # fmt: skip
+
+
+# ---------------------------------------------------------------- shared with attack, smooth, backdoor
+
+
+def record_training(run: Run, result: training.TrainResult) -> None:
+    """The per-epoch curves (step = epochs of SGD budget) and what training cost."""
+    epochs = [h.epoch for h in result.history]
+    run.log_series(results.TRAIN_LOSS, epochs, [h.loss for h in result.history])
+    run.log_series(results.TRAIN_ACCURACY, epochs, [h.accuracy for h in result.history])
+    run.log_metrics(results.metrics(training_metrics(result)))
+
+
+def training_metrics(result: training.TrainResult) -> results.TrainingMetrics:
+    return results.TrainingMetrics(result.train_time_s, result.images_per_s, result.steps)
+
+
+def robustness_metrics(r: attacks.RobustnessResult) -> results.RobustnessMetrics:
+    return results.RobustnessMetrics(r.accuracy, r.pgd_success_rate, r.robust_accuracy, r.attack_time_s)
+
+
+def robustness_lines(r: attacks.RobustnessResult, pgd: attacks.PGDConfig) -> list[str]:
+    restarts = f"{pgd.restarts} restart{'s' if pgd.restarts > 1 else ''}"
+    return [
+        f"Model accuracy: {r.accuracy:.4f}",
+        f"Success rate of untargeted white-box PGD (eps={pgd.eps:g}, {pgd.steps} steps, {restarts}): {r.pgd_success_rate:.4f}",
+        f"Robust accuracy: {r.robust_accuracy:.4f}",
+    ]
