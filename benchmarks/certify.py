@@ -15,10 +15,10 @@ import json
 
 import numpy as np
 import torch
+from _models import subject
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
-from _models import subject
 from twml_cli.models import create_model, prepare
 from twml_cli.runtime import Timer, resolve_device
 from twml_cli.smoothing import Smooth

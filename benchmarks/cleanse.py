@@ -16,9 +16,9 @@ import json
 
 import numpy as np
 import torch
+from _models import subject
 
 from twml_cli.cleanse import CleanseConfig, reverse_engineer
-from _models import subject
 from twml_cli.models import create_model, prepare
 from twml_cli.runtime import Timer, resolve_device
 

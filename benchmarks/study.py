@@ -1,117 +1,68 @@
-"""The embedded-default study through the library API alone (no MLflow, no CLI), on any
+"""The embedded-default study through each study's compute() (no MLflow, no CLI), on any
 device: standard and free training with PGD, smoothing at sigma 0.05 and 0.20, a BadNets
-model and Neural Cleanse on both models. Prints each finding with its time and exits 1
-when one misses the issues' acceptance figures.
+model and Neural Cleanse on both models. Prints each study's console lines with its time and
+checks the findings (twml_cli/findings.py, the thresholds the tests use); exits 1 when one
+misses.
 
     python benchmarks/study.py                  # CUDA when present: checks the bf16 / channels_last path
     python benchmarks/study.py --device cpu
-
-The settings are experiments/digits.toml's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
-import tomllib
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from twml_cli.attacks import PGDConfig, accuracy, evaluate_robustness
-from twml_cli.backdoor import Trigger, attack_success_rate, default_trigger_size, poison
-from twml_cli.cleanse import CleanseConfig, mad_outlier_test, reverse_engineer, reversed_trigger_success
-from twml_cli.data import describe, load_dataset
-from twml_cli.models import ModelSpec, create_model, prepare
-from twml_cli.runtime import Timer, describe_device, resolve_device
-from twml_cli.smoothing import Smooth, certified_accuracy, certify_dataset
-from twml_cli.training import FreeAdversarial, GaussianNoise, TrainConfig, train
+from twml_cli import config, findings
+from twml_cli.runtime import describe_device, resolve_device
+from twml_cli.studies import backdoor, cleanse, smooth, train
 
-PRESET = tomllib.loads((Path(__file__).parents[1] / "experiments" / "digits.toml").read_text())
+
+def run(study, settings):
+    began = time.perf_counter()
+    outcome = study.compute(study.prepare(settings))
+    print(f"-- {study.COMMAND} ({time.perf_counter() - began:.1f} s)")
+    for line in study.summarize(outcome):
+        print("  " + line)
+    return outcome
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    device = resolve_device(parser.parse_args().device)
-    t, s, b, c = PRESET["train"], PRESET["smooth"], PRESET["backdoor"], PRESET["cleanse"]
-    train_set, test_set = load_dataset("digits")
-    (x, y), (x_test, y_test) = train_set.tensors, test_set.tensors
-    spec = ModelSpec.for_data(PRESET["model"], describe("digits", train_set, test_set))
-    cfg = TrainConfig(epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], schedule=t["schedule"])
-    pgd_cfg = PGDConfig(eps=t["eps"], alpha=t["pgd_alpha"], steps=t["pgd_steps"])
-    failures: list[str] = []
+    device = parser.parse_args().device
+    print(f"device: {describe_device(resolve_device(device))}, torch {torch.__version__}")
+    preset = config.load_preset()
+    settings = {c: [dataclasses.replace(s, device=device) for s in config.resolve(c, preset)] for c in ("train", "smooth", "backdoor", "cleanse")}
+    base = settings["train"][0]
+    warm = dataclasses.replace(base, epochs=1, pgd_steps=1)
+    train.compute(train.prepare(warm))  # warm-up: kernels, autotuning
 
-    def check(ok: bool, what: str) -> None:
-        print(f"  [{'ok' if ok else 'MISS'}] {what}")
-        if not ok:
-            failures.append(what)
+    standard = run(train, base)
+    free = run(train, dataclasses.replace(base, method="free", m=4))
+    run(train, dataclasses.replace(base, method="free", m=7))
+    checks = findings.free_training(train.metrics(standard), train.metrics(free))
 
-    def fit(x_fit, y_fit, perturbation=None):
-        torch.manual_seed(0)
-        model = prepare(create_model(spec), device)
-        return model, train(model, x_fit, y_fit, cfg, perturbation)
+    small, large = (run(smooth, dataclasses.replace(settings["smooth"][0], sigma=sigma)) for sigma in (0.05, 0.20))
+    checks += findings.smoothing(smooth.metrics(small), smooth.metrics(large), *(smooth.certified_at(o, [0.25])[0] for o in (small, large)))
 
-    print(f"device: {describe_device(device)}, torch {torch.__version__}")
-    fit(x[:256], y[:256])  # warm-up: kernels, autotuning
-    results = {}
-    for name, perturbation in [("standard", None), ("free m=4", FreeAdversarial(t["eps"], 4)), ("free m=7", FreeAdversarial(t["eps"], 7))]:
-        model, result = fit(x, y, perturbation)
-        r = evaluate_robustness(model, x_test, y_test, pgd_cfg)
-        results[name] = (model, result, r)
-        print(f"{name}: train {result.train_time_s:.2f} s ({result.steps} steps), accuracy {r.accuracy:.4f}, "
-              f"PGD success {r.pgd_success_rate:.4f}, attack {r.attack_time_s:.2f} s")  # fmt: skip
-    (clean_model, std, std_r), (_, free, free_r) = results["standard"], results["free m=4"]
-    check(std_r.accuracy >= 0.95, f"standard accuracy {std_r.accuracy:.4f} >= 0.95")
-    check(free_r.accuracy >= 0.90, f"free m=4 accuracy {free_r.accuracy:.4f} >= 0.90")
-    check(free_r.pgd_success_rate <= 0.6 * std_r.pgd_success_rate, "free m=4 PGD success <= 0.6 x standard")
-    check(free.train_time_s <= 1.5 * std.train_time_s, f"free/standard time {free.train_time_s / std.train_time_s:.2f} <= 1.5")
+    poisoned = run(backdoor, settings["backdoor"][0])
+    folder = "benchmark-logs/models"  # cleanse takes models from folders here, so no MLflow is needed
+    from twml_cli.models import save_model
 
-    indices = np.linspace(0, len(x_test) - 1, s["num_examples"]).round().astype(int)
-    top = {}
-    for sigma in s["sigma"]:
-        model, _ = fit(x, y, GaussianNoise(sigma))
-        with Timer(device) as timer:
-            table = certify_dataset(Smooth(model, 10, sigma), x_test, y_test, indices, s["n0"], s["n"], s["alpha"], s["certify_batch_size"])
-        curve = certified_accuracy(table["radius"], table["correct"], [0.0, 0.1, 0.25])
-        top[sigma] = table["radius"].max()
-        print(f"sigma {sigma}: base accuracy {accuracy(model, x_test, y_test):.4f}, certified accuracy at r=0, 0.1, 0.25: "
-              f"{', '.join(f'{v:.4f}' for v in curve)}, max radius {top[sigma]:.4f}, certify {timer.seconds:.2f} s "
-              f"({len(indices) * (s['n0'] + s['n']) / timer.seconds:,.0f} samples/s)")  # fmt: skip
-        if sigma == 0.05:
-            check(curve[0] >= 0.9, f"sigma 0.05 certified accuracy at r=0 {curve[0]:.4f} >= 0.9")
-    check(top[0.20] > 2 * top[0.05], "sigma 0.20's largest radius > 2 x sigma 0.05's")
-
-    trigger = Trigger(default_trigger_size(8, 8), b["position"])
-    x_p, y_p, _ = poison(x, y, b["target"], b["poison_rate"], trigger)
-    backdoored, _ = fit(x_p, y_p)
-    asr = attack_success_rate(backdoored, x_test, y_test, b["target"], trigger)
-    bd_acc = accuracy(backdoored, x_test, y_test)
-    print(f"backdoor: accuracy {bd_acc:.4f}, attack success {asr:.4f}")
-    check(asr >= 0.95 and bd_acc >= std_r.accuracy - 0.03, "backdoor: success >= 0.95, accuracy within 3 points")
-
-    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: c["num_images"]]
-    cleanse_cfg = CleanseConfig(steps=c["steps"], batch_size=c["batch_size"])
-    flagged_per_model = []
-    for i, model in enumerate([clean_model, backdoored]):
-        with Timer(device) as timer:
-            rev = reverse_engineer(model, x[pick], 10, cleanse_cfg)
-        test = mad_outlier_test(rev.norms, c["anomaly_threshold"])
-        flagged = [int(k) for k in np.flatnonzero(test.flagged)]
-        flagged_per_model.append(flagged)
-        print(f"cleanse model {i}: {timer.seconds:.2f} s, norms {np.round(rev.norms, 2).tolist()}, "
-              f"max anomaly index {test.anomaly_index[rev.norms < test.median].max():.2f}, flagged {flagged}")  # fmt: skip
-        for k in flagged:
-            rate = reversed_trigger_success(model, rev, k, x_test, y_test)
-            print(f"  reversed trigger of class {k}: success {rate:.4f}")
-            if i == 1:
-                check(rate >= 0.9, f"reversed trigger success {rate:.4f} >= 0.9")
-    check(flagged_per_model == [[], [b["target"]]], f"cleanse flags only model 1 class {b['target']}")
-
-    print("all findings hold" if not failures else f"{len(failures)} finding(s) missed")
-    return 1 if failures else 0
+    paths = [str(save_model(m, f"{folder}/{name}")) for name, m in (("standard", standard.model), ("backdoor", poisoned.model))]
+    inspected = run(cleanse, dataclasses.replace(settings["cleanse"][0], model_runs=paths, dataset="digits"))
+    strongest = inspected.strongest
+    checks += findings.neural_cleanse(standard.robustness.accuracy, backdoor.metrics(poisoned), inspected.verdict, poisoned.settings.target, strongest.success_rate if strongest else None)  # fmt: skip
+    for check in checks:
+        print(check)
+    missed = [c for c in checks if not c.ok]
+    print("all findings hold" if not missed else f"{len(missed)} finding(s) missed")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

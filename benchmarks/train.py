@@ -16,10 +16,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _models import RESNET18_CIFAR, digits_spec
 from torch.utils.data import DataLoader, TensorDataset
 
 from twml_cli.attacks import PGDConfig, evaluate_robustness
-from _models import RESNET18_CIFAR, digits_spec
 from twml_cli.models import create_model, prepare
 from twml_cli.runtime import Timer, resolve_device
 from twml_cli.training import FreeAdversarial, TrainConfig, train
