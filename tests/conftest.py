@@ -18,10 +18,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def digits():
-    """The embedded data set: .train, .test (TensorDatasets) and .info."""
-    from twml_cli.studies.common import load_data
+    """The embedded data set: .train, .test (examples.InMemory: .x, .y, .tensors) and .info."""
+    from twml_cli.data import open_dataset
 
-    return load_data("digits", "data")
+    return open_dataset("digits")
 
 
 @dataclass
@@ -124,3 +124,19 @@ def reproduced(tmp_path_factory) -> Reproduced:
         cleanse=cli.runs("cleanse")[0],
         report=cli.runs("report")[0],
     )
+
+
+def twml_process(*args: str, cwd: Path, uri: str, **env):
+    """`python -m twml_cli ARGS` as a child process logging to the store `uri`."""
+    import subprocess
+    import sys
+
+    environ = {**os.environ, "MLFLOW_TRACKING_URI": uri, **env}
+    return subprocess.Popen([sys.executable, "-m", "twml_cli", *args], cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def twml_run(*args: str, cwd: Path, uri: str, timeout: float = 600) -> Result:
+    """`python -m twml_cli ARGS` to completion."""
+    proc = twml_process(*args, cwd=cwd, uri=uri)
+    out, err = proc.communicate(timeout=timeout)
+    return Result(proc.returncode, out, err)

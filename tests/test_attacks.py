@@ -68,13 +68,13 @@ def test_robustness_figures_are_consistent_and_batch_independent(digits):
     model = create_model(ModelSpec.for_data("test_byobnet", info)).eval()
     x, y = test.tensors[0][:90], test.tensors[1][:90]
     cfg = PGDConfig(eps=0.1, alpha=0.05, steps=3)
-    a = evaluate_robustness(model, x, y, cfg, batch_size=512, seed=5)
-    b = evaluate_robustness(model, x, y, cfg, batch_size=7, seed=5)
+    a = evaluate_robustness(model, (x, y), cfg, batch_size=512, seed=5)
+    b = evaluate_robustness(model, (x, y), cfg, batch_size=7, seed=5)
     assert (a.accuracy, a.pgd_success_rate) == (b.accuracy, b.pgd_success_rate)
-    assert a.accuracy == accuracy(model, x, y)
+    assert a.accuracy == accuracy(model, (x, y))
     assert a.pgd_success_rate == pytest.approx(1 - a.robust_accuracy)
     # with eps = 0 the attack can do nothing: success is exactly the clean error
-    z = evaluate_robustness(model, x, y, PGDConfig(eps=0.0, alpha=0.01, steps=2))
+    z = evaluate_robustness(model, (x, y), PGDConfig(eps=0.0, alpha=0.01, steps=2))
     assert z.pgd_success_rate == pytest.approx(1 - z.accuracy)
 
 

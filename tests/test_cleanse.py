@@ -44,7 +44,7 @@ def backdoored(digits):
     x, y, _ = poison(*train_set.tensors, target=0, rate=0.1, trigger=Trigger(2), seed=0)
     torch.manual_seed(0)
     model = create_model(ModelSpec.for_data("test_byobnet", info))
-    train(model, x, y, TrainConfig(epochs=28))
+    train(model, (x, y), TrainConfig(epochs=28))
     return model, train_set.tensors[0][:128]
 
 

@@ -68,7 +68,7 @@ def test_logged_model_loads_back_and_gives_the_logged_accuracy(reproduced, monke
     for uri in (run.info.run_id, f"runs:/{run.info.run_id}/model"):
         model = load_model(uri)
         assert not model.training
-        assert accuracy(model, *test.tensors) == run.data.metrics["accuracy"]
+        assert accuracy(model, test.tensors) == run.data.metrics["accuracy"]
 
 
 def test_attack_reevaluates_a_logged_model_as_its_own_run(reproduced):

@@ -144,7 +144,7 @@ def test_a_certificate_does_not_depend_on_batch_size_or_company(small_base):
 def test_certify_dataset_builds_the_per_example_table(small_base):
     model, (x, y) = small_base
     smooth = Smooth(model, 10, 0.25)
-    table = certify_dataset(smooth, x, y, [0, 10, 20, 30], n0=20, n=200, alpha=0.01, batch_size=128)
+    table = certify_dataset(smooth, (x, y), [0, 10, 20, 30], n0=20, n=200, alpha=0.01, batch_size=128)
     assert set(table) == {"idx", "label", "predict", "radius", "correct", "time_s"}
     assert table["idx"].tolist() == [0, 10, 20, 30] and table["label"].tolist() == y[[0, 10, 20, 30]].tolist()
     assert np.array_equal(table["correct"], table["predict"] == table["label"])

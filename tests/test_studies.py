@@ -31,7 +31,7 @@ class RecordingRun:
         self.metrics.update(metrics)
 
     def log_series(self, name, steps, values):
-        self.series[name] = dict(zip(steps, values))
+        self.series.setdefault(name, {}).update(zip(steps, values))
 
     def set_tags(self, tags):
         self.tags.update(tags)
@@ -59,6 +59,7 @@ def test_train_outcome_records_the_schema(quick_train, tmp_path):
     assert set(run.metrics) == {f.name for f in dataclasses.fields(results.TrainingMetrics)} | {f.name for f in dataclasses.fields(results.RobustnessMetrics)}
     assert run.metrics["sgd_steps"] == quick_train.training.steps == 2 * 2 * 12  # 2 passes x 2 replays x ceil(1437 / 128)
     assert sorted(run.series[results.TRAIN_LOSS]) == [2, 4]  # step = epochs of SGD budget
+    assert run.metrics["passes_per_step"] == 1 and run.metrics["stopped_early"] == 0
     assert run.models == [quick_train.model] and not quick_train.model.training
     training, robustness = train.metrics(quick_train)
     assert results.metrics(robustness) == {k: run.metrics[k] for k in results.metrics(robustness)}

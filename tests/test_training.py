@@ -5,7 +5,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from twml_cli.models import ModelSpec, create_model
-from twml_cli.training import FreeAdversarial, GaussianNoise, TrainConfig, lr_factor, train
+from twml_cli.training import Batch, FreeAdversarial, GaussianNoise, TrainConfig, lr_factor, train
 
 
 def small_model(info, seed=0):
@@ -28,7 +28,7 @@ def test_free_training_makes_as_many_sgd_steps_as_standard(digits, epochs, m):
     counts = {}
     for name, perturbation in (("standard", None), ("free", FreeAdversarial(0.1, m))):
         calls, hook = count_steps()
-        result = train(small_model(info), x, y, cfg, perturbation)
+        result = train(small_model(info), (x, y), cfg, perturbation)
         hook.remove()
         counts[name] = len(calls)
         assert result.steps == len(calls)
@@ -46,9 +46,9 @@ class Recorder(FreeAdversarial):
         super().__init__(eps, m)
         self.seen = []  # (x, delta used, input, delta after the update)
 
-    def inputs(self, x, step):
-        out = super().inputs(x, step)
-        self.seen.append([x.clone(), self._leaf.detach().clone(), out.detach().clone(), None])
+    def inputs(self, model, batch):
+        out = super().inputs(model, batch)
+        self.seen.append([batch.x.clone(), self._leaf.detach().clone(), out.detach().clone(), None])
         return out
 
     def after_backward(self):
@@ -63,7 +63,7 @@ def test_free_perturbation_persists_and_stays_in_the_ball_and_unit_range(digits)
     x, y = train_set.tensors[0][:200], train_set.tensors[1][:200]
     eps = 0.1
     rec = Recorder(eps, m=3)
-    train(small_model(info), x, y, TrainConfig(epochs=6, batch_size=64), rec)  # 2 passes x 4 batches x 3 replays
+    train(small_model(info), (x, y), TrainConfig(epochs=6, batch_size=64), rec)  # 2 passes x 4 batches x 3 replays
     assert len(rec.seen) == 2 * 4 * 3
     buffer = torch.zeros(64, 1, 8, 8)  # a model of the persistent buffer: one minibatch of delta
     for xb, delta, inputs, after, grad in rec.seen:
@@ -87,7 +87,7 @@ def test_same_seed_gives_the_same_model_on_cpu(digits):
     results, weights = [], []
     for _ in range(2):
         model = small_model(info, seed=3)
-        results.append(train(model, x, y, TrainConfig(epochs=2, batch_size=64, seed=11), FreeAdversarial(0.1, 2)).history)
+        results.append(train(model, (x, y), TrainConfig(epochs=2, batch_size=64, seed=11), FreeAdversarial(0.1, 2)).history)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert results[0] == results[1]
     assert torch.equal(weights[0], weights[1])
@@ -96,8 +96,8 @@ def test_same_seed_gives_the_same_model_on_cpu(digits):
 def test_history_is_logged_per_epoch_of_sgd_budget(digits):
     train_set, info = digits.train, digits.info
     x, y = train_set.tensors[0][:128], train_set.tensors[1][:128]
-    standard = train(small_model(info), x, y, TrainConfig(epochs=4, batch_size=64))
-    free = train(small_model(info), x, y, TrainConfig(epochs=4, batch_size=64), FreeAdversarial(0.1, 2))
+    standard = train(small_model(info), (x, y), TrainConfig(epochs=4, batch_size=64))
+    free = train(small_model(info), (x, y), TrainConfig(epochs=4, batch_size=64), FreeAdversarial(0.1, 2))
     assert [h.epoch for h in standard.history] == [1, 2, 3, 4]
     assert [h.epoch for h in free.history] == [2, 4]  # 2 passes of 2 replays each
     assert all(0 <= h.accuracy <= 1 and h.loss > 0 for h in standard.history + free.history)
@@ -106,9 +106,14 @@ def test_history_is_logged_per_epoch_of_sgd_budget(digits):
 def test_gaussian_noise_is_fresh_unclamped_and_of_scale_sigma():
     noise = GaussianNoise(sigma=0.5, seed=0)
     x = torch.full((64, 1, 8, 8), 0.5)
-    a, b = noise.inputs(x, step=0), noise.inputs(x, step=1)
+
+    def at(step, part=slice(0, 64)):
+        return noise.inputs(None, Batch(x[part], None, torch.arange(64)[part], step, part.start, 64))
+
+    a, b = at(0), at(1)
     assert not torch.equal(a, b)
-    assert torch.equal(a, noise.inputs(x, step=0))  # keyed by step: reproducible
+    assert torch.equal(a, at(0))  # keyed by step: reproducible
+    assert torch.equal(a[20:], at(0, slice(20, 64)))  # a process's share of the global batch gets its share of the noise
     assert a.min() < 0 and a.max() > 1  # no clamp
     assert (a - x).std().item() == pytest.approx(0.5, rel=0.05)
     assert abs((a - x).mean().item()) < 0.02

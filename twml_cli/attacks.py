@@ -1,7 +1,9 @@
 """Untargeted white-box L-inf PGD (Madry et al., 2018) and the robustness evaluation.
 
 Inputs are [0, 1] images and the model normalizes inside, so eps and alpha are in pixel
-units. The model is evaluated in eval mode.
+units. The model is evaluated in eval mode. Under torchrun every process attacks its share
+of the test set and the counts are summed: the per-example random starts are keyed by the
+example's index, so the figures equal one process's.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import Progress, Timer, autocast, batches, frozen, generator, no_progress, to_device_layout
+from . import runtime
+from .examples import InMemory
+from .runtime import Progress, Timer, autocast, frozen, keyed_uniform, no_progress
 
 PGD_STREAM = 1  # key that separates PGD's random starts from other derived streams
 
@@ -48,24 +52,18 @@ def pgd(
     Each restart starts uniformly in the ball and takes `steps` signed-gradient steps of
     size alpha on the cross-entropy. Per example the most damaging restart is kept: one
     that is misclassified, else the one with the highest loss. The random start of
-    example i comes from a stream keyed by (seed, indices[i], restart), so results do not
-    depend on batching.
+    example i is hashed from (seed, indices[i], restart) on the device (no Python loop), so
+    results do not depend on batching or on how the data is split across processes.
     """
     eps, alpha = config.eps, config.alpha
-    if indices is None:
-        indices = torch.arange(len(x))
     device = x.device
+    indices = torch.arange(len(x), device=device) if indices is None else torch.as_tensor(indices, device=device)
     with torch.enable_grad(), frozen(model):
         best = x.clone()
         best_loss = torch.full((len(x),), -float("inf"), device=device)
         best_fooled = torch.zeros(len(x), dtype=torch.bool, device=device)
         for restart in range(config.restarts):
-            start = torch.stack(
-                [
-                    torch.rand(x.shape[1:], generator=generator(device, seed, PGD_STREAM, int(i), restart), device=device)
-                    for i in indices
-                ]
-            )
+            start = keyed_uniform(indices, tuple(x.shape[1:]), seed, PGD_STREAM, restart).to(x.dtype).view_as(x)
             x_adv = (x + (2 * start - 1) * eps).clamp(0, 1)
             for _ in range(config.steps):
                 x_adv.requires_grad_(True)
@@ -96,30 +94,32 @@ class RobustnessResult:
 
 def evaluate_robustness(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data,
     config: PGDConfig,
     batch_size: int = 512,
     seed: int = 0,
     progress: Progress = no_progress,
 ) -> RobustnessResult:
-    """Clean accuracy and PGD on every example of (x, y), counted on the device."""
+    """Clean accuracy and PGD on every example of `data` (examples.InMemory or Folder, or a
+    pair of tensors), counted on the device; each process takes its share."""
     device = next(model.parameters()).device
+    data = _examples(data)
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     robust = torch.zeros((), dtype=torch.long, device=device)
+    mine = _my_batches(len(data), batch_size)
     with Timer(device) as timer:
-        for s in progress(list(batches(len(x), batch_size)), -(-len(x) // batch_size), "PGD"):
-            xb, yb = to_device_layout(x[s], device), y[s].to(device)
+        for xb, yb, idx in progress(data.batches(mine, device), len(mine), "PGD"):
             with torch.inference_mode(), autocast(device):
                 correct += (model(xb).argmax(1) == yb).sum()
-            x_adv = pgd(model, xb, yb, config, indices=torch.arange(s.start, s.stop), seed=seed)
+            x_adv = pgd(model, xb, yb, config, indices=idx, seed=seed)
             with torch.inference_mode(), autocast(device):
                 robust += (model(x_adv).argmax(1) == yb).sum()
-    n = len(x)
-    robust_accuracy = robust.item() / n
+        counts = runtime.all_reduce_sum(torch.stack([correct, robust]))
+    n = len(data)
+    robust_accuracy = counts[1].item() / n
     return RobustnessResult(
-        accuracy=correct.item() / n,
+        accuracy=counts[0].item() / n,
         pgd_success_rate=1.0 - robust_accuracy,
         robust_accuracy=robust_accuracy,
         num_examples=n,
@@ -127,12 +127,24 @@ def evaluate_robustness(
     )
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Clean accuracy in eval mode, counted on the device."""
+def accuracy(model: nn.Module, data, batch_size: int = 1024) -> float:
+    """Clean accuracy in eval mode on `data` (examples, or a pair of tensors), counted on the
+    device; each process takes its share."""
     device = next(model.parameters()).device
+    data = _examples(data)
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     with torch.inference_mode(), autocast(device):
-        for s in batches(len(x), batch_size):
-            correct += (model(to_device_layout(x[s], device)).argmax(1) == y[s].to(device)).sum()
-    return correct.item() / len(x)
+        for xb, yb, _ in data.batches(_my_batches(len(data), batch_size), device):
+            correct += (model(xb).argmax(1) == yb).sum()
+    return runtime.all_reduce_sum(correct).item() / len(data)
+
+
+def _examples(data):
+    return InMemory(*data) if isinstance(data, tuple) else data
+
+
+def _my_batches(n: int, batch_size: int) -> list[torch.Tensor]:
+    """This process's share of range(n), in batches."""
+    mine = torch.arange(n)[runtime.shard(n)]
+    return list(mine.split(batch_size))

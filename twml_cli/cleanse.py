@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import runtime
 from .backdoor import stamped_success_rate
 from .runtime import Progress, autocast, frozen, generator, no_autotune, no_progress, to_device_layout
 
@@ -170,6 +171,36 @@ def reverse_engineer(
         success=best_success,
         reached=reached,
         rounds=state.rounds,
+    )
+
+
+def reverse_engineer_all(
+    model: nn.Module, x_clean: torch.Tensor, num_classes: int, config: CleanseConfig = CleanseConfig(), progress: Progress = no_progress
+) -> ReversedTriggers:
+    """reverse_engineer for every class; under torchrun each process takes a contiguous share
+    of the classes and every process gets all of them back. Classes are optimized
+    independently, so the result is one process's (identical on a CPU, as the tests check)."""
+    mine = list(range(num_classes))[runtime.shard(num_classes)]
+    if runtime.world_size() == 1:
+        return reverse_engineer(model, x_clean, num_classes, config, mine, progress)
+    c, h, w = x_clean.shape[1:]
+    if mine:
+        rev = reverse_engineer(model, x_clean, num_classes, config, mine, progress)
+    else:  # more processes than classes
+        rev = ReversedTriggers([], torch.zeros(0, h, w), torch.zeros(0, c, h, w), *(np.zeros(0, dtype=t) for t in (float, float, bool, int)))
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        return runtime.all_gather_rows(t.to(runtime.collective_device())).cpu()
+
+    numbers = gather(torch.tensor(np.stack([rev.norms, rev.success, rev.reached, rev.rounds], 1) if mine else np.zeros((0, 4)), dtype=torch.float64))
+    return ReversedTriggers(
+        classes=list(range(num_classes)),
+        masks=gather(rev.masks),
+        patterns=gather(rev.patterns),
+        norms=numbers[:, 0].numpy(),
+        success=numbers[:, 1].numpy(),
+        reached=numbers[:, 2].numpy().astype(bool),
+        rounds=numbers[:, 3].numpy().astype(int),
     )
 
 

@@ -53,6 +53,14 @@ SHARED: dict[str, tuple[Any, Any]] = {  # name: (annotation, default)
     "experiment": (ExperimentOption, "twml"),
     "tracking_uri": (TrackingUriOption, None),
 }
+PROCS = "Processes (torch.distributed.run)"
+LAUNCH: dict[str, tuple[Any, Any]] = {  # consumed by launch.py before the command runs; declared here for --help
+    "nproc_per_node": (Annotated[Optional[int], typer.Option(help="Run on this many processes per machine (DDP; NCCL on CUDA, gloo on CPU).", rich_help_panel=PROCS)], None),
+    "nnodes": (Annotated[Optional[int], typer.Option(help="Machines taking part (default 1).", rich_help_panel=PROCS)], None),
+    "node_rank": (Annotated[Optional[int], typer.Option(help="This machine's index, 0 to nnodes-1.", rich_help_panel=PROCS)], None),
+    "rdzv_endpoint": (Annotated[Optional[str], typer.Option(help="HOST:PORT of machine 0, the same on every machine.", rich_help_panel=PROCS)], None),
+}  # fmt: skip
+RESUME = (Annotated[Optional[str], typer.Option(help="Continue this interrupted run (its id) from its last checkpoint, in place.", rich_help_panel=TRACK)], None)
 OUT = (Annotated[Path, typer.Option(help="Folder for <experiment>.md, <experiment>.pdf and the figures.")], Path("reports"))
 
 
@@ -106,24 +114,37 @@ def _signature(params: dict[str, tuple[Any, Any]]) -> inspect.Signature:
 
 def study_command(command: str, extra: dict[str, tuple[Any, Any]] | None = None, overrides: Callable[..., dict] | None = None):
     """Register `fn(settings_list, session)` as `twml COMMAND`: one option per settings field,
-    the extra options (turned into settings by `overrides(**extra)`), then the shared ones."""
+    the extra options (turned into settings by `overrides(**extra)`), then the shared ones.
+    Resumable commands take --resume RUN_ID."""
+    from .studies.runner import RESUMABLE
+
     cls = config.COMMANDS[command][0]
     defaults = config.defaults(command)
+    resumable = command in RESUMABLE
 
     def register(fn: Callable) -> Callable:
         options = {f.name: _option(cls, f, defaults.get(f.name)) for f in config.settings_fields(cls)}
-        params = {**(extra or {}), **options, **SHARED}
+        params = {**(extra or {}), **options, **SHARED, **({"resume": RESUME} if resumable else {}), **LAUNCH}
 
         def body(**kwargs):
             shared = {k: kwargs.pop(k) for k in SHARED}
             extras = {k: kwargs.pop(k) for k in (extra or {})}
+            resume = kwargs.pop("resume", None)
+            for k in LAUNCH:
+                kwargs.pop(k)
             preset = config.load_preset(shared["preset"], shared["config_file"])
             given = _parse(cls, kwargs)
             for key, value in (overrides(**extras) if overrides else {}).items():
                 if key in given and given[key] != value:
                     raise TwmlError(f"{' '.join(f'--{k}' for k in extras)} and {config.flag_of(config.field_of(cls, key))} disagree")
                 given[key] = value
-            fn(config.resolve(command, preset, given), _session(shared, preset))
+            session = _session(shared, preset)
+            if resume:
+                from .studies import runner
+
+                runner.execute(command, runner.resume_settings(command, resume, given), session, resume=resume)
+                return
+            fn(config.resolve(command, preset, given), session)
 
         body.__signature__ = _signature(params)
         body.__annotations__ = {k: a for k, (a, _) in params.items()}
@@ -141,6 +162,13 @@ def _session(shared: dict, preset: config.Preset):
 
     tracking.configure(shared["tracking_uri"])
     return Session(experiment=shared["experiment"], preset=preset.name, echo=echo, progress=progress)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise), without importing torch."""
+    import os
+
+    return int(os.environ.get("RANK", 0))
 
 
 # ---------------------------------------------------------------- console
@@ -260,16 +288,41 @@ def _reproduce(out: Path = OUT[1], **kwargs) -> None:
     from .studies import runner
 
     shared = {k: kwargs.pop(k) for k in SHARED}
+    for k in LAUNCH:
+        kwargs.pop(k)
     preset = config.load_preset(shared["preset"], shared["config_file"])
     overrides = _parse(config.Common, kwargs)
     runner.reproduce(preset, overrides, _session(shared, preset), out)
 
 
 _COMMON = {f.name: f for f in config.settings_fields(config.Common)}
-_REPRODUCE_PARAMS = {"out": OUT, **{k: _option(config.Common, _COMMON[k], None) for k in ("data_dir", "device", "seed")}, **SHARED}
+_REPRODUCE_PARAMS = {"out": OUT, **{k: _option(config.Common, _COMMON[k], None) for k in ("data_dir", "device", "seed")}, **SHARED, **LAUNCH}
 _reproduce.__signature__ = _signature(_REPRODUCE_PARAMS)
 _reproduce.__annotations__ = {k: a for k, (a, _) in _REPRODUCE_PARAMS.items()}
 app.command(name="reproduce")(_reproduce)
+
+
+@app.command(name="runs")
+def runs(experiment: ExperimentOption = "twml", tracking_uri: TrackingUriOption = None) -> None:
+    """List the experiment's runs, newest first: which finished, which are running, which were
+    interrupted (killed, crashed) and the command that resumes them."""
+    from . import results, tracking
+
+    tracking.configure(tracking_uri)
+    listed = tracking.list_runs(experiment)
+    if not listed:
+        raise TwmlError(f"experiment '{experiment}' has no runs in {tracking.tracking_uri()}")
+    echo(f"{'status':<12} {'command':<9} {'run name':<22} {'started (UTC)':<20} run id")
+    from datetime import datetime, timezone
+
+    for r in listed:
+        status = tracking.status_of(r)
+        command = r.data.tags.get(results.COMMAND_TAG, "")
+        started = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        line = f"{status:<12} {command:<9} {(r.info.run_name or '')[:22]:<22} {started:<20} {r.info.run_id}"
+        if status in ("interrupted", "stale") and command in ("train", "smooth", "backdoor"):
+            line += f"   resume: twml {command} --resume {r.info.run_id}"
+        echo(line)
 
 
 @app.command(name="config")
@@ -308,13 +361,28 @@ def _interrupt(signum, frame):
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if _rank() == 0:  # under torchrun every process fails alike; one says so
+        print(message, file=sys.stderr, flush=True)
     sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from . import launch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        launched = launch.main(argv)
+        argv = launch.split(argv)[1]
+    except ValueError as err:
+        fail(f"twml: error: {err}")
+    if launched is not None:
+        sys.exit(launched)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if "WORLD_SIZE" in __import__("os").environ:
+            from .runtime import init_distributed
+
+            init_distributed()
         code = app(args=argv, prog_name="twml", standalone_mode=False)
     except UsageError as err:
         if type(err).__name__ == "NoArgsIsHelpError":

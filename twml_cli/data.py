@@ -1,4 +1,4 @@
-"""Data sets as in-memory tensors of [0, 1] images (N, C, H, W) and integer labels (N,).
+"""Data sets: where their [0, 1] images (N, C, H, W) and integer labels (N,) come from.
 
 - ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 grayscale images,
   10 classes), split once, stratified, with a fixed seed. Offline, no download.
@@ -6,8 +6,11 @@
 - a user's ``.npz`` with ``x_train, y_train, x_test, y_test``, loaded with
   ``allow_pickle=False``: uint8 images as (N, H, W, C) or (N, H, W), or float images in
   [0, 1] as (N, C, H, W).
+- an ImageNet-style folder holding ``train/`` and ``val/`` (or ``test/``) with one subfolder
+  per class: streamed from disk (examples.Folder), images resized to ``image_size``.
 
-Small data sets fit in memory; batches are made by indexing, on the GPU when there is one.
+Sets that fit in memory stay in memory (on the GPU when there is one) and are batched by
+indexing; only folders stream.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .errors import TwmlError
+from .examples import Folder, InMemory
 
 EMBEDDED = "digits"
 TORCHVISION = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "gtsrb")
@@ -44,12 +48,62 @@ class DataInfo:
     num_test: int
 
 
+@dataclass(frozen=True)
+class DataSet:
+    """A data set's two splits as examples (examples.py) and its description."""
+
+    train: InMemory | Folder
+    test: InMemory | Folder
+    info: DataInfo
+
+
+FOLDER_IMAGE_SIZE = 224  # ImageNet's, when a folder is opened without an image size
+STATS_IMAGES = 512  # images of a folder's training split its mean and std are measured on
+
+
+def open_dataset(name: str, data_dir: str | Path | None = None, image_size: int = 0, workers: int = 4) -> DataSet:
+    """A data set by name, .npz path or folder path, ready to batch."""
+    if Path(name).is_dir():
+        return _folder(Path(name), image_size or FOLDER_IMAGE_SIZE, workers)
+    train, test = load_dataset(name, data_dir)
+    if image_size and image_size != train.tensors[0].shape[-1]:
+        raise TwmlError(f"--image-size resizes image folders only; '{name}' has {train.tensors[0].shape[-1]}-pixel images")
+    return DataSet(InMemory(*train.tensors), InMemory(*test.tensors), describe(name, train, test))
+
+
+def _folder(root: Path, size: int, workers: int) -> DataSet:
+    """train/ and val/ (or test/) class folders, streamed."""
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise TwmlError(f"image folder '{root}' needs train/ and val/ (or test/) subfolders with one folder per class")
+    try:
+        train = Folder(root / "train", size, workers)
+        test = Folder(test_dir, size, workers, classes=train.dataset.classes)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise TwmlError(f"image folder '{root}': {str(err).splitlines()[0]}") from None
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randperm(len(train), generator=g)[:STATS_IMAGES]
+    x, _ = train.take(sample)
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    info = DataInfo(
+        name=str(root),
+        num_classes=len(train.dataset.classes),
+        in_chans=x.shape[1],
+        input_size=(size, size),
+        mean=tuple(round(float(v), 6) for v in x.mean(dim=(0, 2, 3))),
+        std=tuple(round(float(v), 6) for v in std),
+        num_train=len(train),
+        num_test=len(test),
+    )
+    return DataSet(train, test, info)
+
+
 def load_dataset(name: str = EMBEDDED, data_dir: str | Path | None = None) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) as TensorDatasets of float32 [0, 1] images (N, C, H, W) and int64 labels.
 
-    `name` is one of DATASETS or a path to an .npz file. Raises TwmlError for anything
-    else, for files that cannot be read, and when a torchvision data set is neither on
-    disk nor downloadable.
+    `name` is one of DATASETS or a path to an .npz file (image folders stream: open_dataset).
+    Raises TwmlError for anything else, for files that cannot be read, and when a
+    torchvision data set is neither on disk nor downloadable.
     """
     if name == EMBEDDED:
         arrays = _digits()
@@ -58,7 +112,7 @@ def load_dataset(name: str = EMBEDDED, data_dir: str | Path | None = None) -> tu
     elif str(name).endswith(".npz"):
         arrays = _npz(Path(name))
     else:
-        raise TwmlError(f"unknown data set '{name}': use one of {', '.join(DATASETS)} or a path to an .npz file")
+        raise TwmlError(f"unknown data set '{name}': use one of {', '.join(DATASETS)}, a path to an .npz file or an image folder")
     x_train, y_train, x_test, y_test = arrays
     return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
 
@@ -185,6 +239,8 @@ def _npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray):
     if np.issubdtype(x.dtype, np.floating):
         if x.ndim != 4:
             raise TwmlError(f"{path}: float x_{split} must be (N, C, H, W) in [0, 1], got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise TwmlError(f"{path}: x_{split} holds {int((~np.isfinite(x)).sum())} pixels that are NaN or infinite")
         if x.size and (x.min() < 0 or x.max() > 1):
             raise TwmlError(f"{path}: float x_{split} must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))

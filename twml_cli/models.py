@@ -152,6 +152,14 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device).to(memory_format=torch.channels_last)
 
 
+def compiled(model: nn.Module, mode: str | None) -> nn.Module:
+    """The model compiled with torch.compile (mode 'default' or 'reduce-overhead': CUDA
+    graphs), or the model itself when mode is None. Weights are shared."""
+    if not mode:
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 # ---------------------------------------------------------------- save / load
 
 

@@ -32,6 +32,8 @@ REVERSED_NPZ = "reversed-triggers.npz"  # plain float arrays, loads with allow_p
 
 # per-epoch curves, logged with step = epochs of SGD budget
 TRAIN_LOSS, TRAIN_ACCURACY = "train_loss", "train_accuracy"
+GUARD_ROBUST_ACCURACY = "guard_robust_accuracy"  # fast training's check against catastrophic overfitting
+CHECKPOINT_DIR = "checkpoint"  # TrainState (safetensors + JSON) of an unfinished run
 
 # ---------------------------------------------------------------- metrics
 
@@ -43,6 +45,8 @@ class TrainingMetrics:
     train_time_s: float  # training only, evaluation excluded
     images_per_s: float  # images through forward+backward, replays counted
     sgd_steps: int
+    passes_per_step: int  # forward-backward passes per SGD step: 1, or 2 for fast training
+    stopped_early: int  # 1 when fast training's guard kept an earlier pass's weights
 
 
 @dataclass(frozen=True)

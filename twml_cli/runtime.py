@@ -25,9 +25,10 @@ def no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu. Raises ValueError for anything else."""
+    """'auto' -> cuda when available (this process's GPU under torchrun), else cpu. Raises
+    ValueError for anything else."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
@@ -120,8 +121,130 @@ class Timer:
         synchronize(self.device)
         self.seconds = time.perf_counter() - self._start
 
+    def elapsed(self) -> float:
+        """Seconds so far, inside the block."""
+        synchronize(self.device)
+        return time.perf_counter() - self._start
+
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:
     """Consecutive slices covering range(n)."""
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
+
+
+# ---------------------------------------------------------------- keyed randomness without loops
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds), on int64 tensors holding values
+    below 2**32; every product stays below 2**63, so nothing overflows on any device."""
+    mask = 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & mask
+    x = ((x >> 16) ^ x) * 0x45D9F3B & mask
+    return (x >> 16) ^ x
+
+
+def keyed_uniform(ids: torch.Tensor, shape: tuple[int, ...], *keys: int) -> torch.Tensor:
+    """Uniform [0, 1) numbers of shape (len(ids), *shape): row i depends only on (keys, ids[i])
+    and the element's position, never on the batch it is drawn in. Vectorized (a counter-based
+    hash, no Python loop), on ids' device, so per-example randomness (PGD's random starts,
+    augmentation) is the same whatever the batching or the number of processes."""
+    seed = derive_seed(*keys)
+    base = _mix32(_mix32(ids.long() & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) ^ ((seed >> 32) & 0xFFFFFFFF)
+    count = int(torch.tensor(shape).prod()) if shape else 1
+    counter = torch.arange(count, device=ids.device, dtype=torch.long)
+    bits = _mix32(_mix32(base[:, None] ^ _mix32(counter[None, :] + 0x9E3779B9 & 0xFFFFFFFF)))
+    return ((bits >> 8).float() * (1.0 / (1 << 24))).view(len(ids), *shape)
+
+
+# ---------------------------------------------------------------- torch.distributed
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if distributed() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if distributed() else 0
+
+
+def local_rank() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def launched() -> bool:
+    """Whether torchrun (or twml --nproc-per-node) started this process as one of several."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun set up: NCCL on CUDA, gloo on CPU. A no-op in one process."""
+    if not launched() or distributed():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        torch.distributed.init_process_group("nccl")
+    else:
+        torch.distributed.init_process_group("gloo")
+
+
+def shard(n: int, part: int | None = None, parts: int | None = None) -> slice:
+    """The contiguous share of range(n) that process `part` of `parts` handles (default: this
+    one of the world): sizes differ by at most one, earlier parts take the remainder."""
+    part, parts = (rank() if part is None else part), (world_size() if parts is None else parts)
+    size, extra = divmod(n, parts)
+    start = part * size + min(part, extra)
+    return slice(start, start + size + (part < extra))
+
+
+def collective_device() -> torch.device:
+    """Where tensors must be for collectives: the GPU under NCCL, else the CPU."""
+    if distributed() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (in place); the tensor itself in one process."""
+    if distributed():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every process's rows, concatenated in rank order (rows may differ in number)."""
+    if not distributed():
+        return t
+    sizes = [torch.zeros((), dtype=torch.long, device=t.device) for _ in range(world_size())]
+    torch.distributed.all_gather(sizes, torch.tensor(len(t), device=t.device))
+    top = int(max(sizes))
+    padded = torch.zeros((top, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
+
+
+def broadcast_text(text: str | None, length: int = 64) -> str:
+    """Rank 0's string (e.g. a run id, at most `length` ASCII characters) on every process."""
+    if not distributed():
+        return text or ""
+    data = torch.zeros(length, dtype=torch.uint8)
+    if rank() == 0 and text:
+        raw = text.encode("ascii")[:length]
+        data[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    torch.distributed.broadcast(data, 0)
+    return bytes(data.tolist()).rstrip(b"\0").decode("ascii")
+
+
+def barrier() -> None:
+    if distributed():
+        torch.distributed.barrier()

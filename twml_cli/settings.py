@@ -62,13 +62,28 @@ class Common(Group):
     PANEL = "Data and model"
     dataset: str = setting("digits", "digits (embedded), mnist, fashion-mnist, cifar10, cifar100, svhn, gtsrb, or a .npz file.")
     data_dir: str = setting("data", "Where torchvision data sets are stored.")
+    image_size: int = setting(0, "Image folders: the side images are resized to (0: 224).")
+    workers: int = setting(4, "Image folders: DataLoader worker processes.", log=False)
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
+    compile: str = setting("auto", "torch.compile the model: auto (on CUDA: with CUDA graphs in one process), off, on, graphs.",
+                           choices=("auto", "off", "on", "graphs"))  # fmt: skip
     seed: int = setting(0, "Seed of every random choice.")
     eval_batch_size: int = setting(512, "Batch size of evaluation and attacks.")
 
     def check(self) -> None:
         if self.eval_batch_size < 1:
             raise ValueError(f"eval batch size must be >= 1, got {self.eval_batch_size}")
+        if self.image_size < 0 or self.workers < 0:
+            raise ValueError(f"image size and workers must be >= 0, got {self.image_size} and {self.workers}")
+
+    def compile_mode(self, device) -> str | None:
+        """torch.compile's mode for this device and world (None: not compiled)."""
+        from .runtime import world_size
+
+        choice = self.compile
+        if choice == "auto":
+            choice = ("graphs" if world_size() == 1 else "on") if device.type == "cuda" else "off"
+        return {"off": None, "on": "default", "graphs": "reduce-overhead"}[choice]
 
 
 @dataclass(frozen=True)
@@ -89,14 +104,24 @@ class SGD(Group):
     momentum: float = setting(0.9, "SGD (Nesterov) momentum.")
     weight_decay: float = setting(5e-4, "SGD weight decay.")
     schedule: str = setting("cosine", "Learning-rate schedule.", choices=("cosine", "step", "constant"))
+    augment: bool = setting(True, "Train with the data set's usual augmentation (none for digits and MNIST-like sets; "
+                            "crops and flips for CIFAR; crops for SVHN and GTSRB; ImageNet's for image folders).")  # fmt: skip
+    augmentation: str = setting("auto", "Which augmentation --augment applies: auto (the data set's usual) or one of these.",
+                                choices=("auto", "none", "crop", "crop-flip", "resized-crop-flip"))  # fmt: skip
+    checkpoint_every: int = setting(1, "Passes over the data between checkpoints (0: none); a killed run resumes from the last.", log=False)
 
     def check(self) -> None:
         self.train_config()
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint every must be >= 0, got {self.checkpoint_every}")
 
     def train_config(self):
+        """The library's config. The augmentation policy is resolved by the study's prepare()
+        (it depends on the data set); until then 'auto' stands for none."""
         from .training import TrainConfig
 
-        return TrainConfig(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, self.schedule, self.seed)
+        policy = self.augmentation if self.augment and self.augmentation != "auto" else "none"
+        return TrainConfig(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, self.schedule, self.seed, policy)
 
 
 @dataclass(frozen=True)
@@ -124,7 +149,7 @@ class GivenModel(Group):
 
 # ---------------------------------------------------------------- one class per study
 
-METHODS = ("standard", "free")
+METHODS = ("standard", "free", "fast")
 
 
 @dataclass(frozen=True)
@@ -132,18 +157,26 @@ class Training(Threat, SGD, Architecture, Common, Settings):
     """`twml train`: standard or free adversarial training, then accuracy and PGD."""
 
     PANEL = "Training"
-    method: str = setting("standard", "Training method (`--free` is `--method free`).", choices=METHODS)
+    method: str = setting("standard", "Training method: standard, free (Shafahi et al.; `--free`) or fast (Wong et al.: "
+                          "FGSM from a random start).", choices=METHODS)  # fmt: skip
     m: int = setting(4, "Free training: replays of each minibatch.", applies=lambda s: s.method == "free")
+    fast_step: float = setting(1.25, "Fast training: the FGSM step as a multiple of eps (the paper's 1.25).", applies=lambda s: s.method == "fast")
 
     def check(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
+        if not self.fast_step > 0:
+            raise ValueError(f"fast step must be > 0, got {self.fast_step}")
         self.perturbation()
 
     def perturbation(self):
-        from .training import FreeAdversarial, Perturbation
+        from .training import FastAdversarial, FreeAdversarial, Perturbation
 
-        return FreeAdversarial(self.eps, self.m) if self.method == "free" else Perturbation()
+        if self.method == "free":
+            return FreeAdversarial(self.eps, self.m)
+        if self.method == "fast":
+            return FastAdversarial(self.eps, self.fast_step * self.eps, self.seed)
+        return Perturbation()
 
 
 @dataclass(frozen=True)

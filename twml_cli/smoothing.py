@@ -13,7 +13,7 @@ split across processes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +22,7 @@ from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
+from . import runtime
 from .runtime import Progress, Timer, autocast, generator, no_progress
 
 ABSTAIN = -1
@@ -158,39 +159,65 @@ def lower_confidence_bound(n_a, n: int, alpha: float) -> np.ndarray:
     return np.asarray(proportion_confint(np.asarray(n_a), n, alpha=2 * alpha, method="beta")[0], dtype=np.float64)
 
 
+ROWS = ("idx", "label", "predict", "radius", "correct", "time_s")  # certify.csv's columns
+
+
 def certify_dataset(
     smooth: Smooth,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data,
     indices: Sequence[int],
     n0: int,
     n: int,
     alpha: float,
     batch_size: int,
     progress: Progress = no_progress,
+    done: dict[str, np.ndarray] | None = None,
+    save_rows: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Certify the test examples `indices` in chunks that fill the forward batches.
+    """Certify the test examples `indices` of `data` (examples, or a pair of tensors) in
+    chunks that fill the forward batches.
 
-    Returns the per-example table: idx, label, predict, radius, correct, time_s (time_s is
-    the chunk's time shared equally among its examples).
+    Returns the per-example table (ROWS; time_s is the chunk's wall time shared equally among
+    its examples, so the column sums to the certification's time), in the order of `indices`. Rows in `done` (an interrupted run's) are kept and
+    not certified again; `save_rows` receives the table so far after every chunk (on rank 0).
+    Under torchrun each process certifies its share of every chunk and rank 0 gathers the
+    rows: noise is keyed by example, so the table equals one process's.
     """
+    from .examples import InMemory
+
+    data = InMemory(*data) if isinstance(data, tuple) else data
     device = next(smooth.base_classifier.parameters()).device
-    chunk = max(1, math.ceil(8 * batch_size / (n0 + n)))  # >= 8 full forward batches per chunk
-    rows: dict[str, list] = {"idx": [], "label": [], "predict": [], "radius": [], "correct": [], "time_s": []}
-    starts = range(0, len(indices), chunk)
+    rows = {k: list(v) for k, v in (done or {k: [] for k in ROWS}).items()}
+    finished = {int(i) for i in rows["idx"]}
+    todo = [int(i) for i in indices if int(i) not in finished]
+    world, rank = runtime.world_size(), runtime.rank()
+    chunk = max(1, math.ceil(8 * batch_size / (n0 + n))) * world  # >= 8 full forward batches per process
+    starts = range(0, len(todo), chunk)
     for start in progress(starts, len(starts), f"certify (sigma={smooth.sigma:g})"):
-        part = [int(i) for i in indices[start : start + chunk]]
+        part = todo[start : start + chunk]
+        mine = part[runtime.shard(len(part))]
+        x, y = data.take(mine)
         with Timer(device) as timer:
-            cert = smooth.certify_batch(x[part], n0, n, alpha, batch_size, indices=part)
-        elapsed = timer.seconds / len(part)
-        labels = y[part].cpu().numpy()
-        rows["idx"] += part
-        rows["label"] += labels.tolist()
-        rows["predict"] += cert.prediction.tolist()
-        rows["radius"] += cert.radius.tolist()
-        rows["correct"] += (cert.prediction == labels).tolist()
-        rows["time_s"] += [elapsed] * len(part)
-    return {k: np.asarray(v) for k, v in rows.items()}
+            cert = smooth.certify_batch(x, n0, n, alpha, batch_size, indices=mine)
+        table = torch.tensor(
+            np.stack([mine, y.numpy(), cert.prediction, cert.radius, cert.prediction == y.numpy(), np.full(len(mine), timer.seconds / len(part))], 1)
+            if mine else np.zeros((0, len(ROWS))),
+            dtype=torch.float64,
+        )  # fmt: skip
+        table = runtime.all_gather_rows(table.to(runtime.collective_device())).cpu().numpy()
+        for k, column in zip(ROWS, table.T):
+            rows[k] += column.tolist()
+        if save_rows is not None and rank == 0:
+            save_rows(_typed(rows))
+    out = _typed(rows)
+    position = {int(i): j for j, i in enumerate(out["idx"])}
+    order = [position[int(i)] for i in indices]
+    return {k: v[order] for k, v in out.items()}
+
+
+def _typed(rows: dict[str, list]) -> dict[str, np.ndarray]:
+    types = {"idx": np.int64, "label": np.int64, "predict": np.int64, "radius": np.float64, "correct": bool, "time_s": np.float64}
+    return {k: np.asarray(rows[k], dtype=types[k]) for k in ROWS}
 
 
 def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: np.ndarray) -> np.ndarray:

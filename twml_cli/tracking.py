@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -79,12 +80,16 @@ def environment_params(device: str) -> dict[str, str]:
     }
 
 
+HOST_TAG, PID_TAG, HEARTBEAT_TAG, RESUMED_TAG = "twml.host", "twml.pid", "twml.heartbeat", "twml.resumed"
+
+
 class Run:
     """A live MLflow run; every method logs to it."""
 
     def __init__(self, run_id: str):
         self.id = run_id
         self._client = client()
+        self._steps: dict[str, set[int]] = {}  # series steps already logged (a step is logged once)
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, param_text(v)) for k, v in params.items() if v is not None]
@@ -96,9 +101,18 @@ class Run:
         self._log_metrics([Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_series(self, name: str, steps: list[int], values: list[float]) -> None:
-        """One metric over steps (e.g. per-epoch loss with step = epoch)."""
+        """One metric over steps (e.g. per-epoch loss with step = epoch); a step this run
+        already holds (logged live, or before an interruption) is not logged again."""
+        if name not in self._steps:
+            self._steps[name] = {m.step for m in self._client.get_metric_history(self.id, name)}
+        fresh = [(int(s), float(v)) for s, v in zip(steps, values) if int(s) not in self._steps[name]]
         now = int(time.time() * 1000)
-        self._log_metrics([Metric(name, float(v), now, int(s)) for s, v in zip(steps, values)])
+        self._log_metrics([Metric(name, v, now, s) for s, v in fresh])
+        self._steps[name].update(s for s, _ in fresh)
+
+    def heartbeat(self) -> None:
+        """When this run last showed signs of life (see `status_of`)."""
+        self.set_tags({HEARTBEAT_TAG: str(int(time.time()))})
 
     def _log_metrics(self, items: list[Metric]) -> None:
         for i in range(0, len(items), 500):  # MLflow's per-batch limit is 1000
@@ -130,19 +144,38 @@ def start_run(experiment: str, command: str, run_name: str | None = None, tags: 
     """A run tagged twml.command=<command>. It ends FINISHED, or FAILED if the block raises,
     or KILLED on KeyboardInterrupt (Ctrl-C; the CLI turns SIGTERM into one too)."""
     c = client()
-    info = c.create_run(
-        experiment_id(experiment), run_name=run_name, tags={COMMAND_TAG: command, **(tags or {})}
-    ).info
-    try:
+    life = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
+    info = c.create_run(experiment_id(experiment), run_name=run_name, tags={COMMAND_TAG: command, **life, **(tags or {})}).info
+    with _terminating(info.run_id):
         yield Run(info.run_id)
+
+
+@contextlib.contextmanager
+def reopen_run(run_id: str) -> Iterator[Run]:
+    """An interrupted run, RUNNING again in this process; it ends as start_run's do."""
+    c = client()
+    previous = int(get_run(run_id).data.tags.get(RESUMED_TAG, "0"))
+    c.update_run(run_id, status="RUNNING")
+    run = Run(run_id)
+    run.set_tags({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), RESUMED_TAG: str(previous + 1)})
+    run.heartbeat()
+    with _terminating(run_id):
+        yield run
+
+
+@contextlib.contextmanager
+def _terminating(run_id: str) -> Iterator[None]:
+    c = client()
+    try:
+        yield
     except KeyboardInterrupt:
-        c.set_terminated(info.run_id, "KILLED")
+        c.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
-        c.set_terminated(info.run_id, "FAILED")
+        c.set_terminated(run_id, "FAILED")
         raise
     else:
-        c.set_terminated(info.run_id, "FINISHED")
+        c.set_terminated(run_id, "FINISHED")
 
 
 # ---------------------------------------------------------------- reading runs back
@@ -198,3 +231,39 @@ def download_artifact(run_id: str, path: str) -> str | None:
         return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
     except (MlflowException, OSError):
         return None
+
+
+# ---------------------------------------------------------------- live, interrupted, done
+
+STALE_S = 15 * 60  # a RUNNING run from another machine silent this long is reported as stale
+
+
+def status_of(run) -> str:
+    """FINISHED, FAILED, KILLED, or for a RUNNING run: 'running' (its process is alive),
+    'interrupted' (its process on this machine is gone: SIGKILL, a crash, a lost node) or
+    'stale' (on another machine, no heartbeat for STALE_S seconds)."""
+    if run.info.status != "RUNNING":
+        return run.info.status
+    tags = run.data.tags
+    if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit():
+        return "running" if _alive(int(tags[PID_TAG])) else "interrupted"
+    beat = int(tags.get(HEARTBEAT_TAG, "0") or 0)
+    return "stale" if time.time() - beat > STALE_S else "running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def list_runs(experiment: str) -> list:
+    """Every run of the experiment, newest first."""
+    exp = experiment_id(experiment, create=False)
+    if exp is None:
+        return []
+    return client().search_runs([exp], order_by=["attributes.start_time DESC"], max_results=10_000)

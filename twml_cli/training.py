@@ -1,6 +1,6 @@
-"""One training loop. Standard, free adversarial, Gaussian-noise and poisoned training differ
-only in what they do to a batch (a `Perturbation`); poisoning happens to the data set
-before training (see backdoor.py).
+"""One training loop. Standard, free adversarial, fast adversarial, Gaussian-noise and poisoned
+training differ only in what they do to a batch (a `Perturbation`); poisoning happens to the
+data set before training (see backdoor.py).
 
 Free adversarial training (Shafahi et al., NeurIPS 2019): one perturbation buffer `delta`
 (the shape of a minibatch, zero at first) persists across replays, minibatches and
@@ -9,34 +9,51 @@ and its single backward pass gives the weights' gradient and delta's, then
 delta <- clip(delta + eps * sign(grad_delta), -eps, eps). The data is passed over
 ceil(epochs / m) times, so the number of SGD steps, and the time, match standard
 training for `epochs` epochs.
+
+Fast adversarial training (Wong, Rice, Kolter, ICLR 2020): per minibatch, delta starts
+uniform in the eps-ball, takes one FGSM step of 1.25 eps (projected), and the weights take
+one step on x + delta: two forward-backward passes per SGD step. Catastrophic overfitting is
+guarded against as the authors do: PGD accuracy on a fixed training batch is measured after
+every pass, and training stops (keeping the previous pass's weights) when it collapses.
+
+Under torchrun the global batch is split over the processes (DistributedDataParallel), each
+process scaling its loss so the averaged gradient is the global batch's mean: the same SGD
+steps as one process. A free perturbation buffer is kept per process for its shard, as the
+authors' multi-GPU version does. The loop's whole state is a `TrainState` (safetensors + JSON)
+saved every few passes, from which an interrupted run resumes bit for bit.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import Progress, Timer, autocast, generator, no_progress, to_device_layout
+from . import runtime
+from .checkpoints import TrainState, restore, snapshot
+from .examples import POLICIES, Augment, InMemory, batch_indices
+from .runtime import Progress, Timer, autocast, generator, keyed_uniform, no_progress
 
 SCHEDULES = ("cosine", "step", "constant")
-NOISE_STREAM = 2
+NOISE_STREAM, FAST_STREAM, GUARD_STREAM = 2, 6, 7
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """SGD with momentum, weight decay and a per-step learning-rate schedule."""
+    """SGD with (Nesterov) momentum, weight decay and a per-step learning-rate schedule."""
 
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch, split over processes under torchrun
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     seed: int = 0
+    augment: str = "none"  # examples.POLICIES
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -51,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule '{self.schedule}': use one of {', '.join(SCHEDULES)}")
+        if self.augment not in POLICIES:
+            raise ValueError(f"unknown augmentation '{self.augment}': use one of {', '.join(POLICIES)}")
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -66,18 +85,37 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
 # ---------------------------------------------------------------- what happens to a batch
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One process's share of a global minibatch."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor  # example indices (keys of per-example randomness)
+    step: int  # optimizer step
+    offset: int  # where this share starts in the global batch
+    global_size: int
+
+
 class Perturbation:
     """Standard training: the batch goes in as it is, once."""
 
     name = "standard"
-    replays = 1
+    replays = 1  # SGD steps per minibatch
+    passes_per_step = 1  # forward-backward passes per SGD step
 
-    def inputs(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The tensor the model trains on at this optimizer step."""
-        return x
+        return batch.x
 
     def after_backward(self) -> None:
         """Called after loss.backward(), before optimizer.step()."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
 
 
 class FreeAdversarial(Perturbation):
@@ -94,7 +132,8 @@ class FreeAdversarial(Perturbation):
         self.delta: torch.Tensor | None = None  # (batch_size, C, H, W), persists across everything
         self._leaf: torch.Tensor | None = None
 
-    def inputs(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x = batch.x
         if self.delta is None:
             self.delta = torch.zeros((0, *x.shape[1:]), device=x.device)
         if len(self.delta) < len(x):  # the first (full) minibatch sizes the buffer
@@ -107,10 +146,41 @@ class FreeAdversarial(Perturbation):
         with torch.no_grad():
             self.delta[: len(leaf)] = (leaf + self.eps * leaf.grad.sign()).clamp(-self.eps, self.eps)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {} if self.delta is None else {"delta": self.delta.detach().contiguous()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.delta = tensors.get("delta")
+
+
+class FastAdversarial(Perturbation):
+    """FGSM from a uniform random start in the eps-ball, step alpha (1.25 eps), projected."""
+
+    name = "fast"
+    passes_per_step = 2
+
+    def __init__(self, eps: float, alpha: float | None = None, seed: int = 0):
+        if not 0.0 <= eps <= 1.0:
+            raise ValueError(f"eps must lie in [0, 1] (pixel units), got {eps}")
+        self.eps, self.alpha, self.seed = eps, 1.25 * eps if alpha is None else alpha, seed
+
+    def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, eps = batch.x, self.eps
+        start = keyed_uniform(batch.idx, tuple(x.shape[1:]), self.seed, FAST_STREAM, batch.step).to(x.dtype)
+        delta = ((2 * start - 1) * eps).view_as(x)
+        delta = (x + delta).clamp(0, 1) - x  # stay in the image
+        delta.requires_grad_(True)
+        with autocast(x.device):
+            loss = F.cross_entropy(model(x + delta), batch.y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + self.alpha * grad.sign()).clamp(-eps, eps)
+        return (x + delta).clamp(0, 1)
+
 
 class GaussianNoise(Perturbation):
     """Gaussian data augmentation for randomized smoothing: x + N(0, sigma^2 I), fresh at
-    every step, in pixel space, not clamped (Cohen et al., 2019)."""
+    every step, in pixel space, not clamped (Cohen et al., 2019). The noise of a global batch
+    comes from one stream keyed by the step; each process takes its share of it."""
 
     name = "noise"
 
@@ -119,91 +189,205 @@ class GaussianNoise(Perturbation):
             raise ValueError(f"sigma must be > 0, got {sigma}")
         self.sigma, self.seed = sigma, seed
 
-    def inputs(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        noise = torch.randn(x.shape, generator=generator(x.device, self.seed, NOISE_STREAM, step), device=x.device)
-        return x + self.sigma * noise
+    def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x = batch.x
+        g = generator(x.device, self.seed, NOISE_STREAM, batch.step)
+        noise = torch.randn((batch.global_size, *x.shape[1:]), generator=g, device=x.device)
+        return x + self.sigma * noise[batch.offset : batch.offset + len(x)]
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the loop's state
 
 
 @dataclass(frozen=True)
 class EpochStats:
     epoch: int  # epochs of SGD budget spent so far: pass * replays (aligns free and standard curves)
     loss: float
-    accuracy: float  # on the inputs actually trained on (perturbed ones for free training)
+    accuracy: float  # on the inputs actually trained on (perturbed ones for adversarial training)
+    robust_accuracy: float | None = None  # fast training's guard: PGD accuracy on a training batch
 
 
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps
-    passes: int  # passes over the training data
+    passes: int  # passes over the training data made
     train_time_s: float  # training only, no evaluation
     images_per_s: float  # images through forward+backward per second, replays counted
     history: list[EpochStats] = field(default_factory=list)
+    passes_per_step: int = 1  # forward-backward passes per SGD step (2 for fast training)
+    stopped_early: bool = False  # fast training's guard fired: the weights are the previous pass's
+
+
+@dataclass
+class Hooks:
+    """How the loop reaches its caller: progress, per-pass stats, checkpoints (all optional)."""
+
+    progress: Progress = no_progress
+    on_pass: Callable[[EpochStats], None] | None = None
+    save_state: Callable[[TrainState], None] | None = None  # called on rank 0 only
+    checkpoint_every: int = 1  # passes between checkpoints
+    resume: TrainState | None = None
+
+
+# ---------------------------------------------------------------- the loop
 
 
 def train(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data,
     config: TrainConfig,
     perturbation: Perturbation | None = None,
     progress: Progress = no_progress,
+    hooks: Hooks | None = None,
+    compile_mode: str | None = None,
 ) -> TrainResult:
-    """Train `model` (already on its device) on images x in [0, 1] and labels y.
+    """Train `model` (already on its device) on `data` (examples.InMemory or Folder; a pair
+    (x, y) of tensors is taken as InMemory).
 
-    The data is passed over ceil(epochs / replays) times; each minibatch is replayed
+    The data is passed over ceil(epochs / replays) times; each global minibatch is replayed
     `perturbation.replays` times, each replay one SGD step, so every method makes
-    ceil(epochs / replays) * replays * ceil(N / batch_size) steps.
+    ceil(epochs / replays) * replays * ceil(N / batch_size) steps, in any number of processes.
     """
     perturbation = perturbation or Perturbation()
+    hooks = hooks or Hooks(progress=progress)
     device = next(model.parameters()).device
-    x, y = to_device_layout(x, device), y.to(device)
-    n, bs, replays = len(x), config.batch_size, perturbation.replays
+    data = (InMemory(*data) if isinstance(data, tuple) else data).to(device)
+    world, rank = runtime.world_size(), runtime.rank()
+    n, bs, replays = len(data), config.batch_size, perturbation.replays
+    if world > 1 and (n % bs or bs) < world:
+        raise ValueError(f"a batch of {n % bs or bs} examples cannot be split over {world} processes: change --batch-size")
     batches_per_pass = math.ceil(n / bs)
     passes = math.ceil(config.epochs / replays)
     total_steps = passes * batches_per_pass * replays
 
+    net = _wrap(model, device, world, compile_mode)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.momentum > 0
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config.schedule, s, total_steps))
     shuffle = generator(device, config.seed)
+    guard = _Guard(model, data, perturbation, config) if isinstance(perturbation, FastAdversarial) else None
     history: list[EpochStats] = []
-    step = 0
+    step, first_pass, spent = 0, 0, 0.0
+    if hooks.resume is not None:
+        step, first_pass, spent, meta = restore(hooks.resume, model, optimizer, scheduler, shuffle, perturbation)
+        history = [EpochStats(**h) for h in meta["history"]]
+        if guard is not None:
+            guard.resume(meta["guard_previous"])
+
     model.train()
+    stopped = False
     with Timer(device) as timer:
-        ticks = range(passes * batches_per_pass)
-        for tick in progress(ticks, len(ticks), f"train ({perturbation.name})"):
-            p, b = divmod(tick, batches_per_pass)
+        ticks = _ticks(data, shuffle, config, first_pass, passes, batches_per_pass, device)
+        for p, b, (xb, yb, idx) in hooks.progress(ticks, (passes - first_pass) * batches_per_pass, f"train ({perturbation.name})"):
             if b == 0:
-                order = torch.randperm(n, generator=shuffle, device=device)
                 loss_sum = torch.zeros((), device=device)
                 correct = torch.zeros((), dtype=torch.long, device=device)
-            idx = order[b * bs : (b + 1) * bs]
-            xb, yb = x[idx], y[idx]
+            global_size = min(bs, n - b * bs)
+            scale = len(yb) * world / global_size  # 1.0 in one process: the global batch's mean gradient
+            offset = runtime.shard(global_size, rank, world).start
             for _ in range(replays):
-                inputs = perturbation.inputs(xb, step)
+                inputs = perturbation.inputs(model, Batch(xb, yb, idx, step, offset, global_size))
                 with autocast(device):
-                    logits = model(inputs)
+                    logits = net(inputs)
                     loss = F.cross_entropy(logits, yb)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * scale if scale != 1.0 else loss).backward()
                 perturbation.after_backward()
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 loss_sum += loss.detach().float() * len(yb)
                 correct += (logits.detach().argmax(1) == yb).sum()
-            if b == batches_per_pass - 1:  # one host sync per pass
-                seen = n * replays
-                history.append(EpochStats((p + 1) * replays, loss_sum.item() / seen, correct.item() / seen))
+            if b < batches_per_pass - 1:
+                continue
+            seen = n * replays  # one host sync per pass
+            totals = runtime.all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
+            robust = guard.check(p) if guard is not None else None
+            stats = EpochStats((p + 1) * replays, totals[0].item() / seen, totals[1].item() / seen, robust)
+            history.append(stats)
+            if hooks.on_pass is not None and rank == 0:
+                hooks.on_pass(stats)
+            if guard is not None and guard.collapsed:
+                stopped = True
+                break
+            if hooks.save_state is not None and ((p + 1) % hooks.checkpoint_every == 0 or p + 1 == passes):
+                extra = {"history": [asdict(h) for h in history], "guard_previous": guard.previous if guard is not None else None}
+                state = snapshot(model, optimizer, scheduler, shuffle, perturbation, step, p + 1, spent + timer.elapsed(), extra)
+                if rank == 0:
+                    hooks.save_state(state)
     model.eval()
+    made = len(history)
     return TrainResult(
         steps=step,
-        passes=passes,
-        train_time_s=timer.seconds,
-        images_per_s=passes * n * replays / timer.seconds,
+        passes=made,
+        train_time_s=spent + timer.seconds,
+        images_per_s=(made - first_pass) * n * replays / max(timer.seconds, 1e-9),
         history=history,
+        passes_per_step=perturbation.passes_per_step,
+        stopped_early=stopped,
     )
+
+
+def _ticks(data, shuffle, config: TrainConfig, first_pass: int, passes: int, batches_per_pass: int, device):
+    """(pass, batch, this process's share of the batch) for every global batch still to train on.
+    The shuffling stream advances once per pass, so a resumed run draws the same orders."""
+    world, rank = runtime.world_size(), runtime.rank()
+    for p in range(first_pass, passes):
+        order = torch.randperm(len(data), generator=shuffle, device=device)
+        augment = Augment(config.augment, config.seed, p) if config.augment != "none" else None
+        for b, batch in enumerate(data.batches(batch_indices(order, config.batch_size, rank, world), device, augment)):
+            yield p, b, batch
+
+
+def _wrap(model: nn.Module, device: torch.device, world: int, compile_mode: str | None) -> nn.Module:
+    """The module the loop calls: DistributedDataParallel across processes, compiled if asked."""
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_mode:
+        net = torch.compile(net, mode=None if compile_mode == "default" else compile_mode)
+    return net
+
+
+class _Guard:
+    """Fast training's catastrophic-overfitting check (Wong et al.): PGD-5 accuracy on a fixed
+    training batch after every pass; a drop of more than 0.2 restores the previous weights."""
+
+    DROP = 0.2
+
+    def __init__(self, model: nn.Module, data, perturbation: FastAdversarial, config: TrainConfig):
+        from .attacks import PGDConfig
+
+        picked = torch.randperm(len(data), generator=generator(torch.device("cpu"), config.seed, GUARD_STREAM))[: config.batch_size]
+        self.model, self.indices = model, picked
+        self.x, self.y = data.take(picked)
+        self.pgd = PGDConfig(eps=perturbation.eps, alpha=max(perturbation.eps / 4, 1e-6), steps=5)
+        self.previous: float | None = None
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.collapsed = False
+
+    def resume(self, previous: float | None) -> None:
+        """After a restart: the last check's accuracy, and the restored weights as the fallback."""
+        self.previous = previous
+        self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def check(self, pass_index: int) -> float:
+        from .attacks import pgd
+
+        device = next(self.model.parameters()).device
+        x, y = self.x.to(device), self.y.to(device)
+        self.model.eval()
+        x_adv = pgd(self.model, x, y, self.pgd, indices=self.indices.to(device), seed=pass_index)
+        with torch.inference_mode(), autocast(device):
+            robust = (self.model(x_adv).argmax(1) == y).float().mean().item()
+        self.model.train()
+        if self.previous is not None and robust < self.previous - self.DROP:
+            self.model.load_state_dict(self.weights)
+            self.collapsed = True
+        else:
+            self.previous = robust
+            self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return robust

@@ -7,11 +7,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import TensorDataset
 
 from .. import attacks, backdoor, config, figures, models, results, training
 from ..errors import TwmlError
-from .common import Data, Hooks, Run, artifacts, device, load_data, new_model
+from ..examples import InMemory
+from .common import Data, Hooks, Run, artifacts, device, in_memory, load_data, new_model, with_augmentation
 from .train import record_training
 
 COMMAND = "backdoor"
@@ -23,7 +23,7 @@ class Inputs:
     device: torch.device
     data: Data
     trigger: backdoor.Trigger
-    poisoned: TensorDataset  # the training set with the poisoned images
+    poisoned: InMemory  # the training set with the poisoned images
     chosen: torch.Tensor  # indices of the poisoned images
     model: models.Classifier
 
@@ -47,27 +47,27 @@ def run_name(s: config.Backdoor) -> str:
 
 def prepare(s: config.Backdoor) -> Inputs:
     dev = device(s)
-    data = load_data(s.dataset, s.data_dir)
+    data = in_memory(load_data(s.dataset, s), COMMAND)
     h, w = data.info.input_size
     if not 0 <= s.target < data.info.num_classes:
         raise TwmlError(f"target class {s.target} is outside the classes 0..{data.info.num_classes - 1} of '{data.info.name}'")
-    s = dataclasses.replace(s, trigger_size=s.trigger_size or backdoor.default_trigger_size(h, w))
+    s = dataclasses.replace(with_augmentation(s, data), trigger_size=s.trigger_size or backdoor.default_trigger_size(h, w))
     try:
         trigger = backdoor.Trigger(s.trigger_size, s.position)
-        x_p, y_p, chosen = backdoor.poison(*data.train.tensors, s.target, s.poison_rate, trigger, s.seed)
+        x_p, y_p, chosen = backdoor.poison(data.train.x.cpu(), data.train.y.cpu(), s.target, s.poison_rate, trigger, s.seed)
     except ValueError as err:
         raise TwmlError(str(err)) from None
-    return Inputs(s, dev, data, trigger, TensorDataset(x_p, y_p), chosen, new_model(s, data.info, dev))
+    return Inputs(s, dev, data, trigger, InMemory(x_p, y_p), chosen, new_model(s, data.info, dev))
 
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, model = inputs.settings, inputs.model
-    result = training.train(model, *inputs.poisoned.tensors, s.train_config(), None, hooks.progress)
-    x_test, y_test = inputs.data.test.tensors
-    accuracy = attacks.accuracy(model, x_test, y_test, s.eval_batch_size)
+    result = training.train(model, inputs.poisoned, s.train_config(), None, hooks=hooks.training(s), compile_mode=s.compile_mode(inputs.device))
+    x_test, y_test = inputs.data.test.x.cpu(), inputs.data.test.y.cpu()
+    accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
     success = backdoor.attack_success_rate(model, x_test, y_test, s.target, inputs.trigger, s.eval_batch_size)
     i = int(inputs.chosen[0])
-    example = (inputs.data.train.tensors[0][i], inputs.poisoned.tensors[0][i], int(inputs.data.train.tensors[1][i]))
+    example = (inputs.data.train.x[i].cpu(), inputs.poisoned.x[i], int(inputs.data.train.y[i]))
     return Outcome(s, model, result, accuracy, success, inputs.trigger, len(inputs.chosen), len(inputs.poisoned), example)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .. import attacks, cleanse, config, figures, models, results
 from ..runtime import Timer
-from .common import Data, Hooks, Run, artifacts, check_fits, data_name, device, load_data, load_model, model_source
+from .common import Data, Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_data, load_model, model_source
 
 COMMAND = "cleanse"
 
@@ -75,10 +75,10 @@ def prepare(s: config.Cleanse) -> Inputs:
     """`s.model_runs` must name the models (the runner fills in the newest runs by default)."""
     dev = device(s)
     loaded = [load_model(r, dev) for r in s.model_runs]
-    data = load_data(data_name(s.dataset, loaded[0], "digits"), s.data_dir)
+    data = in_memory(load_data(data_name(s.dataset, loaded[0], "digits"), s), COMMAND)
     for uri, model in zip(s.model_runs, loaded):
         check_fits(model, data.info, f"model {uri}")
-    x_train = data.train.tensors[0]
+    x_train = data.train.x.cpu()
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(s.seed))[: s.search_images]
     s = dataclasses.replace(s, dataset=data.info.name, search_images=len(pick))
     sources = [next(iter(model_source(r).values())) for r in s.model_runs]
@@ -87,12 +87,12 @@ def prepare(s: config.Cleanse) -> Inputs:
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s = inputs.settings
-    x_test, y_test = inputs.data.test.tensors
+    x_test, y_test = inputs.data.test.x.cpu(), inputs.data.test.y.cpu()
     outcome = Outcome(s, [])
     for i, (model, source) in enumerate(zip(inputs.models, inputs.sources)):
-        accuracy = attacks.accuracy(model, x_test, y_test, s.eval_batch_size)
+        accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
         with Timer(inputs.device) as timer:
-            rev = cleanse.reverse_engineer(model, inputs.x_clean, model.spec.num_classes, s.cleanse_config(), progress=hooks.progress)
+            rev = cleanse.reverse_engineer_all(model, inputs.x_clean, model.spec.num_classes, s.cleanse_config(), progress=hooks.progress)
         test = cleanse.mad_outlier_test(rev.norms, s.anomaly_threshold)
         outcome.inspections.append(Inspection(source, accuracy, rev, test, timer.seconds))
         for c in np.flatnonzero(test.flagged):

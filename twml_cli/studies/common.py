@@ -5,25 +5,38 @@ protocol a study records to. No MLflow here: a Run is anything with these method
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from .. import data, models
+from .. import data, models, training
 from ..errors import TwmlError
+from ..examples import usual_augmentation
 from ..runtime import Progress, no_progress, resolve_device
 
 
 @dataclass
 class Hooks:
-    """How compute() reaches its caller without printing: a progress wrapper for long loops."""
+    """How compute() reaches its caller without printing or MLflow: a progress wrapper for long
+    loops, per-pass training stats as they come, checkpoints to keep, and what an interrupted
+    run already did (its last training state, its certified rows). All optional."""
 
     progress: Progress = no_progress
+    on_pass: Callable[[training.EpochStats], None] | None = None
+    save_state: Callable[[training.TrainState], None] | None = None
+    resume: training.TrainState | None = None
+    save_rows: Callable[[dict], None] | None = None  # certification rows so far (rank 0)
+    done_rows: dict | None = None  # rows an interrupted certification already wrote
+
+    def training(self, settings) -> training.Hooks:
+        every = settings.checkpoint_every
+        return training.Hooks(self.progress, self.on_pass, self.save_state if every else None, max(every, 1), self.resume)
 
 
 class Run(Protocol):
@@ -54,18 +67,35 @@ def device(settings) -> torch.device:
         raise TwmlError(str(err)) from None
 
 
-@dataclass(frozen=True)
-class Data:
-    train: torch.utils.data.TensorDataset
-    test: torch.utils.data.TensorDataset
-    info: data.DataInfo
+Data = data.DataSet
 
 
 @functools.lru_cache(maxsize=2)
-def load_data(name: str, data_dir: str) -> Data:
+def _open(name: str, data_dir: str, image_size: int, workers: int) -> Data:
+    return data.open_dataset(name, data_dir, image_size, workers)
+
+
+def load_data(name: str, settings) -> Data:
     """A data set with its description (cached: a command making several runs loads it once)."""
-    train, test = data.load_dataset(name, data_dir)
-    return Data(train, test, data.describe(name, train, test))
+    return _open(name, settings.data_dir, settings.image_size, settings.workers)
+
+
+def in_memory(loaded: Data, command: str) -> Data:
+    """The data set, refused when it streams (commands that poison or stamp whole sets)."""
+    if loaded.train.streamed:
+        raise TwmlError(f"twml {command} needs a data set that fits in memory; '{loaded.info.name}' is an image folder, which streams")
+    return loaded
+
+
+def with_augmentation(settings, loaded: Data):
+    """The settings with `augmentation` resolved for this data set (what is logged)."""
+    if not settings.augment:
+        policy = "none"
+    elif settings.augmentation == "auto":
+        policy = usual_augmentation(loaded.info.name, loaded.train.streamed)
+    else:
+        policy = settings.augmentation
+    return dataclasses.replace(settings, augmentation=policy)
 
 
 def new_model(settings, info: data.DataInfo, dev: torch.device) -> models.Classifier:

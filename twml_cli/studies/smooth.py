@@ -11,8 +11,20 @@ import pandas as pd
 import torch
 
 from .. import attacks, config, figures, models, results, smoothing, training
-from ..runtime import Timer
-from .common import Data, Hooks, Run, artifacts, check_fits, data_name, device, load_data, load_model, model_source, new_model
+from .common import (
+    Data,
+    Hooks,
+    Run,
+    artifacts,
+    check_fits,
+    data_name,
+    device,
+    load_data,
+    load_model,
+    model_source,
+    new_model,
+    with_augmentation,
+)
 from .train import record_training
 
 COMMAND = "smooth"
@@ -35,7 +47,10 @@ class Outcome:
     training: training.TrainResult | None  # None when the model was given
     accuracy: float  # base classifier, clean test images
     table: dict[str, np.ndarray]  # per example: idx, label, predict, radius, correct, time_s
-    certify_time_s: float
+
+    @property
+    def certify_time_s(self) -> float:
+        return float(self.table["time_s"].sum())
 
     @property
     def max_radius(self) -> float:
@@ -55,28 +70,29 @@ def tags(s: config.Smoothing) -> dict[str, str]:
 def prepare(s: config.Smoothing) -> Inputs:
     dev = device(s)
     given = load_model(s.model_run, dev) if s.model_run else None
-    data = load_data(data_name(s.dataset, given, "digits"), s.data_dir)
+    data = load_data(data_name(s.dataset, given, "digits"), s)
     if given is not None:
         check_fits(given, data.info, f"model {s.model_run}")
-    n_test = len(data.test.tensors[0])
+    n_test = len(data.test)
     num = min(s.num_examples, n_test)
     indices = np.linspace(0, n_test - 1, num).round().astype(int).tolist()
-    s = dataclasses.replace(s, dataset=data.info.name, num_examples=num)
+    s = dataclasses.replace(with_augmentation(s, data), dataset=data.info.name, num_examples=num)
     model = given if given is not None else new_model(s, data.info, dev)
     return Inputs(s, dev, data, model, given is not None, indices)
 
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, model = inputs.settings, inputs.model
+    mode = s.compile_mode(inputs.device)
     result = None
     if not inputs.given:
-        result = training.train(model, *inputs.data.train.tensors, s.train_config(), training.GaussianNoise(s.sigma, s.seed), hooks.progress)
-    x_test, y_test = inputs.data.test.tensors
-    accuracy = attacks.accuracy(model, x_test, y_test, s.eval_batch_size)
-    smoothed = smoothing.Smooth(model, model.spec.num_classes, s.sigma, seed=s.seed)
-    with Timer(inputs.device) as timer:
-        table = smoothing.certify_dataset(smoothed, x_test, y_test, inputs.indices, s.n0, s.n, s.cert_alpha, s.certify_batch_size, hooks.progress)
-    return Outcome(s, model, result, accuracy, table, timer.seconds)
+        noise = training.GaussianNoise(s.sigma, s.seed)
+        result = training.train(model, inputs.data.train, s.train_config(), noise, hooks=hooks.training(s), compile_mode=mode)
+    accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
+    smoothed = smoothing.Smooth(models.compiled(model, mode), model.spec.num_classes, s.sigma, seed=s.seed)
+    table = smoothing.certify_dataset(smoothed, inputs.data.test, inputs.indices, s.n0, s.n, s.cert_alpha, s.certify_batch_size,
+                                      hooks.progress, done=hooks.done_rows, save_rows=hooks.save_rows)  # fmt: skip
+    return Outcome(s, model, result, accuracy, table)
 
 
 def extra_params(inputs: Inputs) -> dict[str, str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import attacks, config, models, results, training
-from .common import Data, Hooks, Run, device, load_data, new_model
+from .common import Data, Hooks, Run, device, load_data, new_model, with_augmentation
 
 COMMAND = "train"
 
@@ -34,14 +34,16 @@ def run_name(s: config.Training) -> str:
 
 def prepare(s: config.Training) -> Inputs:
     dev = device(s)
-    data = load_data(s.dataset, s.data_dir)
+    data = load_data(s.dataset, s)
+    s = with_augmentation(s, data)
     return Inputs(s, dev, data, new_model(s, data.info, dev))
 
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, data, model = inputs.settings, inputs.data, inputs.model
-    result = training.train(model, *data.train.tensors, s.train_config(), s.perturbation(), hooks.progress)
-    robust = attacks.evaluate_robustness(model, *data.test.tensors, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress)
+    mode = s.compile_mode(inputs.device)
+    result = training.train(model, data.train, s.train_config(), s.perturbation(), hooks=hooks.training(s), compile_mode=mode)
+    robust = attacks.evaluate_robustness(models.compiled(model, mode), data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress)
     return Outcome(s, model, result, robust)
 
 
@@ -67,15 +69,23 @@ def summarize(outcome: Outcome) -> list[str]:
 
 
 def record_training(run: Run, result: training.TrainResult) -> None:
-    """The per-epoch curves (step = epochs of SGD budget) and what training cost."""
-    epochs = [h.epoch for h in result.history]
-    run.log_series(results.TRAIN_LOSS, epochs, [h.loss for h in result.history])
-    run.log_series(results.TRAIN_ACCURACY, epochs, [h.accuracy for h in result.history])
+    """The per-epoch curves (step = epochs of SGD budget; the runner logs them live, and a Run
+    logs a step once) and what training cost."""
+    for stats in result.history:
+        record_pass(run, stats)
     run.log_metrics(results.metrics(training_metrics(result)))
 
 
+def record_pass(run: Run, stats: training.EpochStats) -> None:
+    """One pass's curves, at step = epochs of SGD budget."""
+    run.log_series(results.TRAIN_LOSS, [stats.epoch], [stats.loss])
+    run.log_series(results.TRAIN_ACCURACY, [stats.epoch], [stats.accuracy])
+    if stats.robust_accuracy is not None:
+        run.log_series(results.GUARD_ROBUST_ACCURACY, [stats.epoch], [stats.robust_accuracy])
+
+
 def training_metrics(result: training.TrainResult) -> results.TrainingMetrics:
-    return results.TrainingMetrics(result.train_time_s, result.images_per_s, result.steps)
+    return results.TrainingMetrics(result.train_time_s, result.images_per_s, result.steps, result.passes_per_step, int(result.stopped_early))
 
 
 def robustness_metrics(r: attacks.RobustnessResult) -> results.RobustnessMetrics:

@@ -1,0 +1,81 @@
+"""A run killed with SIGKILL is told apart from a live one, and `--resume` finishes it in place
+with the very weights an uninterrupted run of the same seed ends with."""
+
+import json
+import signal
+import time
+
+import pytest
+from conftest import twml_process, twml_run
+from safetensors.torch import load_file
+
+ARGS = ("train", "--free", "--m", "4", "--pgd-steps", "3")  # 28 epochs: 7 passes, a checkpoint after each
+
+
+def checkpoint_passes(cli, run_id) -> int:
+    try:
+        path = cli.client().download_artifacts(run_id, "checkpoint/state.json")
+    except Exception:  # noqa: BLE001 - no checkpoint yet
+        return 0
+    return json.loads(open(path).read())["passes_done"]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    from conftest import Cli
+
+    cli = Cli(tmp_path_factory.mktemp("resume"))
+    proc = twml_process(*ARGS, cwd=cli.path, uri=cli.uri)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        runs = cli.runs("train")
+        if runs and checkpoint_passes(cli, runs[0].info.run_id) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (killed,) = cli.runs("train")
+    listing = twml_run("runs", cwd=cli.path, uri=cli.uri)
+    done_before = checkpoint_passes(cli, killed.info.run_id)
+    resumed = twml_run("train", "--resume", killed.info.run_id, cwd=cli.path, uri=cli.uri)
+    whole = twml_run(*ARGS, "--experiment", "whole", cwd=cli.path, uri=cli.uri)
+    return cli, killed, listing, done_before, resumed, whole
+
+
+def test_a_killed_run_is_listed_as_interrupted_with_its_resume_command(killed_and_resumed):
+    cli, killed, listing, *_ = killed_and_resumed
+    assert killed.info.status == "RUNNING"  # SIGKILL leaves MLflow no chance...
+    line = next(line for line in listing.out.splitlines() if killed.info.run_id in line)
+    assert line.startswith("interrupted") and f"resume: twml train --resume {killed.info.run_id}" in line  # ...twml tells
+
+
+def test_resume_finishes_the_same_run_with_the_uninterrupted_weights(killed_and_resumed):
+    cli, killed, _, done_before, resumed, whole = killed_and_resumed
+    assert 3 <= done_before < 7
+    assert resumed.code == 0, resumed.err
+    assert whole.code == 0, whole.err
+    run = cli.client().get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["twml.resumed"] == "1"
+    assert len(cli.runs("train")) == 1  # continued in place, no new run
+    (reference,) = cli.runs("train", experiment="whole")
+    a = load_file(cli.download(run, "model/model.safetensors"))
+    b = load_file(cli.download(reference, "model/model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
+    for key in ("accuracy", "pgd_success_rate", "robust_accuracy", "sgd_steps"):
+        assert run.data.metrics[key] == reference.data.metrics[key]
+    history = cli.client().get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [4, 8, 12, 16, 20, 24, 28]  # each pass logged once
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
+        m.value for m in sorted(cli.client().get_metric_history(reference.info.run_id, "train_loss"), key=lambda m: m.step)
+    ]
+
+
+def test_resume_refuses_what_it_cannot_do(killed_and_resumed):
+    cli, killed, *_ = killed_and_resumed
+    again = cli("train", "--resume", killed.info.run_id)
+    assert again.code == 2 and "already finished" in again.err
+    changed = cli("train", "--resume", killed.info.run_id, "--epochs", "3")
+    assert changed.code == 2 and "a resumed run keeps its settings" in changed.err
+    other = cli("smooth", "--resume", killed.info.run_id)
+    assert other.code == 2 and "is a 'train' run, not 'smooth'" in other.err
