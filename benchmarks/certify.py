@@ -16,10 +16,11 @@ import json
 import numpy as np
 import torch
 from _models import subject
+from _profile import where_time_goes
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
-from twml_cli.models import create_model, prepare
+from twml_cli.models import compiled, create_model, prepare
 from twml_cli.runtime import Timer, resolve_device
 from twml_cli.smoothing import Smooth
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--reference-images", type=int, default=None, help="images the slow reference certifies (default: all on CPU, 4 on CUDA)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--compile", choices=("off", "on", "graphs"), default=None, help="torch.compile twml's model (default: graphs on CUDA)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -74,8 +76,9 @@ def main() -> None:
     x = x.to(device)
     samples = images * (n0 + n)
 
-    smooth = Smooth(model, 10, args.sigma)
-    smooth.certify_batch(x[:1], n0, min(n, batch), 0.001, batch)  # warm-up
+    mode = args.compile or ("graphs" if cuda else "off")
+    smooth = Smooth(compiled(model, {"off": None, "on": "default", "graphs": "reduce-overhead"}[mode]), 10, args.sigma)
+    smooth.certify_batch(x[:1], n0, 2 * batch, 0.001, batch)  # warm-up: compile, autotune, both batch shapes
     with Timer(device) as fast:
         smooth.certify_batch(x, n0, n, 0.001, batch)
     reference = ReferenceSmooth(model, 10, args.sigma)
@@ -98,10 +101,12 @@ def main() -> None:
         "reference_samples_per_s": round((n0 + n) / slow_per_image),
         "reference_s_per_image": round(slow_per_image, 4),
         "speedup": round(slow_per_image / (fast.seconds / images), 2),
+        "compile": mode,
     }
     for k, v in row.items():
         print(f"{k:>24}: {v}")
     print(json.dumps(row))
+    print(where_time_goes(lambda: smooth.certify_batch(x[:1], n0, 2 * batch, 0.001, batch)))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import numpy as np
 import torch
 from _models import subject
+from _profile import where_time_goes
 
 from twml_cli.cleanse import CleanseConfig, reverse_engineer
 from twml_cli.models import create_model, prepare
@@ -66,6 +67,7 @@ def main() -> None:
     for k, v in row.items():
         print(f"{k:>30}: {v}")
     print(json.dumps(row))
+    print(where_time_goes(lambda: reverse_engineer(model, x[:batch * 2], 10, CleanseConfig(steps=1, batch_size=batch)), calls=2))
 
 
 if __name__ == "__main__":

@@ -56,9 +56,14 @@ class Cli:
     def client(self):
         from mlflow.tracking import MlflowClient
 
+        from twml_cli.tracking import open_store
+
+        open_store(self.uri)  # as twml does: a new store is made by one process at a time
         return MlflowClient(self.uri)
 
     def runs(self, command: str | None = None, status: str | None = None, experiment: str = "twml"):
+        if self.uri.startswith("sqlite:///") and not (self.path / "mlflow.db").exists():
+            return []  # no store, no runs (and no store made by looking)
         client = self.client()
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

@@ -94,7 +94,8 @@ BAD = [
     (["train", "--epochs", "0"], "epochs must be >= 1, got 0"),
     (["train", "--schedule", "wavy"], "unknown schedule 'wavy'"),
     (["train", "--m", "four"], "Invalid value for '--m'"),
-    (["train", "--preset", "imagenet"], "unknown preset 'imagenet'"),
+    (["train", "--preset", "imagenet-x"], "unknown preset 'imagenet-x'"),
+    (["train", "--preset", "imagenet"], "--image-size resizes image folders only; 'digits' has 8-pixel images"),
     (["train", "--model-kwargs", "[1, 2]"], "--model-kwargs must be a JSON object"),
     (["attack"], "name the model to attack with --run"),
     (["attack", "--run", "0123456789abcdef0123456789abcdef"], "no run '0123456789abcdef0123456789abcdef'"),
@@ -153,12 +154,15 @@ def _twml(*args, cwd, env):
 def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": cli.uri}
     proc = _twml("train", "--epochs", "2000", cwd=tmp_path, env=env)
-    deadline = time.time() + 120
-    while not cli.runs() and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(1.0)  # inside the training loop
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 120
+        while not cli.runs() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)  # inside the training loop
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     (run,) = cli.runs()

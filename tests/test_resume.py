@@ -26,15 +26,17 @@ def killed_and_resumed(tmp_path_factory):
 
     cli = Cli(tmp_path_factory.mktemp("resume"))
     proc = twml_process(*ARGS, cwd=cli.path, uri=cli.uri)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        runs = cli.runs("train")
-        if runs and checkpoint_passes(cli, runs[0].info.run_id) >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "training ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            runs = cli.runs("train")
+            if runs and checkpoint_passes(cli, runs[0].info.run_id) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training ended before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
     (killed,) = cli.runs("train")
     listing = twml_run("runs", cwd=cli.path, uri=cli.uri)
     done_before = checkpoint_passes(cli, killed.info.run_id)

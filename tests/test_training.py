@@ -142,3 +142,19 @@ def test_free_adversarial_refuses_bad_values():
         FreeAdversarial(-0.1, 4)
     with pytest.raises(ValueError, match="sigma"):
         GaussianNoise(0.0)
+
+
+@pytest.mark.slow
+def test_compiled_training_learns_what_eager_training_learns(digits):
+    """torch.compile (inductor, on this CPU: about 2.5 minutes to compile) changes how the
+    arithmetic is fused, not what is learned."""
+    from twml_cli.attacks import accuracy
+
+    x, y = digits.train.tensors
+    scores = []
+    for mode in (None, "default"):
+        model = small_model(digits.info)
+        history = train(model, (x, y), TrainConfig(epochs=3, batch_size=128), FreeAdversarial(0.1, 3), compile_mode=mode).history
+        scores.append((history[-1].loss, accuracy(model, digits.test.tensors)))
+    (eager_loss, eager_acc), (compiled_loss, compiled_acc) = scores
+    assert compiled_loss == pytest.approx(eager_loss, rel=0.02) and abs(compiled_acc - eager_acc) < 0.03

@@ -78,8 +78,10 @@ def _option(cls: type, f, default: Any) -> tuple[Any, Any]:
     cli_type = {int: int, float: float, bool: bool, str: str, dict: str, list: list[str]}[kind]
     if f.metadata["each"]:
         cli_type = list[str]  # repeat the flag, or give a comma-separated list
-    metavar = f"<{kind.__name__ if kind in (int, float) else 'str'}>"  # one value a flag; lists repeat it
-    option = typer.Option(config.flag_of(f), help=text, rich_help_panel=config.panel_of(cls, f.name), show_default=False, metavar=metavar)
+    metavar = "" if kind is bool else f"<{kind.__name__ if kind in (int, float) else 'str'}>"  # one value a flag; lists repeat it
+    flag = config.flag_of(f)
+    names = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+    option = typer.Option(*names, help=text, rich_help_panel=config.panel_of(cls, f.name), show_default=False, metavar=metavar)
     return Annotated[Optional[cli_type], option], None
 
 
@@ -392,6 +394,12 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{command}: error: {err.format_message()} (see '{command} --help')")
     except TwmlError as err:
         fail(f"twml: error: {err}")
+    except Exception as err:
+        tracking = sys.modules.get("twml_cli.tracking")
+        store = tracking.store_error(err) if tracking else None
+        if store is None:
+            raise
+        fail(f"twml: error: {store}")
     if code == 130:
         fail("twml: interrupted; the MLflow run ended KILLED", 130)
     sys.exit(code if isinstance(code, int) else 0)

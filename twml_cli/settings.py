@@ -57,16 +57,20 @@ class Settings:
 # ---------------------------------------------------------------- groups
 
 
+COMPILE_PAYS = 1_000_000  # images through the model; below, eager bf16 finishes before a compile would
+
+
 @dataclass(frozen=True)
 class Common(Group):
     PANEL = "Data and model"
-    dataset: str = setting("digits", "digits (embedded), mnist, fashion-mnist, cifar10, cifar100, svhn, gtsrb, or a .npz file.")
+    dataset: str = setting("digits", "digits (embedded), mnist, fashion-mnist, cifar10, cifar100, svhn, gtsrb, a .npz file, or an "
+                           "image folder holding train/ and val/ (or test/) class folders, which streams.")  # fmt: skip
     data_dir: str = setting("data", "Where torchvision data sets are stored.")
     image_size: int = setting(0, "Image folders: the side images are resized to (0: 224).")
     workers: int = setting(4, "Image folders: DataLoader worker processes.", log=False)
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
-    compile: str = setting("auto", "torch.compile the model: auto (on CUDA: with CUDA graphs in one process), off, on, graphs.",
-                           choices=("auto", "off", "on", "graphs"))  # fmt: skip
+    compile: str = setting("auto", "torch.compile the model: auto (on CUDA, when the work repays the compile time; with CUDA "
+                           "graphs in one process), off, on, graphs.", choices=("auto", "off", "on", "graphs"))  # fmt: skip
     seed: int = setting(0, "Seed of every random choice.")
     eval_batch_size: int = setting(512, "Batch size of evaluation and attacks.")
 
@@ -76,13 +80,16 @@ class Common(Group):
         if self.image_size < 0 or self.workers < 0:
             raise ValueError(f"image size and workers must be >= 0, got {self.image_size} and {self.workers}")
 
-    def compile_mode(self, device) -> str | None:
-        """torch.compile's mode for this device and world (None: not compiled)."""
+    def compile_mode(self, device, work: int) -> str | None:
+        """torch.compile's mode (None: not compiled) for `work` images through the model on this
+        device. `auto` compiles on CUDA only when the work repays a compile of about a minute
+        (COMPILE_PAYS images: a CIFAR-10 training run or n = 100,000 certificates, not the
+        digits demo), with CUDA graphs in one process (fixed shapes), without under DDP."""
         from .runtime import world_size
 
         choice = self.compile
         if choice == "auto":
-            choice = ("graphs" if world_size() == 1 else "on") if device.type == "cuda" else "off"
+            choice = ("graphs" if world_size() == 1 else "on") if device.type == "cuda" and work >= COMPILE_PAYS else "off"
         return {"off": None, "on": "default", "graphs": "reduce-overhead"}[choice]
 
 
@@ -103,7 +110,8 @@ class SGD(Group):
     lr: float = setting(0.1, "Peak SGD learning rate.")
     momentum: float = setting(0.9, "SGD (Nesterov) momentum.")
     weight_decay: float = setting(5e-4, "SGD weight decay.")
-    schedule: str = setting("cosine", "Learning-rate schedule.", choices=("cosine", "step", "constant"))
+    schedule: str = setting("cosine", "Learning-rate schedule: cosine; step (x0.1 at 50% and 75%); imagenet (x0.1 at 1/3 "
+                            "and 2/3); constant.", choices=("cosine", "step", "imagenet", "constant"))  # fmt: skip
     augment: bool = setting(True, "Train with the data set's usual augmentation (none for digits and MNIST-like sets; "
                             "crops and flips for CIFAR; crops for SVHN and GTSRB; ImageNet's for image folders).")  # fmt: skip
     augmentation: str = setting("auto", "Which augmentation --augment applies: auto (the data set's usual) or one of these.",

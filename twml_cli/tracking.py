@@ -10,6 +10,7 @@ RUNNING.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -36,13 +37,51 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def configure(tracking_uri: str | None = None) -> str:
-    """Point MLflow at --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    """Point MLflow at --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db, and make
+    sure the store is usable (see open_store)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     mlflow.set_tracking_uri(uri)
+    open_store(uri)
     return uri
+
+
+def open_store(uri: str) -> None:
+    """Touch the store once, before any work. A SQLite store is created and migrated under an
+    exclusive lock on <db>.lock: MLflow's schema migration is not safe when several processes
+    open a new store at once (it can leave the database unreadable), so they take turns.
+    An unusable store (no such folder, no server, a file that is not a database) is a
+    TwmlError naming it."""
+    try:
+        if uri.startswith("sqlite:///"):
+            db = Path(uri.removeprefix("sqlite:///"))
+            if not db.parent.is_dir():
+                raise TwmlError(f"cannot use the tracking store {uri}: folder '{db.parent}' does not exist")
+            with open(db.with_name(db.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                MlflowClient(uri).search_experiments(max_results=1)
+        else:
+            MlflowClient(uri).search_experiments(max_results=1)
+    except TwmlError:
+        raise
+    except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy, HTTP and OS errors all mean the same here
+        raise TwmlError(f"cannot use the tracking store {uri}: {_first_line(err)}") from None
+
+
+def store_error(err: BaseException) -> TwmlError | None:
+    """A TwmlError for an error raised by the tracking store (MLflow, its database or server),
+    None for anything else."""
+    module = type(err).__module__.split(".")[0]
+    if isinstance(err, MlflowException) or module in ("sqlalchemy", "alembic", "requests", "urllib3"):
+        return TwmlError(f"tracking store {mlflow.get_tracking_uri()}: {_first_line(err)}")
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 def tracking_uri() -> str:

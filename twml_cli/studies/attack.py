@@ -42,14 +42,14 @@ def prepare(s: config.Attack) -> Inputs:
         raise TwmlError("name the model to attack with --run (a run id, runs:/RUN_ID/model or a folder)")
     dev = device(s)
     model = load_model(s.model_run, dev)
-    data = load_data(data_name(s.dataset, model, "digits"), s)
+    data = load_data(data_name(s.dataset, model, "digits"), s, model)
     check_fits(model, data.info, f"model {s.model_run}")
     return Inputs(dataclasses.replace(s, dataset=data.info.name), dev, data, model)
 
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s = inputs.settings
-    model = models.compiled(inputs.model, s.compile_mode(inputs.device))
+    model = models.compiled(inputs.model, s.compile_mode(inputs.device, len(inputs.data.test) * (s.pgd_steps + 2) * s.pgd_restarts))
     robust = attacks.evaluate_robustness(model, inputs.data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress)
     return Outcome(s, robust)
 

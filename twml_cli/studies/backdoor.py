@@ -62,7 +62,8 @@ def prepare(s: config.Backdoor) -> Inputs:
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, model = inputs.settings, inputs.model
-    result = training.train(model, inputs.poisoned, s.train_config(), None, hooks=hooks.training(s), compile_mode=s.compile_mode(inputs.device))
+    mode = s.compile_mode(inputs.device, s.epochs * len(inputs.poisoned))
+    result = training.train(model, inputs.poisoned, s.train_config(), None, hooks=hooks.training(s), compile_mode=mode)
     x_test, y_test = inputs.data.test.x.cpu(), inputs.data.test.y.cpu()
     accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
     success = backdoor.attack_success_rate(model, x_test, y_test, s.target, inputs.trigger, s.eval_batch_size)

@@ -75,7 +75,7 @@ def prepare(s: config.Cleanse) -> Inputs:
     """`s.model_runs` must name the models (the runner fills in the newest runs by default)."""
     dev = device(s)
     loaded = [load_model(r, dev) for r in s.model_runs]
-    data = in_memory(load_data(data_name(s.dataset, loaded[0], "digits"), s), COMMAND)
+    data = in_memory(load_data(data_name(s.dataset, loaded[0], "digits"), s, loaded[0]), COMMAND)
     for uri, model in zip(s.model_runs, loaded):
         check_fits(model, data.info, f"model {uri}")
     x_train = data.train.x.cpu()

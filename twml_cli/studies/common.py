@@ -75,9 +75,13 @@ def _open(name: str, data_dir: str, image_size: int, workers: int) -> Data:
     return data.open_dataset(name, data_dir, image_size, workers)
 
 
-def load_data(name: str, settings) -> Data:
-    """A data set with its description (cached: a command making several runs loads it once)."""
-    return _open(name, settings.data_dir, settings.image_size, settings.workers)
+def load_data(name: str, settings, model: models.Classifier | None = None) -> Data:
+    """A data set with its description (cached: a command making several runs loads it once).
+    An image folder read for a given model is resized to the model's input size."""
+    size = settings.image_size
+    if not size and model is not None and Path(name).is_dir():
+        size = model.spec.input_size[0]
+    return _open(name, settings.data_dir, size, settings.workers)
 
 
 def in_memory(loaded: Data, command: str) -> Data:

@@ -70,7 +70,7 @@ def tags(s: config.Smoothing) -> dict[str, str]:
 def prepare(s: config.Smoothing) -> Inputs:
     dev = device(s)
     given = load_model(s.model_run, dev) if s.model_run else None
-    data = load_data(data_name(s.dataset, given, "digits"), s)
+    data = load_data(data_name(s.dataset, given, "digits"), s, given)
     if given is not None:
         check_fits(given, data.info, f"model {s.model_run}")
     n_test = len(data.test)
@@ -83,13 +83,14 @@ def prepare(s: config.Smoothing) -> Inputs:
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, model = inputs.settings, inputs.model
-    mode = s.compile_mode(inputs.device)
     result = None
     if not inputs.given:
         noise = training.GaussianNoise(s.sigma, s.seed)
+        mode = s.compile_mode(inputs.device, s.epochs * len(inputs.data.train))
         result = training.train(model, inputs.data.train, s.train_config(), noise, hooks=hooks.training(s), compile_mode=mode)
     accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
-    smoothed = smoothing.Smooth(models.compiled(model, mode), model.spec.num_classes, s.sigma, seed=s.seed)
+    base = models.compiled(model, s.compile_mode(inputs.device, len(inputs.indices) * (s.n0 + s.n)))
+    smoothed = smoothing.Smooth(base, model.spec.num_classes, s.sigma, seed=s.seed)
     table = smoothing.certify_dataset(smoothed, inputs.data.test, inputs.indices, s.n0, s.n, s.cert_alpha, s.certify_batch_size,
                                       hooks.progress, done=hooks.done_rows, save_rows=hooks.save_rows)  # fmt: skip
     return Outcome(s, model, result, accuracy, table)

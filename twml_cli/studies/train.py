@@ -41,9 +41,10 @@ def prepare(s: config.Training) -> Inputs:
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, data, model = inputs.settings, inputs.data, inputs.model
-    mode = s.compile_mode(inputs.device)
-    result = training.train(model, data.train, s.train_config(), s.perturbation(), hooks=hooks.training(s), compile_mode=mode)
-    robust = attacks.evaluate_robustness(models.compiled(model, mode), data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress)
+    work = s.epochs * len(data.train), len(data.test) * (s.pgd_steps + 2) * s.pgd_restarts
+    result = training.train(model, data.train, s.train_config(), s.perturbation(), hooks=hooks.training(s), compile_mode=s.compile_mode(inputs.device, work[0]))
+    attacked = models.compiled(model, s.compile_mode(inputs.device, work[1]))
+    robust = attacks.evaluate_robustness(attacked, data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress)
     return Outcome(s, model, result, robust)
 
 
