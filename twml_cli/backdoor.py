@@ -16,8 +16,10 @@ POISON_STREAM = 3
 
 
 def default_trigger_size(height: int, width: int) -> int:
-    """About a tenth of the image side, at least 2: 3 on 32x32 (the usual 3x3), 2 on 8x8."""
-    return max(2, round(min(height, width) / 10))
+    """About a tenth of the image side: 3 on 32x32 (BadNets' and BackdoorBench's 3x3, 0.9% of
+    the image), 1 on 8x8 (1.6% of it; a 2x2 square would cover 6%, more than some digits'
+    own distinguishing strokes, which is what Neural Cleanse compares against)."""
+    return max(1, round(min(height, width) / 10))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 - ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 grayscale images,
   10 classes), split once, stratified, with a fixed seed. Offline, no download.
+- ``digits16``: the same images and split at 16x16 (bilinear upsampling): Neural Cleanse's
+  default, where a small trigger is small next to what a digit's strokes need.
 - torchvision data sets by name, downloaded under ``data_dir`` on first use.
 - a user's ``.npz`` with ``x_train, y_train, x_test, y_test``, loaded with
   ``allow_pickle=False``: uint8 images as (N, H, W, C) or (N, H, W), or float images in
@@ -26,8 +28,9 @@ from .errors import TwmlError
 from .examples import Folder, InMemory
 
 EMBEDDED = "digits"
+EMBEDDED_16 = "digits16"
 TORCHVISION = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "gtsrb")
-DATASETS = (EMBEDDED, *TORCHVISION)
+DATASETS = (EMBEDDED, EMBEDDED_16, *TORCHVISION)
 DEFAULT_DATA_DIR = "data"
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -105,8 +108,8 @@ def load_dataset(name: str = EMBEDDED, data_dir: str | Path | None = None) -> tu
     Raises TwmlError for anything else, for files that cannot be read, and when a
     torchvision data set is neither on disk nor downloadable.
     """
-    if name == EMBEDDED:
-        arrays = _digits()
+    if name in (EMBEDDED, EMBEDDED_16):
+        arrays = _digits(2 if name == EMBEDDED_16 else 1)
     elif name in TORCHVISION:
         arrays = _torchvision(name, Path(data_dir or DEFAULT_DATA_DIR))
     elif str(name).endswith(".npz"):
@@ -138,7 +141,7 @@ def describe(name: str, train: TensorDataset, test: TensorDataset) -> DataInfo:
 # ---------------------------------------------------------------- sources
 
 
-def _digits():
+def _digits(scale: int = 1):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -148,12 +151,14 @@ def _digits():
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=DIGITS_SPLIT_SEED
     )
-    return (
-        torch.from_numpy(x_train[:, None]),
-        torch.from_numpy(y_train),
-        torch.from_numpy(x_test[:, None]),
-        torch.from_numpy(y_test),
-    )
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a[:, None])
+        if scale > 1:  # a convex combination of [0, 1] pixels stays in [0, 1]
+            t = torch.nn.functional.interpolate(t, scale_factor=scale, mode="bilinear", align_corners=False)
+        return t.contiguous()
+
+    return images(x_train), torch.from_numpy(y_train), images(x_test), torch.from_numpy(y_test)
 
 
 def _torchvision(name: str, root: Path):

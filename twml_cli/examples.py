@@ -13,6 +13,7 @@ of processes, or an interruption and resume. Evaluation is never augmented.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,18 @@ class InMemory:
             return self
         return InMemory(to_device_layout(self.x, device), self.y.to(device))
 
+    def digest(self) -> str:
+        """A short hash of every image and label: equal digests, equal data."""
+        if not hasattr(self, "_digest"):
+            h = hashlib.sha256(self.y.cpu().numpy().tobytes())
+            h.update(self.x.cpu().contiguous().numpy().tobytes())
+            h.update(str(tuple(self.x.shape)).encode())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
+
+    def profile(self) -> dict:
+        return {"num_examples": len(self), "shape": list(self.x.shape[1:]), "classes": int(self.y.max()) + 1 if len(self) else 0}
+
     def take(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """The examples at `indices`, unaugmented, on the CPU."""
         indices = torch.as_tensor(indices, dtype=torch.long)
@@ -131,6 +144,18 @@ class Folder:
 
     def to(self, device: torch.device) -> Folder:
         return self  # streamed: batches move to the device as they come
+
+    def digest(self) -> str:
+        """A short hash of every file's path (relative to the folder), size and label."""
+        if not hasattr(self, "_digest"):
+            h = hashlib.sha256()
+            for path, label in self.dataset.samples:
+                h.update(f"{Path(path).relative_to(self.root)}:{Path(path).stat().st_size}:{label};".encode())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
+
+    def profile(self) -> dict:
+        return {"num_examples": len(self), "image_size": self.image_size, "classes": len(self.dataset.classes), "root": str(self.root)}
 
     def take(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         indices = [int(i) for i in torch.as_tensor(indices).flatten()]

@@ -38,7 +38,9 @@ class ModelSpec:
     dataset: str = ""  # the data set it was made for (provenance; not needed to load it)
 
     @classmethod
-    def for_data(cls, arch: str, info, model_kwargs: dict | None = None) -> ModelSpec:
+    def for_data(cls, arch: str, info, model_kwargs: dict | None = None, stem: str = "auto") -> ModelSpec:
+        """The spec of `arch` for data set `info`. stem: 'auto' (the small-input stem below
+        SMALL_INPUT pixels), 'small' or 'timm' (the architecture's own)."""
         return cls(
             arch=arch,
             num_classes=info.num_classes,
@@ -47,7 +49,7 @@ class ModelSpec:
             mean=tuple(info.mean),
             std=tuple(info.std),
             model_kwargs=dict(model_kwargs or {}),
-            small_input_stem=min(info.input_size) < SMALL_INPUT,
+            small_input_stem=stem == "small" or (stem == "auto" and min(info.input_size) < SMALL_INPUT),
             dataset=info.name,
         )
 
@@ -87,6 +89,41 @@ class Classifier(nn.Module):
         return self.backbone(self.normalize(x))
 
 
+REFUSED_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "cache_dir")
+
+
+def check_model_kwargs(kwargs: dict) -> None:
+    """Architecture arguments only: a spec (typed on the command line, or read from a logged
+    spec.json shared through a tracking server) must never make timm read a file or fetch
+    weights. Refuses checkpoint paths, anything pretrained*, and any string that names a file,
+    a folder or a URL, at any depth."""
+    from pathlib import Path
+
+    def refuse(key: str, why: str) -> None:
+        raise TwmlError(f"model_kwargs '{key}' is refused ({why}): twml models take architecture arguments only, trained from scratch")
+
+    def visit(value, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    refuse(str(k), "keys must be names")
+                if k in REFUSED_KWARGS or k.startswith("pretrained"):
+                    refuse(k, "it loads weights or files")
+                visit(v, k)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v, key)
+        elif isinstance(value, str):
+            if "://" in value or "/" in value or "\\" in value or value.startswith("~") or Path(value).exists():
+                refuse(key, f"'{value}' names a file or URL")
+        elif value is not None and not isinstance(value, (bool, int, float)):
+            refuse(key, f"a {type(value).__name__} is not an architecture argument")
+
+    if not isinstance(kwargs, dict):
+        raise TwmlError("model_kwargs must be a JSON object of architecture arguments")
+    visit(kwargs, "model_kwargs")
+
+
 def check_arch(arch: str) -> None:
     import timm
 
@@ -99,6 +136,7 @@ def create_model(spec: ModelSpec) -> Classifier:
     import timm
 
     check_arch(spec.arch)
+    check_model_kwargs(spec.model_kwargs)
     try:
         backbone = timm.create_model(
             spec.arch, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans, **spec.model_kwargs

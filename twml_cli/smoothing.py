@@ -41,6 +41,25 @@ class Certificate:
     p_lower: np.ndarray  # one-sided (1 - alpha) Clopper-Pearson lower bound of pA
 
 
+@dataclass(frozen=True)
+class GridCertificate:
+    """Per-example results of certify_grid (CPU arrays)."""
+
+    prediction: np.ndarray  # class, or ABSTAIN (-1)
+    radius: np.ndarray  # the largest grid radius certified; 0 when none (or only radius 0) is
+    samples: np.ndarray  # noise samples used: n0 plus the estimation samples drawn
+    count: np.ndarray  # nA at the last look
+    p_lower: np.ndarray  # the last look's lower bound of pA (at level alpha / looks)
+
+
+def rounds(n_max: int) -> list[int]:
+    """certify_grid's cumulative sample sizes: NOISE_BLOCK, then doubling, capped at n_max."""
+    sizes = [min(NOISE_BLOCK, n_max)]
+    while sizes[-1] < n_max:
+        sizes.append(min(2 * sizes[-1], n_max))
+    return sizes
+
+
 class Smooth:
     """A smoothed classifier around `base_classifier` (which takes [0, 1] images)."""
 
@@ -101,8 +120,68 @@ class Smooth:
         prediction = np.where(certified, c_a, ABSTAIN)
         return Certificate(prediction=prediction, radius=radius, count=n_a, p_lower=p_lower)
 
-    def _counts(self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int) -> torch.Tensor:
-        """(len(x), num_classes) votes of the base classifier on `num` noisy copies of each image."""
+    def certify_grid(
+        self,
+        x: torch.Tensor,
+        radii: Sequence[float],
+        n0: int,
+        n_max: int,
+        alpha: float,
+        batch_size: int,
+        indices: Sequence[int] | None = None,
+    ) -> GridCertificate:
+        """Is each image certified at each radius of a grid? CERTIFY's question, asked with as few
+        samples as the answer needs.
+
+        n0 samples select the class cA, as in CERTIFY. Fresh samples then come in rounds of
+        doubling size (whole noise blocks: the first samples fixed-n CERTIFY would draw for the
+        same image), up to n_max. After round k of L, a one-sided Clopper-Pearson interval for
+        pA at level alpha / L certifies radius r when its lower end reaches Phi(r / sigma); the
+        union bound over the L looks of this fixed schedule keeps the chance that any
+        certificate is wrong at most alpha, however early an image stops. An image stops once
+        every radius is settled: certified, or out of reach (even all remaining n_max samples
+        voting cA could not certify it, or the interval's upper end is below its threshold).
+        """
+        check_certify_args(n0, n_max, alpha, batch_size)
+        indices = list(range(len(x))) if indices is None else [int(i) for i in indices]
+        grid = np.array(sorted({0.0, *(float(r) for r in radii)}))
+        need = norm.cdf(grid / self.sigma)  # pA_lower must reach these (radius 0: 1/2, else abstain)
+        looks = rounds(n_max)
+        level = alpha / len(looks)
+        c_a = self._counts(x, indices, SELECTION, n0, batch_size).argmax(1)
+        n_a = np.zeros(len(x), dtype=np.int64)
+        used = np.zeros(len(x), dtype=np.int64)
+        reached = np.full(len(x), -1)  # index into grid of the largest radius certified so far
+        p_lower = np.zeros(len(x))
+        active = np.arange(len(x))
+        done = 0
+        for size in looks:
+            rows = torch.as_tensor(active, device=c_a.device)
+            votes = self._counts(x[rows.cpu()], [indices[i] for i in active], ESTIMATION, size, batch_size, skip=done)
+            n_a[active] += votes.gather(1, c_a[rows][:, None])[:, 0].cpu().numpy()
+            used[active] = size
+            low = lower_confidence_bound(n_a[active], size, level)
+            p_lower[active] = low
+            reached[active] = np.maximum(reached[active], np.searchsorted(need, low, side="right") - 1)
+            nxt = np.minimum(reached[active] + 1, len(grid) - 1)
+            best_case = lower_confidence_bound(n_a[active] + (n_max - size), n_max, level)
+            high = upper_confidence_bound(n_a[active], size, level)
+            open_ = (reached[active] < len(grid) - 1) & (best_case >= need[nxt]) & (high >= need[nxt])
+            active, done = active[open_], size
+            if len(active) == 0:
+                break
+        certified = reached >= 0
+        return GridCertificate(
+            prediction=np.where(certified, c_a.cpu().numpy(), ABSTAIN),
+            radius=np.where(certified, grid[np.maximum(reached, 0)], 0.0),
+            samples=n0 + used,
+            count=n_a,
+            p_lower=p_lower,
+        )
+
+    def _counts(self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, skip: int = 0) -> torch.Tensor:
+        """(len(x), num_classes) votes of the base classifier on noisy copies `skip` to `num` of
+        each image (skip: a whole number of NOISE_BLOCKs already counted)."""
         model = self.base_classifier
         device = next(model.parameters()).device
         x = x.to(device)
@@ -110,7 +189,7 @@ class Smooth:
         counts = torch.zeros(len(x) * k, dtype=torch.long, device=device)
         model.eval()
         with torch.inference_mode():
-            for owner, noise in self._noise_batches(x, indices, phase, num, batch_size, device):
+            for owner, noise in self._noise_batches(x, indices, phase, num, batch_size, device, skip // NOISE_BLOCK):
                 batch = (x[owner] + self.sigma * noise).contiguous(memory_format=torch.channels_last)
                 with autocast(device):
                     predictions = model(batch).argmax(1)
@@ -118,7 +197,7 @@ class Smooth:
         return counts.view(len(x), k)
 
     def _noise_batches(
-        self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, device: torch.device
+        self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, device: torch.device, first_block: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(owner, noise) batches of at most batch_size samples: owner[j] is the row of x that
         sample j perturbs. Each example's `num` samples come in fixed blocks of NOISE_BLOCK,
@@ -127,7 +206,7 @@ class Smooth:
         noises: list[torch.Tensor] = []
         pending = 0
         for row, index in enumerate(indices):
-            for block in range(math.ceil(num / NOISE_BLOCK)):
+            for block in range(first_block, math.ceil(num / NOISE_BLOCK)):
                 length = min(NOISE_BLOCK, num - block * NOISE_BLOCK)
                 gen = generator(device, self.seed, index, phase, block)
                 noises.append(torch.randn((length, *x.shape[1:]), generator=gen, device=device))
@@ -159,7 +238,12 @@ def lower_confidence_bound(n_a, n: int, alpha: float) -> np.ndarray:
     return np.asarray(proportion_confint(np.asarray(n_a), n, alpha=2 * alpha, method="beta")[0], dtype=np.float64)
 
 
-ROWS = ("idx", "label", "predict", "radius", "correct", "time_s")  # certify.csv's columns
+ROWS = ("idx", "label", "predict", "radius", "correct", "time_s", "samples")  # certify.csv's columns
+
+
+def upper_confidence_bound(n_a, n: int, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on nA / n (1 when nA = n)."""
+    return np.asarray(proportion_confint(np.asarray(n_a), n, alpha=2 * alpha, method="beta")[1], dtype=np.float64)
 
 
 def certify_dataset(
@@ -173,9 +257,11 @@ def certify_dataset(
     progress: Progress = no_progress,
     done: dict[str, np.ndarray] | None = None,
     save_rows: Callable[[dict[str, np.ndarray]], None] | None = None,
+    grid: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Certify the test examples `indices` of `data` (examples, or a pair of tensors) in
-    chunks that fill the forward batches.
+    chunks that fill the forward batches: CERTIFY with n samples each, or, given a `grid` of
+    radii, certify_grid with n as the cap.
 
     Returns the per-example table (ROWS; time_s is the chunk's wall time shared equally among
     its examples, so the column sums to the certification's time), in the order of `indices`. Rows in `done` (an interrupted run's) are kept and
@@ -188,22 +274,26 @@ def certify_dataset(
     data = InMemory(*data) if isinstance(data, tuple) else data
     device = next(smooth.base_classifier.parameters()).device
     rows = {k: list(v) for k, v in (done or {k: [] for k in ROWS}).items()}
+    rows.setdefault("samples", [n0 + n] * len(rows["idx"]))
     finished = {int(i) for i in rows["idx"]}
     todo = [int(i) for i in indices if int(i) not in finished]
     world, rank = runtime.world_size(), runtime.rank()
-    chunk = max(1, math.ceil(8 * batch_size / (n0 + n))) * world  # >= 8 full forward batches per process
+    per_image = n0 + (n if grid is None else min(n, NOISE_BLOCK))  # an adaptive image often stops after its first round
+    chunk = max(1, math.ceil(8 * batch_size / per_image)) * world  # >= 8 full forward batches per process
     starts = range(0, len(todo), chunk)
     for start in progress(starts, len(starts), f"certify (sigma={smooth.sigma:g})"):
         part = todo[start : start + chunk]
         mine = part[runtime.shard(len(part))]
         x, y = data.take(mine)
         with Timer(device) as timer:
-            cert = smooth.certify_batch(x, n0, n, alpha, batch_size, indices=mine)
-        table = torch.tensor(
-            np.stack([mine, y.numpy(), cert.prediction, cert.radius, cert.prediction == y.numpy(), np.full(len(mine), timer.seconds / len(part))], 1)
-            if mine else np.zeros((0, len(ROWS))),
-            dtype=torch.float64,
-        )  # fmt: skip
+            if grid is None:
+                cert = smooth.certify_batch(x, n0, n, alpha, batch_size, indices=mine)
+                samples = np.full(len(mine), n0 + n)
+            else:
+                cert = smooth.certify_grid(x, grid, n0, n, alpha, batch_size, indices=mine)
+                samples = cert.samples
+        columns = [mine, y.numpy(), cert.prediction, cert.radius, cert.prediction == y.numpy(), np.full(len(mine), timer.seconds / len(part)), samples]
+        table = torch.tensor(np.stack(columns, 1) if mine else np.zeros((0, len(ROWS))), dtype=torch.float64)
         table = runtime.all_gather_rows(table.to(runtime.collective_device())).cpu().numpy()
         for k, column in zip(ROWS, table.T):
             rows[k] += column.tolist()
@@ -216,7 +306,7 @@ def certify_dataset(
 
 
 def _typed(rows: dict[str, list]) -> dict[str, np.ndarray]:
-    types = {"idx": np.int64, "label": np.int64, "predict": np.int64, "radius": np.float64, "correct": bool, "time_s": np.float64}
+    types = {"idx": np.int64, "label": np.int64, "predict": np.int64, "radius": np.float64, "correct": bool, "time_s": np.float64, "samples": np.int64}
     return {k: np.asarray(rows[k], dtype=types[k]) for k in ROWS}
 
 

@@ -1,9 +1,7 @@
-"""Untargeted white-box L-inf PGD (Madry et al., 2018) and the robustness evaluation.
+"""Untargeted white-box L-inf PGD (Madry et al., 2018), with random starts and restarts.
 
 Inputs are [0, 1] images and the model normalizes inside, so eps and alpha are in pixel
-units. The model is evaluated in eval mode. Under torchrun every process attacks its share
-of the test set and the counts are summed: the per-example random starts are keyed by the
-example's index, so the figures equal one process's.
+units; the model is attacked in eval mode.
 """
 
 from __future__ import annotations
@@ -14,9 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime
-from .examples import InMemory
-from .runtime import Progress, Timer, autocast, frozen, keyed_uniform, no_progress
+from ..runtime import autocast, frozen, keyed_uniform
 
 PGD_STREAM = 1  # key that separates PGD's random starts from other derived streams
 
@@ -81,70 +77,3 @@ def pgd(
             best_loss = torch.where(better, loss, best_loss)
             best_fooled |= fooled
     return best.detach()
-
-
-@dataclass(frozen=True)
-class RobustnessResult:
-    accuracy: float  # clean test accuracy
-    pgd_success_rate: float  # fraction misclassified under attack; already-wrong inputs count as successes
-    robust_accuracy: float  # fraction classified correctly under attack (= 1 - success rate)
-    num_examples: int
-    attack_time_s: float
-
-
-def evaluate_robustness(
-    model: nn.Module,
-    data,
-    config: PGDConfig,
-    batch_size: int = 512,
-    seed: int = 0,
-    progress: Progress = no_progress,
-) -> RobustnessResult:
-    """Clean accuracy and PGD on every example of `data` (examples.InMemory or Folder, or a
-    pair of tensors), counted on the device; each process takes its share."""
-    device = next(model.parameters()).device
-    data = _examples(data)
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    robust = torch.zeros((), dtype=torch.long, device=device)
-    mine = _my_batches(len(data), batch_size)
-    with Timer(device) as timer:
-        for xb, yb, idx in progress(data.batches(mine, device), len(mine), "PGD"):
-            with torch.inference_mode(), autocast(device):
-                correct += (model(xb).argmax(1) == yb).sum()
-            x_adv = pgd(model, xb, yb, config, indices=idx, seed=seed)
-            with torch.inference_mode(), autocast(device):
-                robust += (model(x_adv).argmax(1) == yb).sum()
-        counts = runtime.all_reduce_sum(torch.stack([correct, robust]))
-    n = len(data)
-    robust_accuracy = counts[1].item() / n
-    return RobustnessResult(
-        accuracy=counts[0].item() / n,
-        pgd_success_rate=1.0 - robust_accuracy,
-        robust_accuracy=robust_accuracy,
-        num_examples=n,
-        attack_time_s=timer.seconds,
-    )
-
-
-def accuracy(model: nn.Module, data, batch_size: int = 1024) -> float:
-    """Clean accuracy in eval mode on `data` (examples, or a pair of tensors), counted on the
-    device; each process takes its share."""
-    device = next(model.parameters()).device
-    data = _examples(data)
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    with torch.inference_mode(), autocast(device):
-        for xb, yb, _ in data.batches(_my_batches(len(data), batch_size), device):
-            correct += (model(xb).argmax(1) == yb).sum()
-    return runtime.all_reduce_sum(correct).item() / len(data)
-
-
-def _examples(data):
-    return InMemory(*data) if isinstance(data, tuple) else data
-
-
-def _my_batches(n: int, batch_size: int) -> list[torch.Tensor]:
-    """This process's share of range(n), in batches."""
-    mine = torch.arange(n)[runtime.shard(n)]
-    return list(mine.split(batch_size))

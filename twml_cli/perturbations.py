@@ -1,0 +1,128 @@
+"""What each training method does to a batch, one class each: standard training (nothing), free
+adversarial training (Shafahi et al.: m replays, one persistent perturbation), fast adversarial
+training (Wong et al.: FGSM from a random start, step 1.25 eps) and Gaussian noise (Cohen et
+al.'s base classifiers). training.train calls them; they know nothing of the loop around them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runtime import autocast, generator, keyed_uniform
+
+NOISE_STREAM, FAST_STREAM = 2, 6
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One process's share of a global minibatch."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor  # example indices (keys of per-example randomness)
+    step: int  # optimizer step
+    offset: int  # where this share starts in the global batch
+    global_size: int
+
+
+class Perturbation:
+    """Standard training: the batch goes in as it is, once."""
+
+    name = "standard"
+    replays = 1  # SGD steps per minibatch
+    passes_per_step = 1  # forward-backward passes per SGD step
+
+    def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The tensor the model trains on at this optimizer step."""
+        return batch.x
+
+    def after_backward(self) -> None:
+        """Called after loss.backward(), before optimizer.step()."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class FreeAdversarial(Perturbation):
+    """Free adversarial training: m replays per minibatch, one persistent delta."""
+
+    name = "free"
+
+    def __init__(self, eps: float, m: int):
+        if m < 1:
+            raise ValueError(f"m (replays per minibatch) must be >= 1, got {m}")
+        if not 0.0 <= eps <= 1.0:
+            raise ValueError(f"eps must lie in [0, 1] (pixel units), got {eps}")
+        self.eps, self.replays = eps, m
+        self.delta: torch.Tensor | None = None  # (batch_size, C, H, W), persists across everything
+        self._leaf: torch.Tensor | None = None
+
+    def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x = batch.x
+        if self.delta is None:
+            self.delta = torch.zeros((0, *x.shape[1:]), device=x.device)
+        if len(self.delta) < len(x):  # the first (full) minibatch sizes the buffer
+            self.delta = torch.cat([self.delta, torch.zeros_like(x[len(self.delta) :])])
+        self._leaf = self.delta[: len(x)].clone().requires_grad_(True)
+        return (x + self._leaf).clamp(0, 1)
+
+    def after_backward(self) -> None:
+        leaf = self._leaf
+        with torch.no_grad():
+            self.delta[: len(leaf)] = (leaf + self.eps * leaf.grad.sign()).clamp(-self.eps, self.eps)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {} if self.delta is None else {"delta": self.delta.detach().contiguous()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.delta = tensors.get("delta")
+
+
+class FastAdversarial(Perturbation):
+    """FGSM from a uniform random start in the eps-ball, step alpha (1.25 eps), projected."""
+
+    name = "fast"
+    passes_per_step = 2
+
+    def __init__(self, eps: float, alpha: float | None = None, seed: int = 0):
+        if not 0.0 <= eps <= 1.0:
+            raise ValueError(f"eps must lie in [0, 1] (pixel units), got {eps}")
+        self.eps, self.alpha, self.seed = eps, 1.25 * eps if alpha is None else alpha, seed
+
+    def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, eps = batch.x, self.eps
+        start = keyed_uniform(batch.idx, tuple(x.shape[1:]), self.seed, FAST_STREAM, batch.step).to(x.dtype)
+        delta = ((2 * start - 1) * eps).view_as(x)
+        delta = (x + delta).clamp(0, 1) - x  # stay in the image
+        delta.requires_grad_(True)
+        with autocast(x.device):
+            loss = F.cross_entropy(model(x + delta), batch.y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + self.alpha * grad.sign()).clamp(-eps, eps)
+        return (x + delta).clamp(0, 1)
+
+
+class GaussianNoise(Perturbation):
+    """Gaussian data augmentation for randomized smoothing: x + N(0, sigma^2 I), fresh at
+    every step, in pixel space, not clamped (Cohen et al., 2019). The noise of a global batch
+    comes from one stream keyed by the step; each process takes its share of it."""
+
+    name = "noise"
+
+    def __init__(self, sigma: float, seed: int = 0):
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.sigma, self.seed = sigma, seed
+
+    def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x = batch.x
+        g = generator(x.device, self.seed, NOISE_STREAM, batch.step)
+        noise = torch.randn((batch.global_size, *x.shape[1:]), generator=g, device=x.device)
+        return x + self.sigma * noise[batch.offset : batch.offset + len(x)]
