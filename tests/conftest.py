@@ -86,6 +86,34 @@ class Cli:
     def download(self, run, path: str) -> str:
         return self.client().download_artifacts(run.info.run_id, path)
 
+    def logged_model(self, run):
+        """The READY LoggedModel 'model' the run produced, or None."""
+        from mlflow.entities import LoggedModelStatus
+
+        found = self.client().search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = 'model'")
+        ready = [m for m in found if m.status == LoggedModelStatus.READY]
+        assert len(ready) <= 1, "one model per run"
+        return ready[0] if ready else None
+
+    def model_files(self, run) -> set[str]:
+        """The files of the run's LoggedModel (empty when it logged none)."""
+        model = self.logged_model(run)
+        return {f.path for f in self.client().list_logged_model_artifacts(model.model_id)} if model else set()
+
+    def model_weights(self, run) -> str:
+        """A local copy of the run's model.safetensors."""
+        import mlflow.artifacts
+
+        self.use()  # models:/ is resolved in the process's store, whatever tracking_uri= says
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{self.logged_model(run).model_id}")
+        return str(Path(folder) / "model.safetensors")
+
+    def use(self):
+        """Point this process's MLflow at the store (what --tracking-uri does in the CLI)."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+
 
 @pytest.fixture
 def cli(tmp_path):

@@ -69,9 +69,10 @@ def test_all_classes_together_give_the_class_by_class_answer(backdoored):
     model, x = backdoored
     cfg = CleanseConfig(steps=30, batch_size=32, seed=2)
     together = reverse_engineer(model, x, 10, cfg)
-    alone = [reverse_engineer(model, x, 10, cfg, classes=[c]) for c in range(10)]
-    assert np.allclose(together.norms, [a.norms[0] for a in alone], rtol=1e-3)
-    assert torch.allclose(together.masks, torch.cat([a.masks for a in alone]), atol=1e-3)
+    some = [0, 4, 9]  # the target and two others, each searched alone
+    alone = [reverse_engineer(model, x, 10, cfg, classes=[c]) for c in some]
+    assert np.allclose(together.norms[some], [a.norms[0] for a in alone], rtol=1e-3)
+    assert torch.allclose(together.masks[some], torch.cat([a.masks for a in alone]), atol=1e-3)
     assert together.reached.all()
     # the poisoned target has by far the smallest trigger
     assert int(np.argmin(together.norms)) == 0 and mad_outlier_test(together.norms).flagged.tolist() == [True] + [False] * 9

@@ -13,7 +13,7 @@ SMOOTH_METRICS = {
 }  # fmt: skip
 SMOOTH_ARTIFACTS = {
     "certify.csv", "certified-accuracy-vs-radius.csv", "randomized-smoothing-acc-vs-radius.pdf",
-    "randomized-smoothing-acc-vs-radius.png", "model/model.safetensors", "model/spec.json", "config.json",
+    "randomized-smoothing-acc-vs-radius.png", "config.json",
 }  # fmt: skip
 
 
@@ -29,7 +29,8 @@ def test_smooth_logs_every_metric_and_artifact(reproduced):
         assert SMOOTH_METRICS <= set(run.data.metrics)
         assert SMOOTH_ARTIFACTS <= cli.artifacts(run)
         table = pd.read_csv(cli.download(run, "certify.csv"))
-        assert list(table.columns) == ["idx", "label", "predict", "radius", "correct", "time_s"] and len(table) == 360
+        assert list(table.columns) == ["idx", "label", "predict", "radius", "correct", "time_s", "samples"] and len(table) == 360
+        assert (table["samples"] == 1100).all()  # n0 + n for every image of fixed-n CERTIFY
         m = run.data.metrics
         assert m["certified_accuracy"] == pytest.approx(table["correct"].mean())
         assert m["abstain_rate"] == pytest.approx((table["predict"] == -1).mean())
@@ -63,7 +64,7 @@ def test_smooth_certifies_a_given_model(reproduced):
     (run,) = cli.runs("smooth", experiment="given")
     assert run.data.params["model_run"] == source.info.run_id and run.data.params["sigma"] == "0.25"
     assert run.data.params["dataset"] == "digits" and "method" not in run.data.params
-    assert "model/model.safetensors" not in cli.artifacts(run)  # it certified, it did not train
+    assert cli.logged_model(run) is None  # it certified, it did not train
     assert run.data.metrics["accuracy"] == source.data.metrics["accuracy"]
 
 
@@ -97,8 +98,8 @@ def test_backdoor_keeps_accuracy_and_the_trigger_works(reproduced):
     cli, run = reproduced.cli, reproduced.backdoor
     p, m = run.data.params, run.data.metrics
     assert run.data.tags["twml.command"] == "backdoor"
-    assert (p["target"], p["poison_rate"], p["trigger_size"], p["position"], p["poisoned_images"]) == ("0", "0.1", "2", "bottom-right", "144")
-    assert {"model/model.safetensors", "example.png", "example-clean.png", "example-triggered.png"} <= cli.artifacts(run)
+    assert (p["target"], p["poison_rate"], p["trigger_size"], p["position"], p["poisoned_images"]) == ("0", "0.1", "1", "bottom-right", "144")
+    assert {"example.png", "example-clean.png", "example-triggered.png"} <= cli.artifacts(run) and "model.safetensors" in cli.model_files(run)
     assert f"Attack success rate (triggered test images not of class 0): {m['attack_success_rate']:.4f}" in reproduced.result.out
 
 

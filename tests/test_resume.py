@@ -9,7 +9,7 @@ import pytest
 from conftest import twml_process, twml_run
 from safetensors.torch import load_file
 
-ARGS = ("train", "--free", "--m", "4", "--pgd-steps", "3")  # 28 epochs: 7 passes, a checkpoint after each
+ARGS = ("train", "--free", "--m", "4", "--epochs", "16", "--pgd-steps", "3")  # 4 passes, a checkpoint after each
 
 
 def checkpoint_passes(cli, run_id) -> int:
@@ -30,7 +30,7 @@ def killed_and_resumed(tmp_path_factory):
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             runs = cli.runs("train")
-            if runs and checkpoint_passes(cli, runs[0].info.run_id) >= 3:
+            if runs and checkpoint_passes(cli, runs[0].info.run_id) >= 2:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "training ended before it could be killed"
@@ -54,20 +54,20 @@ def test_a_killed_run_is_listed_as_interrupted_with_its_resume_command(killed_an
 
 def test_resume_finishes_the_same_run_with_the_uninterrupted_weights(killed_and_resumed):
     cli, killed, _, done_before, resumed, whole = killed_and_resumed
-    assert 3 <= done_before < 7
+    assert 2 <= done_before < 4
     assert resumed.code == 0, resumed.err
     assert whole.code == 0, whole.err
     run = cli.client().get_run(killed.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["twml.resumed"] == "1"
     assert len(cli.runs("train")) == 1  # continued in place, no new run
     (reference,) = cli.runs("train", experiment="whole")
-    a = load_file(cli.download(run, "model/model.safetensors"))
-    b = load_file(cli.download(reference, "model/model.safetensors"))
+    a = load_file(cli.model_weights(run))
+    b = load_file(cli.model_weights(reference))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
     for key in ("accuracy", "pgd_success_rate", "robust_accuracy", "sgd_steps"):
         assert run.data.metrics[key] == reference.data.metrics[key]
     history = cli.client().get_metric_history(run.info.run_id, "train_loss")
-    assert sorted(m.step for m in history) == [4, 8, 12, 16, 20, 24, 28]  # each pass logged once
+    assert sorted(m.step for m in history) == [4, 8, 12, 16]  # each pass logged once
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
         m.value for m in sorted(cli.client().get_metric_history(reference.info.run_id, "train_loss"), key=lambda m: m.step)
     ]

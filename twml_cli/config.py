@@ -20,12 +20,14 @@ import tomllib
 from .errors import TwmlError
 from .settings import (  # noqa: F401 - callers name the settings classes config.Training etc.
     COMMANDS,
+    RESUMABLE,
     SECTIONS,
     TOP_LEVEL,
     Attack,
     Backdoor,
     Cleanse,
     Common,
+    Mitigate,
     Smoothing,
     Training,
     field_of,
@@ -63,7 +65,12 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     }[kind]
     if not ok(value):
         raise TwmlError(f"{where}: {f.name} must be {kind.__name__}, got {value!r}")
-    value = float(value) if kind is float else list(value) if kind is list else value
+    if kind is list:
+        try:
+            value = [f.metadata.get("item", str)(v) for v in value]
+        except (TypeError, ValueError):
+            raise TwmlError(f"{where}: {f.name} must be a list of {f.metadata['item'].__name__}, got {value!r}") from None
+    value = float(value) if kind is float else value
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise TwmlError(f"{where}: unknown {f.name.replace('_', ' ')} '{value}': use one of {', '.join(choices)}")

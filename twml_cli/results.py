@@ -60,6 +60,20 @@ class RobustnessMetrics:
 
 
 @dataclass(frozen=True)
+class AutoAttackMetrics:
+    """The standard AutoAttack (train --eval autoattack, attack --autoattack). The robust
+    accuracy after each of its attacks is logged as autoattack_after_<attack> beside these."""
+
+    autoattack_robust_accuracy: float  # surviving APGD-CE, APGD-T, FAB-T and Square
+    robust_accuracy_worst: float  # surviving PGD and AutoAttack, per example
+    autoattack_time_s: float
+
+
+def autoattack_after_key(attack: str) -> str:
+    return "autoattack_after_" + attack.replace("-", "_")
+
+
+@dataclass(frozen=True)
 class CertificationMetrics:
     """Randomized smoothing's figures (smooth). Certified accuracy at each table radius r is
     logged as certified_accuracy_r{r:g} beside these."""
@@ -71,6 +85,7 @@ class CertificationMetrics:
     max_certified_radius: float
     certify_time_s: float
     samples_per_s: float
+    samples_per_image: float  # noise samples per certified image (n0 + n with fixed-n CERTIFY; fewer when adaptive)
 
 
 def certified_accuracy_key(radius: float) -> str:
@@ -90,6 +105,24 @@ class CleanseModelMetrics:
     accuracy: float
     anomaly_index: float  # the largest index below the median norm
     cleanse_time_s: float
+
+
+@dataclass(frozen=True)
+class MitigationMetrics:
+    """A repaired model (mitigate), before and after, with the trigger Neural Cleanse reversed."""
+
+    accuracy_before: float
+    accuracy: float
+    reversed_success_before: float  # the reversed trigger on clean test images of other classes
+    reversed_success: float
+
+
+@dataclass(frozen=True)
+class RealTriggerMetrics:
+    """The real trigger's attack success before and after (when the model came from twml backdoor)."""
+
+    attack_success_rate_before: float
+    attack_success_rate: float
 
 
 def model_key(i: int, name: str) -> str:

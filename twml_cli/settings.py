@@ -24,11 +24,12 @@ from .errors import TwmlError
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple = (), each: bool = False,
-            applies: Callable[[Any], bool] | None = None, log: bool = True) -> Any:  # fmt: skip
+            applies: Callable[[Any], bool] | None = None, log: bool = True, item: type = str) -> Any:  # fmt: skip
     """A settings field. `flag` overrides the flag name (default `--field-name`); `choices`
     lists the allowed values; `each=True` lets a preset or repeated flag give several values,
-    one run each; `applies(settings)` says whether the value matters (only then is it logged)."""
-    meta = {"help": help, "flag": flag, "choices": tuple(choices), "each": each, "applies": applies, "log": log}
+    one run each; `applies(settings)` says whether the value matters (only then is it logged);
+    `item` is a list field's element type."""
+    meta = {"help": help, "flag": flag, "choices": tuple(choices), "each": each, "applies": applies, "log": log, "item": item}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,7 +64,7 @@ COMPILE_PAYS = 1_000_000  # images through the model; below, eager bf16 finishes
 @dataclass(frozen=True)
 class Common(Group):
     PANEL = "Data and model"
-    dataset: str = setting("digits", "digits (embedded), mnist, fashion-mnist, cifar10, cifar100, svhn, gtsrb, a .npz file, or an "
+    dataset: str = setting("digits", "digits (embedded, 8x8), digits16 (the same at 16x16), mnist, fashion-mnist, cifar10, cifar100, svhn, gtsrb, a .npz file, or an "
                            "image folder holding train/ and val/ (or test/) class folders, which streams.")  # fmt: skip
     data_dir: str = setting("data", "Where torchvision data sets are stored.")
     image_size: int = setting(0, "Image folders: the side images are resized to (0: 224).")
@@ -100,6 +101,13 @@ class Architecture(Group):
     PANEL = "Data and model"
     model: str = setting("test_byobnet", "timm architecture, trained from scratch.")
     model_kwargs: dict = setting({}, "JSON keyword arguments for timm.create_model (architecture arguments only).")
+    stem: str = setting("auto", "The model's stem: auto (below 64 pixels, the small-input stem: 3x3 stride 1, no max-pool), "
+                        "small, or timm (the architecture's own).", choices=("auto", "small", "timm"))  # fmt: skip
+
+    def check(self) -> None:
+        from .models import check_model_kwargs
+
+        check_model_kwargs(self.model_kwargs)
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,7 @@ class SGD(Group):
     augmentation: str = setting("auto", "Which augmentation --augment applies: auto (the data set's usual) or one of these.",
                                 choices=("auto", "none", "crop", "crop-flip", "resized-crop-flip"))  # fmt: skip
     checkpoint_every: int = setting(1, "Passes over the data between checkpoints (0: none); a killed run resumes from the last.", log=False)
+    register: str = setting("", "Also register the trained model under this name in MLflow's model registry (models:/NAME/VERSION).", log=False)
 
     def check(self) -> None:
         self.train_config()
@@ -139,14 +148,30 @@ class Threat(Group):
     pgd_steps: int = setting(10, "PGD iterations.")
     pgd_alpha: float = setting(0.025, "PGD step size (pixel units).")
     pgd_restarts: int = setting(1, "PGD random restarts; per example the most damaging is kept.")
+    eval: str = setting("pgd", "Robustness evaluation: pgd, or autoattack (PGD and the standard AutoAttack: APGD-CE, APGD-T, "
+                        "FAB-T, Square; with their per-example worst case).", choices=("pgd", "autoattack"))  # fmt: skip
+    autoattack_iterations: int = setting(100, "AutoAttack: APGD and FAB iterations (the standard version's 100).",
+                                         applies=lambda s: s.eval == "autoattack")  # fmt: skip
+    autoattack_queries: int = setting(5000, "AutoAttack: Square's queries (the standard version's 5,000).", applies=lambda s: s.eval == "autoattack")
 
     def check(self) -> None:
         self.pgd_config()
+        if self.autoattack_iterations < 1 or self.autoattack_queries < 1:
+            raise ValueError(f"AutoAttack iterations and queries must be >= 1, got {self.autoattack_iterations} and {self.autoattack_queries}")
+        self.autoattack_config()
 
     def pgd_config(self):
         from .attacks import PGDConfig
 
         return PGDConfig(eps=self.eps, alpha=self.pgd_alpha, steps=self.pgd_steps, restarts=self.pgd_restarts)
+
+    def autoattack_config(self):
+        """AutoAttack's configuration when `eval` asks for it, else None."""
+        from .attacks import AutoAttackConfig
+
+        if self.eval != "autoattack":
+            return None
+        return AutoAttackConfig(eps=self.eps, n_iter=self.autoattack_iterations, n_queries=self.autoattack_queries)
 
 
 @dataclass(frozen=True)
@@ -205,6 +230,9 @@ class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
     cert_alpha: float = setting(0.001, "Failure probability of each certificate.")
     num_examples: int = setting(360, "Evenly spaced test examples to certify.")
     certify_batch_size: int = setting(2000, "Noisy samples per forward pass.")
+    radii: list = setting([], "L2 radii to report certified accuracy at (comma-separated); with --adaptive, the grid to certify.", item=float)
+    adaptive: bool = setting(False, "Adaptive certification on the --radii grid, --n the cap: as few samples as each decision "
+                             "needs, the same guarantee (a union bound over the looks).")  # fmt: skip
 
     def check(self) -> None:
         from .smoothing import check_certify_args
@@ -214,6 +242,10 @@ class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
         check_certify_args(self.n0, self.n, self.cert_alpha, self.certify_batch_size)
         if self.num_examples < 1:
             raise ValueError(f"num examples must be >= 1, got {self.num_examples}")
+        if any(not r >= 0 for r in self.radii):
+            raise ValueError(f"radii must be >= 0, got {self.radii}")
+        if self.adaptive and not self.radii:
+            raise ValueError("adaptive certification needs a grid: give --radii, e.g. --radii 0.25,0.5,0.75")
 
 
 @dataclass(frozen=True)
@@ -223,7 +255,7 @@ class Backdoor(SGD, Architecture, Common, Settings):
     PANEL = "BadNets"
     target: int = setting(0, "Class the trigger sends images to.")
     poison_rate: float = setting(0.1, "Fraction of training images poisoned, in (0, 1).")
-    trigger_size: int = setting(0, "Side of the square trigger (0: a tenth of the image side, at least 2).")
+    trigger_size: int = setting(0, "Side of the square trigger (0: a tenth of the image side: 1 pixel on 8x8, 3x3 on 32x32).")
     position: str = setting("bottom-right", "Corner of the trigger.", choices=("bottom-right", "bottom-left", "top-right", "top-left"))
 
     def check(self) -> None:
@@ -249,8 +281,9 @@ class Cleanse(Common, Settings):
     search_batch_size: int = setting(32, "Trigger search: clean images per class in one step.")
     search_lr: float = setting(0.1, "Trigger search: Adam learning rate.")
     search_threshold: float = setting(0.99, "Trigger search: attack success a reversed trigger must reach.")
-    patience: int = setting(5, "Trigger search: rounds before lambda moves.")
+    patience: int = setting(3, "Trigger search: rounds before lambda moves (the authors' 5; 3 on the digits' short search).")
     init_cost: float = setting(1e-3, "Trigger search: lambda once the attack first succeeds.")
+    cost_multiplier: float = setting(2.0, "Trigger search: lambda's factor after `patience` successful rounds (the authors' 1.5 to 2).")
     anomaly_threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
 
     def check(self) -> None:
@@ -265,19 +298,49 @@ class Cleanse(Common, Settings):
 
         return CleanseConfig(steps=self.search_steps, batch_size=self.search_batch_size, lr=self.search_lr,
                              threshold=self.search_threshold, patience=self.patience, init_cost=self.init_cost,
-                             seed=self.seed)  # fmt: skip
+                             cost_multiplier=self.cost_multiplier, early_stop_patience=5 * self.patience, seed=self.seed)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Mitigate(Common, Settings):
+    """`twml mitigate`: repair the models a cleanse run flagged (Neural Cleanse's mitigation)."""
+
+    PANEL = "Mitigation"
+    DATA_FROM_MODEL = True
+    cleanse_run: str = setting("", "The cleanse run whose findings to act on (default: the newest finished one).")
+    mitigation: str = setting("unlearn", "unlearn (fine-tune with the reversed trigger under true labels) or prune (remove the "
+                              "neurons it excites).", choices=("unlearn", "prune"))  # fmt: skip
+    unlearn_epochs: int = setting(2, "Unlearning: epochs of fine-tuning.", applies=lambda s: s.mitigation == "unlearn")
+    unlearn_fraction: float = setting(0.2, "Unlearning: fraction of the clean images stamped with the reversed trigger (the paper's 20%).",
+                                      applies=lambda s: s.mitigation == "unlearn")  # fmt: skip
+    unlearn_lr: float = setting(0.005, "Unlearning: SGD learning rate.", applies=lambda s: s.mitigation == "unlearn")
+    prune_step: float = setting(0.05, "Pruning: fraction of the penultimate neurons removed per step.", applies=lambda s: s.mitigation == "prune")
+    prune_stop: float = setting(0.05, "Pruning: stop once the reversed trigger succeeds on fewer than this fraction.",
+                                applies=lambda s: s.mitigation == "prune")  # fmt: skip
+
+    def check(self) -> None:
+        self.unlearn_config()
+        if not 0 < self.prune_step <= 1 or not 0 < self.prune_stop <= 1:
+            raise ValueError(f"prune step and stop must lie in (0, 1], got {self.prune_step} and {self.prune_stop}")
+
+    def unlearn_config(self):
+        from .mitigation import UnlearnConfig
+
+        return UnlearnConfig(self.unlearn_epochs, self.unlearn_fraction, self.unlearn_lr, seed=self.seed)
 
 
 TOP_LEVEL = (Common, Architecture)  # a preset's keys outside any section
 # A preset's sections, and the sections each command reads (in order, after the top level).
-SECTIONS: dict[str, type] = {"train": Training, "attack": Attack, "smooth": Smoothing, "backdoor": Backdoor, "cleanse": Cleanse}
+SECTIONS: dict[str, type] = {"train": Training, "attack": Attack, "smooth": Smoothing, "backdoor": Backdoor, "cleanse": Cleanse, "mitigate": Mitigate}
 COMMANDS: dict[str, tuple[type, tuple[str, ...]]] = {
     "train": (Training, ("train",)),
     "attack": (Attack, ("train", "attack")),
     "smooth": (Smoothing, ("train", "smooth")),
     "backdoor": (Backdoor, ("train", "backdoor")),
     "cleanse": (Cleanse, ("cleanse",)),
+    "mitigate": (Mitigate, ("mitigate",)),
 }
+RESUMABLE = ("train", "smooth", "backdoor")  # the commands that checkpoint and take --resume
 
 
 # ---------------------------------------------------------------- fields

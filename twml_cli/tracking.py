@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -36,9 +36,19 @@ from .version import __version__
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
-def configure(tracking_uri: str | None = None) -> str:
+_system_metrics = {"on": False}
+
+
+def configure(tracking_uri: str | None = None, system_metrics: bool = False) -> str:
     """Point MLflow at --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db, and make
-    sure the store is usable (see open_store)."""
+    sure the store is usable (see open_store). system_metrics: every run records CPU, memory
+    and GPU use (MLflow's monitor; the optional extra twml_cli[system])."""
+    if system_metrics:
+        try:
+            import psutil  # noqa: F401
+        except ImportError:
+            raise TwmlError("--system-metrics needs psutil (and nvidia-ml-py for GPUs): pip install 'twml_cli[system]'") from None
+    _system_metrics["on"] = system_metrics
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -129,6 +139,7 @@ class Run:
         self.id = run_id
         self._client = client()
         self._steps: dict[str, set[int]] = {}  # series steps already logged (a step is logged once)
+        self.model_id: str | None = None  # the LoggedModel this run made, once it made one
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, param_text(v)) for k, v in params.items() if v is not None]
@@ -136,8 +147,9 @@ class Run:
             self._client.log_batch(self.id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Metrics of the run (and of its LoggedModel, once it has one: the Models tab shows them)."""
         now = int(time.time() * 1000)
-        self._log_metrics([Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self._log_metrics([Metric(k, float(v), now, step, model_id=self.model_id) for k, v in metrics.items()])
 
     def log_series(self, name: str, steps: list[int], values: list[float]) -> None:
         """One metric over steps (e.g. per-epoch loss with step = epoch); a step this run
@@ -172,19 +184,46 @@ class Run:
     def log_text(self, text: str, name: str) -> None:
         self._client.log_text(self.id, text, name)
 
-    def log_model(self, model: models.Classifier) -> None:
+    def log_model(self, model: models.Classifier, register: str = "") -> None:
+        """The model as an MLflow LoggedModel named 'model' of this run (the Models tab; still
+        `runs:/<id>/model` and the run's model/ folder): model.safetensors and spec.json, never a
+        pickle. Metrics logged afterwards are linked to it. `register`: also a new version of
+        that registered model (`models:/NAME/VERSION`)."""
+        spec = model.spec
+        exp = self._client.get_run(self.id).info.experiment_id
+        params = {"arch": spec.arch, "num_classes": spec.num_classes, "input": "x".join(map(str, (spec.in_chans, *spec.input_size))),
+                  "dataset": spec.dataset, "small_input_stem": spec.small_input_stem, "model_kwargs": json.dumps(spec.model_kwargs)}  # fmt: skip
+        logged = self._client.create_logged_model(exp, name=MODEL_DIR, source_run_id=self.id, model_type="twml-safetensors",
+                                                  params={k: str(v) for k, v in params.items()})  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             models.save_model(model, tmp)
-            self.log_dir(tmp, MODEL_DIR)
+            self._client.log_model_artifacts(logged.model_id, tmp)
+        self._client.finalize_logged_model(logged.model_id, "READY")
+        self.model_id = logged.model_id
+        if register:
+            version = mlflow.register_model(f"models:/{logged.model_id}", register)
+            self.set_tags({"twml.registered": f"models:/{register}/{version.version}"})
+
+    def log_datasets(self, datasets: list[dict]) -> None:
+        """Data sets as MLflow inputs: each {name, digest, source, profile, context}."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(Dataset(d["name"], d["digest"], "twml", json.dumps({"uri": d["source"]}), profile=json.dumps(d["profile"])),
+                         [InputTag("mlflow.data.context", d["context"])])  # fmt: skip
+            for d in datasets
+        ]
+        self._client.log_inputs(self.id, datasets=inputs)
 
 
 @contextlib.contextmanager
-def start_run(experiment: str, command: str, run_name: str | None = None, tags: dict | None = None) -> Iterator[Run]:
+def start_run(experiment: str, command: str, run_name: str | None = None, tags: dict | None = None, parent: str | None = None) -> Iterator[Run]:
     """A run tagged twml.command=<command>. It ends FINISHED, or FAILED if the block raises,
     or KILLED on KeyboardInterrupt (Ctrl-C; the CLI turns SIGTERM into one too)."""
     c = client()
     life = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
-    info = c.create_run(experiment_id(experiment), run_name=run_name, tags={COMMAND_TAG: command, **life, **(tags or {})}).info
+    nested = {"mlflow.parentRunId": parent} if parent else {}
+    info = c.create_run(experiment_id(experiment), run_name=run_name, tags={COMMAND_TAG: command, **life, **nested, **(tags or {})}).info
     with _terminating(info.run_id):
         yield Run(info.run_id)
 
@@ -205,6 +244,13 @@ def reopen_run(run_id: str) -> Iterator[Run]:
 @contextlib.contextmanager
 def _terminating(run_id: str) -> Iterator[None]:
     c = client()
+    monitor = None
+    if _system_metrics["on"]:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10))
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True)
+        monitor.start()
     try:
         yield
     except KeyboardInterrupt:
@@ -215,6 +261,9 @@ def _terminating(run_id: str) -> Iterator[None]:
         raise
     else:
         c.set_terminated(run_id, "FINISHED")
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 # ---------------------------------------------------------------- reading runs back
@@ -247,16 +296,33 @@ def run_id_of(uri: str) -> str:
 
 
 def download_model(uri: str) -> str:
-    """A local folder holding the model logged by a run (a run id or runs:/<id>/model)."""
+    """A local folder holding a logged model: a run id, runs:/<id>/model, or a registry URI
+    (models:/NAME/VERSION, models:/NAME@ALIAS, models:/<model id>)."""
+    if uri.startswith("models:/"):
+        try:
+            return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        except (MlflowException, OSError) as err:
+            raise TwmlError(f"no model '{uri}' in {mlflow.get_tracking_uri()} ({_first_line(err)})") from None
     run_id = run_id_of(uri)
     if not run_id:
         raise TwmlError(f"'{uri}' names no run")
-    get_run(run_id)
+    run = get_run(run_id)
     artifact_path = uri.split("/", 2)[2] if uri.startswith("runs:/") and uri.count("/") >= 2 else MODEL_DIR
     try:
-        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)
+        model_id = logged_model_of(run, artifact_path)
+        if model_id is not None:
+            return mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}")
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)  # files in the run itself
     except (MlflowException, OSError):
         raise TwmlError(f"run '{run_id}' holds no model under '{artifact_path}'") from None
+
+
+def logged_model_of(run, name: str = MODEL_DIR) -> str | None:
+    """The id of the newest finished LoggedModel `name` that `run` produced, if any (a run
+    killed while logging one leaves it PENDING; a resumed run logs it again)."""
+    found = client().search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None
 
 
 def load_model(uri: str, device="cpu") -> models.Classifier:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import tracking
+from ..errors import TwmlError
 from . import adversarial, cleanse, smoothing
 from .document import Bullets, Document, Heading, Para, Table, to_markdown, to_pdf
 from .runs import Logged, Runs, load
@@ -33,9 +34,12 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "report"
 
 
-def build(experiment: str, out: Path, uri: str) -> ReportFiles:
+def build(experiment: str, out: Path, uri: str, parent: str | None = None) -> ReportFiles:
     """Write <out>/<experiment>.md and .pdf with figures in <out>/<experiment>/, and log them
-    as artifacts of a run tagged twml.command=report."""
+    as artifacts of a run tagged twml.command=report (nested under `parent` if given). An
+    experiment with no runs at all is refused: there is nothing to write up."""
+    if not tracking.list_runs(experiment):
+        raise TwmlError(f"experiment '{experiment}' has no runs in {uri}: run `twml reproduce` or a study first, or name another --experiment")
     runs = load(experiment)
     out = Path(out)
     fig_dir = out / slug(experiment)
@@ -46,7 +50,7 @@ def build(experiment: str, out: Path, uri: str) -> ReportFiles:
     md, pdf = out / f"{slug(experiment)}.md", out / f"{slug(experiment)}.pdf"
     md.write_text(to_markdown(doc, out))
     to_pdf(doc, pdf)
-    with tracking.start_run(experiment, "report", run_name="report") as run:
+    with tracking.start_run(experiment, "report", run_name="report", parent=parent) as run:
         run.log_params({"experiment": experiment, "runs": len(runs.all)})
         run.log_json([r.id for r in runs.all], "sources.json")
         run.log_file(md)
@@ -62,6 +66,7 @@ def document(experiment: str, runs: Runs, fig_dir: Path, uri: str) -> Document:
     adversarial.section(doc, runs.train, runs.attack, fig_dir)
     smoothing.section(doc, runs.smooth, fig_dir)
     cleanse.section(doc, runs.cleanse, runs.backdoor, fig_dir)
+    cleanse.mitigation_section(doc, runs.mitigate)
     if runs.all:
         setting_section(doc, experiment, runs.all, uri)
     return doc

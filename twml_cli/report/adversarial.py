@@ -19,27 +19,42 @@ def label(r: TrainRun) -> str:
     return r.settings.method + (f" m={r.settings.m}" if r.settings.method == "free" else "")
 
 
+def aa(r) -> str:
+    """AutoAttack's robust accuracy, or a dash when the run has none."""
+    return f4(r.autoattack.autoattack_robust_accuracy) if r.autoattack else "–"
+
+
+def worst(r) -> str:
+    return f4(r.autoattack.robust_accuracy_worst) if r.autoattack else "–"
+
+
 def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], fig_dir: Path) -> None:
     doc.add(Heading("1 Free adversarial training"))
     if not runs:
         doc.add(Para("No finished `twml train` runs in this experiment: run `twml train`, `twml train --free --m 4` and `twml train --free --m 7`."))
         return
+    table, common = Table(
+        ["method", "m", "data", "model", "eps", "epochs", "passes/step", "train time", "accuracy", "PGD success", "robust acc.",
+         "PGD", "AutoAttack", "worst", "run"],
+        [
+            [r.settings.method, str(replays(r)), r.settings.dataset, r.settings.model, f"{r.settings.eps:.4g}", str(r.settings.epochs),
+             str(r.training.passes_per_step), secs(r.training.train_time_s) + (" (stopped early)" if r.training.stopped_early else ""),
+             f4(r.robustness.accuracy), f4(r.robustness.pgd_success_rate), f4(r.robustness.robust_accuracy),
+             f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}", aa(r), worst(r), short(r.id)]
+            for r in runs
+        ],
+    ).drop_constant(["data", "model", "eps", "epochs", "passes/step", "PGD"], dashes=["AutoAttack", "worst"])  # fmt: skip
     doc.add(
         Para(
-            "Every finished training run. PGD is untargeted, white-box, L-inf with a random start; its success rate "
-            "counts every misclassified adversarial example (inputs already misclassified included), and robust "
-            "accuracy is its complement. Run ids are shortened; section 4 lists them whole."
+            "Every finished training run. PGD is untargeted, white-box, L-inf with a random start (steps x restarts); its "
+            "success rate counts every misclassified adversarial example (inputs already misclassified included), and "
+            "robust accuracy is its complement. AutoAttack, where a run was evaluated with it, is the standard version "
+            "(APGD-CE, APGD-T, FAB-T, Square); 'worst' counts an example robust only if it survives PGD and AutoAttack. "
+            "Passes/step: forward-backward passes per SGD step (2 for fast training). Run ids are shortened; section 4 "
+            "lists them whole." + (f" Every run here has {', '.join(common)}." if common else "")
         ),
-        Table(
-            ["method", "m", "data", "model", "eps", "epochs", "train time", "accuracy", "PGD success", "robust acc.", "PGD", "run"],
-            [
-                [r.settings.method, str(replays(r)), r.settings.dataset, r.settings.model, f"{r.settings.eps:.4g}", str(r.settings.epochs),
-                 secs(r.training.train_time_s), f4(r.robustness.accuracy), f4(r.robustness.pgd_success_rate),
-                 f4(r.robustness.robust_accuracy), f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}", short(r.id)]
-                for r in runs
-            ],
-        ),
-    )  # fmt: skip
+        table,
+    )
     bars = figures.adversarial_bars_figure(
         [f"{label(r)}\n{short(r.id)}" for r in runs], [r.robustness.accuracy for r in runs], [r.robustness.pgd_success_rate for r in runs]
     )
@@ -60,11 +75,12 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
             Heading("Stronger attacks on logged models", 2),
             Para("`twml attack` re-evaluations; a robustness claim should survive more steps and restarts."),
             Table(
-                ["model run", "eps", "PGD", "accuracy", "PGD success", "robust acc.", "run"],
+                ["model run", "eps", "PGD", "accuracy", "PGD success", "robust acc.", "AutoAttack", "worst", "run"],
                 [[short(r.model), f"{r.settings.eps:.4g}", f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}", f4(r.robustness.accuracy),
-                  f4(r.robustness.pgd_success_rate), f4(r.robustness.robust_accuracy), short(r.id)] for r in attack_runs],
+                  f4(r.robustness.pgd_success_rate), f4(r.robustness.robust_accuracy), aa(r), worst(r), short(r.id)] for r in attack_runs],
             ),
         )  # fmt: skip
+    _fast(doc, runs, free)
 
 
 def _times(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) -> None:
@@ -127,6 +143,28 @@ def _increasing_m(doc: Document, free: dict[int, TrainRun]) -> None:
             f"against {math.ceil(b.settings.epochs / hi)}) with more ascent steps on each minibatch."
         ),
     )
+
+
+def _fast(doc: Document, runs: list[TrainRun], free: dict[int, TrainRun]) -> None:
+    """Fast adversarial training (Wong et al.) beside free training, when both were run."""
+    fast = next((r for r in runs if r.settings.method == "fast"), None)
+    if fast is None:
+        return
+    doc.add(Heading("The baseline users compare against: fast adversarial training", 2))
+    peers = [r for m, r in sorted(free.items()) if r.settings.epochs == fast.settings.epochs]
+    ft, fr = fast.training, fast.robustness
+    text = (
+        f"Fast adversarial training (FGSM from a random start, step {fast.settings.fast_step:g} eps, Wong et al. 2020) "
+        f"reached benign accuracy {f4(fr.accuracy)} and PGD success {f4(fr.pgd_success_rate)} in {secs(ft.train_time_s)}, "
+        f"with {ft.passes_per_step} forward-backward passes per SGD step against free training's 1."
+    )
+    for r in peers:
+        text += (f" Free training with m = {r.settings.m} at the same {r.settings.epochs} epochs of budget: {f4(r.robustness.accuracy)} "
+                 f"and {f4(r.robustness.pgd_success_rate)} in {secs(r.training.train_time_s)} "
+                 f"({ft.train_time_s / r.training.train_time_s:.2f}x its time for fast).")  # fmt: skip
+    if ft.stopped_early:
+        text += " Its guard against catastrophic overfitting fired: PGD accuracy on a training batch collapsed, and the weights of the pass before were kept."
+    doc.add(Para(text))
 
 
 def tradeoff(acc_delta: float, rob_delta: float) -> str:

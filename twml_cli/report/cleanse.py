@@ -58,7 +58,7 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
             Para(
                 f"**Backdoor is at model {i} class {c}**: its reversed trigger has L1 norm {f['norm']:.4f} against "
                 f"{others.min():.4f} to {others.max():.4f} for the other classes of that model (anomaly index "
-                f"{f['anomaly_index']:.2f}). Stamped on clean test images of other classes, it sends "
+                f"{f['anomaly_index']:.2f}, above the threshold of {s.anomaly_threshold:g}). Stamped on clean test images of other classes, it sends "
                 f"{f4(run.backdoor_success_rate)} of them to class {c} (backdoor success rate)." + thin_margin(f["anomaly_index"], s.anomaly_threshold)
             )
         )
@@ -75,6 +75,7 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
                    f"(its anomaly index: {_row(norms, i, target)['anomaly_index']:.2f}).")
             )
         )  # fmt: skip
+    agreement(doc, runs, backdoor_runs)
     _looks(doc, run, flagged, truth, fig_dir)
     _benign(doc, models, flagged, accuracy)
 
@@ -161,3 +162,49 @@ def describe_mask(mask: np.ndarray, backdoor_run: BackdoorRun | None = None) -> 
             f"weight there ({inside.sum() / mask.size:.0%} of the image)."
         )
     return text
+
+
+def mitigation_section(doc: Document, runs: list) -> None:
+    """Neural Cleanse's mitigation: each repaired model, before and after."""
+    if not runs:
+        return
+    doc.add(
+        Heading("Mitigation: repairing the backdoored model", 2),
+        Para(
+            "`twml mitigate` repairs each model a cleanse run flagged, with the trigger Neural Cleanse reversed (the real one "
+            "stays unknown to it): unlearning fine-tunes on clean training images of which a fifth carry the reversed trigger "
+            "under their true labels; pruning removes the penultimate-layer neurons the reversed trigger excites most, until it "
+            "stops working. The real trigger's attack success is measured on clean test images of the other classes."
+        ),
+        Table(
+            ["method", "model run", "class", "accuracy", "real trigger's success", "reversed trigger's success", "run"],
+            [[r.settings.mitigation, short(r.param("model_run") or r.param("model_path")),
+              r.param("target"), f"{f4(r.mitigation.accuracy_before)} → {f4(r.mitigation.accuracy)}",
+              f"{f4(r.real.attack_success_rate_before)} → {f4(r.real.attack_success_rate)}" if r.real else "–",
+              f"{f4(r.mitigation.reversed_success_before)} → {f4(r.mitigation.reversed_success)}", short(r.id)] for r in runs],
+        ),
+    )  # fmt: skip
+    for r in runs:
+        if r.real is None:
+            continue
+        m = r.mitigation
+        how = "Unlearning" if r.settings.mitigation == "unlearn" else "Pruning"
+        doc.add(Para(f"{how} took the real trigger's attack success from {f4(r.real.attack_success_rate_before)} to "
+                     f"{f4(r.real.attack_success_rate)} while clean accuracy went from {f4(m.accuracy_before)} to {f4(m.accuracy)} "
+                     f"({(m.accuracy - m.accuracy_before) * 100:+.2f} points)."))  # fmt: skip
+
+
+def agreement(doc: Document, runs: list, backdoor_runs: list) -> None:
+    """How many cleanse runs of backdoored models named the true target, when there are several."""
+    truth = {b.id: b.settings.target for b in backdoor_runs}
+    judged = []
+    for run in runs:
+        for i in range(10):
+            model = run.param(f"model{i}")
+            if not model:
+                break
+            if model in truth:
+                judged.append(f"model {i} class {truth[model]}" in run.verdict.split("; "))
+    if len(judged) > 1:
+        doc.add(Para(f"Across the {len(judged)} backdoored models that cleanse runs of this experiment inspected (one per training "
+                     f"seed when several were run), Neural Cleanse named the true target in {sum(judged)}."))  # fmt: skip

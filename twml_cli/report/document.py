@@ -32,6 +32,21 @@ class Table:
     header: list[str]
     rows: list[list[str]]
 
+    def drop_constant(self, columns: list[str], dashes: list[str] = ()) -> tuple[Table, list[str]]:
+        """The table without those of `columns` whose value is one and the same in every row,
+        and those values as 'column value' phrases for a sentence; a column of `dashes` that
+        holds only dashes (nothing measured) is dropped without a phrase."""
+        keep, common = [], []
+        for i, head in enumerate(self.header):
+            values = {r[i] for r in self.rows}
+            if head in dashes and values <= {"–"}:
+                continue
+            if head in columns and len(values) == 1 and self.rows:
+                common.append(f"{head} {values.pop()}")
+                continue
+            keep.append(i)
+        return Table([self.header[i] for i in keep], [[r[i] for i in keep] for r in self.rows]), common
+
 
 @dataclass
 class Figure:

@@ -35,12 +35,14 @@ class TrainRun(Logged):
     settings: config.Training = None
     training: results.TrainingMetrics = None
     robustness: results.RobustnessMetrics = None
+    autoattack: results.AutoAttackMetrics | None = None  # when it was evaluated with AutoAttack
 
 
 @dataclass
 class AttackRun(Logged):
     settings: config.Attack = None
     robustness: results.RobustnessMetrics = None
+    autoattack: results.AutoAttackMetrics | None = None
 
     @property
     def model(self) -> str:
@@ -72,6 +74,14 @@ class CleanseRun(Logged):
     models: dict[int, results.CleanseModelMetrics] = field(default_factory=dict)
     backdoor_success_rate: float | None = None
     files: dict[str, Path] = field(default_factory=dict)  # figures and arrays, downloaded
+    verdict: str = "none"  # the run's twml.verdict tag
+
+
+@dataclass
+class MitigateRun(Logged):
+    settings: config.Mitigate = None
+    mitigation: results.MitigationMetrics = None
+    real: results.RealTriggerMetrics | None = None  # when the model came from twml backdoor
 
 
 @dataclass
@@ -80,11 +90,12 @@ class Runs:
     attack: list[AttackRun]
     smooth: list[SmoothRun]
     backdoor: list[BackdoorRun]
-    cleanse: list[CleanseRun]  # only the newest is read in full
+    cleanse: list[CleanseRun]  # the newest is read in full; the others' verdicts only
+    mitigate: list[MitigateRun] = field(default_factory=list)
 
     @property
     def all(self) -> list[Logged]:
-        every = [*self.train, *self.attack, *self.smooth, *self.backdoor, *self.cleanse]
+        every = [*self.train, *self.attack, *self.smooth, *self.backdoor, *self.cleanse, *self.mitigate]
         return sorted(every, key=lambda r: r.start_time, reverse=True)
 
 
@@ -96,15 +107,19 @@ def load(experiment: str) -> Runs:
     def read(r, cls, where, prefix=""):
         return results.read(r.data.metrics, cls, where, prefix)
 
+    def autoattack(r, logged):
+        return read(r, results.AutoAttackMetrics, logged.where) if logged.settings.eval == "autoattack" else None
+
     train = []
     for r in tracking.find_runs(experiment, "train"):
         t = base(r, TrainRun, config.Training)
         t.training, t.robustness = read(r, results.TrainingMetrics, t.where), read(r, results.RobustnessMetrics, t.where)
+        t.autoattack = autoattack(r, t)
         train.append(t)
     attack = []
     for r in tracking.find_runs(experiment, "attack"):
         a = base(r, AttackRun, config.Attack)
-        a.robustness = read(r, results.RobustnessMetrics, a.where)
+        a.robustness, a.autoattack = read(r, results.RobustnessMetrics, a.where), autoattack(r, a)
         attack.append(a)
     smooth = []
     for r in tracking.find_runs(experiment, "smooth"):
@@ -117,9 +132,12 @@ def load(experiment: str) -> Runs:
         b = base(r, BackdoorRun, config.Backdoor)
         b.backdoor = read(r, results.BackdoorMetrics, b.where)
         backdoor.append(b)
-    cleanse = [base(r, CleanseRun, config.Cleanse) for r in tracking.find_runs(experiment, "cleanse")]
+    cleansed = tracking.find_runs(experiment, "cleanse")
+    cleanse = [base(r, CleanseRun, config.Cleanse) for r in cleansed]
+    for c, r in zip(cleanse, cleansed):
+        c.verdict = r.data.tags.get(results.VERDICT_TAG, "none")
     if cleanse:
-        c, r = cleanse[0], tracking.find_runs(experiment, "cleanse")[0]
+        c, r = cleanse[0], cleansed[0]
         c.norms = pd.read_csv(_artifact(c, results.NORMS_CSV))
         c.models = {int(i): read(r, results.CleanseModelMetrics, c.where, f"model{int(i)}_") for i in sorted(c.norms["model"].unique())}
         c.backdoor_success_rate = r.data.metrics.get(results.BACKDOOR_SUCCESS)
@@ -127,7 +145,13 @@ def load(experiment: str) -> Runs:
             path = tracking.download_artifact(c.id, name)
             if path:
                 c.files[name] = Path(path)
-    return Runs(train, attack, smooth, backdoor, cleanse)
+    mitigate = []
+    for r in tracking.find_runs(experiment, "mitigate"):
+        m = base(r, MitigateRun, config.Mitigate)
+        m.mitigation = read(r, results.MitigationMetrics, m.where)
+        m.real = read(r, results.RealTriggerMetrics, m.where) if "attack_success_rate" in r.data.metrics else None
+        mitigate.append(m)
+    return Runs(train, attack, smooth, backdoor, cleanse, mitigate)
 
 
 def _artifact(run: Logged, name: str) -> Path:

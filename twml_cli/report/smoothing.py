@@ -10,6 +10,13 @@ from .runs import SmoothRun
 from .words import change, f4, short
 
 
+def procedure(r: SmoothRun) -> str:
+    s = r.settings
+    if s.adaptive:
+        return f"adaptive, n ≤ {s.n:,}, grid {', '.join(f'{x:g}' for x in s.radii)}"
+    return f"CERTIFY, n = {s.n:,}"
+
+
 def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
     doc.add(Heading("2 Randomized smoothing"))
     if not runs:
@@ -24,7 +31,7 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
     curves = {s: (grid, smoothing.certified_accuracy(r.table["radius"], r.table["correct"], grid)) for s, r in newest.items()}
     png, _ = figures.save_both(figures.certified_accuracy_figure(curves), fig_dir / results.CURVE_FIGURE)
     reach = max(smoothing.max_certifiable_radius(r.settings.sigma, r.settings.n, r.settings.cert_alpha) for r in newest.values())
-    radii = [r for r in smoothing.TABLE_RADII if r <= reach]
+    radii = sorted({*(r for r in smoothing.TABLE_RADII if r <= reach), *(x for r in newest.values() for x in r.settings.radii)})
     first = next(iter(newest.values())).settings
     doc.add(
         Para(
@@ -35,15 +42,25 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
         ),
         Figure(png, "randomized-smoothing-acc-vs-radius: certified accuracy against L2 radius, one curve per σ", 0.7),
         Table(
-            ["σ", "accuracy (base)"] + [f"cert. acc. r={r:g}" for r in radii] + ["abstain", "ACR", "max radius", "run"],
+            ["σ", "procedure", "accuracy (base)"] + [f"cert. acc. r={r:g}" for r in radii]
+            + ["abstain", "ACR", "max radius", "samples per image", "run"],
             [
-                [f"{s:g}", f4(r.certification.accuracy)] + [f4(r.certified(x)) for x in radii]
+                [f"{s:g}", procedure(r), f4(r.certification.accuracy)] + [f4(r.certified(x)) for x in radii]
                 + [f4(r.certification.abstain_rate), f4(r.certification.average_certified_radius),
-                   f4(r.certification.max_certified_radius), short(r.id)]
+                   f4(r.certification.max_certified_radius), f"{r.certification.samples_per_image:,.0f}", short(r.id)]
                 for s, r in newest.items()
             ],
         ),
     )  # fmt: skip
+    if any(r.settings.adaptive for r in newest.values()):
+        doc.add(
+            Para(
+                "Adaptive rows were certified on their grid of radii only (twml smooth --adaptive): fresh samples in doubling "
+                "rounds, each look a Clopper-Pearson bound at α divided by the number of looks, so every certificate holds "
+                "with the same 1 - α as CERTIFY's. Their radius is the largest grid radius certified, so between grid radii "
+                "the table is a lower bound."
+            )
+        )
     doc.add(Heading("What is the outcome of increasing σ?", 2))
     if len(newest) < 2:
         doc.add(Para("This needs two noise levels: run `twml smooth --sigma 0.05 --sigma 0.20`."))

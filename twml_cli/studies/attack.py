@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import attacks, config, models, results
+from .. import attacks, config, models
 from ..errors import TwmlError
 from .common import Data, Hooks, Run, check_fits, data_name, device, load_data, load_model, model_source
-from .train import robustness_lines, robustness_metrics
+from .train import record_robustness, robustness_lines
 
 COMMAND = "attack"
 
@@ -50,7 +50,7 @@ def prepare(s: config.Attack) -> Inputs:
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s = inputs.settings
     model = models.compiled(inputs.model, s.compile_mode(inputs.device, len(inputs.data.test) * (s.pgd_steps + 2) * s.pgd_restarts))
-    robust = attacks.evaluate_robustness(model, inputs.data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress)
+    robust = attacks.evaluate_robustness(model, inputs.data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress, s.autoattack_config())
     return Outcome(s, robust)
 
 
@@ -59,7 +59,7 @@ def extra_params(inputs: Inputs) -> dict[str, str]:
 
 
 def record(run: Run, outcome: Outcome) -> None:
-    run.log_metrics(results.metrics(robustness_metrics(outcome.robustness)))
+    record_robustness(run, outcome.robustness)
 
 
 def summarize(outcome: Outcome) -> list[str]:

@@ -72,6 +72,12 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     return Outcome(s, model, result, accuracy, success, inputs.trigger, len(inputs.chosen), len(inputs.poisoned), example)
 
 
+def datasets(inputs: Inputs) -> list:
+    """What the run trained on is the poisoned set (its own digest), evaluated on the clean test set."""
+    name = inputs.data.info.name
+    return [(f"{name} (poisoned)", inputs.poisoned, "train"), (name, inputs.data.test, "test")]
+
+
 def extra_params(inputs: Inputs) -> dict:
     return {"method": "badnets", "poisoned_images": len(inputs.chosen)}
 
@@ -81,9 +87,9 @@ def metrics(outcome: Outcome) -> results.BackdoorMetrics:
 
 
 def record(run: Run, outcome: Outcome) -> None:
+    run.log_model(outcome.model, outcome.settings.register)  # first: the metrics below are linked to it
     record_training(run, outcome.training)
     run.log_metrics(results.metrics(metrics(outcome)))
-    run.log_model(outcome.model)
     clean, triggered, label = outcome.example
     with artifacts(run) as folder:
         pair, alone, stamped = results.BACKDOOR_EXAMPLES

@@ -49,7 +49,7 @@ class Run(Protocol):
     def log_series(self, name: str, steps: list[int], values: list[float]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_dir(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_model(self, model: models.Classifier) -> None: ...
+    def log_model(self, model: models.Classifier, register: str = "") -> None: ...
 
 
 @contextlib.contextmanager
@@ -105,7 +105,7 @@ def with_augmentation(settings, loaded: Data):
 def new_model(settings, info: data.DataInfo, dev: torch.device) -> models.Classifier:
     """A freshly initialized model, seeded by the settings' seed."""
     torch.manual_seed(settings.seed)
-    spec = models.ModelSpec.for_data(settings.model, info, settings.model_kwargs)
+    spec = models.ModelSpec.for_data(settings.model, info, settings.model_kwargs, settings.stem)
     return models.prepare(models.create_model(spec), dev)
 
 

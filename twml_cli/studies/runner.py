@@ -21,13 +21,13 @@ from types import ModuleType
 import pandas as pd
 
 from .. import config, results, runtime, tracking, training
+from ..config import RESUMABLE
 from ..errors import TwmlError
 from ..runtime import Progress, describe_device, no_progress
-from . import attack, backdoor, cleanse, smooth, train
+from . import attack, backdoor, cleanse, mitigate, smooth, train
 from .common import Hooks
 
-STUDIES: dict[str, ModuleType] = {m.COMMAND: m for m in (train, attack, smooth, backdoor, cleanse)}
-RESUMABLE = ("train", "smooth", "backdoor")
+STUDIES: dict[str, ModuleType] = {m.COMMAND: m for m in (train, attack, smooth, backdoor, cleanse, mitigate)}
 ROWS_EVERY_S = 20.0  # how often certification's rows are written while it runs
 
 
@@ -39,6 +39,7 @@ class Session:
     preset: str = config.DEFAULT_PRESET
     echo: Callable[[str], None] = print
     progress: Progress = no_progress
+    parent: str | None = None  # runs are nested under this one (twml reproduce, several sigmas)
 
     def __post_init__(self):
         if runtime.rank() != 0:
@@ -54,11 +55,11 @@ class NullRun:
         return lambda *args, **kwargs: None
 
 
-def execute(command: str, settings, session: Session, resume: str | None = None):
+def execute(command: str, settings, session: Session, resume: str | None = None, *prepare_args, inputs=None):
     """One study, one run (or, with `resume`, the rest of an interrupted one). Returns
-    (run id, outcome) on every process."""
+    (run id, outcome) on every process. `inputs`: the study's prepared inputs, if already made."""
     study = STUDIES[command]
-    inputs = study.prepare(settings)
+    inputs = study.prepare(settings, *prepare_args) if inputs is None else inputs
     hooks = Hooks(progress=session.progress)
     if resume:
         hooks.resume, hooks.done_rows = _leftovers(resume)
@@ -89,10 +90,19 @@ def _run(command: str, study, inputs, session: Session, resume: str | None) -> I
     if hasattr(study, "extra_params"):
         params.update(study.extra_params(inputs))
     tags = study.tags(s) if hasattr(study, "tags") else None
-    with tracking.start_run(session.experiment, command, run_name=study.run_name(s), tags=tags) as run:
+    with tracking.start_run(session.experiment, command, run_name=study.run_name(s), tags=tags, parent=session.parent) as run:
         run.log_params(params)
         run.log_json(config.to_dict(s), results.CONFIG_JSON)
+        run.log_datasets(datasets(study, inputs))
         yield run
+
+
+def datasets(study, inputs) -> list[dict]:
+    """The data a run used, for MLflow's dataset inputs: the data set's two splits (a study may
+    name others: backdoor's poisoned training set), each with a digest of its contents."""
+    name = inputs.data.info.name
+    splits = study.datasets(inputs) if hasattr(study, "datasets") else [(name, inputs.data.train, "train"), (name, inputs.data.test, "test")]
+    return [{"name": n, "digest": e.digest(), "source": inputs.data.info.name, "profile": e.profile(), "context": c} for n, e, c in splits]
 
 
 def _checkpointing(run, hooks: Hooks) -> None:
@@ -152,12 +162,43 @@ def resume_settings(command: str, run_id: str, overrides: dict):
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def execute_all(command: str, settings_list: list, session: Session, resume: str | None = None) -> list[str]:
-    """A command that makes one run per value of an `each` setting (several sigmas)."""
-    done = [execute(command, s, session, resume) for s in settings_list]
-    if command == "smooth" and len(done) > 1 and runtime.rank() == 0:
-        smooth.record_together([tracking.Run(run_id) for run_id, _ in done], [o for _, o in done])
+def execute_all(command: str, settings_list: list, session: Session) -> list[str]:
+    """A command that makes one run per value of an `each` setting (several sigmas): one run,
+    or a parent run (tagged twml.command=sweep) with a nested run for each."""
+    if len(settings_list) == 1:
+        return [execute(command, settings_list[0], session)[0]]
+    first = STUDIES[command].prepare(settings_list[0])  # bad input ends here, before a parent run exists
+    with _parent(session, "sweep", f"{command}: {len(settings_list)} runs") as nested:
+        done = [execute(command, s, nested, inputs=first if i == 0 else None) for i, s in enumerate(settings_list)]
+        if command == "smooth" and runtime.rank() == 0:
+            runs = [tracking.Run(run_id) for run_id, _ in done] + ([tracking.Run(nested.parent)] if nested.parent else [])
+            smooth.record_together(runs, [o for _, o in done])
     return [run_id for run_id, _ in done]
+
+
+@contextlib.contextmanager
+def _parent(session: Session, command: str, name: str) -> Iterator[Session]:
+    """A session whose runs nest under a new parent run (unless it already has a parent)."""
+    if session.parent is not None or runtime.rank() != 0:
+        yield session
+        return
+    with tracking.start_run(session.experiment, command, run_name=name) as parent:
+        yield dataclasses.replace(session, parent=parent.id)
+
+
+def mitigate_all(settings, session: Session) -> list[str]:
+    """A run for each (model, class) the cleanse run flagged (newest cleanse run by default)."""
+    if not settings.cleanse_run:
+        newest = tracking.find_runs(session.experiment, "cleanse")
+        if not newest:
+            raise TwmlError(f"no finished cleanse run in experiment '{session.experiment}': run twml cleanse first, or give --cleanse-run")
+        settings = dataclasses.replace(settings, cleanse_run=newest[0].info.run_id)
+    found = mitigate.findings(settings.cleanse_run)
+    if len(found) == 1:
+        return [execute("mitigate", settings, session, None, found[0])[0]]
+    first = mitigate.prepare(settings, found[0])  # bad input ends here, before a parent run exists
+    with _parent(session, "sweep", f"mitigate: {len(found)} models") as nested:
+        return [execute("mitigate", settings, nested, None, f, inputs=first if i == 0 else None)[0] for i, f in enumerate(found)]
 
 
 def default_cleanse_runs(experiment: str) -> list[str]:
@@ -177,8 +218,9 @@ REPRODUCE_SIGMAS = (0.05, 0.20)
 
 def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Path):
     """The whole write-up: standard, free m=4 and m=7 training; smoothing at sigma 0.05 and
-    0.20; a BadNets model; Neural Cleanse on the standard and the backdoored model; the
-    report. Every setting is checked before the first run starts."""
+    0.20; a BadNets model; Neural Cleanse on the standard and the backdoored model; its
+    mitigation (unlearning and pruning); the report. Every setting is checked before the
+    first run starts."""
     from .. import report
 
     base = config.resolve_one("train", preset, overrides)
@@ -186,28 +228,40 @@ def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Pat
     smoothings = [dataclasses.replace(config.resolve("smooth", preset, overrides)[0], sigma=sigma) for sigma in REPRODUCE_SIGMAS]
     poisoning = config.resolve_one("backdoor", preset, overrides)
     cleansing = config.resolve_one("cleanse", preset, overrides)
+    mitigating = config.resolve_one("mitigate", preset, overrides)
     backdoor.prepare(poisoning)  # its data-dependent checks (target class, trigger size) too
     if runtime.rank() == 0:
         tracking.experiment_id(session.experiment)  # the store and experiment exist before any step runs
-    ids: dict[str, str] = {}
-    steps = [
-        ("standard training", lambda: ids.update(standard=execute("train", trainings[0], session)[0])),
-        ("free adversarial training, m = 4", lambda: execute("train", trainings[1], session)),
-        ("free adversarial training, m = 7", lambda: execute("train", trainings[2], session)),
-        ("randomized smoothing, sigma = 0.05 and 0.20", lambda: execute_all("smooth", smoothings, session)),
-        ("BadNets backdoor", lambda: ids.update(backdoor=execute("backdoor", poisoning, session)[0])),
-        ("Neural Cleanse on the standard and the backdoored model",
-         lambda: execute("cleanse", dataclasses.replace(cleansing, model_runs=[ids["standard"], ids["backdoor"]]), session)),
-    ]  # fmt: skip
+    ids: dict = {}  # run ids (and the cleanse run's outcome) the later steps need
     began = time.perf_counter()
-    total = len(steps) + 1
-    for k, (title, step) in enumerate(steps, 1):
-        session.echo(f"\n[{k}/{total}] {title}  ({time.perf_counter() - began:.0f} s elapsed)")
-        step()
-    if runtime.rank() != 0:
-        return None
-    session.echo(f"\n[{total}/{total}] report  ({time.perf_counter() - began:.0f} s elapsed)")
-    files = report.build(session.experiment, out, tracking.tracking_uri())
+    with _parent(session, "reproduce", "reproduce") as nested:
+        steps = [
+            ("standard training", lambda: ids.update(standard=execute("train", trainings[0], nested)[0])),
+            ("free adversarial training, m = 4", lambda: execute("train", trainings[1], nested)),
+            ("free adversarial training, m = 7", lambda: execute("train", trainings[2], nested)),
+            ("randomized smoothing, sigma = 0.05 and 0.20", lambda: execute_all("smooth", smoothings, nested)),
+            ("BadNets backdoor", lambda: ids.update(backdoor=execute("backdoor", poisoning, nested)[0])),
+            ("Neural Cleanse on the standard and the backdoored model",
+             lambda: ids.update(cleanse=execute("cleanse", dataclasses.replace(cleansing, model_runs=[ids["standard"], ids["backdoor"]]), nested))),
+            ("mitigation of what Neural Cleanse flagged: unlearning, then pruning", lambda: repair(ids["cleanse"])),
+        ]  # fmt: skip
+
+        def repair(cleansed) -> None:
+            run_id, outcome = cleansed
+            if not outcome.findings:
+                session.echo("Neural Cleanse flagged no model, so there is nothing to mitigate.")
+                return
+            for method in ("unlearn", "prune"):
+                mitigate_all(dataclasses.replace(mitigating, cleanse_run=run_id, mitigation=method), nested)
+
+        total = len(steps) + 1
+        for k, (title, step) in enumerate(steps, 1):
+            session.echo(f"\n[{k}/{total}] {title}  ({time.perf_counter() - began:.0f} s elapsed)")
+            step()
+        if runtime.rank() != 0:
+            return None
+        session.echo(f"\n[{total}/{total}] report  ({time.perf_counter() - began:.0f} s elapsed)")
+        files = report.build(session.experiment, out, tracking.tracking_uri(), parent=nested.parent)
     session.echo(f"\nDone in {time.perf_counter() - began:.0f} s.")
     session.echo(f"Report: {files.markdown} and {files.pdf} (figures in {files.figures}/)")
     session.echo("Browse every run, metric and image: mlflow ui   (then open http://127.0.0.1:5000)")

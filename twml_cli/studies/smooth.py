@@ -92,7 +92,8 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     base = models.compiled(model, s.compile_mode(inputs.device, len(inputs.indices) * (s.n0 + s.n)))
     smoothed = smoothing.Smooth(base, model.spec.num_classes, s.sigma, seed=s.seed)
     table = smoothing.certify_dataset(smoothed, inputs.data.test, inputs.indices, s.n0, s.n, s.cert_alpha, s.certify_batch_size,
-                                      hooks.progress, done=hooks.done_rows, save_rows=hooks.save_rows)  # fmt: skip
+                                      hooks.progress, done=hooks.done_rows, save_rows=hooks.save_rows,
+                                      grid=s.radii if s.adaptive else None)  # fmt: skip
     return Outcome(s, model, result, accuracy, table)
 
 
@@ -104,8 +105,8 @@ def extra_params(inputs: Inputs) -> dict[str, str]:
 
 def record(run: Run, outcome: Outcome) -> None:
     if outcome.training is not None:
+        run.log_model(outcome.model, outcome.settings.register)  # first: the metrics below are linked to it
         record_training(run, outcome.training)
-        run.log_model(outcome.model)
     run.log_metrics({**results.metrics(metrics(outcome)), **table_metrics(outcome)})
     table = outcome.table
     grid = smoothing.radius_grid(float(table["radius"].max()))
@@ -130,7 +131,6 @@ def record_together(runs: list[Run], outcomes: list[Outcome]) -> None:
 
 def metrics(o: Outcome) -> results.CertificationMetrics:
     t = o.table
-    n = len(t["idx"])
     return results.CertificationMetrics(
         accuracy=o.accuracy,
         certified_accuracy=float(smoothing.certified_accuracy(t["radius"], t["correct"], [0.0])[0]),
@@ -138,7 +138,8 @@ def metrics(o: Outcome) -> results.CertificationMetrics:
         average_certified_radius=smoothing.average_certified_radius(t["radius"], t["correct"]),
         max_certified_radius=float(t["radius"].max()),
         certify_time_s=o.certify_time_s,
-        samples_per_s=n * (o.settings.n0 + o.settings.n) / o.certify_time_s,
+        samples_per_s=float(t["samples"].sum()) / o.certify_time_s,
+        samples_per_image=float(t["samples"].mean()),
     )
 
 
@@ -147,19 +148,31 @@ def certified_at(o: Outcome, radii) -> list[float]:
     return [float(a) for a in smoothing.certified_accuracy(o.table["radius"], o.table["correct"], radii)]
 
 
+def table_radii(s: config.Smoothing) -> list[float]:
+    """Where certified accuracy is reported: the fixed table radii and the ones asked for."""
+    return sorted({*smoothing.TABLE_RADII, *s.radii})
+
+
 def table_metrics(o: Outcome) -> dict[str, float]:
-    """certified_accuracy_r{r} at each of the table radii."""
-    return {results.certified_accuracy_key(r): a for r, a in zip(smoothing.TABLE_RADII, certified_at(o, smoothing.TABLE_RADII))}
+    """certified_accuracy_r{r} at each reported radius."""
+    radii = table_radii(o.settings)
+    return {results.certified_accuracy_key(r): a for r, a in zip(radii, certified_at(o, radii))}
 
 
 def summarize(o: Outcome) -> list[str]:
-    t, r_max = o.table, o.max_radius
-    radii = [r for r in smoothing.TABLE_RADII if r <= r_max]
+    s, t, r_max = o.settings, o.table, o.max_radius
+    if s.adaptive:
+        radii = sorted({0.0, *s.radii})
+        procedure = [f"  Adaptive certification on the grid, at most n = {s.n} samples: {t['samples'].mean():,.0f} samples per image on average "
+                     f"({(s.n0 + s.n) / t['samples'].mean():.1f}x fewer than fixed n)"]  # fmt: skip
+    else:
+        radii = [r for r in table_radii(s) if r <= r_max]
+        procedure = [f"  Largest certified radius: {t['radius'].max():.4f} (at most {r_max:.4f} with this n and alpha)"]
     accs = certified_at(o, radii)
     return [
-        f"sigma = {o.settings.sigma:g}:",
+        f"sigma = {s.sigma:g}:",
         f"  Base classifier accuracy (clean test): {o.accuracy:.4f}",
         "  Certified accuracy: " + ", ".join(f"r={r:g}: {a:.4f}" for r, a in zip(radii, accs)),
-        f"  Largest certified radius: {t['radius'].max():.4f} (at most {r_max:.4f} with this n and alpha)",
+        *procedure,
         f"  Abstain rate: {np.mean(t['predict'] == smoothing.ABSTAIN):.4f}",
     ]

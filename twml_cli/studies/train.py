@@ -44,7 +44,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     work = s.epochs * len(data.train), len(data.test) * (s.pgd_steps + 2) * s.pgd_restarts
     result = training.train(model, data.train, s.train_config(), s.perturbation(), hooks=hooks.training(s), compile_mode=s.compile_mode(inputs.device, work[0]))
     attacked = models.compiled(model, s.compile_mode(inputs.device, work[1]))
-    robust = attacks.evaluate_robustness(attacked, data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress)
+    robust = attacks.evaluate_robustness(attacked, data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress, s.autoattack_config())
     return Outcome(s, model, result, robust)
 
 
@@ -54,9 +54,9 @@ def metrics(outcome: Outcome) -> tuple[results.TrainingMetrics, results.Robustne
 
 
 def record(run: Run, outcome: Outcome) -> None:
+    run.log_model(outcome.model, outcome.settings.register)  # first: the metrics below are linked to it
     record_training(run, outcome.training)
-    run.log_metrics(results.metrics(robustness_metrics(outcome.robustness)))
-    run.log_model(outcome.model)
+    record_robustness(run, outcome.robustness)
 
 
 def summarize(outcome: Outcome) -> list[str]:
@@ -93,10 +93,29 @@ def robustness_metrics(r: attacks.RobustnessResult) -> results.RobustnessMetrics
     return results.RobustnessMetrics(r.accuracy, r.pgd_success_rate, r.robust_accuracy, r.attack_time_s)
 
 
+def autoattack_metrics(r: attacks.RobustnessResult) -> results.AutoAttackMetrics | None:
+    if r.autoattack_robust_accuracy is None:
+        return None
+    return results.AutoAttackMetrics(r.autoattack_robust_accuracy, r.robust_accuracy_worst, r.autoattack_time_s)
+
+
+def record_robustness(run: Run, r: attacks.RobustnessResult) -> None:
+    """PGD's figures, and AutoAttack's when it ran (also robust accuracy after each of its attacks)."""
+    run.log_metrics(results.metrics(robustness_metrics(r)))
+    aa = autoattack_metrics(r)
+    if aa is not None:
+        run.log_metrics({**results.metrics(aa), **{results.autoattack_after_key(a): v for a, v in r.autoattack_after.items()}})
+
+
 def robustness_lines(r: attacks.RobustnessResult, pgd: attacks.PGDConfig) -> list[str]:
     restarts = f"{pgd.restarts} restart{'s' if pgd.restarts > 1 else ''}"
-    return [
+    lines = [
         f"Model accuracy: {r.accuracy:.4f}",
         f"Success rate of untargeted white-box PGD (eps={pgd.eps:g}, {pgd.steps} steps, {restarts}): {r.pgd_success_rate:.4f}",
         f"Robust accuracy: {r.robust_accuracy:.4f}",
     ]
+    if r.autoattack_robust_accuracy is not None:
+        stages = ", ".join(f"{a} {v:.4f}" for a, v in r.autoattack_after.items())
+        lines += [f"AutoAttack robust accuracy (standard, eps={pgd.eps:g}): {r.autoattack_robust_accuracy:.4f} (after {stages}; {r.autoattack_time_s:.1f} s)",
+                  f"Robust accuracy, per-example worst case of PGD and AutoAttack: {r.robust_accuracy_worst:.4f}"]  # fmt: skip
+    return lines

@@ -1,0 +1,76 @@
+"""Neural Cleanse's mitigation: unlearning and pruning on a planted backdoor, and `twml mitigate`
+on the embedded default's Neural Cleanse findings."""
+
+import pytest
+import torch
+
+from twml_cli.backdoor import Trigger, attack_success_rate, poison
+from twml_cli.mitigation import UnlearnConfig, penultimate, prune, unlearn
+from twml_cli.models import ModelSpec, create_model
+from twml_cli.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def planted(digits):
+    """A digits model with a 2x2 bottom-right trigger to class 0, and that trigger as a mask/pattern."""
+    x, y = digits.train.tensors
+    trigger = Trigger(2)
+    xp, yp, _ = poison(x, y, target=0, rate=0.1, trigger=trigger, seed=0)
+    torch.manual_seed(0)
+    model = create_model(ModelSpec.for_data("test_byobnet", digits.info))
+    train(model, (xp, yp), TrainConfig(epochs=10, batch_size=128))
+    mask = torch.zeros(8, 8)
+    mask[6:, 6:] = 1.0
+    return model, trigger, mask, torch.ones(1, 8, 8)
+
+
+def test_unlearning_removes_the_backdoor_and_keeps_accuracy(planted, digits):
+    import copy
+
+    from twml_cli.attacks import accuracy
+
+    model, trigger, mask, pattern = planted
+    x_test, y_test = digits.test.tensors
+    before = attack_success_rate(model, x_test, y_test, 0, trigger)
+    assert before > 0.9
+    repaired = copy.deepcopy(model)
+    unlearn(repaired, *digits.train.tensors, mask, pattern, UnlearnConfig(epochs=2))
+    assert attack_success_rate(repaired, x_test, y_test, 0, trigger) < 0.1 * before
+    assert accuracy(repaired, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.02
+    assert not torch.equal(next(repaired.parameters()), next(model.parameters()))  # a copy was repaired, not the original
+
+
+def test_pruning_removes_the_neurons_the_trigger_excites(planted, digits):
+    import copy
+
+    model, trigger, mask, pattern = planted
+    repaired = copy.deepcopy(model)
+    result = prune(repaired, *digits.train.tensors, 0, mask, pattern, step=0.05, stop_below=0.05)
+    head = repaired.backbone.get_classifier()
+    assert 0 < result.pruned <= result.neurons // 2 and (head.weight == 0).all(0).sum() == result.pruned  # whole input columns zeroed
+    assert result.reversed_success < 0.05 or result.pruned == result.neurons // 2
+    assert penultimate(repaired, digits.test.x[:5]).shape == (5, result.neurons)
+
+
+def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
+    cli, cleanse = reproduced.cli, reproduced.cleanse
+    for method in ("unlearn", "prune"):
+        result = cli("mitigate", "--cleanse-run", cleanse.info.run_id, "--mitigation", method, "--experiment", "mitigation")
+        assert result.code == 0, result.err
+    runs = {r.data.params["mitigation"]: r for r in cli.runs("mitigate", experiment="mitigation")}
+    unlearned = runs["unlearn"]
+    m, p = unlearned.data.metrics, unlearned.data.params
+    assert unlearned.data.tags["twml.cleanse_run"] == cleanse.info.run_id == p["cleanse_run"]
+    assert p["model_run"] == reproduced.backdoor.info.run_id and p["target"] == "0"
+    assert m["attack_success_rate_before"] == reproduced.backdoor.data.metrics["attack_success_rate"]
+    assert m["attack_success_rate"] <= 0.05 and m["accuracy"] >= m["accuracy_before"] - 0.01  # the issue's bar
+    assert m["reversed_success"] < m["reversed_success_before"]
+    assert cli.model_files(unlearned) == {"model.safetensors", "spec.json"}  # the repaired model
+    pruned = runs["prune"].data.metrics
+    assert pruned["pruned_neurons"] > 0 and pruned["attack_success_rate"] < pruned["attack_success_rate_before"]
+    assert "Real trigger's attack success rate:" in result.out
+
+
+def test_mitigate_needs_a_cleanse_run_that_flagged_something(cli):
+    result = cli("mitigate")
+    assert result.code == 2 and "no finished cleanse run" in result.err and cli.runs() == []

@@ -1,0 +1,80 @@
+"""The `twml` command line: parse, resolve typed settings, run a study.
+
+Every study command's options are built from its settings class (config.py): one field is
+one flag, with its help text, panel and default (options.py). The options every command
+shares (preset, tracking, processes) are declared once there too. Bad input ends with one
+line on stderr and exit code 2; Ctrl-C (or SIGTERM) ends the MLflow run KILLED and exits 130.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from ..errors import TwmlError
+from . import commands  # noqa: F401 - registers the commands on the app
+from .app import app
+
+try:  # typer >= 0.24 vendors click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer
+    from click.exceptions import UsageError
+
+__all__ = ["app", "main"]
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise), without importing torch."""
+    import os
+
+    return int(os.environ.get("RANK", 0))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def fail(message: str, code: int = 2) -> None:
+    if _rank() == 0:  # under torchrun every process fails alike; one says so
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .. import launch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        launched = launch.main(argv)
+        argv = launch.split(argv)[1]
+    except ValueError as err:
+        fail(f"twml: error: {err}")
+    if launched is not None:
+        sys.exit(launched)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if "WORLD_SIZE" in __import__("os").environ:
+            from ..runtime import init_distributed
+
+            init_distributed()
+        code = app(args=argv, prog_name="twml", standalone_mode=False)
+    except UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":
+            print(err.format_message())
+            sys.exit(0)
+        command = err.ctx.command_path if err.ctx else "twml"
+        fail(f"{command}: error: {err.format_message()} (see '{command} --help')")
+    except TwmlError as err:
+        fail(f"twml: error: {err}")
+    except Exception as err:
+        tracking = sys.modules.get("twml_cli.tracking")
+        store = tracking.store_error(err) if tracking else None
+        if store is None:
+            raise
+        fail(f"twml: error: {store}")
+    if code == 130:
+        fail("twml: interrupted; the MLflow run ended KILLED", 130)
+    sys.exit(code if isinstance(code, int) else 0)

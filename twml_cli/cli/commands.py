@@ -1,0 +1,202 @@
+"""The commands: one thin function each, over studies/runner.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import config
+from ..errors import TwmlError
+from ..version import __version__
+from .app import app, echo
+from .options import (
+    LAUNCH,
+    OUT,
+    SHARED,
+    ConfigOption,
+    ExperimentOption,
+    PresetOption,
+    TrackingUriOption,
+    _option,
+    _parse,
+    _session,
+    _signature,
+    study_command,
+)
+
+# ---------------------------------------------------------------- commands
+
+FREE = (Annotated[bool, typer.Option("--free", help="Free adversarial training (Shafahi et al., 2019): `--method free`.", rich_help_panel="Training")], False)
+
+
+@study_command("train", extra={"free": FREE}, overrides=lambda free: {"method": "free"} if free else {})
+def train(settings_list, session) -> None:
+    """Train a model, standard or free adversarial (--free), and attack it with PGD.
+
+    Measures clean accuracy and the success rate of untargeted white-box L-inf PGD on the
+    whole test split."""
+    from ..studies import runner
+
+    runner.execute_all("train", settings_list, session)
+
+
+AUTOATTACK = (Annotated[bool, typer.Option("--autoattack", help="Also the standard AutoAttack (`--eval autoattack`).", rich_help_panel="Threat model and PGD")], False)
+
+
+@study_command("attack", extra={"autoattack": AUTOATTACK}, overrides=lambda autoattack: {"eval": "autoattack"} if autoattack else {})
+def attack(settings_list, session) -> None:
+    """Re-evaluate a logged model: a stronger PGD (--pgd-steps 50 --pgd-restarts 5), or the
+    standard AutoAttack (--autoattack).
+
+    Logged as a run of its own that names the model's run. The data set is the model's own
+    unless --dataset says otherwise."""
+    from ..studies import runner
+
+    runner.execute_all("attack", settings_list, session)
+
+
+@study_command("smooth")
+def smooth(settings_list, session) -> None:
+    """Randomized smoothing (Cohen et al., 2019): certified L2 radii for each sigma.
+
+    Trains a base classifier with Gaussian noise at each sigma (or takes the model --run
+    names), certifies evenly spaced test images, and plots certified accuracy against radius."""
+    from ..studies import runner
+
+    runner.execute_all("smooth", settings_list, session)
+
+
+@study_command("backdoor")
+def backdoor(settings_list, session) -> None:
+    """BadNets (Gu et al., 2017): train a backdoored model to inspect with cleanse.
+
+    A white square stamped on a fraction of the training images sends them to the target
+    class; logs clean accuracy and attack success rate."""
+    from ..studies import runner
+
+    runner.execute_all("backdoor", settings_list, session)
+
+
+@study_command("cleanse")
+def cleanse(settings_list, session) -> None:
+    """Neural Cleanse (Wang et al., 2019): which model is backdoored, toward which class?
+
+    Reverse-engineers a trigger for every class of each model, all classes at once, and
+    flags classes whose trigger is abnormally small (MAD anomaly index > 2)."""
+    import dataclasses
+
+    from ..studies import runner
+
+    (settings,) = settings_list
+    if not settings.model_runs:
+        settings = dataclasses.replace(settings, model_runs=runner.default_cleanse_runs(session.experiment))
+    runner.execute("cleanse", settings, session)
+
+
+@study_command("mitigate")
+def mitigate(settings_list, session) -> None:
+    """Neural Cleanse's mitigation: repair the models a cleanse run flagged.
+
+    Unlearning (the default) fine-tunes on clean data, a fifth of it stamped with the reversed
+    trigger under true labels; --mitigation prune removes the penultimate neurons the reversed
+    trigger excites. Logs accuracy and attack success (the real trigger, when the model came
+    from twml backdoor) before and after, and the repaired model."""
+    from ..studies import runner
+
+    (settings,) = settings_list
+    runner.mitigate_all(settings, session)
+
+
+def _report(out: Path = OUT[1], **shared) -> None:
+    """Build the write-up (Markdown and PDF) from the experiment's finished runs.
+
+    Writes <out>/<experiment>.md and .pdf with their figures, and logs them as a run."""
+    from .. import report as report_module
+    from .. import tracking
+
+    uri = tracking.configure(shared["tracking_uri"])
+    files = report_module.build(shared["experiment"], out, uri)
+    echo(f"Report: {files.markdown} and {files.pdf} (figures in {files.figures}/)")
+    echo(f"Run id: {files.run_id}")
+
+
+_REPORT_PARAMS = {"out": OUT, **{k: SHARED[k] for k in ("experiment", "tracking_uri")}}
+_report.__signature__ = _signature(_REPORT_PARAMS)
+_report.__annotations__ = {k: a for k, (a, _) in _REPORT_PARAMS.items()}
+app.command(name="report")(_report)
+
+
+def _reproduce(out: Path = OUT[1], **kwargs) -> None:
+    """Run the whole write-up: all three studies, then the report.
+
+    Standard and free (m = 4 and 7) training, smoothing at sigma 0.05 and 0.20, a BadNets
+    model, Neural Cleanse on the standard and the backdoored model, the report. A few minutes
+    on a 2-core CPU with the embedded default; `--preset cifar10` is for a GPU."""
+    from ..studies import runner
+
+    shared = {k: kwargs.pop(k) for k in SHARED}
+    for k in LAUNCH:
+        kwargs.pop(k)
+    preset = config.load_preset(shared["preset"], shared["config_file"])
+    overrides = _parse(config.Common, kwargs)
+    runner.reproduce(preset, overrides, _session(shared, preset), out)
+
+
+_COMMON = {f.name: f for f in config.settings_fields(config.Common)}
+_REPRODUCE_PARAMS = {"out": OUT, **{k: _option(config.Common, _COMMON[k], None) for k in ("data_dir", "device", "seed")}, **SHARED, **LAUNCH}
+_reproduce.__signature__ = _signature(_REPRODUCE_PARAMS)
+_reproduce.__annotations__ = {k: a for k, (a, _) in _REPRODUCE_PARAMS.items()}
+app.command(name="reproduce")(_reproduce)
+
+
+@app.command(name="runs")
+def runs(experiment: ExperimentOption = "twml", tracking_uri: TrackingUriOption = None) -> None:
+    """List the experiment's runs, newest first: which finished, which are running, which were
+    interrupted (killed, crashed) and the command that resumes them."""
+    from .. import results, tracking
+
+    tracking.configure(tracking_uri)
+    listed = tracking.list_runs(experiment)
+    if not listed:
+        raise TwmlError(f"experiment '{experiment}' has no runs in {tracking.tracking_uri()}")
+    echo(f"{'status':<12} {'command':<9} {'run name':<22} {'started (UTC)':<20} run id")
+    from datetime import datetime, timezone
+
+    for r in listed:
+        status = tracking.status_of(r)
+        command = r.data.tags.get(results.COMMAND_TAG, "")
+        started = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        line = f"{status:<12} {command:<9} {(r.info.run_name or '')[:22]:<22} {started:<20} {r.info.run_id}"
+        if status in ("interrupted", "stale") and command in ("train", "smooth", "backdoor"):
+            line += f"   resume: twml {command} --resume {r.info.run_id}"
+        echo(line)
+
+
+@app.command(name="config")
+def show_config(
+    command: Annotated[str, typer.Argument(help="train, attack, smooth, backdoor or cleanse.")],
+    preset: PresetOption = None,
+    config_file: ConfigOption = None,
+) -> None:
+    """Print the effective settings of a command (defaults, then the preset) as TOML."""
+    if command not in config.COMMANDS:
+        raise TwmlError(f"unknown command '{command}': use one of {', '.join(config.COMMANDS)}")
+    chosen = config.load_preset(preset, config_file)
+    for i, settings in enumerate(config.resolve(command, chosen)):
+        echo(f"{'' if i == 0 else chr(10)}# twml {command}, preset {chosen.name}")
+        echo(config.to_toml(settings))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"twml {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    pass

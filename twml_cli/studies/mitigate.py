@@ -1,0 +1,151 @@
+"""`twml mitigate`: repair each model a cleanse run flagged, with the trigger Neural Cleanse reversed
+(unlearning, or --mitigation prune), and measure the real trigger before and after when the
+model came from `twml backdoor`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import attacks, backdoor, cleanse, config, mitigation, models, results
+from ..errors import TwmlError
+from .common import Data, Hooks, Run, check_fits, data_name, device, in_memory, load_data, load_model
+
+COMMAND = "mitigate"
+
+
+@dataclass
+class Finding:
+    """One flagged (model, class) of a cleanse run, with what is known of its real trigger."""
+
+    model_uri: str
+    model_index: int  # in the cleanse run
+    target: int
+    anomaly_index: float
+    mask: torch.Tensor  # the reversed trigger
+    pattern: torch.Tensor
+    trigger: backdoor.Trigger | None = None  # the real one, from the backdoor run that made the model
+    trigger_target: int | None = None
+
+
+@dataclass
+class Inputs:
+    settings: config.Mitigate
+    device: torch.device
+    data: Data
+    finding: Finding
+    model: models.Classifier
+
+
+@dataclass
+class Outcome:
+    settings: config.Mitigate
+    finding: Finding
+    model: models.Classifier  # repaired
+    metrics: results.MitigationMetrics
+    real: results.RealTriggerMetrics | None
+    pruned: mitigation.PruneResult | None
+
+
+def findings(cleanse_run: str) -> list[Finding]:
+    """What a logged cleanse run flagged (read from MLflow, like a model from a run id)."""
+    from .. import tracking
+
+    run = tracking.get_run(cleanse_run)
+    if run.data.tags.get(results.COMMAND_TAG) != "cleanse":
+        raise TwmlError(f"run '{cleanse_run}' is not a cleanse run")
+    table, arrays = (tracking.download_artifact(cleanse_run, name) for name in (results.NORMS_CSV, results.REVERSED_NPZ))
+    if not table or not arrays:
+        raise TwmlError(f"cleanse run '{cleanse_run}' holds no {results.NORMS_CSV} or {results.REVERSED_NPZ}: run twml cleanse again")
+    norms = pd.read_csv(table)
+    out = []
+    with np.load(arrays, allow_pickle=False) as z:
+        for _, row in norms[norms["flagged"].astype(bool)].iterrows():
+            i, c = int(row["model"]), int(row["class"])
+            f = Finding(str(row["run_id"]), i, c, float(row["anomaly_index"]), torch.from_numpy(z[f"model{i}_masks"][c]),
+                        torch.from_numpy(z[f"model{i}_patterns"][c]))  # fmt: skip
+            if not Path(f.model_uri).is_dir():
+                made = tracking.get_run(f.model_uri)
+                if made.data.tags.get(results.COMMAND_TAG) == "backdoor":
+                    p = made.data.params
+                    f.trigger, f.trigger_target = backdoor.Trigger(int(p["trigger_size"]), p["position"]), int(p["target"])
+            out.append(f)
+    if not out:
+        raise TwmlError(f"cleanse run '{cleanse_run}' flagged no model: there is nothing to mitigate")
+    return out
+
+
+def run_name(s: config.Mitigate) -> str:
+    return s.mitigation
+
+
+def prepare(s: config.Mitigate, finding: Finding) -> Inputs:
+    dev = device(s)
+    model = load_model(finding.model_uri, dev)
+    data = in_memory(load_data(data_name(s.dataset, model, "digits"), s, model), COMMAND)
+    check_fits(model, data.info, f"model {finding.model_uri}")
+    return Inputs(dataclasses.replace(s, dataset=data.info.name), dev, data, finding, model)
+
+
+def _measure(model, inputs: Inputs) -> tuple[float, float, float | None]:
+    """Clean accuracy, the reversed trigger's success, the real trigger's (None if unknown)."""
+    f, (x, y) = inputs.finding, (inputs.data.test.x.cpu(), inputs.data.test.y.cpu())
+    s = inputs.settings
+    accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
+    reversed_success = backdoor.stamped_success_rate(model, x[y != f.target], f.target, lambda z: cleanse.stamp(z, f.mask.to(z.device), f.pattern.to(z.device)))
+    real = backdoor.attack_success_rate(model, x, y, f.trigger_target, f.trigger) if f.trigger is not None else None
+    return accuracy, reversed_success, real
+
+
+def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
+    s, f = inputs.settings, inputs.finding
+    before = _measure(inputs.model, inputs)
+    repaired = copy.deepcopy(inputs.model)
+    pruned = None
+    x, y = inputs.data.train.x.cpu(), inputs.data.train.y.cpu()
+    if s.mitigation == "unlearn":
+        mitigation.unlearn(repaired, x, y, f.mask, f.pattern, s.unlearn_config())
+    else:
+        pruned = mitigation.prune(repaired, x, y, f.target, f.mask, f.pattern, s.prune_step, s.prune_stop)
+    after = _measure(repaired, inputs)
+    metrics = results.MitigationMetrics(before[0], after[0], before[1], after[1])
+    real = results.RealTriggerMetrics(before[2], after[2]) if f.trigger is not None else None
+    return Outcome(s, f, repaired, metrics, real, pruned)
+
+
+def extra_params(inputs: Inputs) -> dict:
+    f = inputs.finding
+    source = {"model_path": f.model_uri} if Path(f.model_uri).is_dir() else {"model_run": f.model_uri}
+    return {**source, "model": inputs.model.spec.arch, "target": f.target, "anomaly_index": round(f.anomaly_index, 4)}
+
+
+def tags(s: config.Mitigate) -> dict[str, str]:
+    return {"twml.cleanse_run": s.cleanse_run}
+
+
+def record(run: Run, outcome: Outcome) -> None:
+    run.log_model(outcome.model)
+    run.log_metrics(results.metrics(outcome.metrics))
+    if outcome.real is not None:
+        run.log_metrics(results.metrics(outcome.real))
+    if outcome.pruned is not None:
+        run.log_metrics({"pruned_neurons": outcome.pruned.pruned, "penultimate_neurons": outcome.pruned.neurons})
+
+
+def summarize(o: Outcome) -> list[str]:
+    m, f = o.metrics, o.finding
+    how = "unlearning" if o.settings.mitigation == "unlearn" else f"pruning {o.pruned.pruned} of {o.pruned.neurons} penultimate neurons"
+    lines = [
+        f"Model {f.model_index} (class {f.target} flagged, anomaly index {f.anomaly_index:.2f}), repaired by {how}:",
+        f"  Clean accuracy: {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
+        f"  Reversed trigger's success: {m.reversed_success_before:.4f} -> {m.reversed_success:.4f}",
+    ]
+    if o.real is not None:
+        lines.append(f"  Real trigger's attack success rate: {o.real.attack_success_rate_before:.4f} -> {o.real.attack_success_rate:.4f}")
+    return lines
