@@ -27,6 +27,7 @@ from .runtime import Progress, Timer, autocast, generator, no_progress
 
 ABSTAIN = -1
 TABLE_RADII = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # where tables read certified accuracy
+FUTILITY = 0.01  # certify_grid gives up on a radius when pA is below its reach with this confidence
 NOISE_BLOCK = 1000  # samples per noise stream; fixed, so certificates are batch-independent
 SELECTION, ESTIMATION, PREDICTION = 0, 1, 2  # phases: separate streams, never reused
 
@@ -139,8 +140,10 @@ class Smooth:
         pA at level alpha / L certifies radius r when its lower end reaches Phi(r / sigma); the
         union bound over the L looks of this fixed schedule keeps the chance that any
         certificate is wrong at most alpha, however early an image stops. An image stops once
-        every radius is settled: certified, or out of reach (even all remaining n_max samples
-        voting cA could not certify it, or the interval's upper end is below its threshold).
+        every radius is settled: certified, or out of reach: even all remaining samples voting
+        cA could not certify it, or a 99% upper bound on pA (FUTILITY) lies below the vote
+        fraction that n_max samples would need to certify it (votes_needed). Giving up never
+        makes a certificate wrong; it can only, rarely, miss one that fixed n would find.
         """
         check_certify_args(n0, n_max, alpha, batch_size)
         indices = list(range(len(x))) if indices is None else [int(i) for i in indices]
@@ -148,6 +151,7 @@ class Smooth:
         need = norm.cdf(grid / self.sigma)  # pA_lower must reach these (radius 0: 1/2, else abstain)
         looks = rounds(n_max)
         level = alpha / len(looks)
+        within_reach = votes_needed(need, n_max, level)  # the vote fraction n_max samples need to certify each radius
         c_a = self._counts(x, indices, SELECTION, n0, batch_size).argmax(1)
         n_a = np.zeros(len(x), dtype=np.int64)
         used = np.zeros(len(x), dtype=np.int64)
@@ -165,8 +169,8 @@ class Smooth:
             reached[active] = np.maximum(reached[active], np.searchsorted(need, low, side="right") - 1)
             nxt = np.minimum(reached[active] + 1, len(grid) - 1)
             best_case = lower_confidence_bound(n_a[active] + (n_max - size), n_max, level)
-            high = upper_confidence_bound(n_a[active], size, level)
-            open_ = (reached[active] < len(grid) - 1) & (best_case >= need[nxt]) & (high >= need[nxt])
+            high = upper_confidence_bound(n_a[active], size, FUTILITY)
+            open_ = (reached[active] < len(grid) - 1) & (best_case >= need[nxt]) & (high >= within_reach[nxt])
             active, done = active[open_], size
             if len(active) == 0:
                 break
@@ -239,6 +243,15 @@ def lower_confidence_bound(n_a, n: int, alpha: float) -> np.ndarray:
 
 
 ROWS = ("idx", "label", "predict", "radius", "correct", "time_s", "samples")  # certify.csv's columns
+
+
+def votes_needed(thresholds: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    """For each threshold, the smallest vote fraction k / n whose lower bound at level alpha
+    reaches it (above 1 when even n votes of n do not)."""
+    k = np.arange(n + 1)
+    bounds = lower_confidence_bound(k, n, alpha)  # increasing in k
+    first = np.searchsorted(bounds, thresholds, side="left")
+    return np.where(first <= n, first / n, np.inf)
 
 
 def upper_confidence_bound(n_a, n: int, alpha: float) -> np.ndarray:
