@@ -114,3 +114,26 @@ def test_autoattack_beside_pgd_on_the_digits_model(digits):
     assert list(r.autoattack_after.values()) == sorted(r.autoattack_after.values(), reverse=True)  # each attack only removes
     again = evaluate_robustness(model, (x, y), PGDConfig(eps=0.1, alpha=0.025, steps=10), batch_size=96, autoattack=cfg)
     assert again.autoattack_robust_accuracy == r.autoattack_robust_accuracy  # keyed by example: batch-independent
+
+
+def test_attack_autoattack_logs_its_metrics_and_the_report_shows_them_on_the_model(reproduced, tmp_path):
+    """`twml attack --run ID --autoattack` (a small budget) on the default's standard model."""
+    cli, model = reproduced.cli, reproduced.standard
+    args = ("--autoattack-iterations", "5", "--autoattack-queries", "50", "--experiment", "aa")
+    result = cli("attack", "--run", model.info.run_id, "--autoattack", *args)
+    assert result.code == 0, result.err
+    (run,) = cli.runs("attack", experiment="aa")
+    m, p = run.data.metrics, run.data.params
+    assert p["eval"] == "autoattack" and p["autoattack_iterations"] == "5" and p["model_run"] == model.info.run_id
+    assert m["autoattack_robust_accuracy"] <= m["robust_accuracy"] and m["robust_accuracy_worst"] <= m["autoattack_robust_accuracy"]
+    after = [m[f"autoattack_after_{a}"] for a in ("apgd_ce", "apgd_t", "fab_t", "square")]
+    assert after == sorted(after, reverse=True) and after[-1] == m["autoattack_robust_accuracy"]
+    assert f"AutoAttack robust accuracy (standard, eps=0.1): {m['autoattack_robust_accuracy']:.4f}" in result.out
+    # the report's training table takes a model's AutoAttack from a later attack run on it
+    from twml_cli.report.adversarial import aa
+    from twml_cli.report.runs import load
+
+    cli.use()
+    trained = next(r for r in load("twml").train if r.id == model.info.run_id)
+    attacked = next(a for a in load("aa").attack if a.id == run.info.run_id)
+    assert aa(trained) == "–" and aa(trained, {trained.id: attacked}) == f"{m['autoattack_robust_accuracy']:.4f}"

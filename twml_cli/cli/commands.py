@@ -33,10 +33,10 @@ FREE = (Annotated[bool, typer.Option("--free", help="Free adversarial training (
 
 @study_command("train", extra={"free": FREE}, overrides=lambda free: {"method": "free"} if free else {})
 def train(settings_list, session) -> None:
-    """Train a model, standard or free adversarial (--free), and attack it with PGD.
+    """Train a model: standard, free adversarial (--free) or fast adversarial (--method fast); attack it with PGD.
 
     Measures clean accuracy and the success rate of untargeted white-box L-inf PGD on the
-    whole test split."""
+    whole test split (and the standard AutoAttack with --eval autoattack)."""
     from ..studies import runner
 
     runner.execute_all("train", settings_list, session)

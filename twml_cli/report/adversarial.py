@@ -19,13 +19,21 @@ def label(r: TrainRun) -> str:
     return r.settings.method + (f" m={r.settings.m}" if r.settings.method == "free" else "")
 
 
-def aa(r) -> str:
-    """AutoAttack's robust accuracy, or a dash when the run has none."""
-    return f4(r.autoattack.autoattack_robust_accuracy) if r.autoattack else "–"
+def _autoattack(r, later: dict | None):
+    """A run's AutoAttack metrics: its own, else those of the newest `twml attack --autoattack`
+    run on its model (`later`: model run id -> attack run), else None."""
+    return r.autoattack or ((later or {}).get(r.id) or r).autoattack
 
 
-def worst(r) -> str:
-    return f4(r.autoattack.robust_accuracy_worst) if r.autoattack else "–"
+def aa(r, later: dict | None = None) -> str:
+    """AutoAttack's robust accuracy, or a dash when the model has none."""
+    found = _autoattack(r, later)
+    return f4(found.autoattack_robust_accuracy) if found else "–"
+
+
+def worst(r, later: dict | None = None) -> str:
+    found = _autoattack(r, later)
+    return f4(found.robust_accuracy_worst) if found else "–"
 
 
 def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], fig_dir: Path) -> None:
@@ -33,6 +41,10 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
     if not runs:
         doc.add(Para("No finished `twml train` runs in this experiment: run `twml train`, `twml train --free --m 4` and `twml train --free --m 7`."))
         return
+    later: dict = {}
+    for a in attack_runs:  # newest first
+        if a.autoattack and a.settings.eps == next((r.settings.eps for r in runs if r.id == a.model), None):
+            later.setdefault(a.model, a)
     table, common = Table(
         ["method", "m", "data", "model", "eps", "epochs", "passes/step", "train time", "accuracy", "PGD success", "robust acc.",
          "PGD", "AutoAttack", "worst", "run"],
@@ -40,7 +52,7 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
             [r.settings.method, str(replays(r)), r.settings.dataset, r.settings.model, f"{r.settings.eps:.4g}", str(r.settings.epochs),
              str(r.training.passes_per_step), secs(r.training.train_time_s) + (" (stopped early)" if r.training.stopped_early else ""),
              f4(r.robustness.accuracy), f4(r.robustness.pgd_success_rate), f4(r.robustness.robust_accuracy),
-             f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}", aa(r), worst(r), short(r.id)]
+             f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}", aa(r, later), worst(r, later), short(r.id)]
             for r in runs
         ],
     ).drop_constant(["data", "model", "eps", "epochs", "passes/step", "PGD"], dashes=["AutoAttack", "worst"])  # fmt: skip
@@ -48,8 +60,9 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
         Para(
             "Every finished training run. PGD is untargeted, white-box, L-inf with a random start (steps x restarts); its "
             "success rate counts every misclassified adversarial example (inputs already misclassified included), and "
-            "robust accuracy is its complement. AutoAttack, where a run was evaluated with it, is the standard version "
-            "(APGD-CE, APGD-T, FAB-T, Square); 'worst' counts an example robust only if it survives PGD and AutoAttack. "
+            "robust accuracy is its complement. AutoAttack, where a model was evaluated with it (by --eval autoattack, or "
+            "later by twml attack --autoattack at the same eps), is the standard version (APGD-CE, APGD-T, FAB-T, Square); "
+            "'worst' counts an example robust only if it survives PGD and AutoAttack. "
             "Passes/step: forward-backward passes per SGD step (2 for fast training). Run ids are shortened; section 4 "
             "lists them whole." + (f" Every run here has {', '.join(common)}." if common else "")
         ),
@@ -161,7 +174,7 @@ def _fast(doc: Document, runs: list[TrainRun], free: dict[int, TrainRun]) -> Non
     for r in peers:
         text += (f" Free training with m = {r.settings.m} at the same {r.settings.epochs} epochs of budget: {f4(r.robustness.accuracy)} "
                  f"and {f4(r.robustness.pgd_success_rate)} in {secs(r.training.train_time_s)} "
-                 f"({ft.train_time_s / r.training.train_time_s:.2f}x its time for fast).")  # fmt: skip
+                 f"(fast took {ft.train_time_s / r.training.train_time_s:.2f}x as long).")  # fmt: skip
     if ft.stopped_early:
         text += " Its guard against catastrophic overfitting fired: PGD accuracy on a training batch collapsed, and the weights of the pass before were kept."
     doc.add(Para(text))
