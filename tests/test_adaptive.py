@@ -68,6 +68,7 @@ def test_rounds_are_whole_noise_blocks_so_they_are_fixed_ns_first_samples(linear
     assert torch.equal(whole, parts)
 
 
+@pytest.mark.slow  # 20-40 s; benchmarks/adaptive.py measures the same at full size
 def test_against_fixed_n_on_digits_it_certifies_as_much_with_far_fewer_samples(digits):
     """A small version of the benchmark (benchmarks/adaptive.py runs n = 20,000 on all 360 images)."""
     from twml_cli.models import ModelSpec, create_model

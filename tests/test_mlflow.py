@@ -40,7 +40,6 @@ def test_every_run_names_its_data_with_a_digest(reproduced):
 
 def test_trained_models_are_logged_models_with_their_metrics(reproduced):
     cli, run = reproduced.cli, reproduced.free4
-    client = cli.client()
     mine = cli.logged_model(run)
     assert mine.params["arch"] == "test_byobnet" and mine.source_run_id == run.info.run_id
     assert {m.key: m.value for m in mine.metrics}["accuracy"] == run.data.metrics["accuracy"]

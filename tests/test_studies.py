@@ -126,3 +126,17 @@ def test_backdoor_and_cleanse_compute(tmp_path):
     table = cleanse.norms_table(outcome)
     assert table["class"].tolist() == list(range(10)) and table["norm"].tolist() == ins.reversed.norms.tolist()
     assert cleanse.summarize(outcome)[0] == f"Accuracy of model 0: {poisoned.accuracy:.4f}"
+
+
+def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
+    """`twml backdoor --target 3 --position top-left` with the default search: the verdict names
+    that model and that class (the issue's other-target, other-position case)."""
+    poisoned = backdoor.compute(backdoor.prepare(settings("backdoor", target=3, position="top-left")))
+    clean, stamped, _ = poisoned.example
+    assert stamped[0, 0, 0] == 1.0 and torch.equal(stamped[..., 1:, :], clean[..., 1:, :])  # one pixel, top-left
+    assert poisoned.attack_success_rate > 0.9
+    folder = models.save_model(poisoned.model, tmp_path / "bad")
+    outcome = cleanse.compute(cleanse.prepare(config.resolve_one("cleanse", PRESET, {"model_runs": [str(folder)]})))
+    (ins,) = outcome.inspections
+    assert ins.test.flagged.nonzero()[0].tolist() == [3], ins.test.anomaly_index
+    assert outcome.verdict == "model 0 class 3"
