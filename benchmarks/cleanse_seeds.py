@@ -35,24 +35,30 @@ def main() -> int:
     parser.add_argument("--target", type=int, default=None)
     parser.add_argument("--position", default=None)
     parser.add_argument("--trigger-size", type=int, default=None)
+    parser.add_argument("--stem", default=None, help="the models' stem (auto, small, timm)")
     parser.add_argument("--search-steps", type=int, default=None)
     parser.add_argument("--search-images", type=int, default=None)
+    parser.add_argument("--patience", type=int, default=None)
+    parser.add_argument("--cost-multiplier", type=float, default=None)
+    parser.add_argument("--init-cost", type=float, default=None)
     parser.add_argument("--need", type=int, default=9, help="seeds out of --seeds each count must reach")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="benchmark-logs/cleanse-seeds")
     args = parser.parse_args()
     preset = config.load_preset(args.preset)
     common = {k: v for k, v in {"dataset": args.dataset, "device": args.device}.items() if v is not None}
+    arch = {"stem": args.stem} if args.stem else {}
     poison = {k: v for k, v in {"target": args.target, "position": args.position, "trigger_size": args.trigger_size}.items() if v is not None}
-    search = {k: v for k, v in {"search_steps": args.search_steps, "search_images": args.search_images}.items() if v is not None}
+    search = {k: v for k, v in {"search_steps": args.search_steps, "search_images": args.search_images, "patience": args.patience,
+                                "cost_multiplier": args.cost_multiplier, "init_cost": args.init_cost}.items() if v is not None}  # fmt: skip
     detected = clean_ok = 0
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         began = time.perf_counter()
-        clean_settings = config.resolve_one("backdoor", preset, {**common, "seed": seed})  # study 3's data and model
-        clean_settings = config.resolve_one("train", preset, {**{k: getattr(clean_settings, k) for k in ("dataset", "model")}, **common, "seed": seed, "pgd_steps": 1})
-        clean = train.compute(train.prepare(clean_settings))
-        poisoned = backdoor.compute(backdoor.prepare(config.resolve_one("backdoor", preset, {**common, **poison, "seed": seed})))
+        bad_settings = config.resolve_one("backdoor", preset, {**common, **arch, **poison, "seed": seed})
+        same = {k: getattr(bad_settings, k) for k in ("dataset", "model", "stem", "epochs")}  # the clean model: same data, model, budget
+        clean = train.compute(train.prepare(config.resolve_one("train", preset, {**common, **same, "seed": seed, "pgd_steps": 1})))
+        poisoned = backdoor.compute(backdoor.prepare(bad_settings))
         folder = Path(args.out) / f"seed{seed}"
         paths = [str(save_model(m, folder / name)) for name, m in (("clean", clean.model), ("backdoor", poisoned.model))]
         s = config.resolve_one("cleanse", preset, {**common, **search, "seed": seed, "model_runs": paths, "dataset": poisoned.settings.dataset})
@@ -71,6 +77,7 @@ def main() -> int:
             "clean_max_index": round(clean_ins.anomaly_index, 2),
             "clean_flagged": [int(c) for c in np.flatnonzero(clean_ins.test.flagged)],
             "clean_norms": [round(float(v), 1) for v in clean_ins.reversed.norms],
+            "backdoor_norms": [round(float(v), 1) for v in bad_ins.reversed.norms],
             "seconds": round(time.perf_counter() - began, 1),
         }
         detected += row["target_flagged"]
