@@ -185,10 +185,11 @@ class Run:
         self._client.log_text(self.id, text, name)
 
     def log_model(self, model: models.Classifier, register: str = "") -> None:
-        """The model as an MLflow LoggedModel named 'model' of this run (the Models tab; still
-        `runs:/<id>/model` and the run's model/ folder): model.safetensors and spec.json, never a
-        pickle. Metrics logged afterwards are linked to it. `register`: also a new version of
-        that registered model (`models:/NAME/VERSION`)."""
+        """The model as an MLflow LoggedModel named 'model' of this run (the Models tab; its files,
+        model.safetensors and spec.json, never a pickle, live with the LoggedModel, not among
+        the run's artifacts; `runs:/<id>/model` and the run id still find it, see
+        download_model). Metrics logged afterwards are linked to it. `register`: also a new
+        version of that registered model (`models:/NAME/VERSION`)."""
         spec = model.spec
         exp = self._client.get_run(self.id).info.experiment_id
         params = {"arch": spec.arch, "num_classes": spec.num_classes, "input": "x".join(map(str, (spec.in_chans, *spec.input_size))),

@@ -49,8 +49,7 @@ def evaluate_robustness(
     names = autoattack.attacks if autoattack else ()
     counts = torch.zeros(4 + len(names), dtype=torch.long, device=device)
     mine = _my_batches(len(data), batch_size)
-    pgd_time, aa_time = Timer(device), Timer(device)
-    pgd_time.seconds = aa_time.seconds = 0.0
+    pgd_s = aa_s = 0.0
     for xb, yb, idx in progress(data.batches(mine, device), len(mine), "PGD" + (" and AutoAttack" if autoattack else "")):
         with torch.inference_mode(), autocast(device):
             counts[0] += (model(xb).argmax(1) == yb).sum()
@@ -58,12 +57,12 @@ def evaluate_robustness(
             x_adv = pgd(model, xb, yb, config, indices=idx, seed=seed)
             with torch.inference_mode(), autocast(device):
                 robust = model(x_adv).argmax(1) == yb
-        pgd_time.seconds += t.seconds
+        pgd_s += t.seconds
         counts[1] += robust.sum()
         if autoattack is not None:
             with Timer(device) as t:
                 _, survived, after = run_autoattack(model, xb, yb, autoattack, indices=idx, seed=seed)
-            aa_time.seconds += t.seconds
+            aa_s += t.seconds
             counts[2] += survived.sum()
             counts[3] += (survived & robust).sum()
             counts[4:] += torch.tensor([after[a] for a in names], device=device)
@@ -75,10 +74,10 @@ def evaluate_robustness(
         pgd_success_rate=1.0 - counts[1] / n,
         robust_accuracy=counts[1] / n,
         num_examples=n,
-        attack_time_s=pgd_time.seconds,
+        attack_time_s=pgd_s,
         autoattack_robust_accuracy=counts[2] / n if aa else None,
         robust_accuracy_worst=counts[3] / n if aa else None,
-        autoattack_time_s=aa_time.seconds if aa else None,
+        autoattack_time_s=aa_s if aa else None,
         autoattack_after={a: c / n for a, c in zip(names, counts[4:])} if aa else None,
     )
 
