@@ -8,7 +8,7 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-from twml_cli.smoothing import ABSTAIN, ESTIMATION, NOISE_BLOCK, Smooth, rounds
+from twml_cli.smoothing import ABSTAIN, ESTIMATION, Smooth, look_levels, rounds
 
 
 class LinearBinary(nn.Module):
@@ -52,20 +52,42 @@ def test_points_far_beyond_the_grid_are_certified_there_with_far_fewer_samples(l
     alpha, looks = 0.001, rounds(20_000)
     cert = Smooth(linear, 2, 0.25, seed=0).certify_grid(points(np.full(50, 2.0), linear.w), [0.25, 0.5, 0.75], 100, 20_000, alpha, 20_000)
     assert np.all(cert.radius == 0.75)
-    # All n votes agree (margin 8 sigma), so the lower bound at level alpha / L is (alpha / L)^(1/n):
-    # it reaches Phi(3) = 0.99865 (radius 0.75 = 3 sigma) at n >= 6,440, i.e. in the round of 8,000.
-    need = np.log(alpha / len(looks)) / np.log(norm.cdf(3.0))
-    assert 6000 < need < 8000
-    assert np.all(cert.samples == 100 + min(s for s in looks if s >= need)) and cert.samples.mean() < 20_100 / 2
+    # All votes agree (margin 8 sigma), so after n samples the lower bound at level alpha_k is alpha_k^(1/n):
+    # radius 0.75 = 3 sigma needs it to reach Phi(3) = 0.99865, first at n >= 7,250 at the earlier looks' alpha / 18.
+    levels = look_levels(len(looks), alpha)
+    first = next(n for n, a in zip(looks, levels) if a ** (1 / n) >= norm.cdf(3.0))
+    assert first == 9000 and np.log(levels[0]) / np.log(norm.cdf(3.0)) == pytest.approx(7250, abs=10)
+    assert np.all(cert.samples == 100 + first) and cert.samples.mean() < 20_100 / 2
 
 
-def test_rounds_are_whole_noise_blocks_so_they_are_fixed_ns_first_samples(linear):
-    assert rounds(20_000) == [1000, 2000, 4000, 8000, 16_000, 20_000] and rounds(700) == [700]
+def test_the_looks_grow_1_5_times_and_spend_alpha_half_at_the_last():
+    assert rounds(20_000) == [500, 800, 1200, 1800, 2700, 4000, 6000, 9000, 13_500, 20_000]
+    assert rounds(700) == [500, 700] and rounds(300) == [300]
+    levels = look_levels(10, 0.001)
+    assert levels.sum() == pytest.approx(0.001) and levels[-1] == 0.0005 and np.all(levels[:-1] == 0.0005 / 9)
+    assert look_levels(1, 0.01).tolist() == [0.01]
+
+
+def test_looks_cut_anywhere_count_fixed_ns_own_samples(linear):
     x = points(np.array([0.1, 0.3]), linear.w)
     smooth = Smooth(linear, 2, 0.5, seed=4)
-    whole = smooth._counts(x, [7, 8], ESTIMATION, 3 * NOISE_BLOCK, 1000)
-    parts = smooth._counts(x, [7, 8], ESTIMATION, NOISE_BLOCK, 1000) + smooth._counts(x, [7, 8], ESTIMATION, 3 * NOISE_BLOCK, 1000, skip=NOISE_BLOCK)
-    assert torch.equal(whole, parts)
+    whole = smooth._counts(x, [7, 8], ESTIMATION, 2500, 1000)  # fixed n = 2,500: blocks of 1,000, 1,000, 500
+    cuts = [0, 500, 1700, 2000, 2500]
+    parts = sum(smooth._counts(x, [7, 8], ESTIMATION, b, 300, skip=a, total=2500) for a, b in zip(cuts, cuts[1:]))
+    assert torch.equal(whole, parts) and int(whole.sum()) == 2 * 2500
+
+
+def test_a_larger_futility_gives_up_sooner_and_is_never_wrong_for_it(linear):
+    # margins just inside 0.5 and 0.75: out of reach of n_max, so only futility or the cap stops them
+    margins = np.concatenate([np.full(40, 0.49), np.full(40, 0.74)])
+    smooth = Smooth(linear, 2, 0.25, seed=5)
+    runs = {f: smooth.certify_grid(points(margins, linear.w), [0.25, 0.5, 0.75], 100, 20_000, 0.001, 20_000, futility=f) for f in (0.01, 0.2, 0.4)}
+    means = [runs[f].samples.mean() for f in (0.01, 0.2, 0.4)]
+    assert means[0] > means[1] > means[2]
+    for cert in runs.values():
+        assert np.all(cert.radius <= margins) and np.all(cert.radius >= np.where(margins > 0.5, 0.5, 0.25))
+    with pytest.raises(ValueError, match="futility"):
+        smooth.certify_grid(points(margins[:1], linear.w), [0.25], 100, 1000, 0.001, 1000, futility=0.5)
 
 
 @pytest.mark.slow  # 20-40 s; benchmarks/adaptive.py measures the same at full size
@@ -94,7 +116,7 @@ def test_the_cli_logs_an_adaptive_run(reproduced):
     assert result.code == 0, result.err
     (run,) = cli.runs("smooth", experiment="adaptive")
     p, m = run.data.params, run.data.metrics
-    assert (p["adaptive"], p["radii"]) == ("True", "[0.1, 0.25]")
+    assert (p["adaptive"], p["radii"], p["futility"]) == ("True", "[0.1, 0.25]", "0.2")
     assert {"certified_accuracy_r0.1", "certified_accuracy_r0.25", "samples_per_image"} <= set(m) and m["samples_per_image"] < 4100
     table = pd.read_csv(cli.download(run, "certify.csv"))
     assert table["samples"].mean() == pytest.approx(m["samples_per_image"]) and set(table["radius"]) <= {0.0, 0.1, 0.25}

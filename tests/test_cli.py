@@ -97,6 +97,7 @@ BAD = [
     (["train", "--preset", "imagenet-x"], "unknown preset 'imagenet-x'"),
     (["train", "--preset", "imagenet"], "--image-size resizes image folders only; 'digits' has 8-pixel images"),
     (["train", "--model-kwargs", "[1, 2]"], "--model-kwargs must be a JSON object"),
+    (["smooth", "--adaptive", "--radii", "0.25", "--futility", "0.5"], "futility must lie in (0, 0.5), got 0.5"),
     (["attack"], "name the model to attack with --run"),
     (["attack", "--run", "0123456789abcdef0123456789abcdef"], "no run '0123456789abcdef0123456789abcdef'"),
     (["attack", "--run", "runs:/feedface/model"], "no run 'feedface'"),

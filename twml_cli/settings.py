@@ -233,6 +233,9 @@ class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
     radii: list = setting([], "L2 radii to report certified accuracy at (comma-separated); with --adaptive, the grid to certify.", item=float)
     adaptive: bool = setting(False, "Adaptive certification on the --radii grid, --n the cap: as few samples as each decision "
                              "needs, the same guarantee (a union bound over the looks).")  # fmt: skip
+    futility: float = setting(0.2, "With --adaptive: give up on a radius once pA's one-sided (1 - futility) upper bound is below "
+                              "what --n samples would need. Larger saves samples and misses more of fixed n's certificates; "
+                              "it never makes one wrong.")  # fmt: skip
 
     def check(self) -> None:
         from .smoothing import check_certify_args
@@ -244,6 +247,8 @@ class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
             raise ValueError(f"num examples must be >= 1, got {self.num_examples}")
         if any(not r >= 0 for r in self.radii):
             raise ValueError(f"radii must be >= 0, got {self.radii}")
+        if not 0 < self.futility < 0.5:
+            raise ValueError(f"futility must lie in (0, 0.5), got {self.futility:g}")
         if self.adaptive and not self.radii:
             raise ValueError("adaptive certification needs a grid: give --radii, e.g. --radii 0.25,0.5,0.75")
 

@@ -27,8 +27,9 @@ from .runtime import Progress, Timer, autocast, generator, no_progress
 
 ABSTAIN = -1
 TABLE_RADII = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # where tables read certified accuracy
-FUTILITY = 0.01  # certify_grid gives up on a radius when pA is below its reach with this confidence
+FUTILITY = 0.2  # certify_grid's default: give up on a radius when an 80% upper bound of pA is below its reach
 NOISE_BLOCK = 1000  # samples per noise stream; fixed, so certificates are batch-independent
+FIRST_LOOK, GROWTH = 500, 1.5  # certify_grid's looks: 500 samples, then 1.5 times as many each time
 SELECTION, ESTIMATION, PREDICTION = 0, 1, 2  # phases: separate streams, never reused
 
 
@@ -50,15 +51,24 @@ class GridCertificate:
     radius: np.ndarray  # the largest grid radius certified; 0 when none (or only radius 0) is
     samples: np.ndarray  # noise samples used: n0 plus the estimation samples drawn
     count: np.ndarray  # nA at the last look
-    p_lower: np.ndarray  # the last look's lower bound of pA (at level alpha / looks)
+    p_lower: np.ndarray  # the last look's lower bound of pA (at that look's level)
 
 
 def rounds(n_max: int) -> list[int]:
-    """certify_grid's cumulative sample sizes: NOISE_BLOCK, then doubling, capped at n_max."""
-    sizes = [min(NOISE_BLOCK, n_max)]
+    """certify_grid's looks (cumulative sample sizes): FIRST_LOOK, then GROWTH times the last
+    (rounded to hundreds), capped at n_max: 500, 800, 1,200, ..., 13,500, 20,000 for 20,000."""
+    sizes = [min(FIRST_LOOK, n_max)]
     while sizes[-1] < n_max:
-        sizes.append(min(2 * sizes[-1], n_max))
+        sizes.append(min(int(round(GROWTH * sizes[-1], -2)), n_max))
     return sizes
+
+
+def look_levels(looks: int, alpha: float) -> np.ndarray:
+    """certify_grid's alpha spending: half of alpha at the last look, the other half split evenly
+    over the earlier ones (all of it at the only look). The levels sum to alpha."""
+    if looks == 1:
+        return np.array([alpha])
+    return np.array([alpha / 2 / (looks - 1)] * (looks - 1) + [alpha / 2])
 
 
 class Smooth:
@@ -130,28 +140,36 @@ class Smooth:
         alpha: float,
         batch_size: int,
         indices: Sequence[int] | None = None,
+        futility: float = FUTILITY,
     ) -> GridCertificate:
         """Is each image certified at each radius of a grid? CERTIFY's question, asked with as few
         samples as the answer needs.
 
-        n0 samples select the class cA, as in CERTIFY. Fresh samples then come in rounds of
-        doubling size (whole noise blocks: the first samples fixed-n CERTIFY would draw for the
-        same image), up to n_max. After round k of L, a one-sided Clopper-Pearson interval for
-        pA at level alpha / L certifies radius r when its lower end reaches Phi(r / sigma); the
-        union bound over the L looks of this fixed schedule keeps the chance that any
-        certificate is wrong at most alpha, however early an image stops. An image stops once
-        every radius is settled: certified, or out of reach: even all remaining samples voting
-        cA could not certify it, or a 99% upper bound on pA (FUTILITY) lies below the vote
-        fraction that n_max samples would need to certify it (votes_needed). Giving up never
-        makes a certificate wrong; it can only, rarely, miss one that fixed n would find.
+        n0 samples select the class cA, as in CERTIFY. Fresh samples then come in growing rounds
+        (rounds(n_max): the first samples fixed-n CERTIFY would draw for the same image). After
+        look k, a one-sided Clopper-Pearson lower bound of pA at level alpha_k certifies radius
+        r when it reaches Phi(r / sigma). The levels (look_levels) sum to alpha: a union bound
+        over the looks of this fixed schedule, so the chance that any certificate of an image is
+        wrong is at most alpha however early it stops (one bound of pA serves every radius).
+        Half of alpha goes to the last look, where the images fixed n finds hard are decided,
+        so it is nearly as strong as CERTIFY's; the earlier looks settle clear cases, where a
+        smaller level costs few samples.
+
+        An image stops once every radius is settled: certified, or out of reach: even all
+        remaining samples voting cA could not certify it at the last look, or a one-sided
+        (1 - futility) upper bound of pA lies below the vote fraction the last look would need
+        (votes_needed). Giving up never makes a certificate wrong; it can miss one that fixed n
+        would find, more often the larger `futility` is.
         """
         check_certify_args(n0, n_max, alpha, batch_size)
+        if not 0 < futility < 0.5:
+            raise ValueError(f"futility must lie in (0, 0.5), got {futility}")
         indices = list(range(len(x))) if indices is None else [int(i) for i in indices]
         grid = np.array(sorted({0.0, *(float(r) for r in radii)}))
         need = norm.cdf(grid / self.sigma)  # pA_lower must reach these (radius 0: 1/2, else abstain)
         looks = rounds(n_max)
-        level = alpha / len(looks)
-        within_reach = votes_needed(need, n_max, level)  # the vote fraction n_max samples need to certify each radius
+        levels = look_levels(len(looks), alpha)
+        within_reach = votes_needed(need, n_max, levels[-1])  # the vote fraction the last look needs for each radius
         c_a = self._counts(x, indices, SELECTION, n0, batch_size).argmax(1)
         n_a = np.zeros(len(x), dtype=np.int64)
         used = np.zeros(len(x), dtype=np.int64)
@@ -159,17 +177,17 @@ class Smooth:
         p_lower = np.zeros(len(x))
         active = np.arange(len(x))
         done = 0
-        for size in looks:
+        for size, level in zip(looks, levels):
             rows = torch.as_tensor(active, device=c_a.device)
-            votes = self._counts(x[rows.cpu()], [indices[i] for i in active], ESTIMATION, size, batch_size, skip=done)
+            votes = self._counts(x[rows.cpu()], [indices[i] for i in active], ESTIMATION, size, batch_size, skip=done, total=n_max)
             n_a[active] += votes.gather(1, c_a[rows][:, None])[:, 0].cpu().numpy()
             used[active] = size
             low = lower_confidence_bound(n_a[active], size, level)
             p_lower[active] = low
             reached[active] = np.maximum(reached[active], np.searchsorted(need, low, side="right") - 1)
             nxt = np.minimum(reached[active] + 1, len(grid) - 1)
-            best_case = lower_confidence_bound(n_a[active] + (n_max - size), n_max, level)
-            high = upper_confidence_bound(n_a[active], size, FUTILITY)
+            best_case = lower_confidence_bound(n_a[active] + (n_max - size), n_max, levels[-1])
+            high = upper_confidence_bound(n_a[active], size, futility)
             open_ = (reached[active] < len(grid) - 1) & (best_case >= need[nxt]) & (high >= within_reach[nxt])
             active, done = active[open_], size
             if len(active) == 0:
@@ -183,9 +201,11 @@ class Smooth:
             p_lower=p_lower,
         )
 
-    def _counts(self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, skip: int = 0) -> torch.Tensor:
+    def _counts(
+        self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, skip: int = 0, total: int | None = None
+    ) -> torch.Tensor:
         """(len(x), num_classes) votes of the base classifier on noisy copies `skip` to `num` of
-        each image (skip: a whole number of NOISE_BLOCKs already counted)."""
+        each image (the first `skip` were counted before) out of a draw of `total` (default num)."""
         model = self.base_classifier
         device = next(model.parameters()).device
         x = x.to(device)
@@ -193,7 +213,7 @@ class Smooth:
         counts = torch.zeros(len(x) * k, dtype=torch.long, device=device)
         model.eval()
         with torch.inference_mode():
-            for owner, noise in self._noise_batches(x, indices, phase, num, batch_size, device, skip // NOISE_BLOCK):
+            for owner, noise in self._noise_batches(x, indices, phase, num, batch_size, device, skip, total or num):
                 batch = (x[owner] + self.sigma * noise).contiguous(memory_format=torch.channels_last)
                 with autocast(device):
                     predictions = model(batch).argmax(1)
@@ -201,21 +221,25 @@ class Smooth:
         return counts.view(len(x), k)
 
     def _noise_batches(
-        self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, device: torch.device, first_block: int = 0
+        self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, device: torch.device, skip: int, total: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(owner, noise) batches of at most batch_size samples: owner[j] is the row of x that
-        sample j perturbs. Each example's `num` samples come in fixed blocks of NOISE_BLOCK,
-        each from its own keyed stream."""
+        sample j perturbs. A draw of `total` samples per example comes in blocks of NOISE_BLOCK
+        (the last may be shorter), each from its own keyed stream; this yields samples `skip`
+        to `num` of it, so sample i is the same however the range is split into looks."""
         owners: list[torch.Tensor] = []
         noises: list[torch.Tensor] = []
         pending = 0
         for row, index in enumerate(indices):
-            for block in range(first_block, math.ceil(num / NOISE_BLOCK)):
-                length = min(NOISE_BLOCK, num - block * NOISE_BLOCK)
+            for block in range(skip // NOISE_BLOCK, math.ceil(num / NOISE_BLOCK)):
+                start = block * NOISE_BLOCK
+                length = min(NOISE_BLOCK, total - start)
+                lo, hi = max(skip, start) - start, min(num, start + length) - start
                 gen = generator(device, self.seed, index, phase, block)
-                noises.append(torch.randn((length, *x.shape[1:]), generator=gen, device=device))
-                owners.append(torch.full((length,), row, dtype=torch.long, device=device))
-                pending += length
+                noise = torch.randn((length, *x.shape[1:]), generator=gen, device=device)
+                noises.append(noise if hi - lo == length else noise[lo:hi].clone())  # a clone frees the rest of the block
+                owners.append(torch.full((hi - lo,), row, dtype=torch.long, device=device))
+                pending += hi - lo
                 while pending >= batch_size:
                     owner, noise = torch.cat(owners), torch.cat(noises)
                     yield owner[:batch_size], noise[:batch_size]
@@ -271,10 +295,11 @@ def certify_dataset(
     done: dict[str, np.ndarray] | None = None,
     save_rows: Callable[[dict[str, np.ndarray]], None] | None = None,
     grid: Sequence[float] | None = None,
+    futility: float = FUTILITY,
 ) -> dict[str, np.ndarray]:
     """Certify the test examples `indices` of `data` (examples, or a pair of tensors) in
     chunks that fill the forward batches: CERTIFY with n samples each, or, given a `grid` of
-    radii, certify_grid with n as the cap.
+    radii, certify_grid with n as the cap (and `futility`).
 
     Returns the per-example table (ROWS; time_s is the chunk's wall time shared equally among
     its examples, so the column sums to the certification's time), in the order of `indices`. Rows in `done` (an interrupted run's) are kept and
@@ -291,7 +316,7 @@ def certify_dataset(
     finished = {int(i) for i in rows["idx"]}
     todo = [int(i) for i in indices if int(i) not in finished]
     world, rank = runtime.world_size(), runtime.rank()
-    per_image = n0 + (n if grid is None else min(n, NOISE_BLOCK))  # an adaptive image often stops after its first round
+    per_image = n0 + (n if grid is None else rounds(n)[0])  # an adaptive image often stops after its first look
     chunk = max(1, math.ceil(8 * batch_size / per_image)) * world  # >= 8 full forward batches per process
     starts = range(0, len(todo), chunk)
     for start in progress(starts, len(starts), f"certify (sigma={smooth.sigma:g})"):
@@ -303,7 +328,7 @@ def certify_dataset(
                 cert = smooth.certify_batch(x, n0, n, alpha, batch_size, indices=mine)
                 samples = np.full(len(mine), n0 + n)
             else:
-                cert = smooth.certify_grid(x, grid, n0, n, alpha, batch_size, indices=mine)
+                cert = smooth.certify_grid(x, grid, n0, n, alpha, batch_size, indices=mine, futility=futility)
                 samples = cert.samples
         columns = [mine, y.numpy(), cert.prediction, cert.radius, cert.prediction == y.numpy(), np.full(len(mine), timer.seconds / len(part)), samples]
         table = torch.tensor(np.stack(columns, 1) if mine else np.zeros((0, len(ROWS))), dtype=torch.float64)

@@ -13,7 +13,7 @@ from .words import change, f4, short
 def procedure(r: SmoothRun) -> str:
     s = r.settings
     if s.adaptive:
-        return f"adaptive, n ≤ {s.n:,}, grid {', '.join(f'{x:g}' for x in s.radii)}"
+        return f"adaptive, n ≤ {s.n:,}, futility {s.futility:g}, grid {', '.join(f'{x:g}' for x in s.radii)}"
     return f"CERTIFY, n = {s.n:,}"
 
 
@@ -55,10 +55,12 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
     if any(r.settings.adaptive for r in newest.values()):
         doc.add(
             Para(
-                "Adaptive rows were certified on their grid of radii only (twml smooth --adaptive): fresh samples in doubling "
-                "rounds, each look a Clopper-Pearson bound at α divided by the number of looks, so every certificate holds "
-                "with the same 1 - α as CERTIFY's. Their radius is the largest grid radius certified, so between grid radii "
-                "the table is a lower bound."
+                "Adaptive rows were certified on their grid of radii only (twml smooth --adaptive): fresh samples in rounds "
+                "growing 1.5 times, each look a Clopper-Pearson bound whose level is a share of α (half at the last look, "
+                "half split over the others), so every certificate holds with the same 1 - α as CERTIFY's. An image stops "
+                "trying a radius once a (1 - futility) upper bound of pA shows n could not certify it: that saves samples "
+                "and can miss a certificate fixed n finds, never make a wrong one. Their radius is the largest grid radius "
+                "certified, so between grid radii the table is a lower bound."
             )
         )
     doc.add(Heading("What is the outcome of increasing σ?", 2))

@@ -93,7 +93,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     smoothed = smoothing.Smooth(base, model.spec.num_classes, s.sigma, seed=s.seed)
     table = smoothing.certify_dataset(smoothed, inputs.data.test, inputs.indices, s.n0, s.n, s.cert_alpha, s.certify_batch_size,
                                       hooks.progress, done=hooks.done_rows, save_rows=hooks.save_rows,
-                                      grid=s.radii if s.adaptive else None)  # fmt: skip
+                                      grid=s.radii if s.adaptive else None, futility=s.futility)  # fmt: skip
     return Outcome(s, model, result, accuracy, table)
 
 
@@ -163,8 +163,8 @@ def summarize(o: Outcome) -> list[str]:
     s, t, r_max = o.settings, o.table, o.max_radius
     if s.adaptive:
         radii = sorted({0.0, *s.radii})
-        procedure = [f"  Adaptive certification on the grid, at most n = {s.n} samples: {t['samples'].mean():,.0f} samples per image on average "
-                     f"({(s.n0 + s.n) / t['samples'].mean():.1f}x fewer than fixed n)"]  # fmt: skip
+        procedure = [f"  Adaptive certification on the grid, at most n = {s.n} samples, futility {s.futility:g}: {t['samples'].mean():,.0f} "
+                     f"samples per image on average ({(s.n0 + s.n) / t['samples'].mean():.1f}x fewer than fixed n)"]  # fmt: skip
     else:
         radii = [r for r in table_radii(s) if r <= r_max]
         procedure = [f"  Largest certified radius: {t['radius'].max():.4f} (at most {r_max:.4f} with this n and alpha)"]
