@@ -33,10 +33,14 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
     reach = max(smoothing.max_certifiable_radius(r.settings.sigma, r.settings.n, r.settings.cert_alpha) for r in newest.values())
     radii = sorted({*(r for r in smoothing.TABLE_RADII if r <= reach), *(x for r in newest.values() for x in r.settings.radii)})
     first = next(iter(newest.values())).settings
+    if first.adaptive:
+        samples = f"adaptive certification (below) used n0 = {first.n0}, at most n = {first.n:,}"
+    else:
+        samples = f"CERTIFY (Cohen et al., 2019) used n0 = {first.n0}, n = {first.n}"
     doc.add(
         Para(
-            f"The newest run of each σ. Each base classifier was trained with Gaussian noise at its σ; CERTIFY (Cohen et al., 2019) "
-            f"used n0 = {first.n0}, n = {first.n}, α = {first.cert_alpha:g} on {first.num_examples} evenly "
+            f"The newest run of each σ. Each base classifier was trained with Gaussian noise at its σ; {samples}, "
+            f"α = {first.cert_alpha:g} on {first.num_examples} evenly "
             f"spaced test images. Certified accuracy at radius r counts the examples classified correctly with a certified L2 "
             f"radius of at least r (abstentions count as wrong); radii are in [0, 1] pixel units."
         ),
