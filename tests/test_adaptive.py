@@ -121,5 +121,8 @@ def test_the_cli_logs_an_adaptive_run(reproduced):
     table = pd.read_csv(cli.download(run, "certify.csv"))
     assert table["samples"].mean() == pytest.approx(m["samples_per_image"]) and set(table["radius"]) <= {0.0, 0.1, 0.25}
     assert "Adaptive certification on the grid" in result.out
+    assert cli("report", "--experiment", "adaptive", "--out", "adaptive-report").code == 0
+    md = (cli.path / "adaptive-report" / "adaptive.md").read_text()
+    assert "at most n = 4,000" in md and "| adaptive, n ≤ 4,000, futility 0.2, grid 0.1, 0.25 |" in md and "Adaptive rows were" in md
     refused = cli("smooth", "--adaptive", "--experiment", "adaptive")
     assert refused.code == 2 and "adaptive certification needs a grid" in refused.err
