@@ -10,9 +10,11 @@ def test_default_trigger_is_a_tenth_of_the_side_at_least_two():
 
 
 @pytest.mark.parametrize(
-    "position, rows, cols", [("bottom-right", (6, 8), (6, 8)), ("top-left", (0, 2), (0, 2)), ("top-right", (0, 2), (6, 8)), ("bottom-left", (6, 8), (0, 2))]
+    "position, rows, cols",
+    [("bottom-right", (6, 8), (6, 8)), ("top-left", (0, 2), (0, 2)), ("top-right", (0, 2), (6, 8)), ("bottom-left", (6, 8), (0, 2)),
+     ("centre", (3, 5), (3, 5))],  # fmt: skip
 )
-def test_trigger_stamps_a_white_square_in_its_corner(position, rows, cols):
+def test_trigger_stamps_a_white_square_in_its_place(position, rows, cols):
     x = torch.rand(3, 2, 8, 8) * 0.5
     out = Trigger(2, position).apply(x)
     region = torch.zeros(8, 8, dtype=torch.bool)
@@ -20,6 +22,12 @@ def test_trigger_stamps_a_white_square_in_its_corner(position, rows, cols):
     assert torch.all(out[..., region] == 1.0)
     assert torch.equal(out[..., ~region], x[..., ~region])
     assert not torch.equal(out, x) and x.max() <= 0.5  # the input is not modified
+
+
+@pytest.mark.parametrize("size, height, width, rows, cols", [(1, 8, 8, (3, 4), (3, 4)), (3, 8, 8, (2, 5), (2, 5)), (2, 7, 9, (2, 4), (3, 5))])
+def test_centre_trigger_sits_in_the_middle(size, height, width, rows, cols):
+    region = Trigger(size, "centre").region(height, width)
+    assert (region[0].start, region[0].stop, region[1].start, region[1].stop) == (*rows, *cols)
 
 
 def test_poison_relabels_the_chosen_fraction_of_other_classes():

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -86,13 +88,36 @@ def test_reversed_trigger_sends_other_classes_to_its_target(backdoored, digits):
     assert clean < 0.05 and reversed_trigger_success(model, rev, 0, x_test, y_test) >= 0.9
 
 
+def test_restarts_keep_each_class_its_smallest_successful_start(backdoored):
+    """Start 0 of a search with restarts is the single search (same seeded start, same steps),
+    and each class keeps the smallest mask any of its starts reached."""
+    model, x = backdoored
+    cfg = CleanseConfig(steps=12, batch_size=32, seed=3)
+    single = reverse_engineer(model, x, 10, cfg, classes=[0, 6])
+    several = reverse_engineer(model, x, 10, dataclasses.replace(cfg, restarts=3, keep_best_after=0), classes=[0, 6])
+    assert several.start_norms.shape == (2, 3)
+    assert np.allclose(several.start_norms[:, 0], np.where(single.reached, single.norms, np.inf), rtol=1e-4)
+    assert np.allclose(several.norms, several.start_norms.min(1), rtol=1e-6) and np.all(several.norms <= single.norms + 1e-4)
+    assert len(set(np.round(several.start_norms[1], 3))) > 1  # the starts differ
+    assert several.images == 3 * single.images == 3 * 12 * 2 * 128
+
+
+def test_successive_halving_goes_on_from_the_best_start_alone(backdoored):
+    model, x = backdoored
+    cfg = CleanseConfig(steps=10, batch_size=32, seed=3, restarts=4, keep_best_after=3, early_stop_patience=10**6)
+    rev = reverse_engineer(model, x, 10, cfg, classes=[2])
+    assert rev.images == (4 * 3 + 7) * 128  # four starts for 3 rounds, then one for the remaining 7
+    assert rev.rounds.tolist() == [10] and rev.norms[0] == rev.start_norms[0].min()
+
+
 def test_lambda_schedule_stops_a_class_early(backdoored):
     model, x = backdoored
     rev = reverse_engineer(model, x[:64], 10, CleanseConfig(steps=400, batch_size=64, patience=2, early_stop_patience=4), classes=[0])
     assert rev.reached[0] and rev.rounds[0] < 400
 
 
-@pytest.mark.parametrize("kwargs, message", [({"steps": 0}, "steps"), ({"threshold": 0}, "threshold"), ({"cost_multiplier": 1.0}, "multiplier")])
+@pytest.mark.parametrize("kwargs, message", [({"steps": 0}, "steps"), ({"threshold": 0}, "threshold"), ({"cost_multiplier": 1.0}, "multiplier"),
+                                             ({"restarts": 0}, "restarts"), ({"early_stop_threshold": 1.5}, "early-stop threshold")])
 def test_cleanse_config_refuses_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CleanseConfig(**kwargs)

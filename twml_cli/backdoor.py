@@ -11,7 +11,7 @@ from torch import nn
 
 from .runtime import autocast, batches, generator, to_device_layout
 
-POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
+POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "centre")
 POISON_STREAM = 3
 
 
@@ -24,7 +24,8 @@ def default_trigger_size(height: int, width: int) -> int:
 
 @dataclass(frozen=True)
 class Trigger:
-    """A size x size square of `value` (1.0: white) in a corner of the image, all channels."""
+    """A size x size square of `value` (1.0: white) in a corner or at the centre of the image
+    (rounded up and left when the sides differ in parity), all channels."""
 
     size: int
     position: str = "bottom-right"
@@ -43,9 +44,12 @@ class Trigger:
             raise ValueError(f"trigger size {self.size} is larger than the {height}x{width} image")
 
     def region(self, height: int, width: int) -> tuple[slice, slice]:
-        rows = slice(height - self.size, height) if self.position.startswith("bottom") else slice(0, self.size)
-        cols = slice(width - self.size, width) if self.position.endswith("right") else slice(0, self.size)
-        return rows, cols
+        def span(side: int, far: bool, middle: bool) -> slice:
+            start = (side - self.size) // 2 if middle else side - self.size if far else 0
+            return slice(start, start + self.size)
+
+        centre = self.position == "centre"
+        return span(height, self.position.startswith("bottom"), centre), span(width, self.position.endswith("right"), centre)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """A stamped copy of images x (N, C, H, W)."""

@@ -41,7 +41,10 @@ class CleanseConfig:
     cost_multiplier: float = 1.5  # lambda *= 1.5 after `patience` successes; /= 1.5 ** 1.5 after failures
     patience: int = 5
     early_stop_patience: int = 25  # rounds without a smaller successful mask (5 * patience)
+    early_stop_threshold: float = 1.0  # "smaller" means below this fraction of the best so far (the authors' 1.0: any decrease)
     threshold: float = 0.99  # attack success a mask must reach to count
+    restarts: int = 1  # independent random starts per class; the smallest successful mask is kept
+    keep_best_after: int = 20  # with restarts: rounds after which each class goes on from its best start alone (0: never)
     seed: int = 0
 
     def __post_init__(self):
@@ -55,8 +58,12 @@ class CleanseConfig:
             raise ValueError(f"success threshold must lie in (0, 1], got {self.threshold}")
         if self.patience < 1 or self.early_stop_patience < 1:
             raise ValueError("patience and early-stop patience must be >= 1")
+        if not 0 < self.early_stop_threshold <= 1:
+            raise ValueError(f"early-stop threshold must lie in (0, 1], got {self.early_stop_threshold}")
         if not self.cost_multiplier > 1:
             raise ValueError(f"cost multiplier must be > 1, got {self.cost_multiplier}")
+        if self.restarts < 1 or self.keep_best_after < 0:
+            raise ValueError(f"restarts must be >= 1 and keep-best-after >= 0, got {self.restarts} and {self.keep_best_after}")
 
 
 @dataclass
@@ -69,7 +76,9 @@ class ReversedTriggers:
     norms: np.ndarray  # (K,) L1 norm of each mask
     success: np.ndarray  # (K,) attack success of the stamped clean batch when the mask was kept
     reached: np.ndarray  # (K,) whether the success threshold was ever reached
-    rounds: np.ndarray  # (K,) optimization rounds each class ran before it stopped
+    rounds: np.ndarray  # (K,) optimization rounds each class ran before it stopped (its kept start's)
+    start_norms: np.ndarray | None = None  # (K, restarts) the norm each start ended with (inf: never reached the threshold)
+    images: int = 0  # stamped images through the model, every start of every class: the search's cost
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -102,17 +111,19 @@ def reverse_engineer(
     device = next(model.parameters()).device
     model.eval()
     x = to_device_layout(x_clean, device)
-    k, (c, h, w), n = len(classes), x.shape[1:], len(x)
+    (c, h, w), n, r = x.shape[1:], len(x), config.restarts
+    rows = [(t, start) for t in classes for start in range(r)]  # every start of every class is one row
+    k = len(rows)
 
-    # Each class starts from its own seeded random mask and pattern: the same start whether
-    # it is optimized alone or with the others.
-    starts = [generator(torch.device("cpu"), config.seed, CLEANSE_STREAM, t) for t in classes]
+    # Each row starts from its own seeded random mask and pattern: the same start whether it is
+    # optimized alone or with the others (start 0 keeps the key a single search always had).
+    starts = [generator(torch.device("cpu"), config.seed, CLEANSE_STREAM, t, *((start,) if start else ())) for t, start in rows]
     w_mask = torch.stack([_to_tanh_space(torch.rand(1, h, w, generator=g)) for g in starts]).to(device)
     w_pattern = torch.stack([_to_tanh_space(torch.rand(c, h, w, generator=g)) for g in starts]).to(device)
     w_mask.requires_grad_(True)
     w_pattern.requires_grad_(True)
     optimizer = torch.optim.Adam([w_mask, w_pattern], lr=config.lr, betas=config.betas)
-    targets = torch.tensor(classes, device=device)
+    targets = torch.tensor([t for t, _ in rows], device=device)
 
     state = _LambdaSchedule(k, config)
     best_mask = torch.zeros(k, h, w)
@@ -121,24 +132,27 @@ def reverse_engineer(
     best_success = np.zeros(k)
     order_gen = generator(device, config.seed, CLEANSE_STREAM, -1)
     steps_per_round = math.ceil(n / config.batch_size)
+    images = 0
 
     # The batch shrinks as classes stop early: cuDNN autotuning every new shape would cost
     # more than it saves, so it stays off here (models.prepare turns it on for CUDA).
     with frozen(model), no_autotune():
-        for _ in progress(range(config.steps), config.steps, f"cleanse ({k} classes)"):
+        for step in progress(range(config.steps), config.steps, f"cleanse ({len(classes)} classes{f', {r} starts each' if r > 1 else ''})"):
+            if r > 1 and step == config.keep_best_after > 0:  # successive halving: each class goes on from its best start
+                state.done |= _all_but_best(best_norm, best_success, r)
             active = np.flatnonzero(~state.done)
             if len(active) == 0:
                 break
-            rows = torch.as_tensor(active, device=device)
+            live = torch.as_tensor(active, device=device)
             cost = torch.as_tensor(state.cost[active], dtype=torch.float32, device=device)
             hits = torch.zeros(len(active), device=device)
             order = torch.randperm(n, generator=order_gen, device=device)
             for b in range(steps_per_round):
                 xb = x[order[b * config.batch_size : (b + 1) * config.batch_size]]
-                mask = torch.tanh(w_mask[rows]) / 2 + 0.5  # (A, 1, H, W)
-                pattern = torch.tanh(w_pattern[rows]) / 2 + 0.5  # (A, C, H, W)
+                mask = torch.tanh(w_mask[live]) / 2 + 0.5  # (A, 1, H, W)
+                pattern = torch.tanh(w_pattern[live]) / 2 + 0.5  # (A, C, H, W)
                 stamped = stamp(xb[None], mask[:, None], pattern[:, None]).flatten(0, 1)  # (A * B, C, H, W)
-                labels = targets[rows].repeat_interleave(len(xb))
+                labels = targets[live].repeat_interleave(len(xb))
                 with autocast(device):
                     logits = model(stamped)
                 ce = F.cross_entropy(logits.float(), labels, reduction="none").view(len(active), -1).mean(1)
@@ -147,9 +161,10 @@ def reverse_engineer(
                 loss.backward()
                 optimizer.step()
                 hits += (logits.argmax(1) == labels).view(len(active), -1).sum(1)
+                images += len(stamped)
             with torch.no_grad():  # one host copy per round
-                mask = (torch.tanh(w_mask[rows]) / 2 + 0.5)[:, 0]
-                pattern = torch.tanh(w_pattern[rows]) / 2 + 0.5
+                mask = (torch.tanh(w_mask[live]) / 2 + 0.5)[:, 0]
+                pattern = torch.tanh(w_pattern[live]) / 2 + 0.5
                 norms = mask.flatten(1).sum(1).cpu().numpy()
                 mask, pattern = mask.cpu(), pattern.cpu()
             success = hits.cpu().numpy() / n
@@ -161,17 +176,32 @@ def reverse_engineer(
                     best_mask[row], best_pattern[row], best_success[row] = mask[j], pattern[j], success[j]
             state.update(active, success, best_norm)
 
-    reached = np.isfinite(best_norm)
-    norms = np.where(reached, best_norm, best_mask.flatten(1).sum(1).numpy())
+    # Per class, the start with the smallest successful mask (none succeeded: the most successful).
+    reached_rows = np.isfinite(best_norm)
+    latest_norms = best_mask.flatten(1).sum(1).numpy()
+    score = np.where(reached_rows, best_norm, np.inf).reshape(-1, r)
+    pick = np.flatnonzero(~_all_but_best(best_norm, best_success, r))
     return ReversedTriggers(
         classes=classes,
-        masks=best_mask,
-        patterns=best_pattern,
-        norms=norms,
-        success=best_success,
-        reached=reached,
-        rounds=state.rounds,
+        masks=best_mask[pick],
+        patterns=best_pattern[pick],
+        norms=np.where(reached_rows, best_norm, latest_norms)[pick],
+        success=best_success[pick],
+        reached=reached_rows[pick],
+        rounds=state.rounds[pick],
+        start_norms=score,
+        images=images,
     )
+
+
+def _all_but_best(best_norm: np.ndarray, best_success: np.ndarray, r: int) -> np.ndarray:
+    """Per class (r consecutive rows), every start but the one with the smallest successful mask
+    so far (none successful: the most successful)."""
+    norm, success = best_norm.reshape(-1, r), best_success.reshape(-1, r)
+    best = np.where(np.isfinite(norm).any(1), np.where(np.isfinite(norm), norm, np.inf).argmin(1), success.argmax(1))
+    drop = np.ones_like(norm, dtype=bool)
+    drop[np.arange(len(norm)), best] = False
+    return drop.ravel()
 
 
 def reverse_engineer_all(
@@ -187,20 +217,24 @@ def reverse_engineer_all(
     if mine:
         rev = reverse_engineer(model, x_clean, num_classes, config, mine, progress)
     else:  # more processes than classes
-        rev = ReversedTriggers([], torch.zeros(0, h, w), torch.zeros(0, c, h, w), *(np.zeros(0, dtype=t) for t in (float, float, bool, int)))
+        rev = ReversedTriggers([], torch.zeros(0, h, w), torch.zeros(0, c, h, w), *(np.zeros(0, dtype=t) for t in (float, float, bool, int)),
+                               start_norms=np.zeros((0, config.restarts)))  # fmt: skip
 
     def gather(t: torch.Tensor) -> torch.Tensor:
         return runtime.all_gather_rows(t.to(runtime.collective_device())).cpu()
 
-    numbers = gather(torch.tensor(np.stack([rev.norms, rev.success, rev.reached, rev.rounds], 1) if mine else np.zeros((0, 4)), dtype=torch.float64))
+    numbers = np.column_stack([rev.norms, rev.success, rev.reached, rev.rounds, rev.start_norms])
+    numbers = gather(torch.tensor(numbers, dtype=torch.float64)).numpy()
     return ReversedTriggers(
         classes=list(range(num_classes)),
         masks=gather(rev.masks),
         patterns=gather(rev.patterns),
-        norms=numbers[:, 0].numpy(),
-        success=numbers[:, 1].numpy(),
-        reached=numbers[:, 2].numpy().astype(bool),
-        rounds=numbers[:, 3].numpy().astype(int),
+        norms=numbers[:, 0],
+        success=numbers[:, 1],
+        reached=numbers[:, 2].astype(bool),
+        rounds=numbers[:, 3].astype(int),
+        start_norms=numbers[:, 4:],
+        images=int(runtime.all_reduce_sum(torch.tensor(rev.images, device=runtime.collective_device()))),
     )
 
 
@@ -234,7 +268,7 @@ class _LambdaSchedule:
             ok = success[j] >= cfg.threshold
             # early stop: only once a successful mask exists and lambda has moved both ways
             if np.isfinite(best_norm[i]):
-                self.early_counter[i] = self.early_counter[i] + 1 if best_norm[i] >= self.early_best[i] else 0
+                self.early_counter[i] = self.early_counter[i] + 1 if best_norm[i] >= cfg.early_stop_threshold * self.early_best[i] else 0
             self.early_best[i] = min(best_norm[i], self.early_best[i])
             if self.up_flag[i] and self.down_flag[i] and self.early_counter[i] >= cfg.early_stop_patience:
                 self.done[i] = True

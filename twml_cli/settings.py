@@ -261,7 +261,8 @@ class Backdoor(SGD, Architecture, Common, Settings):
     target: int = setting(0, "Class the trigger sends images to.")
     poison_rate: float = setting(0.1, "Fraction of training images poisoned, in (0, 1).")
     trigger_size: int = setting(0, "Side of the square trigger (0: a tenth of the image side: 1 pixel on 8x8, 3x3 on 32x32).")
-    position: str = setting("bottom-right", "Corner of the trigger.", choices=("bottom-right", "bottom-left", "top-right", "top-left"))
+    position: str = setting("bottom-right", "Where the trigger sits: a corner or the centre.",
+                            choices=("bottom-right", "bottom-left", "top-right", "top-left", "centre"))
 
     def check(self) -> None:
         from .backdoor import Trigger
@@ -286,6 +287,11 @@ class Cleanse(Common, Settings):
     search_batch_size: int = setting(32, "Trigger search: clean images per class in one step.")
     search_lr: float = setting(0.1, "Trigger search: Adam learning rate.")
     search_threshold: float = setting(0.99, "Trigger search: attack success a reversed trigger must reach.")
+    search_restarts: int = setting(1, "Trigger search: independent random starts per class; each class keeps its smallest successful mask.")
+    search_keep_best_after: int = setting(20, "Trigger search with restarts: rounds after which each class goes on from its best start "
+                                          "alone (0: every start runs to the end).", applies=lambda s: s.search_restarts > 1)  # fmt: skip
+    search_converged: float = setting(1.0, "Trigger search: a class stops once its smallest mask has not fallen below this fraction of "
+                                      "the best so far for 5 x patience rounds (the authors' 1.0: any decrease counts).")  # fmt: skip
     patience: int = setting(3, "Trigger search: rounds before lambda moves (the authors' 5; 3 on the digits' short search).")
     init_cost: float = setting(1e-3, "Trigger search: lambda once the attack first succeeds.")
     cost_multiplier: float = setting(2.0, "Trigger search: lambda's factor after `patience` successful rounds (the authors' 1.5 to 2).")
@@ -303,7 +309,8 @@ class Cleanse(Common, Settings):
 
         return CleanseConfig(steps=self.search_steps, batch_size=self.search_batch_size, lr=self.search_lr,
                              threshold=self.search_threshold, patience=self.patience, init_cost=self.init_cost,
-                             cost_multiplier=self.cost_multiplier, early_stop_patience=5 * self.patience, seed=self.seed)  # fmt: skip
+                             cost_multiplier=self.cost_multiplier, early_stop_patience=5 * self.patience, restarts=self.search_restarts,
+                             keep_best_after=self.search_keep_best_after, early_stop_threshold=self.search_converged, seed=self.seed)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,277 @@
+"""Neural Cleanse's detection matrix: plant BadNets triggers at every position, for several
+targets, trigger sizes and training seeds, and check that the trigger search finds each one,
+and only it; inspect one clean model per seed for false alarms; repair every detected model by
+unlearning. Through each study's compute() (no MLflow), as `twml backdoor`, `twml cleanse`
+and `twml mitigate` would run.
+
+    python benchmarks/cleanse_matrix.py                           # the whole matrix: 5 x 3 x 2 x 5 = 150 cells
+    python benchmarks/cleanse_matrix.py --jobs 2                  # two cells at a time, one thread each
+    python benchmarks/cleanse_matrix.py --positions centre --sizes 2 --seeds 0,1
+    python benchmarks/cleanse_matrix.py --cells 0:30              # a slice of the matrix
+    python benchmarks/cleanse_matrix.py --clean-seeds 0-9,100-109 --positions none   # clean models only
+    python benchmarks/cleanse_matrix.py --mitigate                # unlearning on every detected cell
+
+A cell is (seed, position, target, trigger size). Trained models are kept in --out and reused
+by later runs (and across cells: one clean model per seed); each cell's result is one JSON
+line in --out/cells.jsonl, keyed by the cell and the search settings, so an interrupted
+matrix resumes where it stopped. The summary (detection rate, false alarms, norm ratios,
+repairs) and the Markdown table are printed at the end and written to --out/matrix.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+POSITIONS = ("bottom-right", "bottom-left", "top-left", "top-right", "centre")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    seed: int
+    position: str | None = None  # None: the clean model of this seed
+    target: int = 0
+    size: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"seed{self.seed}-clean" if self.position is None else f"seed{self.seed}-{self.position}-t{self.target}-s{self.size}"
+
+
+def parse_ints(text: str) -> list[int]:
+    """'0-4' or '0,3,7' or '0-9,100-109'."""
+    out: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out += range(int(lo), int(hi) + 1)
+        elif part:
+            out.append(int(part))
+    return out
+
+
+# ---------------------------------------------------------------- one cell (runs in a worker)
+
+
+def _settings(command: str, **overrides):
+    from twml_cli import config
+
+    return config.resolve_one(command, config.load_preset(), {k: v for k, v in overrides.items() if v is not None})
+
+
+def _model(out: Path, cell: Cell, threads: int) -> tuple[str, dict]:
+    """The cell's trained model (trained now unless --out already holds it) and its figures."""
+    from twml_cli.models import save_model
+    from twml_cli.studies import backdoor, train
+
+    folder = out / "models" / f"threads{threads}" / cell.name
+    facts = folder / "facts.json"
+    if facts.is_file():
+        return str(folder), json.loads(facts.read_text())
+    began = time.perf_counter()
+    if cell.position is None:
+        outcome = train.compute(train.prepare(_settings("train", seed=cell.seed, pgd_steps=1)))
+        model, info = outcome.model, {"accuracy": outcome.robustness.accuracy}
+    else:
+        s = _settings("backdoor", seed=cell.seed, target=cell.target, position=cell.position, trigger_size=cell.size)
+        outcome = backdoor.compute(backdoor.prepare(s))
+        model, info = outcome.model, {"accuracy": outcome.accuracy, "attack_success": outcome.attack_success_rate}
+    save_model(model, folder)
+    info["train_s"] = round(time.perf_counter() - began, 1)
+    facts.write_text(json.dumps(info))
+    return str(folder), info
+
+
+def train_cell(out: Path, cell: Cell, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    return {"cell": cell.name, **_model(out, cell, threads)[1]}
+
+
+def run_cell(out: Path, cell: Cell, threads: int, search: dict, name: str) -> dict:
+    """Neural Cleanse on the cell's model; its reversed triggers are kept in out/triggers/NAME.npz."""
+    import torch
+
+    from twml_cli.backdoor import Trigger
+    from twml_cli.studies import cleanse
+
+    torch.set_num_threads(threads)
+    path, facts = _model(out, cell, threads)
+    s = _settings("cleanse", seed=cell.seed, model_runs=[path], dataset="digits", **search)
+    began = time.perf_counter()
+    outcome = cleanse.compute(cleanse.prepare(s))
+    seconds = time.perf_counter() - began
+    (ins,) = outcome.inspections
+    rev = ins.reversed
+    (out / "triggers").mkdir(exist_ok=True)
+    np.savez(out / "triggers" / f"{name}.npz", masks=rev.masks.numpy(), patterns=rev.patterns.numpy(), start_norms=rev.start_norms)
+    flagged = [int(c) for c in np.flatnonzero(ins.test.flagged)]
+    row = {"cell": cell.name, "seed": cell.seed, "position": cell.position, "target": cell.target, "size": cell.size, "threads": threads,
+           **{k: round(v, 4) for k, v in facts.items()}, "flagged": flagged, "largest_index": round(ins.anomaly_index, 3),
+           "norms": [round(float(v), 3) for v in rev.norms], "cleanse_s": round(seconds, 1), "search_images": rev.images}  # fmt: skip
+    if cell.position is not None:
+        planted = float(Trigger(cell.size, cell.position).size ** 2)
+        row.update(detected=flagged == [cell.target], target_index=round(float(ins.test.anomaly_index[cell.target]), 3),
+                   norm_ratio=round(float(rev.norms[cell.target]) / planted, 3))  # fmt: skip
+    return row
+
+
+def repair_cell(out: Path, cell: Cell, threads: int, name: str, unlearn: dict) -> dict:
+    """`twml mitigate` (unlearning) with the detected class's reversed trigger, the real trigger measured."""
+    import torch
+
+    from twml_cli.backdoor import Trigger
+    from twml_cli.studies import mitigate
+
+    torch.set_num_threads(threads)
+    path, _ = _model(out, cell, threads)
+    with np.load(out / "triggers" / f"{name}.npz", allow_pickle=False) as z:
+        mask, pattern = torch.from_numpy(z["masks"][cell.target]), torch.from_numpy(z["patterns"][cell.target])
+    finding = mitigate.Finding(path, 0, cell.target, 0.0, mask, pattern, Trigger(cell.size, cell.position), cell.target)
+    s = _settings("mitigate", seed=cell.seed, dataset="digits", **unlearn)
+    began = time.perf_counter()
+    repaired = mitigate.compute(mitigate.prepare(s, finding))
+    m, real = repaired.metrics, repaired.real
+    return {"repair_accuracy_before": round(m.accuracy_before, 4), "repair_accuracy_change": round(m.accuracy - m.accuracy_before, 4),
+            "repair_attack_success_before": round(real.attack_success_rate_before, 4), "repair_attack_success": round(real.attack_success_rate, 4),
+            "repair_s": round(time.perf_counter() - began, 1)}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+def key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def summary(rows: list[dict]) -> list[str]:
+    planted = [r for r in rows if r["position"] is not None]
+    clean = [r for r in rows if r["position"] is None]
+    lines = []
+    if planted:
+        detected = [r for r in planted if r["detected"]]
+        second = [r for r in planted if set(r["flagged"]) - {r["target"]}]
+        ratios = [r["norm_ratio"] for r in detected]
+        lines.append(f"planted cells: {len(planted)}; detected (the target flagged, and only it): {len(detected)} "
+                     f"({100 * len(detected) / len(planted):.1f}%); a second class flagged: {len(second)} ({100 * len(second) / len(planted):.1f}%)")  # fmt: skip
+        if ratios:
+            lines.append(f"reversed / planted norm over detected cells: median {np.median(ratios):.2f}, "
+                         f"quartiles {np.percentile(ratios, 25):.2f} to {np.percentile(ratios, 75):.2f}, largest {max(ratios):.2f}")  # fmt: skip
+        for field in ("position", "size", "target"):
+            groups = {}
+            for r in planted:
+                groups.setdefault(r[field], []).append(r["detected"])
+            lines.append(f"detected by {field}: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in groups.items()))
+        repaired = [r for r in detected if "repair_attack_success" in r]
+        if repaired:
+            ok = [r for r in repaired if r["repair_attack_success"] <= 0.05 and r["repair_accuracy_change"] >= -0.01]
+            changes = [r["repair_accuracy_change"] for r in repaired]
+            lines.append(f"unlearning: {len(ok)} of {len(repaired)} repaired (attack success <= 0.05, accuracy within 1 point); "
+                         f"attack success after: largest {max(r['repair_attack_success'] for r in repaired):.4f}; "
+                         f"accuracy change {min(changes):+.4f} to {max(changes):+.4f} (median {np.median(changes):+.4f})")  # fmt: skip
+        lines.append(f"trigger search per model: median {np.median([r['cleanse_s'] for r in planted]):.1f} s")
+    if clean:
+        flagged = [r for r in clean if r["flagged"]]
+        lines.append(f"clean models: {len(clean)}; any class flagged: {len(flagged)} ({100 * len(flagged) / len(clean):.1f}%); "
+                     f"largest index median {np.median([r['largest_index'] for r in clean]):.2f}, max {max(r['largest_index'] for r in clean):.2f}")  # fmt: skip
+    return lines
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = ["| seed | position | target | size | attack success | accuracy | detected | flagged | target's index | reversed / planted norm | search s | after unlearning: attack success | accuracy change |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    body = []
+    for r in sorted(rows, key=lambda r: (r["position"] is None, r["position"] or "", r["size"], r["target"], r["seed"])):
+        if r["position"] is None:
+            body.append(f"| {r['seed']} | clean | | | | {r['accuracy']:.4f} | | {r['flagged'] or '-'} | largest {r['largest_index']:.2f} | | {r['cleanse_s']} | | |")
+            continue
+        repair = (f"{r['repair_attack_success']:.4f} | {r['repair_accuracy_change']:+.4f}" if "repair_attack_success" in r else " | ")
+        body.append(f"| {r['seed']} | {r['position']} | {r['target']} | {r['size']}x{r['size']} | {r['attack_success']:.4f} | {r['accuracy']:.4f} | "
+                    f"{'yes' if r['detected'] else 'NO'} | {r['flagged'] or '-'} | {r['target_index']:.2f} | {r['norm_ratio']:.2f} | {r['cleanse_s']} | {repair} |")  # fmt: skip
+    return head + body
+
+
+def _run(log: Path, todo: dict, jobs: int, submit, what: str) -> dict:
+    """Results by key: those `log` holds, and the rest computed (`submit(pool, cell, key)`) and
+    appended to it as they finish."""
+    done = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            done[entry["key"]] = entry["row"]
+    left = {k: c for k, c in todo.items() if k not in done}
+    print(f"{len(todo)} to do, {len(todo) - len(left)} already in {log}; {what}", flush=True)
+    began = time.perf_counter()
+    with ProcessPoolExecutor(jobs) as pool, log.open("a") as sink:
+        futures = {submit(pool, c, k): k for k, c in left.items()}
+        for n, future in enumerate(as_completed(futures), 1):
+            k, row = futures[future], future.result()
+            done[k] = row
+            sink.write(json.dumps({"key": k, "row": row}) + "\n")
+            sink.flush()
+            print(f"[{n}/{len(left)}, {time.perf_counter() - began:.0f} s] {json.dumps(row)}", flush=True)
+    return done
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--positions", default=",".join(POSITIONS), help="comma-separated, or 'none' for clean models only")
+    parser.add_argument("--targets", default="0,3,7")
+    parser.add_argument("--sizes", default="1,2")
+    parser.add_argument("--seeds", default="0-4", help="training seeds of the planted cells")
+    parser.add_argument("--clean-seeds", default=None, help="seeds of the clean models (default: --seeds)")
+    parser.add_argument("--cells", default=None, help="a slice START:STOP of the planted cells, in matrix order")
+    parser.add_argument("--jobs", type=int, default=1, help="cells at a time, each in its own process")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per job (default: cores / jobs)")
+    parser.add_argument("--search", default=None, help='trigger-search settings as JSON, e.g. \'{"search_restarts": 1}\'')
+    parser.add_argument("--mitigate", action="store_true", help="repair every detected cell by unlearning")
+    parser.add_argument("--unlearn", default=None, help='unlearning settings as JSON, e.g. \'{"unlearn_lr": 0.002}\'')
+    parser.add_argument("--train-only", action="store_true", help="only train (and keep) the models")
+    parser.add_argument("--out", default="benchmark-logs/cleanse-matrix")
+    args = parser.parse_args()
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    search = json.loads(args.search) if args.search else {}
+    unlearn = json.loads(args.unlearn) if args.unlearn else {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    positions = [] if args.positions == "none" else args.positions.split(",")
+    planted = [Cell(seed, p, t, size) for p, size, t, seed in itertools.product(positions, parse_ints(args.sizes), parse_ints(args.targets), parse_ints(args.seeds))]
+    if args.cells:
+        start, stop = (int(v) if v else None for v in args.cells.split(":"))
+        planted = planted[start:stop]
+    clean = [Cell(seed) for seed in parse_ints(args.clean_seeds if args.clean_seeds is not None else args.seeds)]
+    cells = clean + planted
+
+    if args.train_only:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            for k, future in enumerate(as_completed([pool.submit(train_cell, out, c, threads) for c in cells]), 1):
+                print(f"[{k}/{len(cells)}] {json.dumps(future.result())}", flush=True)
+        return 0
+    search_key = {c: key(c.name, threads, search) for c in cells}
+    done = _run(out / "cells.jsonl", {search_key[c]: c for c in cells}, args.jobs,
+                lambda pool, c, k: pool.submit(run_cell, out, c, threads, search, k), f"{args.jobs} job(s) of {threads} thread(s); search {search or 'as the preset'}")  # fmt: skip
+    rows = [done[search_key[c]] for c in cells]
+    if args.mitigate:
+        detected = {key(search_key[c], unlearn): c for c, r in zip(cells, rows) if r.get("detected")}
+        repairs = _run(out / "repairs.jsonl", detected, args.jobs,
+                       lambda pool, c, k: pool.submit(repair_cell, out, c, threads, search_key[c], unlearn), f"unlearning {unlearn or 'as the preset'}")  # fmt: skip
+        rows = [{**r, **repairs.get(key(search_key[c], unlearn), {})} for c, r in zip(cells, rows)]
+    lines = summary(rows)
+    print("\n".join(lines))
+    (out / "matrix.md").write_text("\n".join([f"search: {search or 'as the preset'}; {threads} thread(s) per job", "", *lines, "", *table(rows)]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
