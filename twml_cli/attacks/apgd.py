@@ -87,7 +87,11 @@ def apgd(
     x_prev = x_adv.clone()
     marks = set(checkpoints(n_iter))
     last_mark, rises = 0, torch.zeros(len(x), device=device)
-    best_at_last_mark, halved_at_last_mark = loss_best.clone(), torch.zeros(len(x), dtype=torch.bool, device=device)
+    # As the original counts them: the first step's loss is compared with 0 (its loss history
+    # starts as zeros), and the first checkpoint halves only for oscillation, never for "no
+    # improvement since the last checkpoint" (it treats the start as a checkpoint that halved).
+    loss = torch.zeros_like(loss)
+    best_at_last_mark, halved_at_last_mark = loss_best.clone(), torch.ones(len(x), dtype=torch.bool, device=device)
     for i in range(n_iter):
         with torch.no_grad():
             a = MOMENTUM if i > 0 else 1.0

@@ -4,7 +4,11 @@ gradient-free member of AutoAttack (it catches gradient masking).
 Random search on the margin loss z_y - max_{j != y} z_j: start at vertical stripes of +-eps,
 then at each query redraw one random square window per image at +-eps (one sign per channel)
 and keep it only if the margin falls. The window's area is a fraction p of the image,
-shrinking on the paper's schedule from p_init = 0.8.
+shrinking on the paper's schedule from p_init = 0.8, not rescaled to the budget (as AutoAttack's
+standard version runs it). The original draws one window and one sign per channel for the
+whole batch at each query; here each example draws its own, keyed by (seed, example, query),
+so an example's attack does not depend on its batch (each example's draws have the same
+distribution as the original's).
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ def margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return own - z.amax(1)
 
 
-def window_fraction(p_init: float, i: int, n_queries: int) -> float:
-    """The paper's schedule (stated for 10,000 queries, rescaled to n_queries): p_init halved at
-    10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000."""
-    at = int(i / n_queries * 10_000)
-    halvings = sum(at > mark for mark in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+def window_fraction(p_init: float, i: int) -> float:
+    """The paper's schedule at query i: p_init halved after 10, 50, 200, 500, 1000, 2000, 4000,
+    6000 and 8000 queries. Not rescaled to the budget: AutoAttack's standard version runs
+    Square with `resc_schedule=False`, so at 5,000 queries the window stops at p_init / 2**7."""
+    halvings = sum(i > mark for mark in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
     return p_init / 2**halvings
 
 
@@ -48,11 +52,11 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_que
     best = margin(model, x_best, y)
     rows = torch.arange(h, device=device).view(1, 1, h, 1)
     cols = torch.arange(w, device=device).view(1, 1, 1, w)
-    for i in range(1, n_queries):
+    for i in range(n_queries):  # after the stripes, n_queries more, as the original
         todo = (best > 0).nonzero()[:, 0]
         if len(todo) == 0:
             break
-        side = max(1, min(h, w, round(math.sqrt(window_fraction(p_init, i, n_queries) * h * w))))
+        side = max(1, min(h, w, round(math.sqrt(window_fraction(p_init, i) * h * w))))
         draw = keyed_uniform(indices[todo], (2 + c,), seed, SQUARE_STREAM, i)
         top = (draw[:, 0] * (h - side + 1)).long().view(-1, 1, 1, 1)
         left = (draw[:, 1] * (w - side + 1)).long().view(-1, 1, 1, 1)
