@@ -39,11 +39,13 @@ def linear():
 def test_autoattack_leaves_robust_exactly_the_points_beyond_eps(linear):
     model, x, y, distance, _ = linear
     eps = 0.05
-    adv, robust, after = autoattack(model, x, y, AutoAttackConfig(eps=eps, n_queries=200), seed=1)
+    adv, robust, after, stages = autoattack(model, x, y, AutoAttackConfig(eps=eps, n_queries=200), seed=1)
     assert torch.equal(robust, distance > eps)  # the exact L-inf answer, point by point
     assert 0.2 < robust.float().mean() < 0.95  # both kinds of points are there
     assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert list(after) == ["apgd-ce", "apgd-t", "fab-t", "square"] and after["square"] == int(robust.sum())
+    assert all(int(stages[a].sum()) == after[a] for a in after) and torch.equal(stages["square"], robust)
+    assert all(not (stages[b] & ~stages[a]).any() for a, b in zip(list(after), list(after)[1:]))  # robust only shrinks
     with torch.no_grad():
         assert torch.all(model(adv[~robust]).argmax(1) != y[~robust])
 

@@ -77,6 +77,8 @@ def test_train_summary_reads_like_the_write_up(quick_train):
 def test_compute_is_deterministic_on_cpu(quick_train):
     again = train.compute(train.prepare(quick_train.settings))
     assert again.robustness == dataclasses.replace(quick_train.robustness, attack_time_s=again.robustness.attack_time_s)
+    first, second = quick_train.robustness.examples, again.robustness.examples
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k], equal_nan=k.endswith("margin")) for k in first)
     assert [h.loss for h in again.training.history] == [h.loss for h in quick_train.training.history]
 
 

@@ -9,6 +9,7 @@ states only what differs from the defaults; `twml config COMMAND` prints the res
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +22,7 @@ from .errors import TwmlError
 from .settings import (  # noqa: F401 - callers name the settings classes config.Training etc.
     COMMANDS,
     RESUMABLE,
+    RUNTIME_ONLY,
     SECTIONS,
     TOP_LEVEL,
     Attack,
@@ -35,6 +37,7 @@ from .settings import (  # noqa: F401 - callers name the settings classes config
     flag_of,
     panel_of,
     settings_fields,
+    sweepable,
 )
 
 DEFAULT_PRESET = "digits"
@@ -49,12 +52,16 @@ def _section_keys(section: str) -> set[str]:
 
 
 def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
-    """A value from TOML or a flag, as the field's type; a list for `each` fields."""
+    """A value from TOML or a flag, as the field's type; several values (a sweep) stay a list."""
     kind = field_type(cls, f)
-    if f.metadata.get("each") and isinstance(value, (list, tuple)):
+    if kind is not list and isinstance(value, (list, tuple)):
+        if not sweepable(cls, f):
+            raise TwmlError(f"{where}: {f.name} takes one value, got {list(value)!r}")
         if not value:
             raise TwmlError(f"{where}: {f.name} needs at least one value")
-        return [_coerce(cls, f, v, where) for v in value]
+        values = list(dict.fromkeys(_coerce(cls, f, v, where) for v in value))  # each once; numbers ascending
+        values = sorted(values) if kind in (int, float) else values
+        return values if len(values) > 1 else values[0]
     ok = {
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -145,8 +152,9 @@ def load_preset(name: str | None = None, config_file: str | Path | None = None) 
 
 def resolve(command: str, preset: Preset, overrides: dict[str, Any] | None = None) -> list:
     """The settings of `command`: field defaults, the preset's top level, the command's sections
-    in order, then the flags given (None: not given). One settings object per value of an
-    `each` field (several sigmas: several runs)."""
+    in order, then the flags given (None: not given). A setting given several values (a list in
+    a preset, several on the command line) is a sweep axis: one settings object per cell of
+    their product (see expand)."""
     cls = COMMANDS[command][0]
     by_name = {f.name: f for f in settings_fields(cls)}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -157,12 +165,27 @@ def resolve(command: str, preset: Preset, overrides: dict[str, Any] | None = Non
         values[key] = _coerce(cls, by_name[key], value, "command line")
     if (getattr(cls, "DATA_FROM_MODEL", False) or values.get("model_run")) and "dataset" not in given:
         values["dataset"] = ""  # the data set the given model was trained on (studies/common.data_name)
-    fan = [(k, v) for k, v in values.items() if isinstance(v, list) and by_name[k].metadata.get("each")]
-    if not fan:
-        return [cls(**values)]
-    (key, options), *more = fan
-    assert not more, "one `each` field per study"
-    return [cls(**{**values, key: v}) for v in options]
+    axes = {k: v for k, v in values.items() if isinstance(v, list) and field_type(cls, by_name[k]) is not list}
+    cells = [cls(**{**values, **cell}) for cell in expand(axes)]
+    unique = {json.dumps(params(s), sort_keys=True, default=str): s for s in reversed(cells)}  # a setting that does not apply
+    return [s for s in cells if unique.get(json.dumps(params(s), sort_keys=True, default=str)) is s]  # makes no new cell
+
+
+def expand(axes: dict[str, list]) -> list[dict[str, Any]]:
+    """The cells of a sweep: every combination of the axes' values, the first axis outermost and
+    the seed innermost (so a sweep's seeds of one setting run one after another). No axes: one
+    cell, {}."""
+    names = sorted(axes, key=lambda k: k == "seed")  # stable: the given order, the seed last
+    return [dict(zip(names, combo)) for combo in itertools.product(*(axes[k] for k in names))]
+
+
+def swept(settings_list: list) -> list[str]:
+    """The settings that differ between the cells of a sweep, in field order, the seed last."""
+    if len(settings_list) < 2:
+        return []
+    first = settings_list[0]
+    names = [f.name for f in settings_fields(type(first)) if any(getattr(s, f.name) != getattr(first, f.name) for s in settings_list)]
+    return sorted(names, key=lambda k: k == "seed")
 
 
 def _layered(command: str, preset: Preset) -> dict[str, Any]:
@@ -185,8 +208,11 @@ def defaults(command: str) -> dict[str, Any]:
 
 
 def resolve_one(command: str, preset: Preset, overrides: dict[str, Any] | None = None):
-    (settings,) = resolve(command, preset, overrides)
-    return settings
+    """The settings of a command that makes one run (no setting may take several values)."""
+    cells = resolve(command, preset, overrides)
+    if len(cells) != 1:
+        raise TwmlError(f"twml {command} here makes one run, but {', '.join(swept(cells))} {'has' if len(swept(cells)) == 1 else 'have'} several values")
+    return cells[0]
 
 
 # ---------------------------------------------------------------- params
@@ -227,14 +253,21 @@ def from_params(cls: type, logged: dict[str, str]):
     return cls(**values)
 
 
-def to_toml(settings) -> str:
-    """The settings as a TOML table (for `twml config`)."""
-    lines = []
-    for f in settings_fields(type(settings)):
-        value = getattr(settings, f.name)
+def to_toml(command: str, settings_list: list, source: str = "") -> str:
+    """A command's effective settings as a preset file that `--config` takes back: the
+    top-level keys, then the command's own section. A swept setting is a list of its values
+    (a sweep of several runs, as it was resolved)."""
+    cls = type(settings_list[0])
+    top = _top_level()
+    lines = [f"# twml {command}" + (f", from {source}" if source else "") + f": every setting; `twml {command} --config FILE` runs it"]
+    own: list[str] = []
+    for f in settings_fields(cls):
+        values = list(dict.fromkeys(getattr(s, f.name) for s in settings_list)) if sweepable(cls, f) else [getattr(settings_list[0], f.name)]
+        value = values if len(values) > 1 else values[0]
         note = "  (empty: the one the model was trained on)" if f.name == "dataset" and value == "" else ""
-        lines.append(f"{f.name} = {_toml_value(value)}   # {f.metadata['help']}{note}")
-    return "\n".join(lines)
+        line = f"{f.name} = {_toml_value(value)}   # {f.metadata['help']}{note}"
+        (lines if f.name in top else own).append(line)
+    return "\n".join([*lines, "", f"[{command}]", *own])
 
 
 def _toml_value(value: Any) -> str:

@@ -146,3 +146,124 @@ def mask_grid_figure(models: list[dict]):
     fig.suptitle("Reversed masks and triggers per class (red: flagged)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def sweep_figure(agg, groups: list[str], metrics: list[str], labels: dict[str, str], title: str):
+    """A sweep's aggregate: one panel per metric, mean over seeds with standard-deviation error
+    bars. The first swept setting is the x-axis (categorical unless numeric); a second one
+    draws one line per value; further ones are folded into the x labels."""
+    x_key = groups[0] if groups else None
+    line_key = groups[1] if len(groups) == 2 else None
+    fold = groups[2:] if len(groups) > 2 else []
+    if fold:  # three or more swept settings: one categorical axis of every combination but the lines'
+        x_key, line_key = None, groups[1]
+    n_seeds = int(agg[f"{metrics[0]}_n"].max()) if metrics else 0
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics) + 0.6, 3.2), squeeze=False)
+    lines = list(dict.fromkeys(agg[line_key])) if line_key else [None]
+    numeric_x = x_key is not None and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in agg[x_key])
+    categories = list(dict.fromkeys(_x_label(r, groups, line_key) for _, r in agg.iterrows())) if not numeric_x else []
+    for ax, metric in zip(axes[0], metrics):
+        for j, value in enumerate(lines):
+            part = agg if line_key is None else agg[agg[line_key] == value]
+            part = part[part[f"{metric}_mean"].notna()]
+            if part.empty:
+                continue
+            xs = part[x_key].to_numpy(dtype=float) if numeric_x else np.array([categories.index(_x_label(r, groups, line_key)) for _, r in part.iterrows()])
+            order = np.argsort(xs, kind="stable")
+            offset = 0 if numeric_x or len(lines) == 1 else (j - (len(lines) - 1) / 2) * 0.08
+            ax.errorbar(xs[order] + offset, part[f"{metric}_mean"].to_numpy()[order], yerr=part[f"{metric}_std"].to_numpy()[order],
+                        marker="o", capsize=3, linewidth=1.5, label=None if value is None else f"{line_key}={value}")  # fmt: skip
+        ax.set_title(labels.get(metric, metric), fontsize=9)
+        ax.grid(alpha=0.3)
+        if numeric_x:
+            ax.set_xlabel(x_key)
+            values = sorted(set(agg[x_key].to_numpy(dtype=float)))
+            if len(values) <= 8:
+                ax.set_xticks(values, [f"{v:g}" for v in values])
+        else:
+            ax.set_xticks(range(len(categories)), categories, fontsize=8, rotation=30 if len(categories) > 3 else 0, ha="right" if len(categories) > 3 else "center")
+            ax.set_xlim(-0.5, len(categories) - 0.5)
+        if metric.endswith("accuracy") or metric.endswith("rate") or metric.startswith("certified_accuracy"):
+            low = float(np.nanmin(agg[f"{metric}_mean"] - agg[f"{metric}_std"]))
+            ax.set_ylim(max(0.0, min(low - 0.05, 0.9)), 1.0 + 0.02)
+    if line_key is not None:
+        axes[0][-1].legend(fontsize=7, loc="best")
+    seeds = f"mean ± sd over {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    fig.suptitle(f"{title} ({seeds})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _x_label(row, groups: list[str], line_key: str | None) -> str:
+    parts = [f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in groups if k != line_key]
+    return " ".join(parts) if len(parts) != 1 else parts[0]
+
+
+def certified_accuracy_bands_figure(radii: np.ndarray, curves: dict, envelope: np.ndarray):
+    """Certified accuracy against radius for each cell of a smoothing sweep: the mean over seeds
+    with a band of one standard deviation, each cell's ACR in the legend, and the envelope.
+    `curves`: name -> studies.smooth.Band."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    seeds = max(c.seeds for c in curves.values())
+    for name, c in curves.items():
+        spread = f" ± {c.acr_sd:.3f}" if c.seeds > 1 else ""
+        (line,) = ax.plot(radii, c.mean, linewidth=1.8, label=f"{name} (ACR {c.acr:.3f}{spread})")
+        if c.seeds > 1:
+            ax.fill_between(radii, np.clip(c.mean - c.sd, 0, 1), np.clip(c.mean + c.sd, 0, 1), color=line.get_color(), alpha=0.2, linewidth=0)
+    if len(curves) > 1:
+        ax.plot(radii, envelope, color="black", linestyle="--", linewidth=1.2, label="envelope (best at each radius)")
+    ax.set_xlabel("L2 radius (pixels in [0, 1])")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"Certified accuracy vs radius ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})", fontsize=10)
+    return fig
+
+
+def robustness_curves_figure(table):
+    """Robust accuracy against eps, one colour per model (curve), PGD solid and AutoAttack
+    dashed, with the standard deviation over replicates (seeds) as error bars and each curve's
+    normalized area in the legend. `table`: studies.attack.curves' rows."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = {}
+    for (curve, attack), part in table.groupby(["curve", "attack"], sort=False):
+        colour = colours.setdefault(curve, f"C{len(colours)}")
+        ax.errorbar(part["eps"], part["robust_accuracy_mean"], yerr=part["robust_accuracy_sd"], color=colour, marker="o", markersize=4,
+                    capsize=3, linestyle="-" if attack == "pgd" else "--",
+                    label=f"{curve}, {'PGD' if attack == 'pgd' else 'AutoAttack'} (AUC {part['auc'].iloc[0]:.3f})")  # fmt: skip
+    seeds = int(table["replicates"].max())
+    ax.set_xlabel("eps (L-inf, pixels in [0, 1])")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"Robust accuracy vs eps ({f'mean ± sd over {seeds} replicates' if seeds > 1 else 'one seed'}; eps 0: clean accuracy)", fontsize=9)
+    return fig
+
+
+def m_curve_figure(m: np.ndarray, means: dict[str, np.ndarray], sds: dict[str, np.ndarray], refs: dict[str, dict[str, tuple[float, float]]],
+                   labels: dict[str, str], seeds: int):  # fmt: skip
+    """Free adversarial training against m: one panel per metric, mean ± sd over seeds, with
+    other methods (standard, fast) as horizontal references (a band of one sd)."""
+    metrics = list(means)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 0.6, 3.3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        ax.errorbar(m, means[metric], yerr=sds[metric], marker="o", capsize=3, linewidth=1.8, color="tab:blue", label="free")
+        for k, (name, values) in enumerate(refs.items()):
+            if metric not in values:
+                continue
+            mean, sd = values[metric]
+            colour = f"C{k + 1}"
+            ax.axhline(mean, color=colour, linestyle="--", linewidth=1.2, label=name)
+            ax.axhspan(mean - sd, mean + sd, color=colour, alpha=0.12, linewidth=0)
+        ax.set_xticks(m, [f"{v:g}" for v in m])
+        ax.set_xlabel("m (replays per minibatch)")
+        ax.set_title(labels.get(metric, metric), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Free adversarial training against m ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -21,6 +21,7 @@ VERDICT_TAG = "twml.verdict"
 MODEL_DIR = "model"  # model.safetensors + spec.json
 CONFIG_JSON = "config.json"  # the effective settings
 CERTIFY_CSV = "certify.csv"  # one row per certified example
+EXAMPLES_CSV = "attack-examples.csv"  # one row per attacked example (attacks.EXAMPLE_COLUMNS, AutoAttack's stages)
 CURVE_CSV = "certified-accuracy-vs-radius.csv"
 CURVE_FIGURE = "randomized-smoothing-acc-vs-radius"  # .png and .pdf
 BACKDOOR_EXAMPLES = ("example.png", "example-clean.png", "example-triggered.png")
@@ -29,6 +30,13 @@ NORMS_FIGURE = "norms.png"
 MASK_GRID_FIGURE = "mask-grid.png"
 TRIGGER_PNG, MASK_PNG = "trigger.png", "mask.png"  # of the most anomalous flagged class
 REVERSED_NPZ = "reversed-triggers.npz"  # plain float arrays, loads with allow_pickle=False
+SWEEP_CSV = "sweep.csv"  # a sweep parent's: one row per child, its swept values and metrics
+SWEEP_AGGREGATE_CSV = "sweep-aggregate.csv"  # per cell over seeds: <metric>_mean, _std, _n
+SWEEP_FIGURE = "sweep"  # .png and .pdf: the swept values against the key metrics
+SIGMA_FIGURE = "certified-accuracy-by-sigma"  # .png and .pdf: a smoothing sweep's curves and their envelope
+SIGMA_CSV = "certified-accuracy-by-sigma.csv"
+ROBUSTNESS_FIGURE = "robustness-curves"  # .png and .pdf: robust accuracy against eps per model
+ROBUSTNESS_CSV = "robustness-curves.csv"
 
 # per-epoch curves, logged with step = epochs of SGD budget
 TRAIN_LOSS, TRAIN_ACCURACY = "train_loss", "train_accuracy"

@@ -23,13 +23,13 @@ from typing import Any, Callable
 from .errors import TwmlError
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple = (), each: bool = False,
-            applies: Callable[[Any], bool] | None = None, log: bool = True, item: type = str) -> Any:  # fmt: skip
+def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple = (), applies: Callable[[Any], bool] | None = None,
+            log: bool = True, item: type = str) -> Any:  # fmt: skip
     """A settings field. `flag` overrides the flag name (default `--field-name`); `choices`
-    lists the allowed values; `each=True` lets a preset or repeated flag give several values,
-    one run each; `applies(settings)` says whether the value matters (only then is it logged);
-    `item` is a list field's element type."""
-    meta = {"help": help, "flag": flag, "choices": tuple(choices), "each": each, "applies": applies, "log": log, "item": item}
+    lists the allowed values; `applies(settings)` says whether the value matters (only then is
+    it logged); `log=False`: it changes where or how a run runs, not its result; `item` is a
+    list field's element type. A scalar field that is logged can be swept (see sweepable)."""
+    meta = {"help": help, "flag": flag, "choices": tuple(choices), "applies": applies, "log": log, "item": item}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -214,9 +214,14 @@ class Training(Threat, SGD, Architecture, Common, Settings):
 
 @dataclass(frozen=True)
 class Attack(Threat, GivenModel, Common, Settings):
-    """`twml attack`: PGD with other settings against a logged model."""
+    """`twml attack`: PGD with other settings against a logged model; several eps make robustness curves."""
 
     DATA_FROM_MODEL = True
+    num_examples: int = setting(0, "Evenly spaced test examples to evaluate (0: all).")
+
+    def check(self) -> None:
+        if self.num_examples < 0:
+            raise ValueError(f"num examples must be >= 0 (0: all), got {self.num_examples}")
 
 
 @dataclass(frozen=True)
@@ -224,11 +229,11 @@ class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
     """`twml smooth`: a Gaussian-noise-trained base classifier, then CERTIFY (Cohen et al.)."""
 
     PANEL = "Randomized smoothing"
-    sigma: float = setting(0.25, "Noise level σ in pixel units; repeat the flag for several (one run each).", each=True)
+    sigma: float = setting(0.25, "Noise level σ in pixel units.")
     n0: int = setting(100, "Noise samples that select the top class.")
     n: int = setting(1000, "Fresh noise samples that estimate its probability.")
     cert_alpha: float = setting(0.001, "Failure probability of each certificate.")
-    num_examples: int = setting(360, "Evenly spaced test examples to certify.")
+    num_examples: int = setting(360, "Evenly spaced test examples to evaluate (0: all).")
     certify_batch_size: int = setting(2000, "Noisy samples per forward pass.")
     radii: list = setting([], "L2 radii to report certified accuracy at (comma-separated); with --adaptive, the grid to certify.", item=float)
     adaptive: bool = setting(False, "Adaptive certification on the --radii grid, --n the cap: as few samples as each decision "
@@ -243,8 +248,8 @@ class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
         if not self.sigma > 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma:g}")
         check_certify_args(self.n0, self.n, self.cert_alpha, self.certify_batch_size)
-        if self.num_examples < 1:
-            raise ValueError(f"num examples must be >= 1, got {self.num_examples}")
+        if self.num_examples < 0:
+            raise ValueError(f"num examples must be >= 0 (0: all), got {self.num_examples}")
         if any(not r >= 0 for r in self.radii):
             raise ValueError(f"radii must be >= 0, got {self.radii}")
         if not 0 < self.futility < 0.5:
@@ -376,6 +381,15 @@ def panel_of(cls: type, name: str) -> str:
 
 def flag_of(f: dataclasses.Field) -> str:
     return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def sweepable(cls: type, f: dataclasses.Field) -> bool:
+    """Whether a field may take several values (a sweep, one run per value): every scalar
+    setting that changes a run's result. Lists, JSON objects and where-to-run settings may not."""
+    return field_type(cls, f) in (int, float, str, bool) and f.metadata.get("log", True) and f.name not in RUNTIME_ONLY
+
+
+RUNTIME_ONLY = ("device", "compile", "workers", "data_dir")  # where and how to run: a resumed run may change them
 
 
 def field_type(cls: type, f: dataclasses.Field) -> type:

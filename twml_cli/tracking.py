@@ -331,6 +331,16 @@ def load_model(uri: str, device="cpu") -> models.Classifier:
     return models.load_model_dir(download_model(uri), device)
 
 
+def final_metrics(run_id: str) -> dict[str, float]:
+    """A run's metrics, each at its last logged step."""
+    return dict(get_run(run_id).data.metrics)
+
+
+def artifact_uri(run_id: str) -> str:
+    """Where a run's artifacts are (a local folder for the default store)."""
+    return get_run(run_id).info.artifact_uri.removeprefix("file://")
+
+
 def download_artifact(run_id: str, path: str) -> str | None:
     """A local copy of one artifact of a run, or None when the run has no such file."""
     try:

@@ -36,9 +36,10 @@ class AutoAttackConfig:
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AutoAttackConfig, indices: torch.Tensor | None = None,
-               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:  # fmt: skip
-    """(adversarial examples, robust: bool per example, robust count after each attack). Points
-    misclassified already are not attacked; `indices` key the random starts (batch-independent)."""
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, int], dict[str, torch.Tensor]]:  # fmt: skip
+    """(adversarial examples, robust: bool per example, robust count after each attack, robust
+    per example after each attack). Points misclassified already are not attacked; `indices`
+    key the random starts (batch-independent)."""
     model.eval()
     indices = torch.arange(len(x), device=x.device) if indices is None else indices.to(x.device)
     with torch.no_grad(), autocast(x.device):
@@ -48,6 +49,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AutoA
     targets = ranked[:, : min(config.n_targets, logits.shape[1] - 1)]
     x_adv = x.clone()
     after: dict[str, int] = {}
+    stages: dict[str, torch.Tensor] = {}
     with torch.enable_grad(), frozen(model):
         for name in config.attacks:
             runs = range(targets.shape[1]) if name in ("apgd-t", "fab-t") else [None]
@@ -70,4 +72,5 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AutoA
                 x_adv[todo[fooled]] = adv[fooled]
                 robust[todo[fooled]] = False
             after[name] = int(robust.sum())
-    return x_adv.detach(), robust, after
+            stages[name] = robust.clone()
+    return x_adv.detach(), robust, after, stages

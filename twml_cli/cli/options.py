@@ -42,7 +42,9 @@ OUT = (Annotated[Path, typer.Option(help="Folder for <experiment>.md, <experimen
 
 
 def _option(cls: type, f, default: Any) -> tuple[Any, Any]:
-    """The Typer option of a settings field: (annotation, None). Lists and JSON go in as text."""
+    """The Typer option of a settings field: (annotation, None). A setting that can be swept
+    takes several values (repeat the flag; numbers and choices also comma-separated); lists and
+    JSON go in as text."""
     kind = config.field_type(cls, f)
     text = f.metadata["help"]
     if f.metadata["choices"]:
@@ -53,18 +55,26 @@ def _option(cls: type, f, default: Any) -> tuple[Any, Any]:
         shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) if isinstance(default, list) else default
         text += f"  [default: {shown}]"
     cli_type = {int: int, float: float, bool: bool, str: str, dict: str, list: list[str]}[kind]
-    if f.metadata["each"]:
-        cli_type = list[str]  # repeat the flag, or give a comma-separated list
+    if kind is not bool and config.sweepable(cls, f):
+        cli_type = list[str]  # several values: a sweep
     shown = f.metadata["item"] if kind is list else kind
-    metavar = "" if kind is bool else f"<{shown.__name__ if shown in (int, float) else 'str'}>"  # one value a flag; lists repeat it
+    metavar = "" if kind is bool else f"<{shown.__name__ if shown in (int, float) else 'str'}>"
     flag = config.flag_of(f)
     names = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
     option = typer.Option(*names, help=text, rich_help_panel=config.panel_of(cls, f.name), show_default=False, metavar=metavar)
     return Annotated[Optional[cli_type], option], None
 
 
+def _split(cls: type, f, values: list[str]) -> list[str]:
+    """Numbers and choices split at commas; free text (paths, names, run ids) only by repeating the flag."""
+    kind = config.field_type(cls, f)
+    if kind in (int, float) or f.metadata["choices"] or (kind is list and f.metadata["item"] is not str):
+        return [v.strip() for item in values for v in item.split(",") if v.strip()]
+    return list(values)
+
+
 def _parse(cls: type, flags: dict[str, Any]) -> dict[str, Any]:
-    """Flag values as settings values: JSON objects, comma-separated lists."""
+    """Flag values as settings values: JSON objects, lists, and several values for a sweep."""
     by_name = {f.name: f for f in config.settings_fields(cls)}
     out = {}
     for name, value in flags.items():
@@ -79,12 +89,18 @@ def _parse(cls: type, flags: dict[str, Any]) -> dict[str, Any]:
                 raise TwmlError(f"{config.flag_of(f)} must be a JSON object, e.g. '{{\"drop_rate\": 0.1}}' ({err})") from None
             if not isinstance(value, dict):
                 raise TwmlError(f"{config.flag_of(f)} must be a JSON object, e.g. '{{\"drop_rate\": 0.1}}'")
-        elif f.metadata["each"] or (kind is list and f.metadata["item"] is not str):
+        elif isinstance(value, list):
             item_type = f.metadata["item"] if kind is list else kind
+            words = _split(cls, f, value)
             try:
-                value = [item_type(v) for item in value for v in item.split(",") if v.strip()]
+                value = [item_type(v) for v in words]
             except ValueError:
-                raise TwmlError(f"{config.flag_of(f)} takes numbers, got {', '.join(value)}") from None
+                what = {int: "whole numbers", float: "numbers"}.get(item_type, "values")
+                raise TwmlError(f"{config.flag_of(f)} takes {what}, got {', '.join(words)}") from None
+            if kind is not list:
+                if not value:
+                    raise TwmlError(f"{config.flag_of(f)} needs a value")
+                value = value[0] if len(value) == 1 else value
         out[name] = value
     return out
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import tracking
 from ..errors import TwmlError
-from . import adversarial, cleanse, smoothing
+from . import adversarial, cleanse, curves, smoothing
 from .document import Bullets, Document, Heading, Para, Table, to_markdown, to_pdf
 from .runs import Logged, Runs, load
 
@@ -64,7 +64,10 @@ def document(experiment: str, runs: Runs, fig_dir: Path, uri: str) -> Document:
     if not runs.all:
         doc.add(Para(f"No finished runs in experiment '{experiment}': run `twml reproduce`, or the single commands, first."))
     adversarial.section(doc, runs.train, runs.attack, fig_dir)
+    curves.m_curve(doc, runs, fig_dir)
+    curves.robustness_curves(doc, runs, fig_dir)
     smoothing.section(doc, runs.smooth, fig_dir)
+    curves.sigma_curves(doc, runs, fig_dir)
     cleanse.section(doc, runs.cleanse, runs.backdoor, fig_dir)
     cleanse.mitigation_section(doc, runs.mitigate)
     if runs.all:

@@ -21,6 +21,7 @@ class Logged:
     command: str
     start_time: int  # ms since the epoch
     params: dict[str, str]
+    host: str = ""  # the machine it ran on (twml.host)
 
     @property
     def where(self) -> str:
@@ -85,6 +86,24 @@ class MitigateRun(Logged):
 
 
 @dataclass
+class SweepRun(Logged):
+    """A sweep's parent run: the command it swept, over which settings, and its tables."""
+
+    sweep_command: str = ""
+    axes: list[str] = field(default_factory=list)
+    table: pd.DataFrame = field(default=None, repr=False)  # sweep.csv: one row per child
+    aggregate: pd.DataFrame = field(default=None, repr=False)  # sweep-aggregate.csv: per cell over seeds
+
+    @property
+    def groups(self) -> list[str]:
+        return [a for a in self.axes if a != "seed"]
+
+    @property
+    def seeds(self) -> int:
+        return int(self.table["seed"].nunique()) if "seed" in self.table else 1
+
+
+@dataclass
 class Runs:
     train: list[TrainRun]
     attack: list[AttackRun]
@@ -92,17 +111,22 @@ class Runs:
     backdoor: list[BackdoorRun]
     cleanse: list[CleanseRun]  # the newest is read in full; the others' verdicts only
     mitigate: list[MitigateRun] = field(default_factory=list)
+    sweeps: list[SweepRun] = field(default_factory=list)
+
+    def sweep(self, command: str, axis: str) -> SweepRun | None:
+        """The newest sweep of `command` over `axis` (a setting, or 'seed'), if any."""
+        return next((s for s in self.sweeps if s.sweep_command == command and axis in s.axes), None)
 
     @property
     def all(self) -> list[Logged]:
-        every = [*self.train, *self.attack, *self.smooth, *self.backdoor, *self.cleanse, *self.mitigate]
+        every = [*self.train, *self.attack, *self.smooth, *self.backdoor, *self.cleanse, *self.mitigate, *self.sweeps]
         return sorted(every, key=lambda r: r.start_time, reverse=True)
 
 
 def load(experiment: str) -> Runs:
     def base(r, cls, settings_cls):
         return cls(r.info.run_id, r.info.run_name or "", r.data.tags.get(results.COMMAND_TAG, ""), r.info.start_time,
-                   dict(r.data.params), settings=config.from_params(settings_cls, r.data.params))  # fmt: skip
+                   dict(r.data.params), r.data.tags.get(tracking.HOST_TAG, ""), settings=config.from_params(settings_cls, r.data.params))  # fmt: skip
 
     def read(r, cls, where, prefix=""):
         return results.read(r.data.metrics, cls, where, prefix)
@@ -151,7 +175,17 @@ def load(experiment: str) -> Runs:
         m.mitigation = read(r, results.MitigationMetrics, m.where)
         m.real = read(r, results.RealTriggerMetrics, m.where) if "attack_success_rate" in r.data.metrics else None
         mitigate.append(m)
-    return Runs(train, attack, smooth, backdoor, cleanse, mitigate)
+    sweeps = []
+    for r in tracking.find_runs(experiment, "sweep"):
+        params = r.data.params
+        if "sweep_command" not in params:  # a parent of several mitigations: nothing to aggregate
+            continue
+        w = SweepRun(r.info.run_id, r.info.run_name or "", "sweep", r.info.start_time, dict(params), sweep_command=params["sweep_command"],
+                     axes=[a for a in params.get("swept", "").split(",") if a])  # fmt: skip
+        w.table = pd.read_csv(_artifact(w, results.SWEEP_CSV))
+        w.aggregate = pd.read_csv(_artifact(w, results.SWEEP_AGGREGATE_CSV))
+        sweeps.append(w)
+    return Runs(train, attack, smooth, backdoor, cleanse, mitigate, sweeps)
 
 
 def _artifact(run: Logged, name: str) -> Path:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from .. import data, models, training
@@ -33,6 +34,7 @@ class Hooks:
     resume: training.TrainState | None = None
     save_rows: Callable[[dict], None] | None = None  # certification rows so far (rank 0)
     done_rows: dict | None = None  # rows an interrupted certification already wrote
+    earlier: list = dataclasses.field(default_factory=list)  # what the earlier cells of a sweep kept (study.sweep_keep)
 
     def training(self, settings) -> training.Hooks:
         every = settings.checkpoint_every
@@ -114,6 +116,13 @@ def load_model(uri: str, dev: torch.device) -> models.Classifier:
     from .. import load_model as load
 
     return load(uri, dev)
+
+
+def evenly_spaced(n: int, count: int) -> np.ndarray:
+    """`count` evenly spaced indices of range(n), the first and the last included (0 or more than
+    n: all of them)."""
+    count = n if count <= 0 else min(count, n)
+    return np.linspace(0, n - 1, count).round().astype(int)
 
 
 def check_fits(model: models.Classifier, info: data.DataInfo, what: str) -> None:

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pandas as pd
 
-from .. import config, results, runtime, tracking, training
+from .. import config, figures, results, runtime, tracking, training
 from ..config import RESUMABLE
 from ..errors import TwmlError
 from ..runtime import Progress, describe_device, no_progress
-from . import attack, backdoor, cleanse, mitigate, smooth, train
-from .common import Hooks
+from . import attack, backdoor, cleanse, mitigate, smooth, sweep, train
+from .common import Hooks, artifacts
 
 STUDIES: dict[str, ModuleType] = {m.COMMAND: m for m in (train, attack, smooth, backdoor, cleanse, mitigate)}
 ROWS_EVERY_S = 20.0  # how often certification's rows are written while it runs
@@ -55,15 +56,17 @@ class NullRun:
         return lambda *args, **kwargs: None
 
 
-def execute(command: str, settings, session: Session, resume: str | None = None, *prepare_args, inputs=None):
+def execute(command: str, settings, session: Session, resume: str | None = None, *prepare_args, inputs=None, name: str | None = None,
+            earlier: list | None = None):  # fmt: skip
     """One study, one run (or, with `resume`, the rest of an interrupted one). Returns
-    (run id, outcome) on every process. `inputs`: the study's prepared inputs, if already made."""
+    (run id, outcome) on every process. `inputs`: the study's prepared inputs, if already made;
+    `name`: the run's name (default: the study's); `earlier`: what the sweep's earlier cells kept."""
     study = STUDIES[command]
     inputs = study.prepare(settings, *prepare_args) if inputs is None else inputs
-    hooks = Hooks(progress=session.progress)
+    hooks = Hooks(progress=session.progress, earlier=earlier or [])
     if resume:
         hooks.resume, hooks.done_rows = _leftovers(resume)
-    with _run(command, study, inputs, session, resume) as run:
+    with _run(command, study, inputs, session, resume, name) as run:
         if command in RESUMABLE:
             _checkpointing(run, hooks)
         outcome = study.compute(inputs, hooks)
@@ -76,7 +79,7 @@ def execute(command: str, settings, session: Session, resume: str | None = None,
 
 
 @contextlib.contextmanager
-def _run(command: str, study, inputs, session: Session, resume: str | None) -> Iterator:
+def _run(command: str, study, inputs, session: Session, resume: str | None, name: str | None = None) -> Iterator:
     if runtime.rank() != 0:
         yield NullRun()
         return
@@ -90,7 +93,7 @@ def _run(command: str, study, inputs, session: Session, resume: str | None) -> I
     if hasattr(study, "extra_params"):
         params.update(study.extra_params(inputs))
     tags = study.tags(s) if hasattr(study, "tags") else None
-    with tracking.start_run(session.experiment, command, run_name=study.run_name(s), tags=tags, parent=session.parent) as run:
+    with tracking.start_run(session.experiment, command, run_name=name or study.run_name(s), tags=tags, parent=session.parent) as run:
         run.log_params(params)
         run.log_json(config.to_dict(s), results.CONFIG_JSON)
         run.log_datasets(datasets(study, inputs))
@@ -151,7 +154,7 @@ def resume_settings(command: str, run_id: str, overrides: dict):
     logged = run.data.tags.get(results.COMMAND_TAG)
     if logged != command:
         raise TwmlError(f"run '{run_id}' is a '{logged}' run, not '{command}': resume it with twml {logged} --resume {run_id}")
-    runtime_only = {"device", "compile", "workers", "data_dir"}
+    runtime_only = set(config.RUNTIME_ONLY)
     changed = sorted(k for k, v in overrides.items() if v is not None and k not in runtime_only)
     if changed:
         raise TwmlError(f"a resumed run keeps its settings; only {', '.join(sorted(runtime_only))} may be given (not {', '.join(changed)})")
@@ -163,27 +166,70 @@ def resume_settings(command: str, run_id: str, overrides: dict):
 
 
 def execute_all(command: str, settings_list: list, session: Session) -> list[str]:
-    """A command that makes one run per value of an `each` setting (several sigmas): one run,
-    or a parent run (tagged twml.command=sweep) with a nested run for each."""
+    """A command's run, or its sweep: a parent run (tagged twml.command=sweep) with one nested run
+    per cell, one after another, each as the command would run alone; the parent then holds the
+    cells' metrics (sweep.csv), their aggregate over seeds (sweep-aggregate.csv) and the figure."""
     if len(settings_list) == 1:
         return [execute(command, settings_list[0], session)[0]]
-    first = STUDIES[command].prepare(settings_list[0])  # bad input ends here, before a parent run exists
-    with _parent(session, "sweep", f"{command}: {len(settings_list)} runs") as nested:
-        done = [execute(command, s, nested, inputs=first if i == 0 else None) for i, s in enumerate(settings_list)]
-        if command == "smooth" and runtime.rank() == 0:
-            runs = [tracking.Run(run_id) for run_id, _ in done] + ([tracking.Run(nested.parent)] if nested.parent else [])
-            smooth.record_together(runs, [o for _, o in done])
-    return [run_id for run_id, _ in done]
+    study = STUDIES[command]
+    axes = config.swept(settings_list)
+    first = study.prepare(settings_list[0])  # bad input ends here, before a parent run exists
+    keep = getattr(study, "sweep_keep", lambda outcome: None)
+    began = time.perf_counter()
+    with _parent(session, "sweep", sweep.parent_name(command, settings_list, axes)) as (nested, parent):
+        parent.log_params(sweep.parent_params(command, settings_list, axes))
+        ids, kept = [], []
+        for i, s in enumerate(settings_list):
+            name = sweep.child_name(study.run_name(s), sweep.cell_values(s, axes))
+            session.echo(f"\n[{i + 1}/{len(settings_list)}] {name}  ({time.perf_counter() - began:.0f} s elapsed)")
+            run_id, outcome = execute(command, s, nested, inputs=first if i == 0 else None, name=name, earlier=kept)
+            ids.append(run_id)
+            kept.append(keep(outcome))
+            del outcome
+        agg = _record_sweep(parent, command, settings_list, axes, ids, kept)
+    if agg is not None:
+        seeds = len(dict.fromkeys(s.seed for s in settings_list))
+        session.echo(f"\nSweep of {len(ids)} runs over {', '.join(axes)} (mean ± sd over {seeds} seed{'s' if seeds != 1 else ''}):")
+        for line in sweep.summary_lines(command, agg, axes):
+            session.echo(line)
+        session.echo(f"Sweep run id: {parent.id} (figure {results.SWEEP_FIGURE}.png, tables {results.SWEEP_CSV} and "
+                     f"{results.SWEEP_AGGREGATE_CSV} in {tracking.artifact_uri(parent.id)})")  # fmt: skip
+    return ids
+
+
+def _record_sweep(parent, command: str, settings_list: list, axes: list[str], ids: list[str], kept: list):
+    """The parent's tables and figures (rank 0); returns the aggregate, None on other ranks."""
+    if runtime.rank() != 0:
+        return None
+    metrics = [tracking.final_metrics(run_id) for run_id in ids]
+    frame = sweep.table(settings_list, axes, ids, metrics)
+    agg = sweep.aggregate(frame, axes)
+    groups = [a for a in axes if a != sweep.SEED]
+    shown = sweep.shown_metrics(command, agg)
+    with artifacts(parent) as folder:
+        frame.to_csv(folder / results.SWEEP_CSV, index=False)
+        agg.to_csv(folder / results.SWEEP_AGGREGATE_CSV, index=False)
+        if shown:
+            title = f"twml {command}: " + (", ".join(groups) if groups else "seeds")
+            figures.save_both(figures.sweep_figure(agg, groups, shown, sweep.LABELS, title), folder / results.SWEEP_FIGURE)
+        extra = getattr(STUDIES[command], "record_sweep", None)
+        if extra is not None:
+            extra(folder, settings_list, axes, kept)
+    if not groups:  # seeds alone: the parent's metrics are the aggregate (mean and sd)
+        row = agg.iloc[0]
+        parent.log_metrics({k: float(row[k]) for k in agg.columns if k.endswith(("_mean", "_std")) and np.isfinite(row[k])})
+    return agg
 
 
 @contextlib.contextmanager
-def _parent(session: Session, command: str, name: str) -> Iterator[Session]:
-    """A session whose runs nest under a new parent run (unless it already has a parent)."""
-    if session.parent is not None or runtime.rank() != 0:
-        yield session
+def _parent(session: Session, command: str, name: str) -> Iterator[tuple[Session, object]]:
+    """A new parent run (nested under the session's own parent, if any) and a session whose
+    runs nest under it. Other ranks get their session and a run that records nothing."""
+    if runtime.rank() != 0:
+        yield session, NullRun()
         return
-    with tracking.start_run(session.experiment, command, run_name=name) as parent:
-        yield dataclasses.replace(session, parent=parent.id)
+    with tracking.start_run(session.experiment, command, run_name=name, parent=session.parent) as parent:
+        yield dataclasses.replace(session, parent=parent.id), parent
 
 
 def mitigate_all(settings, session: Session) -> list[str]:
@@ -197,7 +243,7 @@ def mitigate_all(settings, session: Session) -> list[str]:
     if len(found) == 1:
         return [execute("mitigate", settings, session, None, found[0])[0]]
     first = mitigate.prepare(settings, found[0])  # bad input ends here, before a parent run exists
-    with _parent(session, "sweep", f"mitigate: {len(found)} models") as nested:
+    with _parent(session, "sweep", f"mitigate: {len(found)} models") as (nested, _):
         return [execute("mitigate", settings, nested, None, f, inputs=first if i == 0 else None)[0] for i, f in enumerate(found)]
 
 
@@ -209,60 +255,3 @@ def default_cleanse_runs(experiment: str) -> list[str]:
     if missing:
         raise TwmlError(f"no finished run of {' and '.join(missing)} in experiment '{experiment}': run it first, or name models with --run")
     return [clean[0].info.run_id, poisoned[0].info.run_id]
-
-
-# ---------------------------------------------------------------- twml reproduce
-
-REPRODUCE_SIGMAS = (0.05, 0.20)
-
-
-def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Path):
-    """The whole write-up: standard, free m=4 and m=7 training; smoothing at sigma 0.05 and
-    0.20; a BadNets model; Neural Cleanse on the standard and the backdoored model; its
-    mitigation (unlearning and pruning); the report. Every setting is checked before the
-    first run starts."""
-    from .. import report
-
-    base = config.resolve_one("train", preset, overrides)
-    trainings = [dataclasses.replace(base, method="standard"), *(dataclasses.replace(base, method="free", m=m) for m in (4, 7))]
-    smoothings = [dataclasses.replace(config.resolve("smooth", preset, overrides)[0], sigma=sigma) for sigma in REPRODUCE_SIGMAS]
-    poisoning = config.resolve_one("backdoor", preset, overrides)
-    cleansing = config.resolve_one("cleanse", preset, overrides)
-    mitigating = config.resolve_one("mitigate", preset, overrides)
-    backdoor.prepare(poisoning)  # its data-dependent checks (target class, trigger size) too
-    if runtime.rank() == 0:
-        tracking.experiment_id(session.experiment)  # the store and experiment exist before any step runs
-    ids: dict = {}  # run ids (and the cleanse run's outcome) the later steps need
-    began = time.perf_counter()
-    with _parent(session, "reproduce", "reproduce") as nested:
-        steps = [
-            ("standard training", lambda: ids.update(standard=execute("train", trainings[0], nested)[0])),
-            ("free adversarial training, m = 4", lambda: execute("train", trainings[1], nested)),
-            ("free adversarial training, m = 7", lambda: execute("train", trainings[2], nested)),
-            ("randomized smoothing, sigma = 0.05 and 0.20", lambda: execute_all("smooth", smoothings, nested)),
-            ("BadNets backdoor", lambda: ids.update(backdoor=execute("backdoor", poisoning, nested)[0])),
-            ("Neural Cleanse on the standard and the backdoored model",
-             lambda: ids.update(cleanse=execute("cleanse", dataclasses.replace(cleansing, model_runs=[ids["standard"], ids["backdoor"]]), nested))),
-            ("mitigation of what Neural Cleanse flagged: unlearning, then pruning", lambda: repair(ids["cleanse"])),
-        ]  # fmt: skip
-
-        def repair(cleansed) -> None:
-            run_id, outcome = cleansed
-            if not outcome.findings:
-                session.echo("Neural Cleanse flagged no model, so there is nothing to mitigate.")
-                return
-            for method in ("unlearn", "prune"):
-                mitigate_all(dataclasses.replace(mitigating, cleanse_run=run_id, mitigation=method), nested)
-
-        total = len(steps) + 1
-        for k, (title, step) in enumerate(steps, 1):
-            session.echo(f"\n[{k}/{total}] {title}  ({time.perf_counter() - began:.0f} s elapsed)")
-            step()
-        if runtime.rank() != 0:
-            return None
-        session.echo(f"\n[{total}/{total}] report  ({time.perf_counter() - began:.0f} s elapsed)")
-        files = report.build(session.experiment, out, tracking.tracking_uri(), parent=nested.parent)
-    session.echo(f"\nDone in {time.perf_counter() - began:.0f} s.")
-    session.echo(f"Report: {files.markdown} and {files.pdf} (figures in {files.figures}/)")
-    session.echo("Browse every run, metric and image: mlflow ui   (then open http://127.0.0.1:5000)")
-    return files

@@ -19,6 +19,7 @@ from .common import (
     check_fits,
     data_name,
     device,
+    evenly_spaced,
     load_data,
     load_model,
     model_source,
@@ -73,10 +74,8 @@ def prepare(s: config.Smoothing) -> Inputs:
     data = load_data(data_name(s.dataset, given, "digits"), s, given)
     if given is not None:
         check_fits(given, data.info, f"model {s.model_run}")
-    n_test = len(data.test)
-    num = min(s.num_examples, n_test)
-    indices = np.linspace(0, n_test - 1, num).round().astype(int).tolist()
-    s = dataclasses.replace(with_augmentation(s, data), dataset=data.info.name, num_examples=num)
+    indices = evenly_spaced(len(data.test), s.num_examples).tolist()
+    s = dataclasses.replace(with_augmentation(s, data), dataset=data.info.name, num_examples=len(indices))
     model = given if given is not None else new_model(s, data.info, dev)
     return Inputs(s, dev, data, model, given is not None, indices)
 
@@ -117,16 +116,58 @@ def record(run: Run, outcome: Outcome) -> None:
         figures.save_both(figures.certified_accuracy_figure({outcome.settings.sigma: (grid, curve)}), folder / results.CURVE_FIGURE)
 
 
-def record_together(runs: list[Run], outcomes: list[Outcome]) -> None:
-    """Several sigmas of one call: each of their runs also gets the figure with all of them."""
-    top = max(float(o.table["radius"].max()) for o in outcomes)
-    grid = smoothing.radius_grid(top)
-    curves = {o.settings.sigma: (grid, smoothing.certified_accuracy(o.table["radius"], o.table["correct"], grid)) for o in outcomes}
-    fig = figures.certified_accuracy_figure(curves)
-    for run in runs:
-        with artifacts(run) as folder:
-            figures.save_both(fig, folder / results.CURVE_FIGURE, close=False)
-    figures.plt.close(fig)
+def sweep_keep(o: Outcome) -> dict[str, np.ndarray]:
+    """What a sweep's parent needs of each run: its certificates' radii and correctness."""
+    return {"radius": o.table["radius"], "correct": o.table["correct"]}
+
+
+def record_sweep(folder, settings_list: list, axes: list[str], kept: list[dict]) -> None:
+    """A smoothing sweep's curves: certified accuracy against radius for each cell (mean over
+    seeds, a band of one standard deviation), their envelope (the best cell at each radius, as
+    Cohen et al. plot their sigmas) and each cell's average certified radius."""
+    groups = [a for a in axes if a != "seed"]
+    named = [(cell_label(s, groups), k["radius"], k["correct"]) for s, k in zip(settings_list, kept)]
+    grid, curves, envelope = bands(named)
+    frame = {"radius": grid, **{f"{name} mean": c.mean for name, c in curves.items()}, **{f"{name} sd": c.sd for name, c in curves.items()},
+             "envelope": envelope}  # fmt: skip
+    pd.DataFrame(frame).to_csv(folder / results.SIGMA_CSV, index=False)
+    figures.save_both(figures.certified_accuracy_bands_figure(grid, curves, envelope), folder / results.SIGMA_FIGURE)
+
+
+def cell_label(s, groups: list[str]) -> str:
+    """'σ=0.25' (and any other swept setting) for a cell of a smoothing sweep."""
+    def one(g):
+        v = getattr(s, g)
+        return f"{'σ' if g == 'sigma' else g}={v:g}" if isinstance(v, float) else f"{g}={v}"
+
+    return ", ".join(one(g) for g in groups) or f"σ={s.sigma:g}"
+
+
+@dataclass
+class Band:
+    """One cell's certified accuracy against radius over seeds, and its ACR."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+    acr: float
+    acr_sd: float
+    seeds: int
+
+
+def bands(named: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, dict[str, Band], np.ndarray]:
+    """(radius grid, a Band per name, the envelope: the best mean at each radius) from
+    (name, radii, correct) of every run; runs of one name are its seeds."""
+    grid = smoothing.radius_grid(max(float(np.max(radius)) for _, radius, _ in named))
+    cells: dict[str, list] = {}
+    for name, radius, correct in named:
+        cells.setdefault(name, []).append((smoothing.certified_accuracy(radius, correct, grid), smoothing.average_certified_radius(radius, correct)))
+
+    def sd(values, axis=None):
+        return np.std(values, axis=axis, ddof=1) if len(values) > 1 else np.zeros_like(np.mean(values, axis=axis))
+
+    curves = {name: Band(np.mean([c for c, _ in v], 0), sd([c for c, _ in v], 0), float(np.mean([a for _, a in v])), float(sd([a for _, a in v])), len(v))
+              for name, v in cells.items()}  # fmt: skip
+    return grid, curves, np.max([c.mean for c in curves.values()], 0)
 
 
 def metrics(o: Outcome) -> results.CertificationMetrics:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
 from .. import attacks, config, models, results, training
-from .common import Data, Hooks, Run, device, load_data, new_model, with_augmentation
+from .common import Data, Hooks, Run, artifacts, device, load_data, new_model, with_augmentation
 
 COMMAND = "train"
 
@@ -100,11 +101,15 @@ def autoattack_metrics(r: attacks.RobustnessResult) -> results.AutoAttackMetrics
 
 
 def record_robustness(run: Run, r: attacks.RobustnessResult) -> None:
-    """PGD's figures, and AutoAttack's when it ran (also robust accuracy after each of its attacks)."""
+    """PGD's figures, and AutoAttack's when it ran (also robust accuracy after each of its
+    attacks), and the per-example table."""
     run.log_metrics(results.metrics(robustness_metrics(r)))
     aa = autoattack_metrics(r)
     if aa is not None:
         run.log_metrics({**results.metrics(aa), **{results.autoattack_after_key(a): v for a, v in r.autoattack_after.items()}})
+    if r.examples is not None:
+        with artifacts(run) as folder:
+            pd.DataFrame(r.examples).to_csv(folder / results.EXAMPLES_CSV, index=False, float_format="%.6g")
 
 
 def robustness_lines(r: attacks.RobustnessResult, pgd: attacks.PGDConfig) -> list[str]:

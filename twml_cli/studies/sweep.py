@@ -1,0 +1,160 @@
+"""Sweeps: one run per cell (each value of the swept settings x each seed) under a parent run,
+and what only the whole sweep shows: a table of the cells' metrics, their aggregate over
+seeds (mean, standard deviation, n) and the figure. Pure: no MLflow, no console.
+
+Evidence for a claim is an aggregate over seeds; `compare` words a difference from the
+intervals mean ± one standard deviation, and calls it within seed noise where they overlap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .. import config
+
+SEED = "seed"
+
+# What a sweep's figure and summary show for each command (metrics a child logged; a metric no
+# child has is left out). The parent's tables hold every metric.
+KEY_METRICS: dict[str, tuple[str, ...]] = {
+    "train": ("accuracy", "robust_accuracy", "autoattack_robust_accuracy", "train_time_s", "images_per_s"),
+    "attack": ("accuracy", "robust_accuracy", "autoattack_robust_accuracy"),
+    "smooth": ("accuracy", "certified_accuracy", "average_certified_radius", "certified_accuracy_r0.25", "train_time_s"),
+    "backdoor": ("accuracy", "attack_success_rate", "train_time_s"),
+    "cleanse": ("model0_anomaly_index", "model1_anomaly_index", "backdoor_success_rate", "model0_cleanse_time_s"),
+    "mitigate": ("accuracy", "attack_success_rate", "reversed_success"),
+}
+LABELS = {
+    "accuracy": "clean accuracy",
+    "robust_accuracy": "PGD robust accuracy",
+    "autoattack_robust_accuracy": "AutoAttack robust accuracy",
+    "train_time_s": "training time (s)",
+    "images_per_s": "training images/s",
+    "certified_accuracy": "certified accuracy (r = 0)",
+    "average_certified_radius": "average certified radius",
+    "certified_accuracy_r0.25": "certified accuracy (r = 0.25)",
+    "attack_success_rate": "attack success rate",
+    "reversed_success": "reversed trigger's success",
+    "backdoor_success_rate": "reversed trigger's success",
+}
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric.replace("_", " "))
+
+
+def cell_values(settings, axes: list[str]) -> dict:
+    return {k: getattr(settings, k) for k in axes}
+
+
+def child_name(base: str, values: dict) -> str:
+    """A child run's name: its study's name and the swept values it has, e.g. 'free-m4 seed=1'."""
+    pairs = [(k, f"{v:g}" if isinstance(v, float) else f"{v}") for k, v in values.items()]
+    return " ".join([base, *(f"{k}={v}" for k, v in pairs if f"{k}{v}" not in base and f"{k}={v}" not in base)])
+
+
+def parent_name(command: str, settings_list: list, axes: list[str]) -> str:
+    def values(k):
+        seen = list(dict.fromkeys(getattr(s, k) for s in settings_list))
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in seen)
+
+    return f"{command}: " + " x ".join(f"{k} {values(k)}" for k in axes)
+
+
+def parent_params(command: str, settings_list: list, axes: list[str]) -> dict:
+    """The parent's params: what every cell shares, each swept setting as its list of values,
+    the command and the number of cells."""
+    shared = {k: v for k, v in config.params(settings_list[0]).items() if k not in axes}
+    swept = {k: list(dict.fromkeys(getattr(s, k) for s in settings_list)) for k in axes}
+    return {**shared, **swept, "sweep_command": command, "swept": ",".join(axes), "cells": len(settings_list)}
+
+
+def table(settings_list: list, axes: list[str], run_ids: list[str], metrics: list[dict[str, float]]) -> pd.DataFrame:
+    """One row per child: its swept values, run id, then every metric it logged."""
+    rows = [{**cell_values(s, axes), "run_id": rid, **m} for s, rid, m in zip(settings_list, run_ids, metrics)]
+    return pd.DataFrame(rows)
+
+
+def aggregate(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Per cell (the swept values other than the seed): for every metric its mean, standard
+    deviation over seeds (ddof 1; 0 with one seed) and n, as columns <metric>_mean, _std, _n."""
+    groups = [a for a in axes if a != SEED]
+    metrics = [c for c in frame.columns if c not in (*axes, "run_id") and pd.api.types.is_numeric_dtype(frame[c])]
+    keyed = frame.assign(_cell=0) if not groups else frame
+    out = []
+    for key, part in keyed.groupby(groups or ["_cell"], sort=False, dropna=False):
+        row = dict(zip(groups, key if isinstance(key, tuple) else (key,))) if groups else {}
+        for m in metrics:
+            values = part[m].dropna().to_numpy(dtype=float)
+            row[f"{m}_mean"] = float(values.mean()) if len(values) else math.nan
+            row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            row[f"{m}_n"] = len(values)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def shown_metrics(command: str, agg: pd.DataFrame) -> list[str]:
+    return [m for m in KEY_METRICS.get(command, ()) if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()]
+
+
+def fmt(value: float, metric: str) -> str:
+    return f"{value:.1f}" if metric.endswith("_s") or metric.endswith("_per_s") else f"{value:.4f}"
+
+
+def summary_lines(command: str, agg: pd.DataFrame, axes: list[str]) -> list[str]:
+    """The console's table: one line per cell, mean ± standard deviation (n seeds)."""
+    groups = [a for a in axes if a != SEED]
+    metrics = shown_metrics(command, agg)
+    lines = []
+    for _, row in agg.iterrows():
+        where = ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in groups) or "all cells"
+        n = int(row[f"{metrics[0]}_n"]) if metrics else 0
+        spread = (lambda m: f" ± {fmt(row[f'{m}_std'], m)}") if n > 1 else (lambda m: "")
+        values = "; ".join(f"{label(m)} {fmt(row[f'{m}_mean'], m)}{spread(m)}" for m in metrics)
+        lines.append(f"  {where}: {values} ({n} seed{'s' if n != 1 else ''})")
+    return lines
+
+
+@dataclass(frozen=True)
+class Estimate:
+    mean: float
+    std: float
+    n: int
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.std
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.std
+
+    def text(self, digits: int = 4) -> str:
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def estimate(agg_row, metric: str) -> Estimate:
+    return Estimate(float(agg_row[f"{metric}_mean"]), float(agg_row[f"{metric}_std"]), int(agg_row[f"{metric}_n"]))
+
+
+def compare(a: Estimate, b: Estimate, what: str, digits: int = 4) -> str:
+    """A sentence on how `what` changes from a to b, worded from the intervals mean ± std:
+    a direction only where they do not overlap, else 'within seed noise'."""
+    if min(a.n, b.n) < 2:
+        return f"{what} went from {a.text(digits)} to {b.text(digits)}, from one seed: no claim about its direction can be made"
+    n = f"{min(a.n, b.n)} seeds" if a.n == b.n else f"{a.n} and {b.n} seeds"
+    if a.high < b.low:
+        verdict = "rose"
+    elif b.high < a.low:
+        verdict = "fell"
+    else:
+        return f"{what} went from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}): the intervals overlap, so the difference is within seed noise"
+    return f"{what} {verdict} from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}; the intervals do not overlap)"
+
+
+def numeric(values) -> bool:
+    return all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
