@@ -93,7 +93,7 @@ BAD = [
     (["train", "--eps", "-0.1"], "eps must lie in [0, 1]"),
     (["train", "--epochs", "0"], "epochs must be >= 1, got 0"),
     (["train", "--schedule", "wavy"], "unknown schedule 'wavy'"),
-    (["train", "--m", "four"], "Invalid value for '--m'"),
+    (["train", "--m", "four"], "--m takes whole numbers, got four"),
     (["train", "--preset", "imagenet-x"], "unknown preset 'imagenet-x'"),
     (["train", "--preset", "imagenet"], "--image-size resizes image folders only; 'digits' has 8-pixel images"),
     (["train", "--model-kwargs", "[1, 2]"], "--model-kwargs must be a JSON object"),
@@ -200,7 +200,8 @@ def test_help_lists_every_command_and_the_new_flag_names():
         assert command in out
     attack = subprocess.run([sys.executable, "-m", "twml_cli", "attack", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--pgd-steps" in attack and "--pgd-alpha" in attack and "--run" in attack
-    smooth = subprocess.run([sys.executable, "-m", "twml_cli", "smooth", "--help"], capture_output=True, text=True, check=True).stdout
+    wide = {**os.environ, "COLUMNS": "200"}  # a default that wraps at 80 columns is still the same default
+    smooth = subprocess.run([sys.executable, "-m", "twml_cli", "smooth", "--help"], capture_output=True, text=True, check=True, env=wide).stdout
     assert "--cert-alpha" in smooth and "--pgd-alpha" not in smooth and "[default: 0.05, 0.2]" in smooth
 
 

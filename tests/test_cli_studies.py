@@ -77,7 +77,7 @@ def test_smooth_certifies_a_given_model(reproduced):
         (["smooth", "--n0", "0"], "n0 must be >= 1"),
         (["smooth", "--n", "0"], "n must be >= 1"),
         (["smooth", "--cert-alpha", "1"], "alpha must lie in (0, 1)"),
-        (["smooth", "--num-examples", "0"], "num examples must be >= 1"),
+        (["smooth", "--num-examples", "-1"], "num examples must be >= 0 (0: all), got -1"),
         (["smooth", "--run", "0123456789abcdef"], "no run '0123456789abcdef'"),
         (["backdoor", "--target", "10"], "target class 10 is outside the classes 0..9"),
         (["backdoor", "--poison-rate", "0"], "poison rate must lie in (0, 1)"),

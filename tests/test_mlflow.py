@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import Cli, twml_process
 
-from twml_cli import load_model
+from twml_cli import load_model, results
 
 TINY = ("--epochs", "1", "--pgd-steps", "1")
 
@@ -21,7 +21,10 @@ def test_reproduce_is_one_run_tree(reproduced):
     (parent,) = cli.runs("reproduce")
     children = [r for r in cli.runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["twml.command"] for r in children) == [
-        "backdoor", "cleanse", "mitigate", "mitigate", "report", "smooth", "smooth", "train", "train", "train"]  # fmt: skip
+        "backdoor", "cleanse", "mitigate", "mitigate", "report", "sweep", "train", "train", "train"]  # fmt: skip
+    (sweep,) = [r for r in children if r.data.tags["twml.command"] == "sweep"]
+    sigmas = [r for r in cli.runs("smooth") if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
+    assert sorted(r.data.params["sigma"] for r in sigmas) == ["0.05", "0.2"]  # the two sigmas, one sweep under reproduce
     assert parent.info.status == "FINISHED"
 
 
@@ -67,7 +70,7 @@ def test_several_sigmas_nest_under_one_parent(cli):
     (parent,) = cli.runs("sweep")
     children = cli.runs("smooth")
     assert len(children) == 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
-    assert "randomized-smoothing-acc-vs-radius.png" in cli.artifacts(parent)  # the figure with both sigmas
+    assert f"{results.SIGMA_FIGURE}.png" in cli.artifacts(parent)  # the figure with both sigmas and their envelope
 
 
 def test_system_metrics_are_logged_when_asked(cli, monkeypatch):

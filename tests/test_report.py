@@ -13,7 +13,7 @@ def test_reproduce_logs_every_step_as_its_own_run(reproduced):
     runs = cli.runs()
     assert all(r.info.status == "FINISHED" for r in runs)
     commands = sorted(r.data.tags["twml.command"] for r in runs)
-    assert commands == ["backdoor", "cleanse", "mitigate", "mitigate", "report", "reproduce", "smooth", "smooth", "train", "train", "train"]
+    assert commands == ["backdoor", "cleanse", "mitigate", "mitigate", "report", "reproduce", "smooth", "smooth", "sweep", "train", "train", "train"]
     assert reproduced.cleanse.data.params["model0"] == reproduced.standard.info.run_id
     assert reproduced.cleanse.data.params["model1"] == reproduced.backdoor.info.run_id
     assert "[8/8] report" in result.out and "Report: reports/twml.md and reports/twml.pdf" in result.out
