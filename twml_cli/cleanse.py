@@ -300,6 +300,8 @@ class _LambdaSchedule:
 
 @dataclass(frozen=True)
 class OutlierTest:
+    """The MAD outlier test on one model's trigger norms (see mad_outlier_test)."""
+
     median: float
     mad: float  # 1.4826 * median(|l - median|)
     anomaly_index: np.ndarray  # |l - median| / mad

@@ -125,6 +125,7 @@ def check_model_kwargs(kwargs: dict) -> None:
 
 
 def check_arch(arch: str) -> None:
+    """A TwmlError unless timm knows the architecture `arch`."""
     import timm
 
     if not timm.is_model(arch):

@@ -250,6 +250,7 @@ class Smooth:
 
 
 def check_certify_args(n0: int, n: int, alpha: float, batch_size: int) -> None:
+    """Raise ValueError naming the first of CERTIFY's arguments out of range."""
     if n0 < 1:
         raise ValueError(f"n0 must be >= 1, got {n0}")
     if n < 1:

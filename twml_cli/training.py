@@ -94,6 +94,8 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
 
 @dataclass(frozen=True)
 class EpochStats:
+    """One pass over the training data: its SGD budget so far, mean loss and accuracy (and the fast-training guard)."""
+
     epoch: int  # epochs of SGD budget spent so far: pass * replays (aligns free and standard curves)
     loss: float
     accuracy: float  # on the inputs actually trained on (perturbed ones for adversarial training)
@@ -102,6 +104,8 @@ class EpochStats:
 
 @dataclass
 class TrainResult:
+    """What training did and cost: steps, passes, time, throughput, the per-pass history."""
+
     steps: int  # optimizer steps
     passes: int  # passes over the training data made
     train_time_s: float  # training only, no evaluation

@@ -21,6 +21,8 @@ ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 @dataclass(frozen=True)
 class AutoAttackConfig:
+    """The standard AutoAttack at budget eps: its attacks in order, APGD and FAB iterations, target classes, Square's queries."""
+
     eps: float
     n_iter: int = 100  # APGD and FAB iterations
     n_targets: int = 9  # target classes of APGD-T and FAB-T

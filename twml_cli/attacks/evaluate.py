@@ -19,6 +19,8 @@ from .pgd import PGDConfig, pgd
 
 @dataclass(frozen=True)
 class RobustnessResult:
+    """What evaluate_robustness measured: clean accuracy, PGD (and AutoAttack) figures, times and the per-example table."""
+
     accuracy: float  # clean test accuracy
     pgd_success_rate: float  # fraction misclassified under attack; already-wrong inputs count as successes
     robust_accuracy: float  # fraction classified correctly under attack (= 1 - success rate)

@@ -19,6 +19,8 @@ PGD_STREAM = 1  # key that separates PGD's random starts from other derived stre
 
 @dataclass(frozen=True)
 class PGDConfig:
+    """L-inf PGD: budget eps and step alpha in [0, 1] pixel units, steps per restart, random restarts."""
+
     eps: float
     alpha: float
     steps: int = 10

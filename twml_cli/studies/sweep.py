@@ -44,10 +44,12 @@ LABELS = {
 
 
 def label(metric: str) -> str:
+    """A metric's name for a reader (the figure's panel titles, the summary)."""
     return LABELS.get(metric, metric.replace("_", " "))
 
 
 def cell_values(settings, axes: list[str]) -> dict:
+    """A cell's value of each swept setting."""
     return {k: getattr(settings, k) for k in axes}
 
 
@@ -58,6 +60,7 @@ def child_name(base: str, values: dict) -> str:
 
 
 def parent_name(command: str, settings_list: list, axes: list[str]) -> str:
+    """The parent run's name, e.g. 'train: m 4,7 x seed 0,1'."""
     def values(k):
         seen = list(dict.fromkeys(getattr(s, k) for s in settings_list))
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in seen)
@@ -98,10 +101,12 @@ def aggregate(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
 
 
 def shown_metrics(command: str, agg: pd.DataFrame) -> list[str]:
+    """The command's key metrics that the aggregate holds (what the figure and summary show)."""
     return [m for m in KEY_METRICS.get(command, ()) if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()]
 
 
 def fmt(value: float, metric: str) -> str:
+    """A metric's value as the summary prints it: seconds and rates to 0.1, the rest to 4 places."""
     return f"{value:.1f}" if metric.endswith("_s") or metric.endswith("_per_s") else f"{value:.4f}"
 
 
@@ -121,6 +126,8 @@ def summary_lines(command: str, agg: pd.DataFrame, axes: list[str]) -> list[str]
 
 @dataclass(frozen=True)
 class Estimate:
+    """A metric over seeds: mean, sample standard deviation and the number of seeds."""
+
     mean: float
     std: float
     n: int
@@ -137,10 +144,6 @@ class Estimate:
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
-def estimate(agg_row, metric: str) -> Estimate:
-    return Estimate(float(agg_row[f"{metric}_mean"]), float(agg_row[f"{metric}_std"]), int(agg_row[f"{metric}_n"]))
-
-
 def compare(a: Estimate, b: Estimate, what: str, digits: int = 4) -> str:
     """A sentence on how `what` changes from a to b, worded from the intervals mean ± std:
     a direction only where they do not overlap, else 'within seed noise'."""
@@ -154,7 +157,3 @@ def compare(a: Estimate, b: Estimate, what: str, digits: int = 4) -> str:
     else:
         return f"{what} went from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}): the intervals overlap, so the difference is within seed noise"
     return f"{what} {verdict} from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}; the intervals do not overlap)"
-
-
-def numeric(values) -> bool:
-    return all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
