@@ -140,3 +140,17 @@ def test_a_robustness_curve_through_the_cli(module_cli):
     assert set(table.columns) >= {"label", "clean_pred", "clean_margin", "pgd_robust", "pgd_margin", "pgd_reused"}
     assert table["pgd_reused"].sum() == children[2].data.metrics["reused_broken"] > 0  # broken at 0.05: not attacked again
     assert ((table["clean_margin"] > 0) == (table["clean_pred"] == table["label"])).all()
+
+
+def test_a_cleanse_sweep_through_the_cli(module_cli):
+    if not module_cli.runs("train"):  # run alone, without the sweep above
+        assert module_cli("train", "--epochs", "1", "--pgd-steps", "1").code == 0
+    model = module_cli.runs("train")[0].info.run_id
+    result = module_cli("cleanse", "--run", model, "--search-restarts", "1,2", "--search-steps", "3", "--search-images", "40")
+    assert result.code == 0, result.err
+    parent = next(r for r in module_cli.runs("sweep") if r.data.params["sweep_command"] == "cleanse")
+    children = [r for r in module_cli.runs("cleanse") if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["search_restarts"] for r in children) == ["1", "2"]
+    assert all(r.data.params["model0"] == model for r in children)  # both cells inspect the same model
+    frame = pd.read_csv(module_cli.download(parent, "sweep.csv"))
+    assert sorted(frame["search_restarts"]) == [1, 2] and "model0_accuracy" in frame.columns

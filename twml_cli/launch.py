@@ -81,6 +81,11 @@ def main(argv: list[str]) -> int | None:
     """Launch when the command line asks for more than one process; None otherwise (then the
     caller runs the command in this process, with the launch options removed)."""
     options, rest = split(argv)
+    for name in ("--nproc-per-node", "--nnodes"):
+        if options.get(name, 1) < 1:
+            raise ValueError(f"{name} must be >= 1, got {options[name]}")
+    if options.get("--node-rank", 0) < 0:
+        raise ValueError(f"--node-rank must be >= 0, got {options['--node-rank']}")
     if options.get("--nproc-per-node", 1) * options.get("--nnodes", 1) <= 1:
         return None
     print(f"twml: launching {options.get('--nproc-per-node', 1)} processes per machine on "

@@ -89,10 +89,10 @@ def cleanse(settings_list, session) -> None:
 
     from ..studies import runner
 
-    (settings,) = settings_list
-    if not settings.model_runs:
-        settings = dataclasses.replace(settings, model_runs=runner.default_cleanse_runs(session.experiment))
-    runner.execute("cleanse", settings, session)
+    if not settings_list[0].model_runs:
+        models = runner.default_cleanse_runs(session.experiment)
+        settings_list = [dataclasses.replace(s, model_runs=models) for s in settings_list]
+    runner.execute_all("cleanse", settings_list, session)
 
 
 @study_command("mitigate")
@@ -105,8 +105,10 @@ def mitigate(settings_list, session) -> None:
     from twml backdoor) before and after, and the repaired model."""
     from ..studies import runner
 
-    (settings,) = settings_list
-    runner.mitigate_all(settings, session)
+    if len(settings_list) > 1:
+        flags = ", ".join(config.flag_of(config.field_of(type(settings_list[0]), k)) for k in config.swept(settings_list))
+        raise TwmlError(f"twml mitigate repairs with one value of each setting; {flags} got several (run it once per value)")
+    runner.mitigate_all(settings_list[0], session)
 
 
 def _report(out: Path = OUT[1], **shared) -> None:
