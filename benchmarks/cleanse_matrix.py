@@ -70,7 +70,8 @@ def _settings(command: str, **overrides):
 
 
 def _model(out: Path, cell: Cell, threads: int) -> tuple[str, dict]:
-    """The cell's trained model (trained now unless --out already holds it) and its figures."""
+    """The cell's model trained with `threads` intra-op threads (trained now unless --out
+    already holds it: a CPU's numbers depend on the thread count) and its figures."""
     from twml_cli.models import save_model
     from twml_cli.studies import backdoor, train
 
@@ -99,15 +100,16 @@ def train_cell(out: Path, cell: Cell, threads: int) -> dict:
     return {"cell": cell.name, **_model(out, cell, threads)[1]}
 
 
-def run_cell(out: Path, cell: Cell, threads: int, search: dict, name: str) -> dict:
+def run_cell(out: Path, cell: Cell, threads: int, search: dict, name: str, model_threads: int) -> dict:
     """Neural Cleanse on the cell's model; its reversed triggers are kept in out/triggers/NAME.npz."""
     import torch
 
     from twml_cli.backdoor import Trigger
     from twml_cli.studies import cleanse
 
+    torch.set_num_threads(model_threads)
+    path, facts = _model(out, cell, model_threads)
     torch.set_num_threads(threads)
-    path, facts = _model(out, cell, threads)
     s = _settings("cleanse", seed=cell.seed, model_runs=[path], dataset="digits", **search)
     began = time.perf_counter()
     outcome = cleanse.compute(cleanse.prepare(s))
@@ -118,6 +120,7 @@ def run_cell(out: Path, cell: Cell, threads: int, search: dict, name: str) -> di
     np.savez(out / "triggers" / f"{name}.npz", masks=rev.masks.numpy(), patterns=rev.patterns.numpy(), start_norms=rev.start_norms)
     flagged = [int(c) for c in np.flatnonzero(ins.test.flagged)]
     row = {"cell": cell.name, "seed": cell.seed, "position": cell.position, "target": cell.target, "size": cell.size, "threads": threads,
+           "model_threads": model_threads,
            **{k: round(v, 4) for k, v in facts.items()}, "flagged": flagged, "largest_index": round(ins.anomaly_index, 3),
            "norms": [round(float(v), 3) for v in rev.norms], "cleanse_s": round(seconds, 1), "search_images": rev.images}  # fmt: skip
     if cell.position is not None:
@@ -127,7 +130,7 @@ def run_cell(out: Path, cell: Cell, threads: int, search: dict, name: str) -> di
     return row
 
 
-def repair_cell(out: Path, cell: Cell, threads: int, name: str, unlearn: dict) -> dict:
+def repair_cell(out: Path, cell: Cell, threads: int, name: str, unlearn: dict, model_threads: int) -> dict:
     """`twml mitigate` (unlearning) with the detected class's reversed trigger, the real trigger measured."""
     import torch
 
@@ -135,7 +138,7 @@ def repair_cell(out: Path, cell: Cell, threads: int, name: str, unlearn: dict) -
     from twml_cli.studies import mitigate
 
     torch.set_num_threads(threads)
-    path, _ = _model(out, cell, threads)
+    path, _ = _model(out, cell, model_threads)
     with np.load(out / "triggers" / f"{name}.npz", allow_pickle=False) as z:
         mask, pattern = torch.from_numpy(z["masks"][cell.target]), torch.from_numpy(z["patterns"][cell.target])
     finding = mitigate.Finding(path, 0, cell.target, 0.0, mask, pattern, Trigger(cell.size, cell.position), cell.target)
@@ -188,6 +191,26 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def breakdown(rows: list[dict]) -> list[str]:
+    """One row per trigger (position and size) over its targets and seeds: how often detected,
+    the medians of attack success, the target's index and the norm ratio."""
+    head = ["| position | size | detected | a second class flagged | attack success (median) | target's index (median, lowest) | reversed / planted norm (median) |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    body = []
+    planted = [r for r in rows if r["position"] is not None]
+    for size in sorted({r["size"] for r in planted}):
+        for position in dict.fromkeys(r["position"] for r in planted):
+            group = [r for r in planted if r["position"] == position and r["size"] == size]
+            if not group:
+                continue
+            found = sum(r["detected"] for r in group)
+            second = sum(bool(set(r["flagged"]) - {r["target"]}) for r in group)
+            index = [r["target_index"] for r in group]
+            body.append(f"| {position} | {size}x{size} | {found}/{len(group)} | {second} | {np.median([r['attack_success'] for r in group]):.3f} | "
+                        f"{np.median(index):.2f}, {min(index):.2f} | {np.median([r['norm_ratio'] for r in group]):.2f} |")  # fmt: skip
+    return head + body
+
+
 def table(rows: list[dict]) -> list[str]:
     head = ["| seed | position | target | size | attack success | accuracy | detected | flagged | target's index | reversed / planted norm | search s | after unlearning: attack success | accuracy change |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -234,6 +257,7 @@ def main() -> int:
     parser.add_argument("--cells", default=None, help="a slice START:STOP of the planted cells, in matrix order")
     parser.add_argument("--jobs", type=int, default=1, help="cells at a time, each in its own process")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per job (default: cores / jobs)")
+    parser.add_argument("--model-threads", type=int, default=None, help="the threads the models are trained with (default: --threads)")
     parser.add_argument("--search", default=None, help='trigger-search settings as JSON, e.g. \'{"search_restarts": 1}\'')
     parser.add_argument("--mitigate", action="store_true", help="repair every detected cell by unlearning")
     parser.add_argument("--unlearn", default=None, help='unlearning settings as JSON, e.g. \'{"unlearn_lr": 0.002}\'')
@@ -241,6 +265,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmark-logs/cleanse-matrix")
     args = parser.parse_args()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    model_threads = args.model_threads or threads
     search = json.loads(args.search) if args.search else {}
     unlearn = json.loads(args.unlearn) if args.unlearn else {}
     out = Path(args.out)
@@ -255,21 +280,23 @@ def main() -> int:
 
     if args.train_only:
         with ProcessPoolExecutor(args.jobs) as pool:
-            for k, future in enumerate(as_completed([pool.submit(train_cell, out, c, threads) for c in cells]), 1):
+            for k, future in enumerate(as_completed([pool.submit(train_cell, out, c, model_threads) for c in cells]), 1):
                 print(f"[{k}/{len(cells)}] {json.dumps(future.result())}", flush=True)
         return 0
-    search_key = {c: key(c.name, threads, search) for c in cells}
+    search_key = {c: key(c.name, threads, search) if model_threads == threads else key(c.name, threads, model_threads, search) for c in cells}
     done = _run(out / "cells.jsonl", {search_key[c]: c for c in cells}, args.jobs,
-                lambda pool, c, k: pool.submit(run_cell, out, c, threads, search, k), f"{args.jobs} job(s) of {threads} thread(s); search {search or 'as the preset'}")  # fmt: skip
+                lambda pool, c, k: pool.submit(run_cell, out, c, threads, search, k, model_threads),
+                f"{args.jobs} job(s) of {threads} thread(s), models trained with {model_threads}; search {search or 'as the preset'}")  # fmt: skip
     rows = [done[search_key[c]] for c in cells]
     if args.mitigate:
         detected = {key(search_key[c], unlearn): c for c, r in zip(cells, rows) if r.get("detected")}
         repairs = _run(out / "repairs.jsonl", detected, args.jobs,
-                       lambda pool, c, k: pool.submit(repair_cell, out, c, threads, search_key[c], unlearn), f"unlearning {unlearn or 'as the preset'}")  # fmt: skip
+                       lambda pool, c, k: pool.submit(repair_cell, out, c, threads, search_key[c], unlearn, model_threads),
+                       f"unlearning {unlearn or 'as the preset'}")  # fmt: skip
         rows = [{**r, **repairs.get(key(search_key[c], unlearn), {})} for c, r in zip(cells, rows)]
     lines = summary(rows)
     print("\n".join(lines))
-    (out / "matrix.md").write_text("\n".join([f"search: {search or 'as the preset'}; {threads} thread(s) per job", "", *lines, "", *table(rows)]) + "\n")
+    (out / "matrix.md").write_text("\n".join([f"search: {search or 'as the preset'}; {threads} thread(s) per job", "", *lines, "", *breakdown(rows), "", *table(rows)]) + "\n")
     return 0
 
 

@@ -40,6 +40,34 @@ def test_unlearning_removes_the_backdoor_and_keeps_accuracy(planted, digits):
     assert not torch.equal(next(repaired.parameters()), next(model.parameters()))  # a copy was repaired, not the original
 
 
+def test_unlearning_with_frozen_norm_keeps_batchnorm_statistics(planted, digits):
+    import copy
+
+    model, _, mask, pattern = planted
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    assert stats  # test_byobnet has BatchNorm
+    for freeze in (True, False):
+        repaired = copy.deepcopy(model)
+        unlearn(repaired, *digits.train.tensors, mask, pattern, UnlearnConfig(epochs=1, freeze_norm=freeze))
+        after = repaired.state_dict()
+        same = all(torch.equal(after[k], v) for k, v in stats.items())
+        assert same == freeze  # frozen: as trained; not frozen: moved by the stamped batches
+        assert not repaired.training
+
+
+def test_warmup_schedule_rises_for_an_epoch_then_falls_to_zero():
+    from twml_cli.mitigation import _rates
+
+    config = UnlearnConfig(epochs=3, lr=0.01, schedule="warmup")
+    rates = _rates(config, per_epoch=10)
+    assert len(rates) == 30 and rates[0] == pytest.approx(0.001) and rates[9] == pytest.approx(0.01)  # linear up to the peak
+    assert rates[10] == pytest.approx(0.01) and all(a > b for a, b in zip(rates[10:], rates[11:]))  # then a cosine down
+    assert rates[-1] < 0.001 and min(rates) > 0
+    assert _rates(UnlearnConfig(epochs=2, lr=0.01), per_epoch=5) == [0.01] * 10  # constant: the paper's
+    with pytest.raises(ValueError, match="unknown unlearning schedule 'step'"):
+        UnlearnConfig(schedule="step")
+
+
 def test_pruning_removes_the_neurons_the_trigger_excites(planted, digits):
     import copy
 

@@ -331,6 +331,9 @@ class Mitigate(Common, Settings):
     unlearn_fraction: float = setting(0.2, "Unlearning: fraction of the clean images stamped with the reversed trigger (the paper's 20%).",
                                       applies=lambda s: s.mitigation == "unlearn")  # fmt: skip
     unlearn_lr: float = setting(0.005, "Unlearning: SGD learning rate.", applies=lambda s: s.mitigation == "unlearn")
+    unlearn_schedule: str = setting("constant", "Unlearning: the learning rate, constant or warmup (an epoch up from 0, then a cosine to 0).",
+                                    choices=("constant", "warmup"), applies=lambda s: s.mitigation == "unlearn")  # fmt: skip
+    unlearn_freeze_norm: bool = setting(False, "Unlearning: keep the normalization layers' statistics as trained.", applies=lambda s: s.mitigation == "unlearn")
     prune_step: float = setting(0.05, "Pruning: fraction of the penultimate neurons removed per step.", applies=lambda s: s.mitigation == "prune")
     prune_stop: float = setting(0.05, "Pruning: stop once the reversed trigger succeeds on fewer than this fraction.",
                                 applies=lambda s: s.mitigation == "prune")  # fmt: skip
@@ -343,7 +346,8 @@ class Mitigate(Common, Settings):
     def unlearn_config(self):
         from .mitigation import UnlearnConfig
 
-        return UnlearnConfig(self.unlearn_epochs, self.unlearn_fraction, self.unlearn_lr, seed=self.seed)
+        return UnlearnConfig(self.unlearn_epochs, self.unlearn_fraction, self.unlearn_lr, schedule=self.unlearn_schedule,
+                             freeze_norm=self.unlearn_freeze_norm, seed=self.seed)  # fmt: skip
 
 
 TOP_LEVEL = (Common, Architecture)  # a preset's keys outside any section
