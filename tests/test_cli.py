@@ -73,11 +73,13 @@ def test_logged_model_loads_back_and_gives_the_logged_accuracy(reproduced):
 
 def test_attack_reevaluates_a_logged_model_as_its_own_run(reproduced):
     cli, source = reproduced.cli, reproduced.free4
-    result = cli("attack", "--run", source.info.run_id, "--pgd-steps", "20", "--pgd-restarts", "2", "--experiment", "attacks")
+    prefix = source.info.run_id[:8]  # as the report prints run ids
+    result = cli("attack", "--run", prefix, "--pgd-steps", "20", "--pgd-restarts", "2", "--experiment", "attacks")
     assert result.code == 0, result.err
     (run,) = cli.runs("attack", experiment="attacks")
     assert run.info.status == "FINISHED"
-    assert run.data.params["model_run"] == source.info.run_id == run.data.tags["twml.model_run"]
+    assert run.data.params["model_run"] == source.info.run_id == run.data.tags["twml.model_run"]  # the prefix, resolved
+    assert int(run.data.params["threads"]) >= 1
     assert (run.data.params["pgd_steps"], run.data.params["pgd_restarts"], run.data.params["dataset"]) == ("20", "2", "digits")
     assert run.data.metrics["accuracy"] == source.data.metrics["accuracy"]  # the same model on the same data
     assert "20 steps, 2 restarts" in result.out
@@ -101,6 +103,11 @@ BAD = [
     (["attack"], "name the model to attack with --run"),
     (["attack", "--run", "0123456789abcdef0123456789abcdef"], "no run '0123456789abcdef0123456789abcdef'"),
     (["attack", "--run", "runs:/feedface/model"], "no run 'feedface'"),
+    (["attack", "--run", "abc"], "no run 'abc'"),  # too short to be taken as a prefix
+    (["train", "--threads", "-1"], "threads must be >= 0"),
+    (["train", "--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
+    (["train", "--nnodes", "2", "--node-rank", "-1"], "--node-rank must be >= 0, got -1"),
+    (["mitigate", "--unlearn-lr", "0.001,0.002"], "twml mitigate repairs with one value of each setting; --unlearn-lr got several"),
     (["attack", "--steps", "5"], "No such option: --steps"),
     (["config", "nonsense"], "unknown command 'nonsense'"),
     (["nonsense"], "No such command 'nonsense'"),

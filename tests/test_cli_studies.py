@@ -120,7 +120,7 @@ def test_cleanse_flags_exactly_the_backdoored_model_at_its_target(reproduced):
     out = reproduced.result.out
     assert "Backdoor is at model 1 class 0" in out
     assert f"Backdoor success rate: {m['backdoor_success_rate']:.4f}" in out
-    assert f"Accuracy of model 0: {m['model0_accuracy']:.4f}" in out
+    assert f"Accuracy of model 0 (run {clean.info.run_id[:8]}): {m['model0_accuracy']:.4f}" in out  # which run model 0 is
     norm = norms[(norms["model"] == 1) & (norms["class"] == 3)]["norm"].iloc[0]
     assert f"Norm of trigger targeting class 3 in model 1: {norm:.4f}" in out
 

@@ -127,7 +127,7 @@ def test_backdoor_and_cleanse_compute(tmp_path):
     assert run.metrics["model0_accuracy"] == poisoned.accuracy
     table = cleanse.norms_table(outcome)
     assert table["class"].tolist() == list(range(10)) and table["norm"].tolist() == ins.reversed.norms.tolist()
-    assert cleanse.summarize(outcome)[0] == f"Accuracy of model 0: {poisoned.accuracy:.4f}"
+    assert cleanse.summarize(outcome)[0] == f"Accuracy of model 0 ({folder}): {poisoned.accuracy:.4f}"  # a folder, named as given
 
 
 def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
@@ -142,3 +142,5 @@ def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
     (ins,) = outcome.inspections
     assert ins.test.flagged.nonzero()[0].tolist() == [3], ins.test.anomaly_index
     assert outcome.verdict == "model 0 class 3"
+    assert ins.reversed.norms[3] <= 1.5 * 1.0  # converged: within 1.5x of the planted 1-pixel mask's L1 norm
+    assert ins.reversed.start_norms.shape == (10, 4) and ins.reversed.norms[3] == ins.reversed.start_norms[3].min()

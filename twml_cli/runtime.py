@@ -24,6 +24,30 @@ def no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
     return items
 
 
+def choose_threads(explicit: int = 0) -> tuple[int, str]:
+    """(intra-op threads for this process, why). `explicit` (--threads) wins, then
+    OMP_NUM_THREADS; else the cores this process may run on (its CPU affinity) shared among
+    the processes torchrun started on this machine. A function of the machine and the launch,
+    never of the momentary load, so the same command on the same machine repeats its numbers
+    (a CPU's numbers depend on the thread count)."""
+    import os
+
+    if explicit > 0:
+        return explicit, "--threads"
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, cores // procs), f"{cores} cores / {procs} process{'es' if procs > 1 else ''}"
+
+
+def apply_threads(choice: tuple[int, str]) -> int:
+    """Set the intra-op threads chosen by choose_threads; returns them."""
+    torch.set_num_threads(choice[0])
+    return choice[0]
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda when available (this process's GPU under torchrun), else cpu. Raises
     ValueError for anything else."""

@@ -72,14 +72,16 @@ class Common(Group):
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
     compile: str = setting("auto", "torch.compile the model: auto (on CUDA, when the work repays the compile time; with CUDA "
                            "graphs in one process), off, on, graphs.", choices=("auto", "off", "on", "graphs"))  # fmt: skip
+    threads: int = setting(0, "CPU intra-op threads (0: the cores this process may use, shared among the processes torchrun started on "
+                           "this machine; OMP_NUM_THREADS wins when set). Logged as the param threads: CPU figures depend on it.")  # fmt: skip
     seed: int = setting(0, "Seed of every random choice.")
     eval_batch_size: int = setting(512, "Batch size of evaluation and attacks.")
 
     def check(self) -> None:
         if self.eval_batch_size < 1:
             raise ValueError(f"eval batch size must be >= 1, got {self.eval_batch_size}")
-        if self.image_size < 0 or self.workers < 0:
-            raise ValueError(f"image size and workers must be >= 0, got {self.image_size} and {self.workers}")
+        if self.image_size < 0 or self.workers < 0 or self.threads < 0:
+            raise ValueError(f"image size, workers and threads must be >= 0, got {self.image_size}, {self.workers} and {self.threads}")
 
     def compile_mode(self, device, work: int) -> str | None:
         """torch.compile's mode (None: not compiled) for `work` images through the model on this
@@ -243,10 +245,10 @@ class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
                               "it never makes one wrong.")  # fmt: skip
 
     def check(self) -> None:
+        if not self.sigma > 0:  # before the import below: a plain range check needs no torch
+            raise ValueError(f"sigma must be > 0, got {self.sigma:g}")
         from .smoothing import check_certify_args
 
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma:g}")
         check_certify_args(self.n0, self.n, self.cert_alpha, self.certify_batch_size)
         if self.num_examples < 0:
             raise ValueError(f"num examples must be >= 0 (0: all), got {self.num_examples}")
@@ -393,7 +395,7 @@ def sweepable(cls: type, f: dataclasses.Field) -> bool:
     return field_type(cls, f) in (int, float, str, bool) and f.metadata.get("log", True) and f.name not in RUNTIME_ONLY
 
 
-RUNTIME_ONLY = ("device", "compile", "workers", "data_dir")  # where and how to run: a resumed run may change them
+RUNTIME_ONLY = ("device", "compile", "workers", "data_dir", "threads")  # where and how to run: a resumed run may change them
 
 
 def field_type(cls: type, f: dataclasses.Field) -> type:

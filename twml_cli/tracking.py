@@ -39,10 +39,12 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 _system_metrics = {"on": False}
 
 
-def configure(tracking_uri: str | None = None, system_metrics: bool = False) -> str:
+def configure(tracking_uri: str | None = None, system_metrics: bool = False, create: bool = True) -> str:
     """Point MLflow at --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db, and make
     sure the store is usable (see open_store). system_metrics: every run records CPU, memory
-    and GPU use (MLflow's monitor; the optional extra twml_cli[system])."""
+    and GPU use (MLflow's monitor; the optional extra twml_cli[system]). create=False: a
+    SQLite store that does not exist yet is an error, not a new empty store (twml report
+    reads runs and must not leave an empty database behind)."""
     if system_metrics:
         try:
             import psutil  # noqa: F401
@@ -53,6 +55,8 @@ def configure(tracking_uri: str | None = None, system_metrics: bool = False) -> 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if not create and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise TwmlError(f"no tracking store at {uri}: run `twml reproduce` or a study first, or pass --tracking-uri")
     mlflow.set_tracking_uri(uri)
     open_store(uri)
     return uri
@@ -126,6 +130,7 @@ def environment_params(device: str) -> dict[str, str]:
         "timm_version": timm.__version__,
         "python_version": platform.python_version(),
         "device": device,
+        "threads": str(torch.get_num_threads()),  # CPU figures depend on it: repeat a run with --threads
     }
 
 
@@ -271,11 +276,22 @@ def _terminating(run_id: str) -> Iterator[None]:
 
 
 def get_run(run_id: str):
-    """The MLflow run `run_id`; TwmlError when there is none."""
+    """The MLflow run `run_id`, or the one run whose id starts with it (as the report prints
+    ids, 8 characters); TwmlError when there is none, or more than one."""
     try:
         return client().get_run(run_id)
     except MlflowException:
-        raise TwmlError(f"no run '{run_id}' in the tracking store {mlflow.get_tracking_uri()}") from None
+        pass
+    text = run_id.lower()
+    if 4 <= len(text) < 32 and all(c in "0123456789abcdef" for c in text):
+        experiments = [e.experiment_id for e in client().search_experiments()]
+        found = [r for r in client().search_runs(experiments, max_results=50_000) if r.info.run_id.startswith(text)] if experiments else []
+        if len(found) == 1:
+            return found[0]
+        if found:
+            names = ", ".join(f"{r.info.run_id} ({r.data.tags.get(COMMAND_TAG, '?')})" for r in found[:5])
+            raise TwmlError(f"run id '{run_id}' is ambiguous: it starts {len(found)} runs ({names}); give more of it")
+    raise TwmlError(f"no run '{run_id}' in the tracking store {mlflow.get_tracking_uri()}") from None
 
 
 def find_runs(experiment: str, command: str, status: str = "FINISHED") -> list:
@@ -308,6 +324,7 @@ def download_model(uri: str) -> str:
     if not run_id:
         raise TwmlError(f"'{uri}' names no run")
     run = get_run(run_id)
+    run_id = run.info.run_id  # the whole id, when a prefix was given
     artifact_path = uri.split("/", 2)[2] if uri.startswith("runs:/") and uri.count("/") >= 2 else MODEL_DIR
     try:
         model_id = logged_model_of(run, artifact_path)

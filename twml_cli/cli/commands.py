@@ -118,7 +118,7 @@ def _report(out: Path = OUT[1], **shared) -> None:
     from .. import report as report_module
     from .. import tracking
 
-    uri = tracking.configure(shared["tracking_uri"])
+    uri = tracking.configure(shared["tracking_uri"], create=False)
     files = report_module.build(shared["experiment"], out, uri)
     echo(f"Report: {files.markdown} and {files.pdf} (figures in {files.figures}/)")
     echo(f"Run id: {files.run_id}")

@@ -18,7 +18,7 @@ from .app import app, echo, progress
 # ---------------------------------------------------------------- options every command shares
 
 TRACK, PRESET = "Tracking", "Preset"
-PresetOption = Annotated[Optional[str], typer.Option(help="Preset: digits (the default) or cifar10, or NAME.toml in ./experiments.", rich_help_panel=PRESET)]
+PresetOption = Annotated[Optional[str], typer.Option(help="Preset: digits (the default), cifar10 or imagenet (for a GPU), or NAME.toml in ./experiments.", rich_help_panel=PRESET)]
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML file read over the default preset.", rich_help_panel=PRESET)]
 ExperimentOption = Annotated[str, typer.Option(help="MLflow experiment.", rich_help_panel=TRACK)]
 TrackingUriOption = Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).", rich_help_panel=TRACK)]
@@ -133,13 +133,17 @@ def study_command(command: str, extra: dict[str, tuple[Any, Any]] | None = None,
                 if key in given and given[key] != value:
                     raise TwmlError(f"{' '.join(f'--{k}' for k in extras)} and {config.flag_of(config.field_of(cls, key))} disagree")
                 given[key] = value
-            session = _session(shared, preset)
             if resume:
                 from ..studies import runner
 
-                runner.execute(command, runner.resume_settings(command, resume, given), session, resume=resume)
+                session = _session(shared, preset)
+                settings = runner.resume_settings(command, resume, given)
+                _threads(settings)
+                runner.execute(command, settings, session, resume=resume)
                 return
-            fn(config.resolve(command, preset, given), session)
+            settings_list = config.resolve(command, preset, given)  # bad values end here, before torch and MLflow load
+            _threads(settings_list[0])
+            fn(settings_list, _session(shared, preset))
 
         body.__signature__ = _signature(params)
         body.__annotations__ = {k: a for k, (a, _) in params.items()}
@@ -149,6 +153,14 @@ def study_command(command: str, extra: dict[str, tuple[Any, Any]] | None = None,
         return fn
 
     return register
+
+
+def _threads(settings) -> None:
+    """Set this process's CPU threads (--threads, else OMP_NUM_THREADS, else the cores shared
+    among torchrun's processes here) before any work; runs log the count as the param threads."""
+    from .. import runtime
+
+    runtime.apply_threads(runtime.choose_threads(settings.threads))
 
 
 def _session(shared: dict, preset: config.Preset):

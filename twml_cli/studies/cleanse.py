@@ -153,8 +153,8 @@ def record(run: Run, outcome: Outcome) -> None:
 
 def summarize(outcome: Outcome) -> list[str]:
     lines = []
-    for i, ins in enumerate(outcome.inspections):
-        lines.append(f"Accuracy of model {i}: {ins.accuracy:.4f}")
+    for i, (ins, source) in enumerate(zip(outcome.inspections, outcome.settings.model_runs)):
+        lines.append(f"Accuracy of model {i} ({_short(source)}): {ins.accuracy:.4f}")
         lines += [f"Norm of trigger targeting class {c} in model {i}: {n:.4f}" for c, n in zip(ins.reversed.classes, ins.reversed.norms)]
     for f in outcome.findings:
         lines += [f"Backdoor is at model {f.model} class {f.target} (anomaly index {f.anomaly_index:.2f})",
@@ -162,6 +162,14 @@ def summarize(outcome: Outcome) -> list[str]:
     if not outcome.findings:
         lines.append(f"No backdoor found: no class has an anomaly index above {outcome.settings.anomaly_threshold:g} below the median norm")
     return lines
+
+
+def _short(source: str) -> str:
+    """'run be5a1e18' for a run id (as the report prints it), else the model as given."""
+    run = source.removeprefix("runs:/").split("/")[0]
+    if len(run) == 32 and all(c in "0123456789abcdef" for c in run):
+        return f"run {run[:8]}"
+    return source
 
 
 def _mkdir(path):

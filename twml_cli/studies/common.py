@@ -138,7 +138,11 @@ def model_source(uri: str) -> dict[str, str]:
     """How a run names the model it used: {'model_run': id} or {'model_path': folder}."""
     if Path(uri).is_dir():
         return {"model_path": str(Path(uri).resolve())}
-    return {"model_run": uri.removeprefix("runs:/").split("/")[0]}
+    if uri.startswith("models:/"):
+        return {"model_run": uri}
+    from .. import tracking
+
+    return {"model_run": tracking.get_run(tracking.run_id_of(uri)).info.run_id}  # the whole id, when a prefix was given
 
 
 def data_name(explicit: str | None, model: models.Classifier | None, default: str) -> str:
