@@ -103,3 +103,52 @@ def test_change_wording():
     assert change(0.75, 0.5) == "fell from 0.7500 to 0.5000 (-25.00 points)"
     assert change(0.5, 0.5) == "stayed at 0.5000"
     assert change(2.0, 3.0, points=False) == "rose from 2.0000 to 3.0000 (x1.50)"
+
+
+def test_wide_tables_never_break_a_word_in_the_pdf(tmp_path):
+    """The smoothing table of a three-sigma sweep: 14 columns. Every column is at least as wide
+    as its widest cell and its header's longest word, and every part fits the page."""
+    from pathlib import Path
+
+    import matplotlib
+    from fpdf import FPDF
+
+    from twml_cli.report.document import Document, Table, _table_parts, to_pdf
+
+    header = ["σ", "procedure", "accuracy (base)"] + [f"cert. acc. r={r:g}" for r in (0, 0.05, 0.1, 0.25, 0.5, 0.75)]
+    header += ["abstain", "ACR", "max radius", "samples per image", "run"]
+    rows = [[f"{s:g}", "CERTIFY, n = 1,000", "0.9917"] + ["0.9778"] * 6 + ["0.0056", "0.1123", "0.4927", "1,100", "f4f24419"]
+            for s in (0.12, 0.25, 0.5)]  # fmt: skip
+    pdf = FPDF(format="A4")
+    fonts = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    pdf.add_font("Sans", "", str(fonts / "DejaVuSans.ttf"))
+    pdf.add_font("Sans", "B", str(fonts / "DejaVuSans-Bold.ttf"))
+    pdf.add_page()
+    parts = _table_parts(pdf, header, rows)
+    assert sorted({j for cols, _, _ in parts for j in cols}) == list(range(len(header)))  # every column, in some part
+    for cols, size, widths in parts:
+        assert size >= 6 and sum(widths) <= pdf.epw
+        for j, w in zip(cols, widths):
+            pdf.set_font("Sans", "", size)
+            inner = w - 2 * pdf.c_margin
+            assert all(pdf.get_string_width(r[j]) <= inner for r in rows)
+            pdf.set_font("Sans", "B", size)
+            assert all(pdf.get_string_width(word) <= inner for word in header[j].split())
+    doc = Document("wide")
+    doc.add(Table(header, rows))
+    to_pdf(doc, tmp_path / "wide.pdf")  # and it renders
+    assert (tmp_path / "wide.pdf").stat().st_size > 1000
+
+
+def test_timing_caveat_names_overlaps_hosts_and_thread_counts():
+    from twml_cli.report.adversarial import timing_caveat
+    from twml_cli.report.runs import Logged
+
+    def run(i, start, end, host="a", threads="2"):
+        return Logged(f"{i:08d}" + "0" * 24, "", "train", start, {"threads": threads}, host, end)
+
+    assert timing_caveat([run(1, 0, 10), run(2, 10, 20)]) is None  # one after the other, one machine, alike
+    overlap = timing_caveat([run(1, 0, 10), run(2, 5, 20)])
+    assert "ran at the same time" in overlap and "00000001 and 00000002" in overlap
+    assert "2 different machines (a, b)" in timing_caveat([run(1, 0, 10), run(2, 10, 20, host="b")])
+    assert "different CPU thread counts (1, 2)" in timing_caveat([run(1, 0, 10, threads="1"), run(2, 10, 20)])

@@ -44,7 +44,7 @@ def to_image(t: torch.Tensor) -> Image.Image:
     stay crisp and visible."""
     img = Image.fromarray((_as_array(t) * 255).round().astype(np.uint8))
     scale = max(1, -(-MIN_IMAGE_SIDE // min(img.size)))
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 
 
 def save_image(t: torch.Tensor, path: str | Path) -> Path:
@@ -103,9 +103,10 @@ def example_figure(clean: torch.Tensor, triggered: torch.Tensor, label: int, tar
 
 def norms_figure(models: list[dict]):
     """One bar chart per model: the L1 norm of each class's reversed mask, the median and
-    the detection threshold (median - threshold * MAD); flagged classes in red.
-    Each dict has keys name, norms, median, mad, threshold, flagged."""
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.4), squeeze=False)
+    the detection threshold (median - threshold * 1.4826 MAD: an anomaly index of `threshold`);
+    flagged classes in red. Each dict has keys name, norms, median, mad (already scaled by
+    1.4826), threshold, flagged. The legend sits above the bars, where it covers none."""
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
     for ax, m in zip(axes[0], models):
         norms = np.asarray(m["norms"])
         colors = ["tab:red" if f else "tab:blue" for f in m["flagged"]]
@@ -113,12 +114,12 @@ def norms_figure(models: list[dict]):
         ax.axhline(m["median"], color="black", linestyle="--", linewidth=1, label="median")
         cut = m["median"] - m["threshold"] * m["mad"]
         if cut > 0:
-            ax.axhline(cut, color="tab:red", linestyle=":", linewidth=1.5, label=f"median - {m['threshold']:g} MAD")
+            ax.axhline(cut, color="tab:red", linestyle=":", linewidth=1.5, label=f"median - {m['threshold']:g} x 1.4826 MAD")
         ax.set_xticks(np.arange(len(norms)))
         ax.set_xlabel("target class")
         ax.set_ylabel("L1 norm of mask")
-        ax.set_title(m["name"], fontsize=10)
-        ax.legend(fontsize=8)
+        ax.set_title(m["name"], fontsize=10, pad=22)
+        ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 

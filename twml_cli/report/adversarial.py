@@ -100,11 +100,14 @@ def _times(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) 
     doc.add(Heading("How much time did it take to train each of the models?", 2))
     items = []
     if standard is not None:
-        items.append(f"standard training: **{secs(standard.training.train_time_s)}**")
+        items.append(f"standard training: **{secs(standard.training.train_time_s)}** ({standard.training.images_per_s:,.0f} images/s)")
     for m, r in sorted(free.items()):
-        ratio = f" ({r.training.train_time_s / standard.training.train_time_s:.2f}x standard)" if standard is not None else ""
-        items.append(f"free adversarial training, m = {m}: **{secs(r.training.train_time_s)}**{ratio}")
+        ratio = f", {r.training.train_time_s / standard.training.train_time_s:.2f}x standard" if standard is not None else ""
+        items.append(f"free adversarial training, m = {m}: **{secs(r.training.train_time_s)}** ({r.training.images_per_s:,.0f} images/s{ratio})")
     doc.add(Bullets(items))
+    caveat = timing_caveat([r for r in (standard, *free.values()) if r is not None])
+    if caveat:
+        doc.add(Para(caveat))
     if standard is not None and free:
         steps = {m: r.training.sgd_steps for m, r in free.items()}
         same = all(s == standard.training.sgd_steps for s in steps.values())
@@ -118,6 +121,28 @@ def _times(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) 
                 + "), so the times above compare equal SGD budgets."
             )
         )
+
+
+def timing_caveat(runs: list) -> str | None:
+    """A warning when wall-clock times of `runs` cannot be compared: runs that overlapped in
+    time (they shared the machine), ran on different hosts or with different thread counts.
+    None when they ran one after another on one machine alike."""
+    reasons = []
+    hosts = {r.host for r in runs if r.host}
+    if len(hosts) > 1:
+        reasons.append(f"they ran on {len(hosts)} different machines ({', '.join(sorted(hosts))})")
+    threads = {r.param("threads") for r in runs if r.param("threads")}
+    if len(threads) > 1:
+        reasons.append(f"they ran with different CPU thread counts ({', '.join(sorted(threads))})")
+    timed = sorted((r for r in runs if r.end_time), key=lambda r: r.start_time)
+    overlaps = [(a, b) for i, a in enumerate(timed) for b in timed[i + 1:] if b.start_time < a.end_time]
+    if overlaps:
+        pairs = ", ".join(f"{a.id[:8]} and {b.id[:8]}" for a, b in overlaps[:3])
+        reasons.append(f"some of them ran at the same time and shared the machine (runs {pairs})")
+    if not reasons:
+        return None
+    return ("These times are not comparable: " + "; ".join(reasons) + ". The SGD steps and passes below are; "
+            "rerun them one after another on one machine to compare times.")
 
 
 def _effect(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) -> None:
@@ -144,16 +169,18 @@ def _increasing_m(doc: Document, free: dict[int, TrainRun]) -> None:
         return
     lo, hi = (4, 7) if {4, 7} <= set(free) else (min(free), max(free))
     a, b = free[lo], free[hi]
+    caveat = timing_caveat([a, b])
     doc.add(
         Para(
             f"From m = {lo} to m = {hi}, training time {change(a.training.train_time_s, b.training.train_time_s, secs, points=False)}, "
             f"benign accuracy {change(a.robustness.accuracy, b.robustness.accuracy)} and the PGD success rate "
             f"{change(a.robustness.pgd_success_rate, b.robustness.pgd_success_rate)}; robust accuracy "
             f"{change(a.robustness.robust_accuracy, b.robustness.robust_accuracy)}."
+            + (f" {caveat}" if caveat else "")
         ),
         Para(
-            f"At an equal SGD budget a larger m makes fewer passes over the data ({math.ceil(a.settings.epochs / lo)} "
-            f"against {math.ceil(b.settings.epochs / hi)}) with more ascent steps on each minibatch."
+            f"At an equal SGD budget, m = {hi} passes over the data {math.ceil(b.settings.epochs / hi)} times and m = {lo} "
+            f"{math.ceil(a.settings.epochs / lo)} times: the larger m sees each minibatch fewer times, with more ascent steps each time."
         ),
     )
 

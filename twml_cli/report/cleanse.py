@@ -59,7 +59,7 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
                 f"**Backdoor is at model {i} class {c}**: its reversed trigger has L1 norm {f['norm']:.4f} against "
                 f"{others.min():.4f} to {others.max():.4f} for the other classes of that model (anomaly index "
                 f"{f['anomaly_index']:.2f}, above the threshold of {s.anomaly_threshold:g}). Stamped on clean test images of other classes, it sends "
-                f"{f4(run.backdoor_success_rate)} of them to class {c} (backdoor success rate)." + thin_margin(f["anomaly_index"], s.anomaly_threshold)
+                f"{f4(run.backdoor_success_rate or 0.0)} of them to class {c} (backdoor success rate)." + thin_margin(f["anomaly_index"], s.anomaly_threshold)
             )
         )
     truth = {i: b for i in models for b in backdoor_runs if b.id == model_runs[i]}
@@ -69,7 +69,7 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
         doc.add(
             Para(
                 f"Ground truth, from the `twml backdoor` run that made model {i} (Neural Cleanse read only its weights): a "
-                f"{size}x{size} white square at the {b.settings.position} corner ({size * size} pixels) sending images to class "
+                f"{size}x{size} white square {_place(b.settings.position)} ({_count(size * size, 'pixel')}) sending images to class "
                 f"{target}, with attack success {f4(b.backdoor.attack_success_rate)}. "
                 + ("The verdict names that model and class." if hit else f"Neural Cleanse did not flag class {target} of model {i} "
                    f"(its anomaly index: {_row(norms, i, target)['anomaly_index']:.2f}).")
@@ -157,11 +157,27 @@ def describe_mask(mask: np.ndarray, backdoor_run: BackdoorRun | None = None) -> 
         inside[r, c] = True
         hits = int((inside & (mask > 0.5)).sum())
         text += (
-            f" The injected square covers rows {r.start}-{r.stop - 1}, columns {c.start}-{c.stop - 1}: {hits} of the "
-            f"{len(rows)} strong pixels lie inside it, and the mask puts {mask[inside].sum() / mask.sum():.0%} of its "
-            f"weight there ({inside.sum() / mask.size:.0%} of the image)."
+            f" The injected square covers {_span('row', r)}, {_span('column', c)}: "
+            + (f"the mask's one strong pixel lies {'inside' if hits else 'outside'} it"
+               if len(rows) == 1 else f"{hits} of the {len(rows)} strong pixels lie inside it")
+            + f", and the mask puts {mask[inside].sum() / mask.sum():.0%} of its weight there ({inside.sum() / mask.size:.0%} of the image)."
         )
     return text
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 pixel', '4 pixels'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _span(noun: str, s: slice) -> str:
+    """'row 7' or 'rows 6-7'."""
+    return f"{noun} {s.start}" if s.stop - s.start == 1 else f"{noun}s {s.start}-{s.stop - 1}"
+
+
+def _place(position: str) -> str:
+    """'at the bottom-right corner', 'at the centre'."""
+    return "at the centre" if position == "centre" else f"at the {position} corner"
 
 
 def mitigation_section(doc: Document, runs: list) -> None:

@@ -32,7 +32,7 @@ class Table:
     header: list[str]
     rows: list[list[str]]
 
-    def drop_constant(self, columns: list[str], dashes: list[str] = ()) -> tuple[Table, list[str]]:
+    def drop_constant(self, columns: list[str], dashes: tuple[str, ...] | list[str] = ()) -> tuple[Table, list[str]]:
         """The table without those of `columns` whose value is one and the same in every row,
         and those values as 'column value' phrases for a sentence; a column of `dashes` that
         holds only dashes (nothing measured) is dropped without a phrase."""
@@ -144,31 +144,30 @@ def to_pdf(doc: Document, path: Path) -> None:
                 inline(item)
                 pdf.set_left_margin(left)
         elif isinstance(b, Table):
-            size = 8 if len(b.header) <= 8 else 7
-            pdf.set_font("Sans", "", size)
-            widths = [  # wide enough for every cell and for the longest word of the header
-                max([len(c.replace("`", "").replace("**", "")) for c in cells] + [len(w) for w in head.split()]) + 2
-                for head, *cells in zip(b.header, *b.rows)
-            ]
-            with pdf.table(col_widths=widths, text_align="CENTER", line_height=4.6, first_row_as_headings=True) as table:
-                header = table.row()
-                for h in b.header:
-                    header.cell(h.replace("`", ""))
-                for r in b.rows:
-                    row = table.row()
-                    for cell in r:
-                        row.cell(cell.replace("`", "").replace("**", ""))
-            pdf.ln(3)
+            header = [h.replace("`", "") for h in b.header]
+            rows = [[c.replace("`", "").replace("**", "") for c in r] for r in b.rows]
+            for cols, size, widths in _table_parts(pdf, header, rows):
+                pdf.set_font("Sans", "", size)
+                with pdf.table(col_widths=widths, width=sum(widths), text_align="CENTER", line_height=size * 0.58,
+                               first_row_as_headings=True) as table:  # fmt: skip
+                    head = table.row()
+                    for j in cols:
+                        head.cell(header[j])
+                    for r in rows:
+                        row = table.row()
+                        for j in cols:
+                            row.cell(r[j])
+                pdf.ln(3)
         elif isinstance(b, (Figure, FigureRow)):
-            row = b.figures if isinstance(b, FigureRow) else [b]
-            widths = [pdf.epw * f.width for f in row]
-            heights = [w * _aspect(f.path) for w, f in zip(widths, row)]
+            group = b.figures if isinstance(b, FigureRow) else [b]
+            widths = [pdf.epw * f.width for f in group]
+            heights = [w * _aspect(f.path) for w, f in zip(widths, group)]
             if pdf.get_y() + max(heights) + 12 > pdf.h - pdf.b_margin:
                 pdf.add_page()
             gap = 8
-            x = pdf.l_margin + (pdf.epw - sum(widths) - gap * (len(row) - 1)) / 2
+            x = pdf.l_margin + (pdf.epw - sum(widths) - gap * (len(group) - 1)) / 2
             top = pdf.get_y()
-            for f, w, h in zip(row, widths, heights):
+            for f, w, h in zip(group, widths, heights):
                 figure_no += 1
                 pdf.image(str(f.path), x=x, y=top, w=w)
                 pdf.set_xy(x - gap / 2, top + h + 1)
@@ -177,6 +176,37 @@ def to_pdf(doc: Document, path: Path) -> None:
                 x += w + gap
             pdf.set_xy(pdf.l_margin, top + max(heights) + 1 + 4.5 * 2 + 2)
     pdf.output(str(path))
+
+
+def _table_parts(pdf, header: list[str], rows: list[list[str]]) -> list[tuple[list[int], float, list[float]]]:
+    """How to set a table so that no word breaks: (columns, font size, column widths in mm)
+    for each part. Each column is as wide as its widest cell and its header's longest word
+    (headers wrap between words only). The largest font from 8 down to 6 pt that fits the
+    page wins; a table too wide even at 6 pt is split into parts that fit, each repeating
+    the first column (what names the rows)."""
+
+    def widths(size: float) -> list[float]:
+        out = []
+        for j, head in enumerate(header):
+            pdf.set_font("Sans", "B", size)
+            need = max(pdf.get_string_width(w) for w in head.split() or [""])
+            pdf.set_font("Sans", "", size)
+            need = max([need] + [pdf.get_string_width(r[j]) for r in rows])
+            out.append(need + 2 * pdf.c_margin + 1.0)  # the cell's margins on both sides, and a little air
+        return out
+
+    for size in (8.0, 7.5, 7.0, 6.5, 6.0):
+        w = widths(size)
+        if sum(w) <= pdf.epw:
+            return [(list(range(len(header))), size, w)]
+    parts, current = [], [0]
+    for j in range(1, len(header)):
+        if sum(w[k] for k in current) + w[j] > pdf.epw and len(current) > 1:
+            parts.append(current)
+            current = [0]
+        current.append(j)
+    parts.append(current)
+    return [(cols, size, [w[k] for k in cols]) for cols in parts]
 
 
 def _aspect(path: Path) -> float:

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="assignment"
+# (the records' fields default to None only until load() fills them from a finished run)
 """The finished runs of an experiment as typed records: settings rebuilt from params by their
 config class, metrics read through the results schema. A run that lacks what its section
 needs stops the report with one line naming it, never a NaN in the write-up."""
@@ -22,6 +24,7 @@ class Logged:
     start_time: int  # ms since the epoch
     params: dict[str, str]
     host: str = ""  # the machine it ran on (twml.host)
+    end_time: int = 0  # ms since the epoch (0: unknown)
 
     @property
     def where(self) -> str:
@@ -126,7 +129,8 @@ class Runs:
 def load(experiment: str) -> Runs:
     def base(r, cls, settings_cls):
         return cls(r.info.run_id, r.info.run_name or "", r.data.tags.get(results.COMMAND_TAG, ""), r.info.start_time,
-                   dict(r.data.params), r.data.tags.get(tracking.HOST_TAG, ""), settings=config.from_params(settings_cls, r.data.params))  # fmt: skip
+                   dict(r.data.params), r.data.tags.get(tracking.HOST_TAG, ""), r.info.end_time or 0,
+                   settings=config.from_params(settings_cls, r.data.params))  # fmt: skip
 
     def read(r, cls, where, prefix=""):
         return results.read(r.data.metrics, cls, where, prefix)
