@@ -24,12 +24,17 @@ def no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
     return items
 
 
-def choose_threads(explicit: int = 0) -> tuple[int, str]:
+SMALL_WORK = 100_000  # values per forward pass below which one intra-op thread is as fast as several (measured on 2 cores)
+
+
+def choose_threads(explicit: int = 0, work: int | None = None) -> tuple[int, str]:
     """(intra-op threads for this process, why). `explicit` (--threads) wins, then
-    OMP_NUM_THREADS; else the cores this process may run on (its CPU affinity) shared among
-    the processes torchrun started on this machine. A function of the machine and the launch,
-    never of the momentary load, so the same command on the same machine repeats its numbers
-    (a CPU's numbers depend on the thread count)."""
+    OMP_NUM_THREADS. Else `work`, the values through the model in one forward pass (batch x
+    channels x height x width): below SMALL_WORK the threads would mostly wait for each other
+    (and, beside other work, spin), so one thread; otherwise the cores this process may run on
+    (its CPU affinity) shared among the processes torchrun started on this machine. A function
+    of the work, the machine and the launch, never of the momentary load, so the same command on
+    the same machine repeats its numbers (a CPU's numbers depend on the thread count)."""
     import os
 
     if explicit > 0:
@@ -37,6 +42,8 @@ def choose_threads(explicit: int = 0) -> tuple[int, str]:
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) > 0:
         return int(given), "OMP_NUM_THREADS"
+    if work is not None and work < SMALL_WORK:
+        return 1, f"{work:,} values per forward pass (under {SMALL_WORK:,})"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(1, cores // procs), f"{cores} cores / {procs} process{'es' if procs > 1 else ''}"

@@ -18,7 +18,7 @@ from .app import app
 try:  # typer >= 0.24 vendors click
     from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover - older typer
-    from click.exceptions import UsageError
+    from click.exceptions import UsageError  # type: ignore[assignment]
 
 __all__ = ["app", "main"]
 
@@ -44,6 +44,13 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
+    # Idle OpenMP threads sleep instead of spinning (set before torch loads its OpenMP runtime):
+    # beside other work on the same cores, spinning threads made training 10-20x slower, and
+    # sleeping ones cost about 10% on a quiet machine (benchmarks/threads.py). An explicit
+    # OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .. import launch
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -63,6 +64,7 @@ def execute(command: str, settings, session: Session, resume: str | None = None,
     `name`: the run's name (default: the study's); `earlier`: what the sweep's earlier cells kept."""
     study = STUDIES[command]
     inputs = study.prepare(settings, *prepare_args) if inputs is None else inputs
+    runtime.apply_threads(runtime.choose_threads(inputs.settings.threads, work(command, inputs)))  # logged with the run
     hooks = Hooks(progress=session.progress, earlier=earlier or [])
     if resume:
         hooks.resume, hooks.done_rows = _leftovers(resume)
@@ -76,6 +78,18 @@ def execute(command: str, settings, session: Session, resume: str | None = None,
         session.echo(line)
     session.echo(f"Run id: {run_id}")
     return run_id, outcome
+
+
+def work(command: str, inputs) -> int | None:
+    """Values through the model in one forward pass of the study's main work (batch x channels
+    x height x width), which sets its CPU threads (runtime.choose_threads): training batches,
+    evaluation batches, certification's noisy batches, the trigger search's batch of every class
+    and start, unlearning's batches."""
+    s, info = inputs.settings, inputs.data.info
+    batch = {"train": lambda: s.batch_size, "backdoor": lambda: s.batch_size, "attack": lambda: s.eval_batch_size,
+             "smooth": lambda: s.certify_batch_size, "cleanse": lambda: s.search_batch_size * s.search_restarts * info.num_classes,
+             "mitigate": lambda: s.unlearn_config().batch_size}.get(command)  # fmt: skip
+    return None if batch is None else batch() * info.in_chans * info.input_size[0] * info.input_size[1]
 
 
 @contextlib.contextmanager
@@ -111,7 +125,12 @@ def datasets(study, inputs) -> list[dict]:
 def _checkpointing(run, hooks: Hooks) -> None:
     """Per-pass curves as they come, the training state every few passes, and certification's
     rows every ROWS_EVERY_S seconds: all into the run, so an interruption loses little."""
-    hooks.on_pass = lambda stats: (train.record_pass(run, stats), run.heartbeat())
+
+    def on_pass(stats: training.EpochStats) -> None:
+        train.record_pass(run, stats)
+        run.heartbeat()
+
+    hooks.on_pass = on_pass
 
     def save_state(state: training.TrainState) -> None:
         with tempfile.TemporaryDirectory(prefix="twml-checkpoint-") as tmp:
@@ -178,7 +197,8 @@ def execute_all(command: str, settings_list: list, session: Session) -> list[str
     began = time.perf_counter()
     with _parent(session, "sweep", sweep.parent_name(command, settings_list, axes)) as (nested, parent):
         parent.log_params(sweep.parent_params(command, settings_list, axes))
-        ids, kept = [], []
+        ids: list[str] = []
+        kept: list = []
         for i, s in enumerate(settings_list):
             name = sweep.child_name(study.run_name(s), sweep.cell_values(s, axes))
             session.echo(f"\n[{i + 1}/{len(settings_list)}] {name}  ({time.perf_counter() - began:.0f} s elapsed)")
@@ -222,7 +242,7 @@ def _record_sweep(parent, command: str, settings_list: list, axes: list[str], id
 
 
 @contextlib.contextmanager
-def _parent(session: Session, command: str, name: str) -> Iterator[tuple[Session, object]]:
+def _parent(session: Session, command: str, name: str) -> Iterator[tuple[Session, Any]]:
     """A new parent run (nested under the session's own parent, if any) and a session whose
     runs nest under it. Other ranks get their session and a run that records nothing."""
     if runtime.rank() != 0:

@@ -1,0 +1,108 @@
+"""CPU threads: how fast twml's work runs with 1 thread, with 2 (PyTorch's default on 2 cores),
+with 2 that sleep instead of spinning while they wait (OpenMP's passive wait policy) and with
+twml's own choice, on a quiet machine and with a second twml beside it (configured alike).
+
+    python benchmarks/threads.py                    # training, PGD, certification (a few minutes)
+    python benchmarks/threads.py --reproduce        # also `twml reproduce` (about 3 minutes a run)
+
+Each measurement runs in a fresh process (OpenMP reads its settings when it starts). The
+second twml is `twml train` with a large budget, in its own folder, started first and killed
+after. Prints one JSON line per measurement and the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SETTINGS = {  # name: environment of every twml process (the measured one and the one beside it)
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "2 threads": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"},
+    "2 threads passive": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    "twml's choice": {"OMP_WAIT_POLICY": "PASSIVE"},  # what twml's CLI sets unless told otherwise
+}
+CLEAN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "TWML_THREADS")
+
+
+def env(extra: dict) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in CLEAN}
+    return {**base, **extra, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def worker() -> None:
+    """Train the default model, attack it with PGD-10, certify it (n = 1,000, 360 images): seconds each."""
+    import dataclasses
+
+    import torch
+
+    from twml_cli import config, runtime, smoothing
+    from twml_cli.studies import runner, train
+
+    s = dataclasses.replace(config.resolve_one("train", config.load_preset()), device="cpu")
+    inputs = train.prepare(s)
+    runtime.apply_threads(runtime.choose_threads(0, runner.work("train", inputs)))  # as twml's runner does per study
+    outcome = train.compute(inputs)
+    test = inputs.data.test
+    smoothed = smoothing.Smooth(outcome.model, 10, 0.25, seed=0)
+    runtime.apply_threads(runtime.choose_threads(0, 2000 * 64))  # certification: 2,000 noisy 8x8 images per forward
+    began = time.perf_counter()
+    smoothing.certify_dataset(smoothed, test, list(range(len(test))), 100, 1000, 0.001, 2000)
+    certify_s = time.perf_counter() - began
+    print(json.dumps({"threads": torch.get_num_threads(), "train": outcome.training.train_time_s, "pgd": outcome.robustness.attack_time_s,
+                      "certification": certify_s}))  # fmt: skip
+
+
+def measure(extra: dict, reproduce: bool) -> dict:
+    out = json.loads(subprocess.run([sys.executable, __file__, "--worker"], env=env(extra), capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    if reproduce:
+        with tempfile.TemporaryDirectory() as tmp:
+            began = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "twml_cli", "reproduce"], cwd=tmp, env=env(extra), capture_output=True, check=True)
+            out["reproduce"] = time.perf_counter() - began
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reproduce", action="store_true")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    args = parser.parse_args()
+    if args.worker:
+        worker()
+        return
+    results = {}
+    for name in args.settings.split(","):
+        for loaded in (False, True):
+            beside = None
+            with tempfile.TemporaryDirectory() as tmp:
+                if loaded:
+                    beside = subprocess.Popen([sys.executable, "-m", "twml_cli", "train", "--epochs", "100000", "--checkpoint-every", "0"],
+                                              cwd=tmp, env=env(SETTINGS[name]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                    time.sleep(15)  # past its start-up, into training
+                try:
+                    row = measure(SETTINGS[name], args.reproduce)
+                finally:
+                    if beside is not None:
+                        beside.send_signal(signal.SIGKILL)
+                        beside.wait()
+            row.update(setting=name, loaded=loaded)
+            results[(name, loaded)] = row
+            print(json.dumps(row), flush=True)
+    cases = ["train", "pgd", "certification"] + (["reproduce"] if args.reproduce else [])
+    names = args.settings.split(",")
+    print("\n| case | " + " | ".join(f"{n}: quiet / beside another twml" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for case in cases:
+        print(f"| {case} | " + " | ".join(f"{results[(n, False)][case]:.1f} s / {results[(n, True)][case]:.1f} s" for n in names) + " |")
+
+
+if __name__ == "__main__":
+    main()
