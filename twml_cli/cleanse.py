@@ -217,13 +217,14 @@ def reverse_engineer_all(
     if mine:
         rev = reverse_engineer(model, x_clean, num_classes, config, mine, progress)
     else:  # more processes than classes
-        rev = ReversedTriggers([], torch.zeros(0, h, w), torch.zeros(0, c, h, w), *(np.zeros(0, dtype=t) for t in (float, float, bool, int)),
-                               start_norms=np.zeros((0, config.restarts)))  # fmt: skip
+        rev = ReversedTriggers([], torch.zeros(0, h, w), torch.zeros(0, c, h, w), norms=np.zeros(0), success=np.zeros(0),
+                               reached=np.zeros(0, dtype=bool), rounds=np.zeros(0, dtype=int), start_norms=np.zeros((0, config.restarts)))  # fmt: skip
 
     def gather(t: torch.Tensor) -> torch.Tensor:
         return runtime.all_gather_rows(t.to(runtime.collective_device())).cpu()
 
-    numbers = np.column_stack([rev.norms, rev.success, rev.reached, rev.rounds, rev.start_norms])
+    starts = rev.start_norms if rev.start_norms is not None else np.zeros((len(rev.classes), config.restarts))
+    numbers = np.column_stack([rev.norms, rev.success, rev.reached, rev.rounds, starts])
     numbers = gather(torch.tensor(numbers, dtype=torch.float64)).numpy()
     return ReversedTriggers(
         classes=list(range(num_classes)),

@@ -203,7 +203,7 @@ def _layered(command: str, preset: Preset) -> dict[str, Any]:
 def defaults(command: str) -> dict[str, Any]:
     """Each setting of a command as the default preset leaves it (shown in --help)."""
     cls = COMMANDS[command][0]
-    fallback = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in settings_fields(cls)}
+    fallback = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in settings_fields(cls)}  # type: ignore[operator]
     return {**fallback, **_layered(command, load_preset())}
 
 

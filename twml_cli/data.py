@@ -60,6 +60,14 @@ class DataSet:
     info: DataInfo
 
 
+@dataclass(frozen=True)
+class MemoryDataSet(DataSet):
+    """A data set whose splits are both in memory (what poisoning and stamping need)."""
+
+    train: InMemory
+    test: InMemory
+
+
 FOLDER_IMAGE_SIZE = 224  # ImageNet's, when a folder is opened without an image size
 STATS_IMAGES = 512  # images of a folder's training split its mean and std are measured on
 
@@ -203,7 +211,7 @@ def _gtsrb(tvd, root: Path, train: bool):
     images, labels = [], []
     for path, label in ds._samples:
         with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB").resize((GTSRB_SIZE, GTSRB_SIZE), Image.BILINEAR)))
+            images.append(np.asarray(im.convert("RGB").resize((GTSRB_SIZE, GTSRB_SIZE), Image.Resampling.BILINEAR)))
         labels.append(label)
     x, y = np.stack(images), np.asarray(labels, dtype=np.int64)
     np.savez(cache, x=x, y=y)

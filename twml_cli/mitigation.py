@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import nn
 
 from .backdoor import stamped_success_rate
 from .cleanse import stamp
+from .models import Classifier
 from .runtime import autocast, batches, generator, to_device_layout
 
 UNLEARN_STREAM = 10
@@ -93,7 +95,7 @@ def _rates(config: UnlearnConfig, per_epoch: int) -> list[float]:
             for k in range(total)]  # fmt: skip
 
 
-def penultimate(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def penultimate(model: Classifier, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """The features the classifier of a timm model (behind twml's Normalize) reads: (N, C)."""
     device = next(model.parameters()).device
     out = []
@@ -101,7 +103,8 @@ def penultimate(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> tor
     with torch.inference_mode(), autocast(device):
         for s in batches(len(x), batch_size):
             xb = model.normalize(to_device_layout(x[s], device))
-            out.append(model.backbone.forward_head(model.backbone.forward_features(xb), pre_logits=True).float())
+            backbone: Any = model.backbone  # a timm model: forward_features, forward_head
+            out.append(backbone.forward_head(backbone.forward_features(xb), pre_logits=True).float())
     return torch.cat(out)
 
 
@@ -114,7 +117,7 @@ class PruneResult:
     reversed_success: float  # of the reversed trigger once pruned
 
 
-def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor,
+def prune(model: Classifier, x: torch.Tensor, y: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor,
           step: float = 0.05, stop_below: float = 0.05, max_fraction: float = 0.5) -> PruneResult:  # fmt: skip
     """Remove, in steps of `step` of the neurons, those the reversed trigger excites most (on
     clean images x of other classes than the target), until the reversed trigger sends fewer
@@ -123,7 +126,7 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, mask:
     clean = penultimate(model, others)
     stamped = penultimate(model, stamp(others, mask, pattern))
     ranking = (stamped.mean(0) - clean.mean(0)).argsort(descending=True)
-    head = model.backbone.get_classifier()
+    head = cast(Any, model.backbone).get_classifier()
     neurons = head.weight.shape[1]
 
     def success() -> float:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
 
 from .errors import TwmlError
+
+M = TypeVar("M", bound=nn.Module)
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
@@ -66,6 +69,9 @@ class ModelSpec:
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel; the first layer, so the model takes [0, 1] pixels."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean, std):
         super().__init__()
@@ -183,7 +189,7 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
-def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+def prepare(model: M, device: torch.device) -> M:
     """Move to the device, channels_last (see runtime.to_device_layout). On CUDA, cuDNN
     autotunes its convolutions: every study feeds fixed-size batches."""
     if device.type == "cuda":
@@ -196,7 +202,7 @@ def compiled(model: nn.Module, mode: str | None) -> nn.Module:
     graphs), or the model itself when mode is None. Weights are shared."""
     if not mode:
         return model
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    return cast(nn.Module, torch.compile(model, mode=None if mode == "default" else mode))
 
 
 # ---------------------------------------------------------------- save / load

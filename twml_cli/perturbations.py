@@ -74,9 +74,10 @@ class FreeAdversarial(Perturbation):
         return (x + self._leaf).clamp(0, 1)
 
     def after_backward(self) -> None:
-        leaf = self._leaf
+        leaf, delta = self._leaf, self.delta
+        assert leaf is not None and leaf.grad is not None and delta is not None  # before_forward and backward ran
         with torch.no_grad():
-            self.delta[: len(leaf)] = (leaf + self.eps * leaf.grad.sign()).clamp(-self.eps, self.eps)
+            delta[: len(leaf)] = (leaf + self.eps * leaf.grad.sign()).clamp(-self.eps, self.eps)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {} if self.delta is None else {"delta": self.delta.detach().contiguous()}

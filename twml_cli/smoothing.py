@@ -122,9 +122,8 @@ class Smooth:
         indices = list(range(len(x))) if indices is None else [int(i) for i in indices]
         selection = self._counts(x, indices, SELECTION, n0, batch_size)
         estimation = self._counts(x, indices, ESTIMATION, n, batch_size)
-        c_a = selection.argmax(1)
-        n_a = estimation.gather(1, c_a[:, None])[:, 0]
-        c_a, n_a = c_a.cpu().numpy(), n_a.cpu().numpy()
+        top = selection.argmax(1)
+        c_a, n_a = top.cpu().numpy(), estimation.gather(1, top[:, None])[:, 0].cpu().numpy()
         p_lower = lower_confidence_bound(n_a, n, alpha)
         certified = p_lower >= 0.5
         radius = np.where(certified, self.sigma * norm.ppf(np.where(certified, p_lower, 0.5)), 0.0)
@@ -312,7 +311,7 @@ def certify_dataset(
 
     data = InMemory(*data) if isinstance(data, tuple) else data
     device = next(smooth.base_classifier.parameters()).device
-    rows = {k: list(v) for k, v in (done or {k: [] for k in ROWS}).items()}
+    rows: dict[str, list] = {k: list(v) for k, v in (done or {k: np.zeros(0) for k in ROWS}).items()}
     rows.setdefault("samples", [n0 + n] * len(rows["idx"]))
     finished = {int(i) for i in rows["idx"]}
     todo = [int(i) for i in indices if int(i) not in finished]
@@ -326,15 +325,15 @@ def certify_dataset(
         x, y = data.take(mine)
         with Timer(device) as timer:
             if grid is None:
-                cert = smooth.certify_batch(x, n0, n, alpha, batch_size, indices=mine)
+                cert: Certificate | GridCertificate = smooth.certify_batch(x, n0, n, alpha, batch_size, indices=mine)
                 samples = np.full(len(mine), n0 + n)
             else:
-                cert = smooth.certify_grid(x, grid, n0, n, alpha, batch_size, indices=mine, futility=futility)
-                samples = cert.samples
+                cert = graded = smooth.certify_grid(x, grid, n0, n, alpha, batch_size, indices=mine, futility=futility)
+                samples = graded.samples
         columns = [mine, y.numpy(), cert.prediction, cert.radius, cert.prediction == y.numpy(), np.full(len(mine), timer.seconds / len(part)), samples]
-        table = torch.tensor(np.stack(columns, 1) if mine else np.zeros((0, len(ROWS))), dtype=torch.float64)
-        table = runtime.all_gather_rows(table.to(runtime.collective_device())).cpu().numpy()
-        for k, column in zip(ROWS, table.T):
+        part_rows = torch.tensor(np.stack(columns, 1) if mine else np.zeros((0, len(ROWS))), dtype=torch.float64)
+        gathered = runtime.all_gather_rows(part_rows.to(runtime.collective_device())).cpu().numpy()
+        for k, column in zip(ROWS, gathered.T):
             rows[k] += column.tolist()
         if save_rows is not None and rank == 0:
             save_rows(_typed(rows))

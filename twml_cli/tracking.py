@@ -229,7 +229,9 @@ def start_run(experiment: str, command: str, run_name: str | None = None, tags: 
     c = client()
     life = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
     nested = {"mlflow.parentRunId": parent} if parent else {}
-    info = c.create_run(experiment_id(experiment), run_name=run_name, tags={COMMAND_TAG: command, **life, **nested, **(tags or {})}).info
+    exp = experiment_id(experiment)
+    assert exp is not None  # created when missing
+    info = c.create_run(exp, run_name=run_name, tags={COMMAND_TAG: command, **life, **nested, **(tags or {})}).info
     with _terminating(info.run_id):
         yield Run(info.run_id)
 

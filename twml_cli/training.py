@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -245,7 +246,7 @@ def _wrap(model: nn.Module, device: torch.device, world: int, compile_mode: str 
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_mode:
-        net = torch.compile(net, mode=None if compile_mode == "default" else compile_mode)
+        net = cast(nn.Module, torch.compile(net, mode=None if compile_mode == "default" else compile_mode))
     return net
 
 

@@ -54,7 +54,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AutoA
     stages: dict[str, torch.Tensor] = {}
     with torch.enable_grad(), frozen(model):
         for name in config.attacks:
-            runs = range(targets.shape[1]) if name in ("apgd-t", "fab-t") else [None]
+            runs = range(targets.shape[1]) if name in ("apgd-t", "fab-t") else [0]  # the target's rank, for the targeted ones
             for k in runs:
                 todo = robust.nonzero()[:, 0]
                 if len(todo) == 0:

@@ -94,9 +94,9 @@ def evaluate_robustness(
             with Timer(device) as t:
                 stages = {a: torch.zeros(len(xb), dtype=torch.bool, device=device) for a in names}
                 if len(todo):
-                    _, _, _, survived = run_autoattack(model, xb[todo], yb[todo], autoattack, indices=idx[todo], seed=seed)
+                    _, _, _, after = run_autoattack(model, xb[todo], yb[todo], autoattack, indices=idx[todo], seed=seed)
                     for a in names:
-                        stages[a][todo] = survived[a]
+                        stages[a][todo] = after[a]
             aa_s += t.seconds
             row.update({f"aa_{_key(a)}": stages[a] for a in names}, aa_reused=aa_reused)
         for k in keys:

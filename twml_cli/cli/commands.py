@@ -125,7 +125,7 @@ def _report(out: Path = OUT[1], **shared) -> None:
 
 
 _REPORT_PARAMS = {"out": OUT, **{k: SHARED[k] for k in ("experiment", "tracking_uri")}}
-_report.__signature__ = _signature(_REPORT_PARAMS)
+_report.__signature__ = _signature(_REPORT_PARAMS)  # type: ignore[attr-defined]
 _report.__annotations__ = {k: a for k, (a, _) in _REPORT_PARAMS.items()}
 app.command(name="report")(_report)
 
@@ -155,7 +155,7 @@ CURVES = (Annotated[bool, typer.Option("--curves", help="Also the curves over se
 CURVE_SEEDS = (Annotated[int, typer.Option(help="With --curves: seeds per cell, from --seed on.")], 3)
 _REPRODUCE_PARAMS = {"out": OUT, "curves": CURVES, "curve_seeds": CURVE_SEEDS,
                      **{k: _option(config.Common, _COMMON[k], None) for k in ("data_dir", "device", "seed")}, **SHARED, **LAUNCH}  # fmt: skip
-_reproduce.__signature__ = _signature(_REPRODUCE_PARAMS)
+_reproduce.__signature__ = _signature(_REPRODUCE_PARAMS)  # type: ignore[attr-defined]
 _reproduce.__annotations__ = {k: a for k, (a, _) in _REPRODUCE_PARAMS.items()}
 app.command(name="reproduce")(_reproduce)
 

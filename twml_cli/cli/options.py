@@ -145,7 +145,7 @@ def study_command(command: str, extra: dict[str, tuple[Any, Any]] | None = None,
             _threads(settings_list[0])
             fn(settings_list, _session(shared, preset))
 
-        body.__signature__ = _signature(params)
+        body.__signature__ = _signature(params)  # type: ignore[attr-defined]  # how Typer reads the options
         body.__annotations__ = {k: a for k, (a, _) in params.items()}
         body.__doc__ = fn.__doc__
         body.__name__ = command

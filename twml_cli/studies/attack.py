@@ -83,7 +83,8 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     key = curve_key(s)
     smaller = [p for p in hooks.earlier if isinstance(p, Point) and p.curve == key and p.eps < s.eps and np.array_equal(p.idx, inputs.indices)]
     broken = np.logical_or.reduce([p.pgd_broken for p in smaller]) if smaller else None
-    aa_broken = np.logical_or.reduce([p.aa_broken for p in smaller]) if smaller and s.eval == "autoattack" else None
+    aa_earlier = [p.aa_broken for p in smaller if p.aa_broken is not None]
+    aa_broken = np.logical_or.reduce(aa_earlier) if aa_earlier and s.eval == "autoattack" else None
     work = len(inputs.indices) * (s.pgd_steps + 2) * s.pgd_restarts
     model = models.compiled(inputs.model, s.compile_mode(inputs.device, work))
     robust = attacks.evaluate_robustness(model, inputs.data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress,
@@ -93,6 +94,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
 
 def sweep_keep(o: Outcome) -> Point:
     ex, r = o.robustness.examples, o.robustness
+    assert ex is not None  # evaluate_robustness always returns the table
     aa = None if r.autoattack_robust_accuracy is None else ~ex[[k for k in ex if k.startswith("aa_") and k != "aa_reused"][-1]].astype(bool)
     return Point(curve_key(o.settings), o.settings.eps, ex["idx"], ~ex["pgd_robust"].astype(bool), aa, r.accuracy, r.robust_accuracy,
                  r.autoattack_robust_accuracy)  # fmt: skip

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import attacks, backdoor, config, figures, models, results, training
+from ..data import MemoryDataSet
 from ..errors import TwmlError
 from ..examples import InMemory
-from .common import Data, Hooks, Run, artifacts, device, in_memory, load_data, new_model, with_augmentation
+from .common import Hooks, Run, artifacts, device, in_memory, load_data, new_model, with_augmentation
 from .train import record_training
 
 COMMAND = "backdoor"
@@ -21,7 +22,7 @@ COMMAND = "backdoor"
 class Inputs:
     settings: config.Backdoor
     device: torch.device
-    data: Data
+    data: MemoryDataSet
     trigger: backdoor.Trigger
     poisoned: InMemory  # the training set with the poisoned images
     chosen: torch.Tensor  # indices of the poisoned images

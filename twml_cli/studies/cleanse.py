@@ -11,8 +11,9 @@ import pandas as pd
 import torch
 
 from .. import attacks, cleanse, config, figures, models, results
+from ..data import MemoryDataSet
 from ..runtime import Timer
-from .common import Data, Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_data, load_model, model_source
+from .common import Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_data, load_model, model_source
 
 COMMAND = "cleanse"
 
@@ -21,7 +22,7 @@ COMMAND = "cleanse"
 class Inputs:
     settings: config.Cleanse
     device: torch.device
-    data: Data
+    data: MemoryDataSet
     models: list[models.Classifier]
     sources: list[str]  # each model's run id or folder
     x_clean: torch.Tensor  # the clean training images the trigger search uses
@@ -146,7 +147,7 @@ def record(run: Run, outcome: Outcome) -> None:
             for name in (results.TRIGGER_PNG, results.MASK_PNG):
                 (folder / name).write_bytes((folder / "backdoor" / f"model{f.model}_class{f.target}" / name).read_bytes())
         norms_table(outcome).to_csv(folder / results.NORMS_CSV, index=False)
-        np.savez(folder / results.REVERSED_NPZ, **arrays)
+        np.savez(folder / results.REVERSED_NPZ, **arrays)  # type: ignore[arg-type]  # numpy's stubs type **kwds poorly
         figures.save(figures.norms_figure(panels), folder / results.NORMS_FIGURE)
         figures.save(figures.mask_grid_figure(panels), folder / results.MASK_GRID_FIGURE)
 

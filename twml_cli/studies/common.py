@@ -18,7 +18,7 @@ import torch
 
 from .. import data, models, training
 from ..errors import TwmlError
-from ..examples import usual_augmentation
+from ..examples import InMemory, usual_augmentation
 from ..runtime import Progress, no_progress, resolve_device
 
 
@@ -86,11 +86,11 @@ def load_data(name: str, settings, model: models.Classifier | None = None) -> Da
     return _open(name, settings.data_dir, size, settings.workers)
 
 
-def in_memory(loaded: Data, command: str) -> Data:
+def in_memory(loaded: Data, command: str) -> data.MemoryDataSet:
     """The data set, refused when it streams (commands that poison or stamp whole sets)."""
-    if loaded.train.streamed:
+    if not isinstance(loaded.train, InMemory) or not isinstance(loaded.test, InMemory):
         raise TwmlError(f"twml {command} needs a data set that fits in memory; '{loaded.info.name}' is an image folder, which streams")
-    return loaded
+    return data.MemoryDataSet(loaded.train, loaded.test, loaded.info)
 
 
 def with_augmentation(settings, loaded: Data):

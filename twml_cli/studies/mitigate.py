@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 
 from .. import attacks, backdoor, cleanse, config, mitigation, models, results
+from ..data import MemoryDataSet
 from ..errors import TwmlError
-from .common import Data, Hooks, Run, check_fits, data_name, device, in_memory, load_data, load_model
+from .common import Hooks, Run, check_fits, data_name, device, in_memory, load_data, load_model
 
 COMMAND = "mitigate"
 
@@ -38,7 +39,7 @@ class Finding:
 class Inputs:
     settings: config.Mitigate
     device: torch.device
-    data: Data
+    data: MemoryDataSet
     finding: Finding
     model: models.Classifier
 
@@ -99,7 +100,9 @@ def _measure(model, inputs: Inputs) -> tuple[float, float, float | None]:
     s = inputs.settings
     accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
     reversed_success = backdoor.stamped_success_rate(model, x[y != f.target], f.target, lambda z: cleanse.stamp(z, f.mask.to(z.device), f.pattern.to(z.device)))
-    real = backdoor.attack_success_rate(model, x, y, f.trigger_target, f.trigger) if f.trigger is not None else None
+    real = None
+    if f.trigger is not None and f.trigger_target is not None:
+        real = backdoor.attack_success_rate(model, x, y, f.trigger_target, f.trigger)
     return accuracy, reversed_success, real
 
 
@@ -115,7 +118,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
         pruned = mitigation.prune(repaired, x, y, f.target, f.mask, f.pattern, s.prune_step, s.prune_stop)
     after = _measure(repaired, inputs)
     metrics = results.MitigationMetrics(before[0], after[0], before[1], after[1])
-    real = results.RealTriggerMetrics(before[2], after[2]) if f.trigger is not None else None
+    real = results.RealTriggerMetrics(before[2], after[2]) if before[2] is not None and after[2] is not None else None
     return Outcome(s, f, repaired, metrics, real, pruned)
 
 
@@ -140,7 +143,7 @@ def record(run: Run, outcome: Outcome) -> None:
 
 def summarize(o: Outcome) -> list[str]:
     m, f = o.metrics, o.finding
-    how = "unlearning" if o.settings.mitigation == "unlearn" else f"pruning {o.pruned.pruned} of {o.pruned.neurons} penultimate neurons"
+    how = "unlearning" if o.pruned is None else f"pruning {o.pruned.pruned} of {o.pruned.neurons} penultimate neurons"
     lines = [
         f"Model {f.model_index} (class {f.target} flagged, anomaly index {f.anomaly_index:.2f}), repaired by {how}:",
         f"  Clean accuracy: {m.accuracy_before:.4f} -> {m.accuracy:.4f}",

@@ -174,7 +174,7 @@ def metrics(o: Outcome) -> results.CertificationMetrics:
     t = o.table
     return results.CertificationMetrics(
         accuracy=o.accuracy,
-        certified_accuracy=float(smoothing.certified_accuracy(t["radius"], t["correct"], [0.0])[0]),
+        certified_accuracy=float(smoothing.certified_accuracy(t["radius"], t["correct"], np.array([0.0]))[0]),
         abstain_rate=float(np.mean(t["predict"] == smoothing.ABSTAIN)),
         average_certified_radius=smoothing.average_certified_radius(t["radius"], t["correct"]),
         max_certified_radius=float(t["radius"].max()),

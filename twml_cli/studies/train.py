@@ -97,6 +97,7 @@ def robustness_metrics(r: attacks.RobustnessResult) -> results.RobustnessMetrics
 def autoattack_metrics(r: attacks.RobustnessResult) -> results.AutoAttackMetrics | None:
     if r.autoattack_robust_accuracy is None:
         return None
+    assert r.robust_accuracy_worst is not None and r.autoattack_time_s is not None  # set together with it
     return results.AutoAttackMetrics(r.autoattack_robust_accuracy, r.robust_accuracy_worst, r.autoattack_time_s)
 
 
@@ -106,7 +107,7 @@ def record_robustness(run: Run, r: attacks.RobustnessResult) -> None:
     run.log_metrics(results.metrics(robustness_metrics(r)))
     aa = autoattack_metrics(r)
     if aa is not None:
-        run.log_metrics({**results.metrics(aa), **{results.autoattack_after_key(a): v for a, v in r.autoattack_after.items()}})
+        run.log_metrics({**results.metrics(aa), **{results.autoattack_after_key(a): v for a, v in (r.autoattack_after or {}).items()}})
     if r.examples is not None:
         with artifacts(run) as folder:
             pd.DataFrame(r.examples).to_csv(folder / results.EXAMPLES_CSV, index=False, float_format="%.6g")
@@ -120,7 +121,7 @@ def robustness_lines(r: attacks.RobustnessResult, pgd: attacks.PGDConfig) -> lis
         f"Robust accuracy: {r.robust_accuracy:.4f}",
     ]
     if r.autoattack_robust_accuracy is not None:
-        stages = ", ".join(f"{a} {v:.4f}" for a, v in r.autoattack_after.items())
+        stages = ", ".join(f"{a} {v:.4f}" for a, v in (r.autoattack_after or {}).items())
         lines += [f"AutoAttack robust accuracy (standard, eps={pgd.eps:g}): {r.autoattack_robust_accuracy:.4f} (after {stages}; {r.autoattack_time_s:.1f} s)",
                   f"Robust accuracy, per-example worst case of PGD and AutoAttack: {r.robust_accuracy_worst:.4f}"]  # fmt: skip
     return lines
