@@ -289,13 +289,13 @@ class Cleanse(Common, Settings):
     DATA_FROM_MODEL = True
     model_runs: list = setting([], "A model to inspect (run id, runs:/ URI or folder); repeat for several "
                                "(default: the newest standard train run, then the newest backdoor run).", flag="run")  # fmt: skip
-    search_steps: int = setting(60, "Trigger search: optimization rounds (passes over the clean images).")
+    search_steps: int = setting(40, "Trigger search: optimization rounds (passes over the clean images).")
     search_images: int = setting(256, "Trigger search: clean training images used.")
     search_batch_size: int = setting(32, "Trigger search: clean images per class in one step.")
     search_lr: float = setting(0.1, "Trigger search: Adam learning rate.")
     search_threshold: float = setting(0.99, "Trigger search: attack success a reversed trigger must reach.")
-    search_restarts: int = setting(1, "Trigger search: independent random starts per class; each class keeps its smallest successful mask.")
-    search_keep_best_after: int = setting(20, "Trigger search with restarts: rounds after which each class goes on from its best start "
+    search_restarts: int = setting(4, "Trigger search: independent random starts per class; each class keeps its smallest successful mask.")
+    search_keep_best_after: int = setting(10, "Trigger search with restarts: rounds after which each class goes on from its best start "
                                           "alone (0: every start runs to the end).", applies=lambda s: s.search_restarts > 1)  # fmt: skip
     search_converged: float = setting(1.0, "Trigger search: a class stops once its smallest mask has not fallen below this fraction of "
                                       "the best so far for 5 x patience rounds (the authors' 1.0: any decrease counts).")  # fmt: skip
