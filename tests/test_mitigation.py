@@ -34,7 +34,7 @@ def test_unlearning_removes_the_backdoor_and_keeps_accuracy(planted, digits):
     before = attack_success_rate(model, x_test, y_test, 0, trigger)
     assert before > 0.9
     repaired = copy.deepcopy(model)
-    unlearn(repaired, *digits.train.tensors, mask, pattern, UnlearnConfig(epochs=2))
+    unlearn(repaired, *digits.train.tensors, mask, pattern, UnlearnConfig())  # the defaults
     assert attack_success_rate(repaired, x_test, y_test, 0, trigger) < 0.1 * before
     assert accuracy(repaired, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.02
     assert not torch.equal(next(repaired.parameters()), next(model.parameters()))  # a copy was repaired, not the original
@@ -63,7 +63,7 @@ def test_warmup_schedule_rises_for_an_epoch_then_falls_to_zero():
     assert len(rates) == 30 and rates[0] == pytest.approx(0.001) and rates[9] == pytest.approx(0.01)  # linear up to the peak
     assert rates[10] == pytest.approx(0.01) and all(a > b for a, b in zip(rates[10:], rates[11:]))  # then a cosine down
     assert rates[-1] < 0.001 and min(rates) > 0
-    assert _rates(UnlearnConfig(epochs=2, lr=0.01), per_epoch=5) == [0.01] * 10  # constant: the paper's
+    assert _rates(UnlearnConfig(epochs=2, lr=0.01, schedule="constant"), per_epoch=5) == [0.01] * 10  # constant: the paper's
     with pytest.raises(ValueError, match="unknown unlearning schedule 'step'"):
         UnlearnConfig(schedule="step")
 

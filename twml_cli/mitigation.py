@@ -32,12 +32,12 @@ class UnlearnConfig:
     """Unlearning: fine-tuning epochs, the stamped fraction, SGD learning rate, schedule and batch,
     and whether normalization statistics stay as trained."""
 
-    epochs: int = 2
-    fraction: float = 0.2  # of the clean images that carry the reversed trigger
+    epochs: int = 6
+    fraction: float = 0.1  # of the clean images that carry the reversed trigger (the paper: 0.2)
     lr: float = 0.005
     batch_size: int = 128
-    schedule: str = "constant"  # the learning rate: constant, or warmup (one epoch up from 0, then a cosine down to 0)
-    freeze_norm: bool = False  # keep the normalization layers' statistics as trained (eval-mode BatchNorm while fine-tuning)
+    schedule: str = "warmup"  # the learning rate: constant (the paper's), or warmup (one epoch up from 0, then a cosine down to 0)
+    freeze_norm: bool = True  # keep the normalization layers' statistics as trained (eval-mode BatchNorm while fine-tuning)
     seed: int = 0
 
     def __post_init__(self):

@@ -329,13 +329,13 @@ class Mitigate(Common, Settings):
     cleanse_run: str = setting("", "The cleanse run whose findings to act on (default: the newest finished one).")
     mitigation: str = setting("unlearn", "unlearn (fine-tune with the reversed trigger under true labels) or prune (remove the "
                               "neurons it excites).", choices=("unlearn", "prune"))  # fmt: skip
-    unlearn_epochs: int = setting(2, "Unlearning: epochs of fine-tuning.", applies=lambda s: s.mitigation == "unlearn")
-    unlearn_fraction: float = setting(0.2, "Unlearning: fraction of the clean images stamped with the reversed trigger (the paper's 20%).",
+    unlearn_epochs: int = setting(6, "Unlearning: epochs of fine-tuning.", applies=lambda s: s.mitigation == "unlearn")
+    unlearn_fraction: float = setting(0.1, "Unlearning: fraction of the clean images stamped with the reversed trigger (the paper's: 20%).",
                                       applies=lambda s: s.mitigation == "unlearn")  # fmt: skip
     unlearn_lr: float = setting(0.005, "Unlearning: SGD learning rate.", applies=lambda s: s.mitigation == "unlearn")
-    unlearn_schedule: str = setting("constant", "Unlearning: the learning rate, constant or warmup (an epoch up from 0, then a cosine to 0).",
+    unlearn_schedule: str = setting("warmup", "Unlearning: the learning rate, constant or warmup (an epoch up from 0, then a cosine to 0).",
                                     choices=("constant", "warmup"), applies=lambda s: s.mitigation == "unlearn")  # fmt: skip
-    unlearn_freeze_norm: bool = setting(False, "Unlearning: keep the normalization layers' statistics as trained.", applies=lambda s: s.mitigation == "unlearn")
+    unlearn_freeze_norm: bool = setting(True, "Unlearning: keep the normalization layers' statistics as trained.", applies=lambda s: s.mitigation == "unlearn")
     prune_step: float = setting(0.05, "Pruning: fraction of the penultimate neurons removed per step.", applies=lambda s: s.mitigation == "prune")
     prune_stop: float = setting(0.05, "Pruning: stop once the reversed trigger succeeds on fewer than this fraction.",
                                 applies=lambda s: s.mitigation == "prune")  # fmt: skip
