@@ -21,6 +21,10 @@ def subject(cuda: bool, images: int, split: str) -> tuple[ModelSpec, torch.Tenso
     """(spec, images, name): resnet18 on random 3x32x32 on CUDA, else the digits model on
     the first `images` of the digits `split` ('train' or 'test')."""
     if cuda:
-        return RESNET18_CIFAR, torch.rand(images, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "resnet18 3x32x32"
+        return (
+            RESNET18_CIFAR,
+            torch.rand(images, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+            "resnet18 3x32x32",
+        )
     spec, train, test = digits_spec()
     return spec, (train if split == "train" else test).tensors[0][:images], "test_byobnet digits 8x8"

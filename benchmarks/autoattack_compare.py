@@ -12,7 +12,8 @@ which would downgrade requests, idna and urllib3 under MLflow; ART's AutoAttack 
 standard composition). To add them:
 
     pip install --no-deps --target /tmp/aa-libs torchattacks==3.5.1 adversarial-robustness-toolbox==1.20.1
-    PYTHONPATH=.:/tmp/aa-libs python benchmarks/autoattack_compare.py --original /tmp/auto-attack --others torchattacks,art
+    PYTHONPATH=.:/tmp/aa-libs python benchmarks/autoattack_compare.py \
+        --original /tmp/auto-attack --others torchattacks,art
 
 Prints one JSON line per (model, seed) and a summary per model.
 """
@@ -63,8 +64,12 @@ def art_aa(model, x, y, eps, seed):
     from art.attacks.evasion import AutoAttack
     from art.estimators.classification import PyTorchClassifier
 
-    clf = PyTorchClassifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=10, clip_values=(0.0, 1.0))
-    return torch.from_numpy(AutoAttack(estimator=clf, eps=eps, eps_step=eps / 4, batch_size=len(x)).generate(x.numpy(), y=y.numpy()))
+    clf = PyTorchClassifier(
+        model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=10, clip_values=(0.0, 1.0)
+    )
+    return torch.from_numpy(
+        AutoAttack(estimator=clf, eps=eps, eps_step=eps / 4, batch_size=len(x)).generate(x.numpy(), y=y.numpy())
+    )
 
 
 RUNNERS = {"twml": twml_aa, "original": original_aa, "torchattacks": torchattacks_aa, "art": art_aa}
@@ -74,7 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--original", default=None, help="a copy of fra31/auto-attack (the folder holding autoattack/)")
     parser.add_argument("--others", default="", help="also torchattacks and/or art (comma-separated)")
-    parser.add_argument("--models", default="standard,free", help="the embedded default's standard and/or free (m=4) model")
+    parser.add_argument(
+        "--models", default="standard,free", help="the embedded default's standard and/or free (m=4) model"
+    )
     parser.add_argument("--seeds", default="0", help="attack seeds (each implementation runs with each)")
     parser.add_argument("--images", type=int, default=360, help="the first N test images (360: all)")
     parser.add_argument("--threads", type=int, default=2)
@@ -108,7 +115,9 @@ def main() -> None:
             for k, v in row.items():
                 totals.setdefault(k, []).append(v)
             print(json.dumps(row), flush=True)
-        means = {k: round(float(np.mean(v)), 4) for k, v in totals.items() if k not in ("model", "seed", "images", "threads")}
+        means = {
+            k: round(float(np.mean(v)), 4) for k, v in totals.items() if k not in ("model", "seed", "images", "threads")
+        }
         print(json.dumps({"model": method, "seeds": len(totals["seed"]), "mean": means}), flush=True)
 
 

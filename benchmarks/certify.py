@@ -57,12 +57,24 @@ class ReferenceSmooth:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--n", type=int, default=None, help="noise samples per image (default 1,000 on CPU, 100,000 on CUDA)")
+    parser.add_argument(
+        "--n", type=int, default=None, help="noise samples per image (default 1,000 on CPU, 100,000 on CUDA)"
+    )
     parser.add_argument("--images", type=int, default=None, help="images certified (default 40 on CPU, 20 on CUDA)")
-    parser.add_argument("--reference-images", type=int, default=None, help="images the slow reference certifies (default: all on CPU, 4 on CUDA)")
+    parser.add_argument(
+        "--reference-images",
+        type=int,
+        default=None,
+        help="images the slow reference certifies (default: all on CPU, 4 on CUDA)",
+    )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--sigma", type=float, default=0.25)
-    parser.add_argument("--compile", choices=("off", "on", "graphs"), default=None, help="torch.compile twml's model (default: graphs on CUDA)")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "on", "graphs"),
+        default=None,
+        help="torch.compile twml's model (default: graphs on CUDA)",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

@@ -27,10 +27,18 @@ from twml_cli.runtime import Timer, resolve_device
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=20, help="rounds (default 20; class after class takes 10x as many passes)")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="rounds (default 20; class after class takes 10x as many passes)"
+    )
     parser.add_argument("--images", type=int, default=None, help="clean images (default 256 on CPU, 1,000 on CUDA)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per class per step (default 32 CPU, 64 CUDA: the presets')")
-    parser.add_argument("--skip-alone", action="store_true", help="time only all classes together (with early stopping, as twml runs it)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="images per class per step (default 32 CPU, 64 CUDA: the presets')"
+    )
+    parser.add_argument(
+        "--skip-alone",
+        action="store_true",
+        help="time only all classes together (with early stopping, as twml runs it)",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -67,7 +75,11 @@ def main() -> None:
     for k, v in row.items():
         print(f"{k:>30}: {v}")
     print(json.dumps(row))
-    print(where_time_goes(lambda: reverse_engineer(model, x[:batch * 2], 10, CleanseConfig(steps=1, batch_size=batch)), calls=2))
+    print(
+        where_time_goes(
+            lambda: reverse_engineer(model, x[: batch * 2], 10, CleanseConfig(steps=1, batch_size=batch)), calls=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,11 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"seed{self.seed}-clean" if self.position is None else f"seed{self.seed}-{self.position}-t{self.target}-s{self.size}"
+        return (
+            f"seed{self.seed}-clean"
+            if self.position is None
+            else f"seed{self.seed}-{self.position}-t{self.target}-s{self.size}"
+        )
 
 
 def parse_ints(text: str) -> list[int]:
@@ -117,16 +121,35 @@ def run_cell(out: Path, cell: Cell, threads: int, search: dict, name: str, model
     (ins,) = outcome.inspections
     rev = ins.reversed
     (out / "triggers").mkdir(exist_ok=True)
-    np.savez(out / "triggers" / f"{name}.npz", masks=rev.masks.numpy(), patterns=rev.patterns.numpy(), start_norms=rev.start_norms)
+    np.savez(
+        out / "triggers" / f"{name}.npz",
+        masks=rev.masks.numpy(),
+        patterns=rev.patterns.numpy(),
+        start_norms=rev.start_norms,
+    )
     flagged = [int(c) for c in np.flatnonzero(ins.test.flagged)]
-    row = {"cell": cell.name, "seed": cell.seed, "position": cell.position, "target": cell.target, "size": cell.size, "threads": threads,
-           "model_threads": model_threads,
-           **{k: round(v, 4) for k, v in facts.items()}, "flagged": flagged, "largest_index": round(ins.anomaly_index, 3),
-           "norms": [round(float(v), 3) for v in rev.norms], "cleanse_s": round(seconds, 1), "search_images": rev.images}  # fmt: skip
+    row = {
+        "cell": cell.name,
+        "seed": cell.seed,
+        "position": cell.position,
+        "target": cell.target,
+        "size": cell.size,
+        "threads": threads,
+        "model_threads": model_threads,
+        **{k: round(v, 4) for k, v in facts.items()},
+        "flagged": flagged,
+        "largest_index": round(ins.anomaly_index, 3),
+        "norms": [round(float(v), 3) for v in rev.norms],
+        "cleanse_s": round(seconds, 1),
+        "search_images": rev.images,
+    }
     if cell.position is not None:
         planted = float(Trigger(cell.size, cell.position).size ** 2)
-        row.update(detected=flagged == [cell.target], target_index=round(float(ins.test.anomaly_index[cell.target]), 3),
-                   norm_ratio=round(float(rev.norms[cell.target]) / planted, 3))  # fmt: skip
+        row.update(
+            detected=flagged == [cell.target],
+            target_index=round(float(ins.test.anomaly_index[cell.target]), 3),
+            norm_ratio=round(float(rev.norms[cell.target]) / planted, 3),
+        )
     return row
 
 
@@ -146,9 +169,13 @@ def repair_cell(out: Path, cell: Cell, threads: int, name: str, unlearn: dict, m
     began = time.perf_counter()
     repaired = mitigate.compute(mitigate.prepare(s, finding))
     m, real = repaired.metrics, repaired.real
-    return {"repair_accuracy_before": round(m.accuracy_before, 4), "repair_accuracy_change": round(m.accuracy - m.accuracy_before, 4),
-            "repair_attack_success_before": round(real.attack_success_rate_before, 4), "repair_attack_success": round(real.attack_success_rate, 4),
-            "repair_s": round(time.perf_counter() - began, 1)}  # fmt: skip
+    return {
+        "repair_accuracy_before": round(m.accuracy_before, 4),
+        "repair_accuracy_change": round(m.accuracy - m.accuracy_before, 4),
+        "repair_attack_success_before": round(real.attack_success_rate_before, 4),
+        "repair_attack_success": round(real.attack_success_rate, 4),
+        "repair_s": round(time.perf_counter() - began, 1),
+    }
 
 
 # ---------------------------------------------------------------- the matrix
@@ -166,11 +193,17 @@ def summary(rows: list[dict]) -> list[str]:
         detected = [r for r in planted if r["detected"]]
         second = [r for r in planted if set(r["flagged"]) - {r["target"]}]
         ratios = [r["norm_ratio"] for r in detected]
-        lines.append(f"planted cells: {len(planted)}; detected (the target flagged, and only it): {len(detected)} "
-                     f"({100 * len(detected) / len(planted):.1f}%); a second class flagged: {len(second)} ({100 * len(second) / len(planted):.1f}%)")  # fmt: skip
+        lines.append(
+            f"planted cells: {len(planted)}; detected (the target flagged, and only it): {len(detected)} "
+            f"({100 * len(detected) / len(planted):.1f}%); a second class flagged: {len(second)} "
+            f"({100 * len(second) / len(planted):.1f}%)"
+        )
         if ratios:
-            lines.append(f"reversed / planted norm over detected cells: median {np.median(ratios):.2f}, "
-                         f"quartiles {np.percentile(ratios, 25):.2f} to {np.percentile(ratios, 75):.2f}, largest {max(ratios):.2f}")  # fmt: skip
+            lines.append(
+                f"reversed / planted norm over detected cells: median {np.median(ratios):.2f}, "
+                f"quartiles {np.percentile(ratios, 25):.2f} to {np.percentile(ratios, 75):.2f}, largest "
+                f"{max(ratios):.2f}"
+            )
         for field in ("position", "size", "target"):
             groups = {}
             for r in planted:
@@ -180,22 +213,30 @@ def summary(rows: list[dict]) -> list[str]:
         if repaired:
             ok = [r for r in repaired if r["repair_attack_success"] <= 0.05 and r["repair_accuracy_change"] >= -0.01]
             changes = [r["repair_accuracy_change"] for r in repaired]
-            lines.append(f"unlearning: {len(ok)} of {len(repaired)} repaired (attack success <= 0.05, accuracy within 1 point); "
-                         f"attack success after: largest {max(r['repair_attack_success'] for r in repaired):.4f}; "
-                         f"accuracy change {min(changes):+.4f} to {max(changes):+.4f} (median {np.median(changes):+.4f})")  # fmt: skip
+            lines.append(
+                f"unlearning: {len(ok)} of {len(repaired)} repaired (attack success <= 0.05, accuracy within 1 point); "
+                f"attack success after: largest {max(r['repair_attack_success'] for r in repaired):.4f}; "
+                f"accuracy change {min(changes):+.4f} to {max(changes):+.4f} (median {np.median(changes):+.4f})"
+            )
         lines.append(f"trigger search per model: median {np.median([r['cleanse_s'] for r in planted]):.1f} s")
     if clean:
         flagged = [r for r in clean if r["flagged"]]
-        lines.append(f"clean models: {len(clean)}; any class flagged: {len(flagged)} ({100 * len(flagged) / len(clean):.1f}%); "
-                     f"largest index median {np.median([r['largest_index'] for r in clean]):.2f}, max {max(r['largest_index'] for r in clean):.2f}")  # fmt: skip
+        lines.append(
+            f"clean models: {len(clean)}; any class flagged: {len(flagged)} ({100 * len(flagged) / len(clean):.1f}%); "
+            f"largest index median {np.median([r['largest_index'] for r in clean]):.2f}, max "
+            f"{max(r['largest_index'] for r in clean):.2f}"
+        )
     return lines
 
 
 def breakdown(rows: list[dict]) -> list[str]:
     """One row per trigger (position and size) over its targets and seeds: how often detected,
     the medians of attack success, the target's index and the norm ratio."""
-    head = ["| position | size | detected | a second class flagged | attack success (median) | target's index (median, lowest) | reversed / planted norm (median) |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    head = [
+        "| position | size | detected | a second class flagged | attack success (median) | target's index (median, "
+        "lowest) | reversed / planted norm (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     body = []
     planted = [r for r in rows if r["position"] is not None]
     for size in sorted({r["size"] for r in planted}):
@@ -206,22 +247,41 @@ def breakdown(rows: list[dict]) -> list[str]:
             found = sum(r["detected"] for r in group)
             second = sum(bool(set(r["flagged"]) - {r["target"]}) for r in group)
             index = [r["target_index"] for r in group]
-            body.append(f"| {position} | {size}x{size} | {found}/{len(group)} | {second} | {np.median([r['attack_success'] for r in group]):.3f} | "
-                        f"{np.median(index):.2f}, {min(index):.2f} | {np.median([r['norm_ratio'] for r in group]):.2f} |")  # fmt: skip
+            body.append(
+                f"| {position} | {size}x{size} | {found}/{len(group)} | {second} | "
+                f"{np.median([r['attack_success'] for r in group]):.3f} | "
+                f"{np.median(index):.2f}, {min(index):.2f} | {np.median([r['norm_ratio'] for r in group]):.2f} |"
+            )
     return head + body
 
 
 def table(rows: list[dict]) -> list[str]:
-    head = ["| seed | position | target | size | attack success | accuracy | detected | flagged | target's index | reversed / planted norm | search s | after unlearning: attack success | accuracy change |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    head = [
+        "| seed | position | target | size | attack success | accuracy | detected | flagged | target's index | "
+        "reversed / planted norm | search s | after unlearning: attack success | accuracy change |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     body = []
-    for r in sorted(rows, key=lambda r: (r["position"] is None, r["position"] or "", r["size"], r["target"], r["seed"])):
+    for r in sorted(
+        rows, key=lambda r: (r["position"] is None, r["position"] or "", r["size"], r["target"], r["seed"])
+    ):
         if r["position"] is None:
-            body.append(f"| {r['seed']} | clean | | | | {r['accuracy']:.4f} | | {r['flagged'] or '-'} | largest {r['largest_index']:.2f} | | {r['cleanse_s']} | | |")
+            body.append(
+                f"| {r['seed']} | clean | | | | {r['accuracy']:.4f} | | {r['flagged'] or '-'} | largest "
+                f"{r['largest_index']:.2f} | | {r['cleanse_s']} | | |"
+            )
             continue
-        repair = (f"{r['repair_attack_success']:.4f} | {r['repair_accuracy_change']:+.4f}" if "repair_attack_success" in r else " | ")
-        body.append(f"| {r['seed']} | {r['position']} | {r['target']} | {r['size']}x{r['size']} | {r['attack_success']:.4f} | {r['accuracy']:.4f} | "
-                    f"{'yes' if r['detected'] else 'NO'} | {r['flagged'] or '-'} | {r['target_index']:.2f} | {r['norm_ratio']:.2f} | {r['cleanse_s']} | {repair} |")  # fmt: skip
+        repair = (
+            f"{r['repair_attack_success']:.4f} | {r['repair_accuracy_change']:+.4f}"
+            if "repair_attack_success" in r
+            else " | "
+        )
+        body.append(
+            f"| {r['seed']} | {r['position']} | {r['target']} | {r['size']}x{r['size']} | {r['attack_success']:.4f} | "
+            f"{r['accuracy']:.4f} | "
+            f"{'yes' if r['detected'] else 'NO'} | {r['flagged'] or '-'} | {r['target_index']:.2f} | "
+            f"{r['norm_ratio']:.2f} | {r['cleanse_s']} | {repair} |"
+        )
     return head + body
 
 
@@ -249,7 +309,9 @@ def _run(log: Path, todo: dict, jobs: int, submit, what: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--positions", default=",".join(POSITIONS), help="comma-separated, or 'none' for clean models only")
+    parser.add_argument(
+        "--positions", default=",".join(POSITIONS), help="comma-separated, or 'none' for clean models only"
+    )
     parser.add_argument("--targets", default="0,3,7")
     parser.add_argument("--sizes", default="1,2")
     parser.add_argument("--seeds", default="0-4", help="training seeds of the planted cells")
@@ -257,10 +319,14 @@ def main() -> int:
     parser.add_argument("--cells", default=None, help="a slice START:STOP of the planted cells, in matrix order")
     parser.add_argument("--jobs", type=int, default=1, help="cells at a time, each in its own process")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per job (default: cores / jobs)")
-    parser.add_argument("--model-threads", type=int, default=None, help="the threads the models are trained with (default: --threads)")
-    parser.add_argument("--search", default=None, help='trigger-search settings as JSON, e.g. \'{"search_restarts": 1}\'')
+    parser.add_argument(
+        "--model-threads", type=int, default=None, help="the threads the models are trained with (default: --threads)"
+    )
+    parser.add_argument(
+        "--search", default=None, help="trigger-search settings as JSON, e.g. '{\"search_restarts\": 1}'"
+    )
     parser.add_argument("--mitigate", action="store_true", help="repair every detected cell by unlearning")
-    parser.add_argument("--unlearn", default=None, help='unlearning settings as JSON, e.g. \'{"unlearn_lr": 0.002}\'')
+    parser.add_argument("--unlearn", default=None, help="unlearning settings as JSON, e.g. '{\"unlearn_lr\": 0.002}'")
     parser.add_argument("--train-only", action="store_true", help="only train (and keep) the models")
     parser.add_argument("--out", default="benchmark-logs/cleanse-matrix")
     args = parser.parse_args()
@@ -271,7 +337,12 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     positions = [] if args.positions == "none" else args.positions.split(",")
-    planted = [Cell(seed, p, t, size) for p, size, t, seed in itertools.product(positions, parse_ints(args.sizes), parse_ints(args.targets), parse_ints(args.seeds))]
+    planted = [
+        Cell(seed, p, t, size)
+        for p, size, t, seed in itertools.product(
+            positions, parse_ints(args.sizes), parse_ints(args.targets), parse_ints(args.seeds)
+        )
+    ]
     if args.cells:
         start, stop = (int(v) if v else None for v in args.cells.split(":"))
         planted = planted[start:stop]
@@ -280,23 +351,50 @@ def main() -> int:
 
     if args.train_only:
         with ProcessPoolExecutor(args.jobs) as pool:
-            for k, future in enumerate(as_completed([pool.submit(train_cell, out, c, model_threads) for c in cells]), 1):
+            for k, future in enumerate(
+                as_completed([pool.submit(train_cell, out, c, model_threads) for c in cells]), 1
+            ):
                 print(f"[{k}/{len(cells)}] {json.dumps(future.result())}", flush=True)
         return 0
-    search_key = {c: key(c.name, threads, search) if model_threads == threads else key(c.name, threads, model_threads, search) for c in cells}
-    done = _run(out / "cells.jsonl", {search_key[c]: c for c in cells}, args.jobs,
-                lambda pool, c, k: pool.submit(run_cell, out, c, threads, search, k, model_threads),
-                f"{args.jobs} job(s) of {threads} thread(s), models trained with {model_threads}; search {search or 'as the preset'}")  # fmt: skip
+    search_key = {
+        c: key(c.name, threads, search) if model_threads == threads else key(c.name, threads, model_threads, search)
+        for c in cells
+    }
+    done = _run(
+        out / "cells.jsonl",
+        {search_key[c]: c for c in cells},
+        args.jobs,
+        lambda pool, c, k: pool.submit(run_cell, out, c, threads, search, k, model_threads),
+        f"{args.jobs} job(s) of {threads} thread(s), models trained with {model_threads}; search "
+        f"{search or 'as the preset'}",
+    )
     rows = [done[search_key[c]] for c in cells]
     if args.mitigate:
         detected = {key(search_key[c], unlearn): c for c, r in zip(cells, rows) if r.get("detected")}
-        repairs = _run(out / "repairs.jsonl", detected, args.jobs,
-                       lambda pool, c, k: pool.submit(repair_cell, out, c, threads, search_key[c], unlearn, model_threads),
-                       f"unlearning {unlearn or 'as the preset'}")  # fmt: skip
+        repairs = _run(
+            out / "repairs.jsonl",
+            detected,
+            args.jobs,
+            lambda pool, c, k: pool.submit(repair_cell, out, c, threads, search_key[c], unlearn, model_threads),
+            f"unlearning {unlearn or 'as the preset'}",
+        )
         rows = [{**r, **repairs.get(key(search_key[c], unlearn), {})} for c, r in zip(cells, rows)]
     lines = summary(rows)
     print("\n".join(lines))
-    (out / "matrix.md").write_text("\n".join([f"search: {search or 'as the preset'}; {threads} thread(s) per job", "", *lines, "", *breakdown(rows), "", *table(rows)]) + "\n")
+    (out / "matrix.md").write_text(
+        "\n".join(
+            [
+                f"search: {search or 'as the preset'}; {threads} thread(s) per job",
+                "",
+                *lines,
+                "",
+                *breakdown(rows),
+                "",
+                *table(rows),
+            ]
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -48,20 +48,43 @@ def main() -> int:
     preset = config.load_preset(args.preset)
     common = {k: v for k, v in {"dataset": args.dataset, "device": args.device}.items() if v is not None}
     arch = {"stem": args.stem} if args.stem else {}
-    poison = {k: v for k, v in {"target": args.target, "position": args.position, "trigger_size": args.trigger_size}.items() if v is not None}
-    search = {k: v for k, v in {"search_steps": args.search_steps, "search_images": args.search_images, "patience": args.patience,
-                                "cost_multiplier": args.cost_multiplier, "init_cost": args.init_cost}.items() if v is not None}  # fmt: skip
+    poison = {
+        k: v
+        for k, v in {"target": args.target, "position": args.position, "trigger_size": args.trigger_size}.items()
+        if v is not None
+    }
+    search = {
+        k: v
+        for k, v in {
+            "search_steps": args.search_steps,
+            "search_images": args.search_images,
+            "patience": args.patience,
+            "cost_multiplier": args.cost_multiplier,
+            "init_cost": args.init_cost,
+        }.items()
+        if v is not None
+    }
     detected = clean_ok = 0
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         began = time.perf_counter()
         bad_settings = config.resolve_one("backdoor", preset, {**common, **arch, **poison, "seed": seed})
-        same = {k: getattr(bad_settings, k) for k in ("dataset", "model", "stem", "epochs")}  # the clean model: same data, model, budget
-        clean = train.compute(train.prepare(config.resolve_one("train", preset, {**common, **same, "seed": seed, "pgd_steps": 1})))
+        same = {
+            k: getattr(bad_settings, k) for k in ("dataset", "model", "stem", "epochs")
+        }  # the clean model: same data, model, budget
+        clean = train.compute(
+            train.prepare(config.resolve_one("train", preset, {**common, **same, "seed": seed, "pgd_steps": 1}))
+        )
         poisoned = backdoor.compute(backdoor.prepare(bad_settings))
         folder = Path(args.out) / f"seed{seed}"
-        paths = [str(save_model(m, folder / name)) for name, m in (("clean", clean.model), ("backdoor", poisoned.model))]
-        s = config.resolve_one("cleanse", preset, {**common, **search, "seed": seed, "model_runs": paths, "dataset": poisoned.settings.dataset})
+        paths = [
+            str(save_model(m, folder / name)) for name, m in (("clean", clean.model), ("backdoor", poisoned.model))
+        ]
+        s = config.resolve_one(
+            "cleanse",
+            preset,
+            {**common, **search, "seed": seed, "model_runs": paths, "dataset": poisoned.settings.dataset},
+        )
         outcome = cleanse.compute(cleanse.prepare(s))
         target = poisoned.settings.target
         clean_ins, bad_ins = outcome.inspections
@@ -85,9 +108,13 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     n = len(rows)
-    print(f"target flagged in {detected} of {n} seeds; clean model unflagged in {clean_ok} of {n}; "
-          f"target index median {np.median([r['target_index'] for r in rows]):.2f} (min {min(r['target_index'] for r in rows):.2f}); "
-          f"clean max index median {np.median([r['clean_max_index'] for r in rows]):.2f} (max {max(r['clean_max_index'] for r in rows):.2f})")  # fmt: skip
+    print(
+        f"target flagged in {detected} of {n} seeds; clean model unflagged in {clean_ok} of {n}; "
+        f"target index median {np.median([r['target_index'] for r in rows]):.2f} (min "
+        f"{min(r['target_index'] for r in rows):.2f}); "
+        f"clean max index median {np.median([r['clean_max_index'] for r in rows]):.2f} (max "
+        f"{max(r['clean_max_index'] for r in rows):.2f})"
+    )
     return 0 if detected >= args.need * n / 10 and clean_ok >= args.need * n / 10 else 1
 
 

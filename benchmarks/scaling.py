@@ -43,9 +43,22 @@ def worker(args) -> None:
     seconds = time.perf_counter() - began
     if runtime.rank() == 0:
         samples = len(x) * (100 + args.n)
-        print(json.dumps({"model": name, "device": str(device), "processes": runtime.world_size(), "images": len(x), "n": args.n,
-                          "seconds": round(seconds, 2), "samples_per_s": round(samples / seconds), "s_per_image": round(seconds / len(x), 4),
-                          "radius_sum": float(np.sum(table["radius"]))}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "model": name,
+                    "device": str(device),
+                    "processes": runtime.world_size(),
+                    "images": len(x),
+                    "n": args.n,
+                    "seconds": round(seconds, 2),
+                    "samples_per_s": round(samples / seconds),
+                    "s_per_image": round(seconds / len(x), 4),
+                    "radius_sum": float(np.sum(table["radius"])),
+                }
+            ),
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -61,9 +74,29 @@ def main() -> None:
         return worker(args)
     rows = []
     for procs in args.procs or [1, 2]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "--", __file__, "--worker",
-               "--device", args.device, "--images", str(args.images), "--n", str(args.n), "--batch", str(args.batch)]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}:{os.environ.get('PYTHONPATH', '')}"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(procs),
+            "--",
+            __file__,
+            "--worker",
+            "--device",
+            args.device,
+            "--images",
+            str(args.images),
+            "--n",
+            str(args.n),
+            "--batch",
+            str(args.batch),
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}:{os.environ.get('PYTHONPATH', '')}",
+        }
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
         row = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
         rows.append(row)
@@ -72,8 +105,11 @@ def main() -> None:
         base = rows[0]
         for r in rows[1:]:
             same = abs(r["radius_sum"] - base["radius_sum"]) == 0
-            print(f"{r['processes']} processes: {r['samples_per_s'] / base['samples_per_s']:.2f}x the samples/s of {base['processes']}, "
-                  f"certificates {'identical' if same else 'DIFFERENT'}")  # fmt: skip
+            print(
+                f"{r['processes']} processes: {r['samples_per_s'] / base['samples_per_s']:.2f}x the samples/s of "
+                f"{base['processes']}, "
+                f"certificates {'identical' if same else 'DIFFERENT'}"
+            )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ def main() -> int:
     device = parser.parse_args().device
     print(f"device: {describe_device(resolve_device(device))}, torch {torch.__version__}")
     preset = config.load_preset()
-    settings = {c: [dataclasses.replace(s, device=device) for s in config.resolve(c, preset)] for c in ("train", "smooth", "backdoor", "cleanse")}
+    settings = {
+        c: [dataclasses.replace(s, device=device) for s in config.resolve(c, preset)]
+        for c in ("train", "smooth", "backdoor", "cleanse")
+    }
     base = settings["train"][0]
     warm = dataclasses.replace(base, epochs=1, pgd_steps=1)
     train.compute(train.prepare(warm))  # warm-up: kernels, autotuning
@@ -48,16 +51,27 @@ def main() -> int:
     checks = findings.free_training(train.metrics(standard), train.metrics(free))
 
     small, large = (run(smooth, dataclasses.replace(settings["smooth"][0], sigma=sigma)) for sigma in (0.05, 0.20))
-    checks += findings.smoothing(smooth.metrics(small), smooth.metrics(large), *(smooth.certified_at(o, [0.25])[0] for o in (small, large)))
+    checks += findings.smoothing(
+        smooth.metrics(small), smooth.metrics(large), *(smooth.certified_at(o, [0.25])[0] for o in (small, large))
+    )
 
     poisoned = run(backdoor, settings["backdoor"][0])
     folder = "benchmark-logs/models"  # cleanse takes models from folders here, so no MLflow is needed
     from twml_cli.models import save_model
 
-    paths = [str(save_model(m, f"{folder}/{name}")) for name, m in (("standard", standard.model), ("backdoor", poisoned.model))]
+    paths = [
+        str(save_model(m, f"{folder}/{name}"))
+        for name, m in (("standard", standard.model), ("backdoor", poisoned.model))
+    ]
     inspected = run(cleanse, dataclasses.replace(settings["cleanse"][0], model_runs=paths, dataset="digits"))
     strongest = inspected.strongest
-    checks += findings.neural_cleanse(standard.robustness.accuracy, backdoor.metrics(poisoned), inspected.verdict, poisoned.settings.target, strongest.success_rate if strongest else None)  # fmt: skip
+    checks += findings.neural_cleanse(
+        standard.robustness.accuracy,
+        backdoor.metrics(poisoned),
+        inspected.verdict,
+        poisoned.settings.target,
+        strongest.success_rate if strongest else None,
+    )
     for check in checks:
         print(check)
     missed = [c for c in checks if not c.ok]

@@ -55,16 +55,34 @@ def worker() -> None:
     began = time.perf_counter()
     smoothing.certify_dataset(smoothed, test, list(range(len(test))), 100, 1000, 0.001, 2000)
     certify_s = time.perf_counter() - began
-    print(json.dumps({"threads": torch.get_num_threads(), "train": outcome.training.train_time_s, "pgd": outcome.robustness.attack_time_s,
-                      "certification": certify_s}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "threads": torch.get_num_threads(),
+                "train": outcome.training.train_time_s,
+                "pgd": outcome.robustness.attack_time_s,
+                "certification": certify_s,
+            }
+        )
+    )
 
 
 def measure(extra: dict, reproduce: bool) -> dict:
-    out = json.loads(subprocess.run([sys.executable, __file__, "--worker"], env=env(extra), capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    out = json.loads(
+        subprocess.run(
+            [sys.executable, __file__, "--worker"], env=env(extra), capture_output=True, text=True, check=True
+        ).stdout.splitlines()[-1]
+    )
     if reproduce:
         with tempfile.TemporaryDirectory() as tmp:
             began = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "twml_cli", "reproduce"], cwd=tmp, env=env(extra), capture_output=True, check=True)
+            subprocess.run(
+                [sys.executable, "-m", "twml_cli", "reproduce"],
+                cwd=tmp,
+                env=env(extra),
+                capture_output=True,
+                check=True,
+            )
             out["reproduce"] = time.perf_counter() - began
     return out
 
@@ -84,8 +102,13 @@ def main() -> None:
             beside = None
             with tempfile.TemporaryDirectory() as tmp:
                 if loaded:
-                    beside = subprocess.Popen([sys.executable, "-m", "twml_cli", "train", "--epochs", "100000", "--checkpoint-every", "0"],
-                                              cwd=tmp, env=env(SETTINGS[name]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                    beside = subprocess.Popen(
+                        [sys.executable, "-m", "twml_cli", "train", "--epochs", "100000", "--checkpoint-every", "0"],
+                        cwd=tmp,
+                        env=env(SETTINGS[name]),
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                     time.sleep(15)  # past its start-up, into training
                 try:
                     row = measure(SETTINGS[name], args.reproduce)
@@ -101,7 +124,11 @@ def main() -> None:
     print("\n| case | " + " | ".join(f"{n}: quiet / beside another twml" for n in names) + " |")
     print("|---|" + "---|" * len(names))
     for case in cases:
-        print(f"| {case} | " + " | ".join(f"{results[(n, False)][case]:.1f} s / {results[(n, True)][case]:.1f} s" for n in names) + " |")
+        print(
+            f"| {case} | "
+            + " | ".join(f"{results[(n, False)][case]:.1f} s / {results[(n, True)][case]:.1f} s" for n in names)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -55,18 +55,28 @@ def case(name, spec, x, y, x_test, y_test, *, epochs, m, eps, batch_size, device
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05)
     began = time.perf_counter()
     train(fresh(), data, TrainConfig(epochs=1, batch_size=batch_size), compile_mode=MODES[mode])  # compile, autotune
-    train(fresh(), data, TrainConfig(epochs=m, batch_size=batch_size), FreeAdversarial(eps, m), compile_mode=MODES[mode])
+    train(
+        fresh(), data, TrainConfig(epochs=m, batch_size=batch_size), FreeAdversarial(eps, m), compile_mode=MODES[mode]
+    )
     warm = time.perf_counter() - began
     standard = train(fresh(), data, cfg, compile_mode=MODES[mode])
     free = train(fresh(), data, cfg, FreeAdversarial(eps, m), compile_mode=MODES[mode])
     model = fresh().eval()
     attacked = compiled(model, MODES[mode])
     pgd_cfg = PGDConfig(eps=eps, alpha=eps / 4, steps=10)
-    evaluate_robustness(attacked, (x_test[:batch_size * 4], y_test[:batch_size * 4]), pgd_cfg, batch_size=1024)  # warm-up
+    evaluate_robustness(
+        attacked, (x_test[: batch_size * 4], y_test[: batch_size * 4]), pgd_cfg, batch_size=1024
+    )  # warm-up
     pgd = evaluate_robustness(attacked, (x_test, y_test), pgd_cfg, batch_size=1024)
     reference = reference_loop(fresh(), x, y, TrainConfig(epochs=1, batch_size=batch_size, lr=0.05), device)
     row = {
-        "case": name, "device": str(device), "compile": mode, "images": len(x), "batch_size": batch_size, "epochs": epochs, "m": m,
+        "case": name,
+        "device": str(device),
+        "compile": mode,
+        "images": len(x),
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "m": m,
         "warm_up_and_compile_s": round(warm, 1),
         "standard_images_per_s": round(standard.images_per_s),
         "epoch_of_50k_s": round(50_000 / standard.images_per_s, 2),
@@ -75,20 +85,35 @@ def case(name, spec, x, y, x_test, y_test, *, epochs, m, eps, batch_size, device
         "pgd10_images_per_s": round(pgd.num_examples / pgd.attack_time_s),
         "reference_images_per_s": round(reference),
         "speedup_over_reference": round(standard.images_per_s / reference, 2),
-    }  # fmt: skip
+    }
     print(json.dumps(row), flush=True)
     net = fresh()
-    print(where_time_goes(lambda: train(net, (data[0][: 4 * batch_size], data[1][: 4 * batch_size]), TrainConfig(epochs=1, batch_size=batch_size),
-                                        compile_mode=MODES[mode])), flush=True)  # fmt: skip
+    print(
+        where_time_goes(
+            lambda: train(
+                net,
+                (data[0][: 4 * batch_size], data[1][: 4 * batch_size]),
+                TrainConfig(epochs=1, batch_size=batch_size),
+                compile_mode=MODES[mode],
+            )
+        ),
+        flush=True,
+    )
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="append", choices=list(MODES), help="repeatable (default: graphs on CUDA, off on CPU)")
-    parser.add_argument("--images", type=int, default=None, help="resnet18 case size (default 50,000 on CUDA, 256 on CPU)")
-    parser.add_argument("--epochs", type=int, default=8, help="SGD budget of each timed run (default 8: free m=8 makes one pass)")
+    parser.add_argument(
+        "--compile", action="append", choices=list(MODES), help="repeatable (default: graphs on CUDA, off on CPU)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=None, help="resnet18 case size (default 50,000 on CUDA, 256 on CPU)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=8, help="SGD budget of each timed run (default 8: free m=8 makes one pass)"
+    )
     parser.add_argument("--skip-digits", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -97,14 +122,37 @@ def main() -> None:
     if not args.skip_digits:
         spec, train_set, test_set = digits_spec()
         for mode in modes:
-            case("digits/test_byobnet", spec, *train_set.tensors, *test_set.tensors, epochs=28, m=4, eps=0.1, batch_size=128, device=device, mode=mode)
+            case(
+                "digits/test_byobnet",
+                spec,
+                *train_set.tensors,
+                *test_set.tensors,
+                epochs=28,
+                m=4,
+                eps=0.1,
+                batch_size=128,
+                device=device,
+                mode=mode,
+            )
     n = args.images or (50_000 if cuda else 256)
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
     test = 10_000 if cuda else 64
     for mode in modes:
-        case("cifar-shaped/resnet18", RESNET18_CIFAR, x, y, x[:test], y[:test], epochs=args.epochs if cuda else 1, m=8 if cuda else 1,
-             eps=8 / 255, batch_size=128, device=device, mode=mode)  # fmt: skip
+        case(
+            "cifar-shaped/resnet18",
+            RESNET18_CIFAR,
+            x,
+            y,
+            x[:test],
+            y[:test],
+            epochs=args.epochs if cuda else 1,
+            m=8 if cuda else 1,
+            eps=8 / 255,
+            batch_size=128,
+            device=device,
+            mode=mode,
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,17 @@ os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+E2E_FIXTURES = {"cli", "module_cli", "reproduced"}  # fixtures that run whole twml commands
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `e2e` every test that runs whole commands (through one of E2E_FIXTURES, or a
+    subprocess of its own, marked by hand): `pytest -m "not e2e"` is the fast tier."""
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def digits():
     """The embedded data set: .train, .test (examples.InMemory: .x, .y, .tensors) and .info."""
@@ -72,7 +83,8 @@ class Cli:
         return [
             r
             for r in runs
-            if (command is None or r.data.tags.get("twml.command") == command) and (status is None or r.info.status == status)
+            if (command is None or r.data.tags.get("twml.command") == command)
+            and (status is None or r.info.status == status)
         ]
 
     def artifacts(self, run) -> set[str]:
@@ -90,7 +102,9 @@ class Cli:
         """The READY LoggedModel 'model' the run produced, or None."""
         from mlflow.entities import LoggedModelStatus
 
-        found = self.client().search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = 'model'")
+        found = self.client().search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = 'model'"
+        )
         ready = [m for m in found if m.status == LoggedModelStatus.READY]
         assert len(ready) <= 1, "one model per run"
         return ready[0] if ready else None
@@ -165,7 +179,14 @@ def twml_process(*args: str, cwd: Path, uri: str, **env):
     import sys
 
     environ = {**os.environ, "MLFLOW_TRACKING_URI": uri, **env}
-    return subprocess.Popen([sys.executable, "-m", "twml_cli", *args], cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "twml_cli", *args],
+        cwd=cwd,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def twml_run(*args: str, cwd: Path, uri: str, timeout: float = 600) -> Result:

@@ -50,7 +50,9 @@ def test_no_more_than_alpha_of_the_certificates_exceed_the_true_margin(linear):
 
 def test_points_far_beyond_the_grid_are_certified_there_with_far_fewer_samples(linear):
     alpha, looks = 0.001, rounds(20_000)
-    cert = Smooth(linear, 2, 0.25, seed=0).certify_grid(points(np.full(50, 2.0), linear.w), [0.25, 0.5, 0.75], 100, 20_000, alpha, 20_000)
+    cert = Smooth(linear, 2, 0.25, seed=0).certify_grid(
+        points(np.full(50, 2.0), linear.w), [0.25, 0.5, 0.75], 100, 20_000, alpha, 20_000
+    )
     assert np.all(cert.radius == 0.75)
     # All votes agree (margin 8 sigma), so after n samples the lower bound at level alpha_k is alpha_k^(1/n):
     # radius 0.75 = 3 sigma needs it to reach Phi(3) = 0.99865, first at n >= 7,250 at the earlier looks' alpha / 18.
@@ -81,7 +83,10 @@ def test_a_larger_futility_gives_up_sooner_and_is_never_wrong_for_it(linear):
     # margins just inside 0.5 and 0.75: out of reach of n_max, so only futility or the cap stops them
     margins = np.concatenate([np.full(40, 0.49), np.full(40, 0.74)])
     smooth = Smooth(linear, 2, 0.25, seed=5)
-    runs = {f: smooth.certify_grid(points(margins, linear.w), [0.25, 0.5, 0.75], 100, 20_000, 0.001, 20_000, futility=f) for f in (0.01, 0.2, 0.4)}
+    runs = {
+        f: smooth.certify_grid(points(margins, linear.w), [0.25, 0.5, 0.75], 100, 20_000, 0.001, 20_000, futility=f)
+        for f in (0.01, 0.2, 0.4)
+    }
     means = [runs[f].samples.mean() for f in (0.01, 0.2, 0.4)]
     assert means[0] > means[1] > means[2]
     for cert in runs.values():
@@ -111,18 +116,38 @@ def test_against_fixed_n_on_digits_it_certifies_as_much_with_far_fewer_samples(d
 
 def test_the_cli_logs_an_adaptive_run(reproduced):
     cli, source = reproduced.cli, reproduced.smooth[0.2]
-    result = cli("smooth", "--run", source.info.run_id, "--sigma", "0.2", "--radii", "0.1,0.25", "--adaptive", "--n", "4000",
-                 "--num-examples", "24", "--experiment", "adaptive")  # fmt: skip
+    result = cli(
+        "smooth",
+        "--run",
+        source.info.run_id,
+        "--sigma",
+        "0.2",
+        "--radii",
+        "0.1,0.25",
+        "--adaptive",
+        "--n",
+        "4000",
+        "--num-examples",
+        "24",
+        "--experiment",
+        "adaptive",
+    )
     assert result.code == 0, result.err
     (run,) = cli.runs("smooth", experiment="adaptive")
     p, m = run.data.params, run.data.metrics
     assert (p["adaptive"], p["radii"], p["futility"]) == ("True", "[0.1, 0.25]", "0.2")
-    assert {"certified_accuracy_r0.1", "certified_accuracy_r0.25", "samples_per_image"} <= set(m) and m["samples_per_image"] < 4100
+    assert {"certified_accuracy_r0.1", "certified_accuracy_r0.25", "samples_per_image"} <= set(m) and m[
+        "samples_per_image"
+    ] < 4100
     table = pd.read_csv(cli.download(run, "certify.csv"))
     assert table["samples"].mean() == pytest.approx(m["samples_per_image"]) and set(table["radius"]) <= {0.0, 0.1, 0.25}
     assert "Adaptive certification on the grid" in result.out
     assert cli("report", "--experiment", "adaptive", "--out", "adaptive-report").code == 0
     md = (cli.path / "adaptive-report" / "adaptive.md").read_text()
-    assert "at most n = 4,000" in md and "| adaptive, n ≤ 4,000, futility 0.2, grid 0.1, 0.25 |" in md and "Adaptive rows were" in md
+    assert (
+        "at most n = 4,000" in md
+        and "| adaptive, n ≤ 4,000, futility 0.2, grid 0.1, 0.25 |" in md
+        and "Adaptive rows were" in md
+    )
     refused = cli("smooth", "--adaptive", "--experiment", "adaptive")
     assert refused.code == 2 and "adaptive certification needs a grid" in refused.err

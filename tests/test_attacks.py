@@ -80,8 +80,12 @@ def test_robustness_figures_are_consistent_and_batch_independent(digits):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"eps": 1.5, "alpha": 0.1}, "eps must lie in"), ({"eps": 0.1, "alpha": 0.0}, "alpha"), ({"eps": 0.1, "alpha": 0.1, "steps": 0}, "steps"),
-     ({"eps": 0.1, "alpha": 0.1, "restarts": 0}, "restarts")],
+    [
+        ({"eps": 1.5, "alpha": 0.1}, "eps must lie in"),
+        ({"eps": 0.1, "alpha": 0.0}, "alpha"),
+        ({"eps": 0.1, "alpha": 0.1, "steps": 0}, "steps"),
+        ({"eps": 0.1, "alpha": 0.1, "restarts": 0}, "restarts"),
+    ],
 )
 def test_pgd_config_refuses_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -76,12 +76,20 @@ def test_fab_projection_is_the_smallest_linf_move_onto_the_plane_in_the_box():
     for _ in range(25):
         d = 6
         p, w, f = rng.random(d), rng.normal(size=d), rng.normal() * 0.5
-        move = project_linf(torch.tensor(p)[None], torch.tensor(w)[None], torch.tensor([f], dtype=torch.float64))[0].numpy()
+        move = project_linf(torch.tensor(p)[None], torch.tensor(w)[None], torch.tensor([f], dtype=torch.float64))[
+            0
+        ].numpy()
         # the same problem as a linear program: min t  s.t. |d_i| <= t, w.d = -f, 0 <= p + d <= 1
         c = np.r_[np.zeros(d), 1.0]
         a_ub = np.r_[np.c_[np.eye(d), -np.ones(d)], np.c_[-np.eye(d), -np.ones(d)]]
-        lp = linprog(c, A_ub=a_ub, b_ub=np.zeros(2 * d), A_eq=np.r_[w, 0.0][None], b_eq=[-f],
-                     bounds=[(-pi, 1 - pi) for pi in p] + [(0, None)])  # fmt: skip
+        lp = linprog(
+            c,
+            A_ub=a_ub,
+            b_ub=np.zeros(2 * d),
+            A_eq=np.r_[w, 0.0][None],
+            b_eq=[-f],
+            bounds=[(-pi, 1 - pi) for pi in p] + [(0, None)],
+        )
         if lp.status == 0:
             assert abs(move @ w + f) < 1e-9 and np.abs(move).max() == pytest.approx(lp.x[-1], abs=1e-7)
         else:  # no point of the box is on the plane: every coordinate moves as far as it can toward it
@@ -99,7 +107,15 @@ def test_square_lowers_the_margin_inside_the_ball(linear):
     fooled = z.argmax(1) != y
     assert fooled.float().mean() > 0.5 * (distance <= eps).float().mean() and not fooled[distance > eps].any()
     # the original's standard schedule (resc_schedule=False): by query, not rescaled to the budget
-    assert [window_fraction(0.8, i) for i in (0, 10, 11, 50, 51, 2500, 4999)] == [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 2**6, 0.8 / 2**7]
+    assert [window_fraction(0.8, i) for i in (0, 10, 11, 50, 51, 2500, 4999)] == [
+        0.8,
+        0.8,
+        0.4,
+        0.4,
+        0.2,
+        0.8 / 2**6,
+        0.8 / 2**7,
+    ]
 
 
 def test_autoattack_beside_pgd_on_the_digits_model(digits):
@@ -114,7 +130,9 @@ def test_autoattack_beside_pgd_on_the_digits_model(digits):
     r = evaluate_robustness(model, (x, y), PGDConfig(eps=0.1, alpha=0.025, steps=10), batch_size=40, autoattack=cfg)
     assert r.autoattack_robust_accuracy <= r.robust_accuracy  # AutoAttack finds at least what PGD-10 finds
     assert r.robust_accuracy_worst <= min(r.autoattack_robust_accuracy, r.robust_accuracy)
-    assert list(r.autoattack_after.values()) == sorted(r.autoattack_after.values(), reverse=True)  # each attack only removes
+    assert list(r.autoattack_after.values()) == sorted(
+        r.autoattack_after.values(), reverse=True
+    )  # each attack only removes
     again = evaluate_robustness(model, (x, y), PGDConfig(eps=0.1, alpha=0.025, steps=10), batch_size=96, autoattack=cfg)
     assert again.autoattack_robust_accuracy == r.autoattack_robust_accuracy  # keyed by example: batch-independent
 
@@ -128,7 +146,10 @@ def test_attack_autoattack_logs_its_metrics_and_the_report_shows_them_on_the_mod
     (run,) = cli.runs("attack", experiment="aa")
     m, p = run.data.metrics, run.data.params
     assert p["eval"] == "autoattack" and p["autoattack_iterations"] == "5" and p["model_run"] == model.info.run_id
-    assert m["autoattack_robust_accuracy"] <= m["robust_accuracy"] and m["robust_accuracy_worst"] <= m["autoattack_robust_accuracy"]
+    assert (
+        m["autoattack_robust_accuracy"] <= m["robust_accuracy"]
+        and m["robust_accuracy_worst"] <= m["autoattack_robust_accuracy"]
+    )
     after = [m[f"autoattack_after_{a}"] for a in ("apgd_ce", "apgd_t", "fab_t", "square")]
     assert after == sorted(after, reverse=True) and after[-1] == m["autoattack_robust_accuracy"]
     assert f"AutoAttack robust accuracy (standard, eps=0.1): {m['autoattack_robust_accuracy']:.4f}" in result.out

@@ -11,8 +11,13 @@ def test_default_trigger_is_a_tenth_of_the_side_at_least_two():
 
 @pytest.mark.parametrize(
     "position, rows, cols",
-    [("bottom-right", (6, 8), (6, 8)), ("top-left", (0, 2), (0, 2)), ("top-right", (0, 2), (6, 8)), ("bottom-left", (6, 8), (0, 2)),
-     ("centre", (3, 5), (3, 5))],  # fmt: skip
+    [
+        ("bottom-right", (6, 8), (6, 8)),
+        ("top-left", (0, 2), (0, 2)),
+        ("top-right", (0, 2), (6, 8)),
+        ("bottom-left", (6, 8), (0, 2)),
+        ("centre", (3, 5), (3, 5)),
+    ],
 )
 def test_trigger_stamps_a_white_square_in_its_place(position, rows, cols):
     x = torch.rand(3, 2, 8, 8) * 0.5
@@ -24,7 +29,9 @@ def test_trigger_stamps_a_white_square_in_its_place(position, rows, cols):
     assert not torch.equal(out, x) and x.max() <= 0.5  # the input is not modified
 
 
-@pytest.mark.parametrize("size, height, width, rows, cols", [(1, 8, 8, (3, 4), (3, 4)), (3, 8, 8, (2, 5), (2, 5)), (2, 7, 9, (2, 4), (3, 5))])
+@pytest.mark.parametrize(
+    "size, height, width, rows, cols", [(1, 8, 8, (3, 4), (3, 4)), (3, 8, 8, (2, 5), (2, 5)), (2, 7, 9, (2, 4), (3, 5))]
+)
 def test_centre_trigger_sits_in_the_middle(size, height, width, rows, cols):
     region = Trigger(size, "centre").region(height, width)
     assert (region[0].start, region[0].stop, region[1].start, region[1].stop) == (*rows, *cols)

@@ -25,7 +25,13 @@ def test_a_class_above_the_median_is_never_flagged():
 
 
 def test_threshold_and_equal_norms():
-    assert mad_outlier_test([5.0, 8.0, 9.0, 10.0, 11.0], threshold=2.0).flagged.tolist() == [True, False, False, False, False]
+    assert mad_outlier_test([5.0, 8.0, 9.0, 10.0, 11.0], threshold=2.0).flagged.tolist() == [
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
     assert not mad_outlier_test([5.0, 8.0, 9.0, 10.0, 11.0], threshold=3.0).flagged.any()
     same = mad_outlier_test([4.0, 4.0, 4.0, 4.0, 1.0])  # MAD = 0: any other value is infinitely out
     assert same.flagged.tolist() == [False, False, False, False, True] and np.isinf(same.anomaly_index[4])
@@ -77,7 +83,10 @@ def test_all_classes_together_give_the_class_by_class_answer(backdoored):
     assert torch.allclose(together.masks[some], torch.cat([a.masks for a in alone]), atol=1e-3)
     assert together.reached.all()
     # the poisoned target has by far the smallest trigger
-    assert int(np.argmin(together.norms)) == 0 and mad_outlier_test(together.norms).flagged.tolist() == [True] + [False] * 9
+    assert (
+        int(np.argmin(together.norms)) == 0
+        and mad_outlier_test(together.norms).flagged.tolist() == [True] + [False] * 9
+    )
 
 
 def test_reversed_trigger_sends_other_classes_to_its_target(backdoored, digits):
@@ -97,7 +106,9 @@ def test_restarts_keep_each_class_its_smallest_successful_start(backdoored):
     several = reverse_engineer(model, x, 10, dataclasses.replace(cfg, restarts=3, keep_best_after=0), classes=[0, 6])
     assert several.start_norms.shape == (2, 3)
     assert np.allclose(several.start_norms[:, 0], np.where(single.reached, single.norms, np.inf), rtol=1e-4)
-    assert np.allclose(several.norms, several.start_norms.min(1), rtol=1e-6) and np.all(several.norms <= single.norms + 1e-4)
+    assert np.allclose(several.norms, several.start_norms.min(1), rtol=1e-6) and np.all(
+        several.norms <= single.norms + 1e-4
+    )
     assert len(set(np.round(several.start_norms[1], 3))) > 1  # the starts differ
     assert several.images == 3 * single.images == 3 * 12 * 2 * 128
 
@@ -112,12 +123,22 @@ def test_successive_halving_goes_on_from_the_best_start_alone(backdoored):
 
 def test_lambda_schedule_stops_a_class_early(backdoored):
     model, x = backdoored
-    rev = reverse_engineer(model, x[:64], 10, CleanseConfig(steps=400, batch_size=64, patience=2, early_stop_patience=4), classes=[0])
+    rev = reverse_engineer(
+        model, x[:64], 10, CleanseConfig(steps=400, batch_size=64, patience=2, early_stop_patience=4), classes=[0]
+    )
     assert rev.reached[0] and rev.rounds[0] < 400
 
 
-@pytest.mark.parametrize("kwargs, message", [({"steps": 0}, "steps"), ({"threshold": 0}, "threshold"), ({"cost_multiplier": 1.0}, "multiplier"),
-                                             ({"restarts": 0}, "restarts"), ({"early_stop_threshold": 1.5}, "early-stop threshold")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps"),
+        ({"threshold": 0}, "threshold"),
+        ({"cost_multiplier": 1.0}, "multiplier"),
+        ({"restarts": 0}, "restarts"),
+        ({"early_stop_threshold": 1.5}, "early-stop threshold"),
+    ],
+)
 def test_cleanse_config_refuses_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CleanseConfig(**kwargs)

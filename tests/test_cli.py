@@ -13,11 +13,37 @@ from twml_cli import findings, load_dataset, load_model, results
 from twml_cli.attacks import accuracy
 
 TRAIN_PARAMS = {
-    "dataset", "model", "method", "eps", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed",
-    "device", "pgd_steps", "pgd_alpha", "pgd_restarts", "eval_batch_size", "preset", "torch_version", "timm_version",
+    "dataset",
+    "model",
+    "method",
+    "eps",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "seed",
+    "device",
+    "pgd_steps",
+    "pgd_alpha",
+    "pgd_restarts",
+    "eval_batch_size",
+    "preset",
+    "torch_version",
+    "timm_version",
     "twml_version",
-}  # fmt: skip
-TRAIN_METRICS = {"train_time_s", "accuracy", "pgd_success_rate", "robust_accuracy", "images_per_s", "sgd_steps", "train_loss", "train_accuracy"}
+}
+TRAIN_METRICS = {
+    "train_time_s",
+    "accuracy",
+    "pgd_success_rate",
+    "robust_accuracy",
+    "images_per_s",
+    "sgd_steps",
+    "train_loss",
+    "train_accuracy",
+}
 
 
 def test_train_logs_every_param_and_metric(reproduced):
@@ -27,7 +53,13 @@ def test_train_logs_every_param_and_metric(reproduced):
         assert TRAIN_PARAMS <= set(run.data.params), TRAIN_PARAMS - set(run.data.params)
         assert TRAIN_METRICS <= set(run.data.metrics), TRAIN_METRICS - set(run.data.metrics)
         p = run.data.params
-        assert (p["dataset"], p["model"], p["epochs"], p["device"], p["preset"]) == ("digits", "test_byobnet", "28", "cpu", "digits")
+        assert (p["dataset"], p["model"], p["epochs"], p["device"], p["preset"]) == (
+            "digits",
+            "test_byobnet",
+            "28",
+            "cpu",
+            "digits",
+        )
         assert float(p["eps"]) == 0.1 and p["pgd_steps"] == "10" and p["seed"] == "0"
         assert "config.json" in cli.artifacts(run) and cli.model_files(run) == {"model.safetensors", "spec.json"}
     assert "m" not in reproduced.standard.data.params  # m only shapes free training
@@ -40,7 +72,9 @@ def test_train_logs_every_param_and_metric(reproduced):
 
 def logged(run):
     where = f"run {run.info.run_id}"
-    return results.read(run.data.metrics, results.TrainingMetrics, where), results.read(run.data.metrics, results.RobustnessMetrics, where)
+    return results.read(run.data.metrics, results.TrainingMetrics, where), results.read(
+        run.data.metrics, results.RobustnessMetrics, where
+    )
 
 
 def test_free_training_trades_a_little_accuracy_for_much_robustness(reproduced):
@@ -79,8 +113,14 @@ def test_attack_reevaluates_a_logged_model_as_its_own_run(reproduced):
     (run,) = cli.runs("attack", experiment="attacks")
     assert run.info.status == "FINISHED"
     assert run.data.params["model_run"] == source.info.run_id == run.data.tags["twml.model_run"]  # the prefix, resolved
-    assert run.data.params["threads"] == (os.environ.get("OMP_NUM_THREADS") or "1")  # 512 8x8 images a batch: small work, one thread
-    assert (run.data.params["pgd_steps"], run.data.params["pgd_restarts"], run.data.params["dataset"]) == ("20", "2", "digits")
+    assert run.data.params["threads"] == (
+        os.environ.get("OMP_NUM_THREADS") or "1"
+    )  # 512 8x8 images a batch: small work, one thread
+    assert (run.data.params["pgd_steps"], run.data.params["pgd_restarts"], run.data.params["dataset"]) == (
+        "20",
+        "2",
+        "digits",
+    )
     assert run.data.metrics["accuracy"] == source.data.metrics["accuracy"]  # the same model on the same data
     assert "20 steps, 2 restarts" in result.out
 
@@ -107,7 +147,10 @@ BAD = [
     (["train", "--threads", "-1"], "threads must be >= 0"),
     (["train", "--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
     (["train", "--nnodes", "2", "--node-rank", "-1"], "--node-rank must be >= 0, got -1"),
-    (["mitigate", "--unlearn-lr", "0.001,0.002"], "twml mitigate repairs with one value of each setting; --unlearn-lr got several"),
+    (
+        ["mitigate", "--unlearn-lr", "0.001,0.002"],
+        "twml mitigate repairs with one value of each setting; --unlearn-lr got several",
+    ),
     (["attack", "--steps", "5"], "No such option: --steps"),
     (["config", "nonsense"], "unknown command 'nonsense'"),
     (["nonsense"], "No such command 'nonsense'"),
@@ -147,7 +190,9 @@ def test_weights_that_are_not_safetensors_end_with_exit_2(cli, tmp_path):
 
 def test_tracking_uri_flag_picks_the_store(cli, tmp_path):
     other = tmp_path / "elsewhere.db"
-    result = cli("train", "--epochs", "1", "--pgd-steps", "1", "--tracking-uri", f"sqlite:///{other}", "--experiment", "mine")
+    result = cli(
+        "train", "--epochs", "1", "--pgd-steps", "1", "--tracking-uri", f"sqlite:///{other}", "--experiment", "mine"
+    )
     assert result.code == 0, result.err
     assert other.exists() and cli.runs() == []
     from mlflow.tracking import MlflowClient
@@ -156,7 +201,14 @@ def test_tracking_uri_flag_picks_the_store(cli, tmp_path):
 
 
 def _twml(*args, cwd, env):
-    return subprocess.Popen([sys.executable, "-m", "twml_cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "twml_cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _sigint_as_in_a_terminal():
@@ -167,8 +219,15 @@ def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": cli.uri, "PYTHONFAULTHANDLER": "1"}
     # A child inherits an ignored SIGINT, and pytest started in the background (`nohup pytest &`) has one;
     # Ctrl-C in a terminal is what this test is about, so the child starts with the default.
-    proc = subprocess.Popen([sys.executable, "-m", "twml_cli", "train", "--epochs", "2000"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twml_cli", "train", "--epochs", "2000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
+    )
     try:
         deadline = time.time() + 120
         while not cli.runs() and time.time() < deadline:
@@ -193,7 +252,9 @@ def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
 def test_several_processes_can_log_to_one_store(cli, tmp_path):
     assert cli("train", "--epochs", "1", "--pgd-steps", "1").code == 0  # creates the store and experiment first
     env = {**os.environ, "MLFLOW_TRACKING_URI": cli.uri}
-    procs = [_twml("train", "--epochs", "1", "--pgd-steps", "1", "--seed", str(s), cwd=tmp_path, env=env) for s in (1, 2, 3)]
+    procs = [
+        _twml("train", "--epochs", "1", "--pgd-steps", "1", "--seed", str(s), cwd=tmp_path, env=env) for s in (1, 2, 3)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -202,13 +263,19 @@ def test_several_processes_can_log_to_one_store(cli, tmp_path):
 
 
 def test_help_lists_every_command_and_the_new_flag_names():
-    out = subprocess.run([sys.executable, "-m", "twml_cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "twml_cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("train", "attack", "smooth", "backdoor", "cleanse", "report", "reproduce", "config"):
         assert command in out
-    attack = subprocess.run([sys.executable, "-m", "twml_cli", "attack", "--help"], capture_output=True, text=True, check=True).stdout
+    attack = subprocess.run(
+        [sys.executable, "-m", "twml_cli", "attack", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--pgd-steps" in attack and "--pgd-alpha" in attack and "--run" in attack
     wide = {**os.environ, "COLUMNS": "200"}  # a default that wraps at 80 columns is still the same default
-    smooth = subprocess.run([sys.executable, "-m", "twml_cli", "smooth", "--help"], capture_output=True, text=True, check=True, env=wide).stdout
+    smooth = subprocess.run(
+        [sys.executable, "-m", "twml_cli", "smooth", "--help"], capture_output=True, text=True, check=True, env=wide
+    ).stdout
     assert "--cert-alpha" in smooth and "--pgd-alpha" not in smooth and "[default: 0.05, 0.2]" in smooth
 
 
@@ -219,8 +286,12 @@ def test_fast_training_is_robust_at_its_cost_beside_free(reproduced):
     assert result.code == 0, result.err
     (fast,) = cli.runs("train", experiment="fast")
     m, std, free = fast.data.metrics, reproduced.standard.data.metrics, reproduced.free4.data.metrics
-    assert fast.data.params["method"] == "fast" and fast.data.params["fast_step"] == "1.25" and "m" not in fast.data.params
+    assert (
+        fast.data.params["method"] == "fast" and fast.data.params["fast_step"] == "1.25" and "m" not in fast.data.params
+    )
     assert m["passes_per_step"] == 2 and m["sgd_steps"] == std["sgd_steps"]  # the same SGD budget, twice the passes
     assert m["accuracy"] >= 0.90 and m["pgd_success_rate"] <= 0.6 * std["pgd_success_rate"]
     assert m["train_time_s"] > free["train_time_s"]  # two forward-backward passes a step against free's one
-    assert {m.step for m in cli.client().get_metric_history(fast.info.run_id, "guard_robust_accuracy")} == set(range(1, 29))
+    assert {m.step for m in cli.client().get_metric_history(fast.info.run_id, "guard_robust_accuracy")} == set(
+        range(1, 29)
+    )

@@ -8,28 +8,47 @@ import pytest
 from twml_cli import findings, results
 
 SMOOTH_METRICS = {
-    "accuracy", "certified_accuracy", "abstain_rate", "average_certified_radius", "certify_time_s", "samples_per_s",
-    "train_time_s", "train_loss", "certified_accuracy_r0.25",
-}  # fmt: skip
+    "accuracy",
+    "certified_accuracy",
+    "abstain_rate",
+    "average_certified_radius",
+    "certify_time_s",
+    "samples_per_s",
+    "train_time_s",
+    "train_loss",
+    "certified_accuracy_r0.25",
+}
 SMOOTH_ARTIFACTS = {
-    "certify.csv", "certified-accuracy-vs-radius.csv", "randomized-smoothing-acc-vs-radius.pdf",
-    "randomized-smoothing-acc-vs-radius.png", "config.json",
-}  # fmt: skip
+    "certify.csv",
+    "certified-accuracy-vs-radius.csv",
+    "randomized-smoothing-acc-vs-radius.pdf",
+    "randomized-smoothing-acc-vs-radius.png",
+    "config.json",
+}
 
 
 def test_smooth_logs_every_metric_and_artifact(reproduced):
     cli, runs = reproduced.cli, reproduced.smooth
     assert sorted(runs) == [0.05, 0.2]
-    for sigma, run in runs.items():
+    for run in runs.values():
         assert run.info.status == "FINISHED" and run.data.tags["twml.command"] == "smooth"
         p = run.data.params
-        assert (p["n0"], p["n"], p["cert_alpha"], p["num_examples"], p["method"]) == ("100", "1000", "0.001", "360", "noise")
+        assert (p["n0"], p["n"], p["cert_alpha"], p["num_examples"], p["method"]) == (
+            "100",
+            "1000",
+            "0.001",
+            "360",
+            "noise",
+        )
         assert {"epochs", "batch_size", "lr", "model", "dataset", "seed"} <= set(p)
         assert "pgd_steps" not in p and "m" not in p  # not smoothing's settings
         assert SMOOTH_METRICS <= set(run.data.metrics)
         assert SMOOTH_ARTIFACTS <= cli.artifacts(run)
         table = pd.read_csv(cli.download(run, "certify.csv"))
-        assert list(table.columns) == ["idx", "label", "predict", "radius", "correct", "time_s", "samples"] and len(table) == 360
+        assert (
+            list(table.columns) == ["idx", "label", "predict", "radius", "correct", "time_s", "samples"]
+            and len(table) == 360
+        )
         assert (table["samples"] == 1100).all()  # n0 + n for every image of fixed-n CERTIFY
         m = run.data.metrics
         assert m["certified_accuracy"] == pytest.approx(table["correct"].mean())
@@ -44,9 +63,12 @@ def test_smooth_logs_every_metric_and_artifact(reproduced):
 
 def test_larger_sigma_certifies_larger_radii_and_falls_more_slowly(reproduced):
     small, large = (reproduced.smooth[s].data.metrics for s in (0.05, 0.2))
-    checks = findings.smoothing(results.read(small, results.CertificationMetrics, "sigma 0.05"),
-                                results.read(large, results.CertificationMetrics, "sigma 0.2"),
-                                small["certified_accuracy_r0.25"], large["certified_accuracy_r0.25"])  # fmt: skip
+    checks = findings.smoothing(
+        results.read(small, results.CertificationMetrics, "sigma 0.05"),
+        results.read(large, results.CertificationMetrics, "sigma 0.2"),
+        small["certified_accuracy_r0.25"],
+        large["certified_accuracy_r0.25"],
+    )
     assert all(c.ok for c in checks), [str(c) for c in checks]
 
 
@@ -59,7 +81,19 @@ def test_smooth_console_names_each_sigma(reproduced):
 
 def test_smooth_certifies_a_given_model(reproduced):
     cli, source = reproduced.cli, reproduced.smooth[0.2]
-    result = cli("smooth", "--sigma", "0.25", "--run", source.info.run_id, "--n", "200", "--num-examples", "20", "--experiment", "given")
+    result = cli(
+        "smooth",
+        "--sigma",
+        "0.25",
+        "--run",
+        source.info.run_id,
+        "--n",
+        "200",
+        "--num-examples",
+        "20",
+        "--experiment",
+        "given",
+    )
     assert result.code == 0, result.err
     (run,) = cli.runs("smooth", experiment="given")
     assert run.data.params["model_run"] == source.info.run_id and run.data.params["sigma"] == "0.25"
@@ -98,9 +132,20 @@ def test_backdoor_keeps_accuracy_and_the_trigger_works(reproduced):
     cli, run = reproduced.cli, reproduced.backdoor
     p, m = run.data.params, run.data.metrics
     assert run.data.tags["twml.command"] == "backdoor"
-    assert (p["target"], p["poison_rate"], p["trigger_size"], p["position"], p["poisoned_images"]) == ("0", "0.1", "1", "bottom-right", "144")
-    assert {"example.png", "example-clean.png", "example-triggered.png"} <= cli.artifacts(run) and "model.safetensors" in cli.model_files(run)
-    assert f"Attack success rate (triggered test images not of class 0): {m['attack_success_rate']:.4f}" in reproduced.result.out
+    assert (p["target"], p["poison_rate"], p["trigger_size"], p["position"], p["poisoned_images"]) == (
+        "0",
+        "0.1",
+        "1",
+        "bottom-right",
+        "144",
+    )
+    assert {"example.png", "example-clean.png", "example-triggered.png"} <= cli.artifacts(
+        run
+    ) and "model.safetensors" in cli.model_files(run)
+    assert (
+        f"Attack success rate (triggered test images not of class 0): {m['attack_success_rate']:.4f}"
+        in reproduced.result.out
+    )
 
 
 def test_cleanse_flags_exactly_the_backdoored_model_at_its_target(reproduced):
@@ -112,15 +157,25 @@ def test_cleanse_flags_exactly_the_backdoored_model_at_its_target(reproduced):
     flagged = norms[norms["flagged"]]
     assert flagged[["model", "class"]].values.tolist() == [[1, 0]]
     m = run.data.metrics
-    checks = findings.neural_cleanse(clean.data.metrics["accuracy"], results.read(poisoned.data.metrics, results.BackdoorMetrics, "backdoor"),
-                                     run.data.tags["twml.verdict"], 0, m.get("backdoor_success_rate"))  # fmt: skip
+    checks = findings.neural_cleanse(
+        clean.data.metrics["accuracy"],
+        results.read(poisoned.data.metrics, results.BackdoorMetrics, "backdoor"),
+        run.data.tags["twml.verdict"],
+        0,
+        m.get("backdoor_success_rate"),
+    )
     assert all(c.ok for c in checks), [str(c) for c in checks]
     assert m["model1_anomaly_index"] > 2 >= m["model0_anomaly_index"]
-    assert m["model0_accuracy"] == clean.data.metrics["accuracy"] and m["model1_accuracy"] == poisoned.data.metrics["accuracy"]
+    assert (
+        m["model0_accuracy"] == clean.data.metrics["accuracy"]
+        and m["model1_accuracy"] == poisoned.data.metrics["accuracy"]
+    )
     out = reproduced.result.out
     assert "Backdoor is at model 1 class 0" in out
     assert f"Backdoor success rate: {m['backdoor_success_rate']:.4f}" in out
-    assert f"Accuracy of model 0 (run {clean.info.run_id[:8]}): {m['model0_accuracy']:.4f}" in out  # which run model 0 is
+    assert (
+        f"Accuracy of model 0 (run {clean.info.run_id[:8]}): {m['model0_accuracy']:.4f}" in out
+    )  # which run model 0 is
     norm = norms[(norms["model"] == 1) & (norms["class"] == 3)]["norm"].iloc[0]
     assert f"Norm of trigger targeting class 3 in model 1: {norm:.4f}" in out
 

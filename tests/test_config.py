@@ -11,7 +11,14 @@ from twml_cli.errors import TwmlError
 
 def test_defaults_are_the_embedded_default():
     (s,) = config.resolve("train", config.load_preset())
-    assert (s.dataset, s.model, s.epochs, s.eps, s.pgd_alpha, s.method) == ("digits", "test_byobnet", 28, 0.1, 0.025, "standard")
+    assert (s.dataset, s.model, s.epochs, s.eps, s.pgd_alpha, s.method) == (
+        "digits",
+        "test_byobnet",
+        28,
+        0.1,
+        0.025,
+        "standard",
+    )
     assert [x.sigma for x in config.resolve("smooth", config.load_preset())] == [0.05, 0.2]  # one run each
 
 
@@ -85,7 +92,9 @@ def test_config_command_prints_the_effective_settings(cli):
     result = cli("config", "smooth", "--preset", "cifar10")
     assert result.code == 0, result.err
     assert result.out.startswith("# twml smooth, from preset cifar10") and "\n[smooth]\n" in result.out
-    assert "n = 100000" in result.out and "cert_alpha = 0.001" in result.out and "sigma = [0.12, 0.25, 0.5]" in result.out
+    assert (
+        "n = 100000" in result.out and "cert_alpha = 0.001" in result.out and "sigma = [0.12, 0.25, 0.5]" in result.out
+    )
     path = cli.path / "smooth.toml"
     path.write_text(result.out)
     again = cli("config", "smooth", "--config", str(path))

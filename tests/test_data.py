@@ -51,19 +51,29 @@ def test_npz_float_chw_is_kept(tmp_path):
     [
         ({"x_train": np.zeros((3, 4, 4), np.uint8), "y_train": np.zeros(3, int)}, "missing arrays x_test, y_test"),
         ({"x_train": np.zeros((3, 4, 4), np.uint8), "y_train": np.zeros(2, int)}, "3 images but y_train has 2 labels"),
-        ({"x_train": np.zeros((3, 4, 4), np.float32), "y_train": np.zeros(3, int)}, "float x_train must be (N, C, H, W)"),
+        (
+            {"x_train": np.zeros((3, 4, 4), np.float32), "y_train": np.zeros(3, int)},
+            "float x_train must be (N, C, H, W)",
+        ),
         ({"x_train": np.full((3, 1, 4, 4), 2.0), "y_train": np.zeros(3, int)}, "must lie in [0, 1]"),
         ({"x_train": np.zeros((3, 4, 4), np.uint8), "y_train": np.zeros(3)}, "1-D integer array"),
         ({"x_train": np.zeros((3, 4, 4), np.uint8), "y_train": np.array([0, -1, 2])}, "labels 0..K-1"),
     ],
 )
 def test_npz_with_wrong_arrays_is_refused_with_a_clear_message(tmp_path, arrays, message):
-    good = {"x_train": np.zeros((3, 4, 4), np.uint8), "y_train": np.zeros(3, int), "x_test": np.zeros((2, 4, 4), np.uint8), "y_test": np.zeros(2, int)}
+    good = {
+        "x_train": np.zeros((3, 4, 4), np.uint8),
+        "y_train": np.zeros(3, int),
+        "x_test": np.zeros((2, 4, 4), np.uint8),
+        "y_test": np.zeros(2, int),
+    }
     if "missing" not in message:
         arrays = {**good, **arrays}
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    with pytest.raises(TwmlError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        TwmlError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         load_dataset(str(path))
 
 

@@ -20,7 +20,9 @@ def run_both(reproduced, tmp_path, *args):
 
 def test_certificates_are_identical_with_two_processes(reproduced, tmp_path):
     cli, model = reproduced.cli, reproduced.smooth[0.2].info.run_id
-    single, double = run_both(reproduced, tmp_path, "smooth", "--run", model, "--sigma", "0.25", "--n", "200", "--num-examples", "30")
+    single, double = run_both(
+        reproduced, tmp_path, "smooth", "--run", model, "--sigma", "0.25", "--n", "200", "--num-examples", "30"
+    )
     (one,), (two,) = cli.runs("smooth", experiment="one"), cli.runs("smooth", experiment="two")  # one run each
     assert (one.data.params["world_size"], two.data.params["world_size"]) == ("1", "2")
     a, b = (pd.read_csv(cli.download(r, "certify.csv")).drop(columns="time_s") for r in (one, two))
@@ -40,14 +42,22 @@ def test_neural_cleanse_norms_are_identical_with_two_processes(reproduced, tmp_p
 def test_two_process_free_training_makes_the_same_steps_and_meets_the_findings(reproduced):
     """The seed's command line, unchanged, on two processes."""
     cli = reproduced.cli
-    result = twml_run("train", "--free", "--m", "4", "--nproc-per-node", "2", "--experiment", "ddp", cwd=cli.path, uri=cli.uri)
+    result = twml_run(
+        "train", "--free", "--m", "4", "--nproc-per-node", "2", "--experiment", "ddp", cwd=cli.path, uri=cli.uri
+    )
     assert result.code == 0, result.err
     (run,) = cli.runs("train", experiment="ddp")
     assert run.data.params["world_size"] == "2" and run.data.params["batch_size"] == "128"  # the global batch
     standard = reproduced.standard
     where = "run"
-    ddp = results.read(run.data.metrics, results.TrainingMetrics, where), results.read(run.data.metrics, results.RobustnessMetrics, where)
-    one = results.read(standard.data.metrics, results.TrainingMetrics, where), results.read(standard.data.metrics, results.RobustnessMetrics, where)
+    ddp = (
+        results.read(run.data.metrics, results.TrainingMetrics, where),
+        results.read(run.data.metrics, results.RobustnessMetrics, where),
+    )
+    one = (
+        results.read(standard.data.metrics, results.TrainingMetrics, where),
+        results.read(standard.data.metrics, results.RobustnessMetrics, where),
+    )
     checks = [c for c in findings.free_training(one, ddp) if "time" not in c.what]  # two processes share two cores
     assert all(c.ok for c in checks), [str(c) for c in checks]
     assert ddp[0].sgd_steps == one[0].sgd_steps == 336
@@ -56,7 +66,9 @@ def test_two_process_free_training_makes_the_same_steps_and_meets_the_findings(r
 
 def test_bad_input_under_the_launcher_is_one_line_and_exit_2(reproduced):
     cli = reproduced.cli
-    result = twml_run("train", "--eps", "1.5", "--nproc-per-node", "2", "--experiment", "bad", cwd=cli.path, uri=cli.uri)
+    result = twml_run(
+        "train", "--eps", "1.5", "--nproc-per-node", "2", "--experiment", "bad", cwd=cli.path, uri=cli.uri
+    )
     assert result.code == 2, result.err
     lines = [line for line in result.err.strip().splitlines() if not line.startswith("twml: launching")]
     assert lines == ["twml: error: eps must lie in [0, 1] (pixel units), got 1.5"], result.err

@@ -18,13 +18,20 @@ def test_an_augmented_image_is_a_crop_or_flip_of_its_input():
     padded = torch.nn.functional.pad(x, (pad,) * 4)
     kinds = set()
     for i in range(64):
-        matches = [(dy, dx, f) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for f in (False, True)
-                   if torch.equal(out[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy : dy + 32, dx : dx + 32]))]  # fmt: skip
+        matches = [
+            (dy, dx, f)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            for f in (False, True)
+            if torch.equal(out[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy : dy + 32, dx : dx + 32]))
+        ]
         assert matches, f"image {i} is no crop or flip of its input"
         kinds.add(matches[0][2])
     assert kinds == {False, True}  # some are flipped, some are not
     crops = augment_batch(x, torch.arange(64), Augment("crop", seed=1, pass_index=0))
-    assert not torch.equal(crops, x) and all(torch.equal(crops[i][:, 8:24, 8:24].flip(2), crops[i][:, 8:24, 8:24].flip(2)) for i in range(2))
+    assert not torch.equal(crops, x) and all(
+        torch.equal(crops[i][:, 8:24, 8:24].flip(2), crops[i][:, 8:24, 8:24].flip(2)) for i in range(2)
+    )
 
 
 def test_the_same_keys_give_the_same_batch_whatever_the_batching():
@@ -33,14 +40,16 @@ def test_the_same_keys_give_the_same_batch_whatever_the_batching():
     a = augment_batch(x, idx, Augment("crop-flip", seed=7, pass_index=2))
     assert torch.equal(a, augment_batch(x, idx, Augment("crop-flip", seed=7, pass_index=2)))
     assert torch.equal(a[10:25], augment_batch(x[10:25], idx[10:25], Augment("crop-flip", seed=7, pass_index=2)))
-    assert not torch.equal(a, augment_batch(x, idx, Augment("crop-flip", seed=7, pass_index=3)))  # a new pass, new draws
+    assert not torch.equal(
+        a, augment_batch(x, idx, Augment("crop-flip", seed=7, pass_index=3))
+    )  # a new pass, new draws
     assert not torch.equal(a, augment_batch(x, idx, Augment("crop-flip", seed=8, pass_index=2)))
 
 
 def test_evaluation_and_none_leave_images_untouched():
     x = torch.rand(8, 3, 32, 32)
     data = InMemory(x, torch.arange(8))
-    (xb, yb, idx), = data.batches([torch.arange(8)], torch.device("cpu"))
+    ((xb, yb, idx),) = data.batches([torch.arange(8)], torch.device("cpu"))
     assert torch.equal(xb, x) and torch.equal(idx, torch.arange(8))
     assert torch.equal(augment_batch(x, torch.arange(8), Augment("none", 0, 0)), x)
 
@@ -79,7 +88,11 @@ def make_folder(root, classes=3, per_class=5, size=(12, 10)):
 def test_a_folder_streams_resized_images_keyed_like_memory(tmp_path):
     folder = Folder(make_folder(tmp_path / "data") / "train", 8, workers=0)
     assert len(folder) == 15 and folder.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
-    batches = list(folder.batches([torch.tensor([0, 7]), torch.tensor([14])], torch.device("cpu"), Augment("resized-crop-flip", 0, 1)))
+    batches = list(
+        folder.batches(
+            [torch.tensor([0, 7]), torch.tensor([14])], torch.device("cpu"), Augment("resized-crop-flip", 0, 1)
+        )
+    )
     x, y, idx = batches[0]
     assert x.shape == (2, 3, 8, 8) and 0 <= x.min() and x.max() <= 1 and y.tolist() == [0, 1] and idx.tolist() == [0, 7]
     again = list(folder.batches([torch.tensor([7])], torch.device("cpu"), Augment("resized-crop-flip", 0, 1)))[0][0]
@@ -90,8 +103,23 @@ def test_a_folder_streams_resized_images_keyed_like_memory(tmp_path):
 
 def test_an_image_folder_trains_and_is_attacked_through_the_cli(cli, tmp_path):
     root = make_folder(tmp_path / "shapes")
-    result = cli("train", "--dataset", str(root), "--image-size", "16", "--workers", "0", "--epochs", "2", "--batch-size", "8",
-                 "--pgd-steps", "2", "--eval-batch-size", "4")  # fmt: skip
+    result = cli(
+        "train",
+        "--dataset",
+        str(root),
+        "--image-size",
+        "16",
+        "--workers",
+        "0",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--pgd-steps",
+        "2",
+        "--eval-batch-size",
+        "4",
+    )
     assert result.code == 0, result.err
     (run,) = cli.runs("train")
     p, m = run.data.params, run.data.metrics
@@ -113,12 +141,25 @@ def test_presets_log_their_augmentation(cli, tmp_path):
     assert cli("train", "--preset", "cifar10", "--dataset", str(cifar_like), *args).code == 0
     assert cli("train", *args).code == 0
     assert cli("train", "--no-augment", "--preset", "cifar10", "--dataset", str(cifar_like), *args).code == 0
-    logged = [(r.data.params["dataset"], r.data.params["augment"], r.data.params["augmentation"]) for r in reversed(cli.runs("train"))]
-    assert logged == [(str(cifar_like), "True", "crop-flip"), ("digits", "True", "none"), (str(cifar_like), "False", "none")]
+    logged = [
+        (r.data.params["dataset"], r.data.params["augment"], r.data.params["augmentation"])
+        for r in reversed(cli.runs("train"))
+    ]
+    assert logged == [
+        (str(cifar_like), "True", "crop-flip"),
+        ("digits", "True", "none"),
+        (str(cifar_like), "False", "none"),
+    ]
 
 
-@pytest.mark.parametrize("name, policy", [("cifar10", "crop-flip"), ("cifar100", "crop-flip"), ("svhn", "crop"), ("mnist", "none"), ("digits", "none")])
+@pytest.mark.parametrize(
+    "name, policy",
+    [("cifar10", "crop-flip"), ("cifar100", "crop-flip"), ("svhn", "crop"), ("mnist", "none"), ("digits", "none")],
+)
 def test_each_data_set_has_its_usual_augmentation(name, policy):
     from twml_cli.examples import usual_augmentation
 
-    assert usual_augmentation(name, streamed=False) == policy and usual_augmentation("x", streamed=True) == "resized-crop-flip"
+    assert (
+        usual_augmentation(name, streamed=False) == policy
+        and usual_augmentation("x", streamed=True) == "resized-crop-flip"
+    )

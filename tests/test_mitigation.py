@@ -37,7 +37,9 @@ def test_unlearning_removes_the_backdoor_and_keeps_accuracy(planted, digits):
     unlearn(repaired, *digits.train.tensors, mask, pattern, UnlearnConfig())  # the defaults
     assert attack_success_rate(repaired, x_test, y_test, 0, trigger) < 0.1 * before
     assert accuracy(repaired, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.02
-    assert not torch.equal(next(repaired.parameters()), next(model.parameters()))  # a copy was repaired, not the original
+    assert not torch.equal(
+        next(repaired.parameters()), next(model.parameters())
+    )  # a copy was repaired, not the original
 
 
 def test_unlearning_with_frozen_norm_keeps_batchnorm_statistics(planted, digits):
@@ -60,10 +62,14 @@ def test_warmup_schedule_rises_for_an_epoch_then_falls_to_zero():
 
     config = UnlearnConfig(epochs=3, lr=0.01, schedule="warmup")
     rates = _rates(config, per_epoch=10)
-    assert len(rates) == 30 and rates[0] == pytest.approx(0.001) and rates[9] == pytest.approx(0.01)  # linear up to the peak
+    assert (
+        len(rates) == 30 and rates[0] == pytest.approx(0.001) and rates[9] == pytest.approx(0.01)
+    )  # linear up to the peak
     assert rates[10] == pytest.approx(0.01) and all(a > b for a, b in zip(rates[10:], rates[11:]))  # then a cosine down
     assert rates[-1] < 0.001 and min(rates) > 0
-    assert _rates(UnlearnConfig(epochs=2, lr=0.01, schedule="constant"), per_epoch=5) == [0.01] * 10  # constant: the paper's
+    assert (
+        _rates(UnlearnConfig(epochs=2, lr=0.01, schedule="constant"), per_epoch=5) == [0.01] * 10
+    )  # constant: the paper's
     with pytest.raises(ValueError, match="unknown unlearning schedule 'step'"):
         UnlearnConfig(schedule="step")
 
@@ -75,7 +81,9 @@ def test_pruning_removes_the_neurons_the_trigger_excites(planted, digits):
     repaired = copy.deepcopy(model)
     result = prune(repaired, *digits.train.tensors, 0, mask, pattern, step=0.05, stop_below=0.05)
     head = repaired.backbone.get_classifier()
-    assert 0 < result.pruned <= result.neurons // 2 and (head.weight == 0).all(0).sum() == result.pruned  # whole input columns zeroed
+    assert (
+        0 < result.pruned <= result.neurons // 2 and (head.weight == 0).all(0).sum() == result.pruned
+    )  # whole input columns zeroed
     assert result.reversed_success < 0.05 or result.pruned == result.neurons // 2
     assert penultimate(repaired, digits.test.x[:5]).shape == (5, result.neurons)
 
@@ -83,7 +91,9 @@ def test_pruning_removes_the_neurons_the_trigger_excites(planted, digits):
 def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     cli, cleanse = reproduced.cli, reproduced.cleanse
     for method in ("unlearn", "prune"):
-        result = cli("mitigate", "--cleanse-run", cleanse.info.run_id, "--mitigation", method, "--experiment", "mitigation")
+        result = cli(
+            "mitigate", "--cleanse-run", cleanse.info.run_id, "--mitigation", method, "--experiment", "mitigation"
+        )
         assert result.code == 0, result.err
     runs = {r.data.params["mitigation"]: r for r in cli.runs("mitigate", experiment="mitigation")}
     unlearned = runs["unlearn"]

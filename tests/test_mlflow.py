@@ -21,10 +21,22 @@ def test_reproduce_is_one_run_tree(reproduced):
     (parent,) = cli.runs("reproduce")
     children = [r for r in cli.runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["twml.command"] for r in children) == [
-        "backdoor", "cleanse", "mitigate", "mitigate", "report", "sweep", "train", "train", "train"]  # fmt: skip
+        "backdoor",
+        "cleanse",
+        "mitigate",
+        "mitigate",
+        "report",
+        "sweep",
+        "train",
+        "train",
+        "train",
+    ]
     (sweep,) = [r for r in children if r.data.tags["twml.command"] == "sweep"]
     sigmas = [r for r in cli.runs("smooth") if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
-    assert sorted(r.data.params["sigma"] for r in sigmas) == ["0.05", "0.2"]  # the two sigmas, one sweep under reproduce
+    assert sorted(r.data.params["sigma"] for r in sigmas) == [
+        "0.05",
+        "0.2",
+    ]  # the two sigmas, one sweep under reproduce
     assert parent.info.status == "FINISHED"
 
 
@@ -37,8 +49,13 @@ def test_every_run_names_its_data_with_a_digest(reproduced):
         assert set(inputs[name]) == {"train", "test"}
         assert all(len(d.digest) == 16 and json.loads(d.profile)["num_examples"] > 0 for d in inputs[name].values())
     assert inputs["standard"]["train"].digest == inputs["free4"]["train"].digest  # the same data, the same digest
-    assert inputs["backdoor"]["train"].digest != inputs["standard"]["train"].digest  # poisoned: never confused with clean
-    assert inputs["backdoor"]["train"].name == "digits (poisoned)" and inputs["backdoor"]["test"].digest == inputs["standard"]["test"].digest
+    assert (
+        inputs["backdoor"]["train"].digest != inputs["standard"]["train"].digest
+    )  # poisoned: never confused with clean
+    assert (
+        inputs["backdoor"]["train"].name == "digits (poisoned)"
+        and inputs["backdoor"]["test"].digest == inputs["standard"]["test"].digest
+    )
 
 
 def test_trained_models_are_logged_models_with_their_metrics(reproduced):
@@ -103,10 +120,28 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts"],
-        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--serve-artifacts",
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -126,12 +161,26 @@ def test_train_smooth_and_report_against_a_team_server(server, tmp_path):
     cli.uri = server
     assert cli("train", *TINY, "--tracking-uri", server).code == 0
     (trained,) = cli.runs("train")
-    result = cli("smooth", "--run", trained.info.run_id, "--sigma", "0.25", "--n", "100", "--num-examples", "8", "--tracking-uri", server)
+    result = cli(
+        "smooth",
+        "--run",
+        trained.info.run_id,
+        "--sigma",
+        "0.25",
+        "--n",
+        "100",
+        "--num-examples",
+        "8",
+        "--tracking-uri",
+        server,
+    )
     assert result.code == 0, result.err
     report = cli("report", "--out", "out", "--tracking-uri", server)
     assert report.code == 0, report.err
     assert all(r.info.status == "FINISHED" for r in cli.runs())
-    assert {"certify.csv", "randomized-smoothing-acc-vs-radius.png"} <= cli.artifacts(cli.runs("smooth")[0])  # proxied artifacts
+    assert {"certify.csv", "randomized-smoothing-acc-vs-radius.png"} <= cli.artifacts(
+        cli.runs("smooth")[0]
+    )  # proxied artifacts
     assert (tmp_path / "out" / "twml.pdf").stat().st_size > 1000
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()  # everything went to the server
 
@@ -151,24 +200,41 @@ def test_a_report_of_an_experiment_with_no_runs_is_refused_and_creates_nothing(c
     assert cli.client().get_experiment_by_name("nothing-logged-here") is None and not (cli.path / "out").exists()
 
 
-@pytest.mark.parametrize("uri, message", [
-    ("sqlite:////proc/no/such/dir/mlflow.db", "folder '/proc/no/such/dir' does not exist"),
-    ("http://127.0.0.1:9", "cannot use the tracking store http://127.0.0.1:9"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("sqlite:////proc/no/such/dir/mlflow.db", "folder '/proc/no/such/dir' does not exist"),
+        ("http://127.0.0.1:9", "cannot use the tracking store http://127.0.0.1:9"),
+    ],
+)
 def test_an_unusable_tracking_store_is_one_line(cli, uri, message, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     result = cli("train", *TINY, "--tracking-uri", uri)
-    assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+    assert (
+        result.code == 2
+        and message in result.err
+        and len(result.err.strip().splitlines()) == 1
+        and "Traceback" not in result.err
+    )
 
 
-@pytest.mark.parametrize("kwargs", ['{"checkpoint_path": "/etc/hostname"}', '{"pretrained": true}', '{"pretrained_cfg_overlay": {"file": "x"}}',
-                                    '{"drop_rate": 0.1, "act_layer": "https://example.com/evil.py"}'])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        '{"checkpoint_path": "/etc/hostname"}',
+        '{"pretrained": true}',
+        '{"pretrained_cfg_overlay": {"file": "x"}}',
+        '{"drop_rate": 0.1, "act_layer": "https://example.com/evil.py"}',
+    ],
+)
 def test_model_kwargs_that_ask_for_files_are_refused(cli, tmp_path, kwargs):
     result = cli("train", *TINY, "--model-kwargs", kwargs)
     assert result.code == 2 and "is refused" in result.err and cli.runs() == []
     from twml_cli.models import ModelSpec, create_model, save_model
 
-    folder = save_model(create_model(ModelSpec("test_byobnet", 10, 1, (8, 8), (0.3,), (0.4,), {}, True, "digits")), tmp_path / "m")
+    folder = save_model(
+        create_model(ModelSpec("test_byobnet", 10, 1, (8, 8), (0.3,), (0.4,), {}, True, "digits")), tmp_path / "m"
+    )
     spec = json.loads((folder / "spec.json").read_text())
     (folder / "spec.json").write_text(json.dumps({**spec, "model_kwargs": json.loads(kwargs)}))  # a logged spec, edited
     shared = cli("attack", "--run", str(folder))

@@ -19,7 +19,11 @@ def test_tiny_timm_models_take_small_inputs_with_a_stride_1_stem(arch, size):
     model = create_model(spec_for(arch, chans=3, size=size))
     first = model.backbone.get_submodule(model.backbone.pretrained_cfg["first_conv"])
     assert first.stride == (1, 1) and first.kernel_size == (3, 3)
-    assert not any(isinstance(m, nn.MaxPool2d) for name, m in model.backbone.named_modules() if name == "maxpool" or name.startswith("stem."))
+    assert not any(
+        isinstance(m, nn.MaxPool2d)
+        for name, m in model.backbone.named_modules()
+        if name == "maxpool" or name.startswith("stem.")
+    )
     assert model(torch.rand(2, 3, size, size)).shape == (2, 10)
 
 

@@ -13,7 +13,20 @@ def test_reproduce_logs_every_step_as_its_own_run(reproduced):
     runs = cli.runs()
     assert all(r.info.status == "FINISHED" for r in runs)
     commands = sorted(r.data.tags["twml.command"] for r in runs)
-    assert commands == ["backdoor", "cleanse", "mitigate", "mitigate", "report", "reproduce", "smooth", "smooth", "sweep", "train", "train", "train"]
+    assert commands == [
+        "backdoor",
+        "cleanse",
+        "mitigate",
+        "mitigate",
+        "report",
+        "reproduce",
+        "smooth",
+        "smooth",
+        "sweep",
+        "train",
+        "train",
+        "train",
+    ]
     assert reproduced.cleanse.data.params["model0"] == reproduced.standard.info.run_id
     assert reproduced.cleanse.data.params["model1"] == reproduced.backdoor.info.run_id
     assert "[8/8] report" in result.out and "Report: reports/twml.md and reports/twml.pdf" in result.out
@@ -55,8 +68,15 @@ def test_report_files_embed_the_figures(reproduced):
     cli = reproduced.cli
     out = cli.path / "reports"
     figures = {p.name for p in (out / "twml").iterdir()}
-    assert {"randomized-smoothing-acc-vs-radius.png", "randomized-smoothing-acc-vs-radius.pdf", "adversarial-training.png",
-            "cleanse-trigger.png", "cleanse-mask.png", "cleanse-mask-grid.png", "cleanse-norms.png"} <= figures  # fmt: skip
+    assert {
+        "randomized-smoothing-acc-vs-radius.png",
+        "randomized-smoothing-acc-vs-radius.pdf",
+        "adversarial-training.png",
+        "cleanse-trigger.png",
+        "cleanse-mask.png",
+        "cleanse-mask-grid.png",
+        "cleanse-norms.png",
+    } <= figures
     md = (out / "twml.md").read_text()
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / name).is_file()
@@ -117,8 +137,12 @@ def test_wide_tables_never_break_a_word_in_the_pdf(tmp_path):
 
     header = ["σ", "procedure", "accuracy (base)"] + [f"cert. acc. r={r:g}" for r in (0, 0.05, 0.1, 0.25, 0.5, 0.75)]
     header += ["abstain", "ACR", "max radius", "samples per image", "run"]
-    rows = [[f"{s:g}", "CERTIFY, n = 1,000", "0.9917"] + ["0.9778"] * 6 + ["0.0056", "0.1123", "0.4927", "1,100", "f4f24419"]
-            for s in (0.12, 0.25, 0.5)]  # fmt: skip
+    rows = [
+        [f"{s:g}", "CERTIFY, n = 1,000", "0.9917"]
+        + ["0.9778"] * 6
+        + ["0.0056", "0.1123", "0.4927", "1,100", "f4f24419"]
+        for s in (0.12, 0.25, 0.5)
+    ]
     pdf = FPDF(format="A4")
     fonts = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     pdf.add_font("Sans", "", str(fonts / "DejaVuSans.ttf"))

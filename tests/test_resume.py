@@ -49,7 +49,9 @@ def test_a_killed_run_is_listed_as_interrupted_with_its_resume_command(killed_an
     cli, killed, listing, *_ = killed_and_resumed
     assert killed.info.status == "RUNNING"  # SIGKILL leaves MLflow no chance...
     line = next(line for line in listing.out.splitlines() if killed.info.run_id in line)
-    assert line.startswith("interrupted") and f"resume: twml train --resume {killed.info.run_id}" in line  # ...twml tells
+    assert (
+        line.startswith("interrupted") and f"resume: twml train --resume {killed.info.run_id}" in line
+    )  # ...twml tells
 
 
 def test_resume_finishes_the_same_run_with_the_uninterrupted_weights(killed_and_resumed):
@@ -69,7 +71,8 @@ def test_resume_finishes_the_same_run_with_the_uninterrupted_weights(killed_and_
     history = cli.client().get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [4, 8, 12, 16]  # each pass logged once
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
-        m.value for m in sorted(cli.client().get_metric_history(reference.info.run_id, "train_loss"), key=lambda m: m.step)
+        m.value
+        for m in sorted(cli.client().get_metric_history(reference.info.run_id, "train_loss"), key=lambda m: m.step)
     ]
 
 

@@ -10,7 +10,10 @@ def test_threads_follow_the_work_and_the_processes_on_the_machine(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cores = len(os.sched_getaffinity(0))
     assert runtime.choose_threads(3)[0] == 3  # --threads wins
-    assert runtime.choose_threads(0, work=128 * 64) == (1, "8,192 values per forward pass (under 100,000)")  # digits training
+    assert runtime.choose_threads(0, work=128 * 64) == (
+        1,
+        "8,192 values per forward pass (under 100,000)",
+    )  # digits training
     assert runtime.choose_threads(0, work=2000 * 64)[0] == cores  # certification's 2,000 noisy copies
     assert runtime.choose_threads(0)[0] == cores  # unknown work: every core
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more processes on this machine than cores

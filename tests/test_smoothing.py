@@ -145,13 +145,19 @@ def test_certify_dataset_builds_the_per_example_table(small_base):
     model, (x, y) = small_base
     smooth = Smooth(model, 10, 0.25)
     table = certify_dataset(smooth, (x, y), [0, 10, 20, 30], n0=20, n=200, alpha=0.01, batch_size=128)
-    assert set(table) == {"idx", "label", "predict", "radius", "correct", "time_s", "samples"} and (table["samples"] == 220).all()
+    assert (
+        set(table) == {"idx", "label", "predict", "radius", "correct", "time_s", "samples"}
+        and (table["samples"] == 220).all()
+    )
     assert table["idx"].tolist() == [0, 10, 20, 30] and table["label"].tolist() == y[[0, 10, 20, 30]].tolist()
     assert np.array_equal(table["correct"], table["predict"] == table["label"])
     assert np.all(table["radius"][table["predict"] == ABSTAIN] == 0) and np.all(table["time_s"] > 0)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"n0": 0}, "n0"), ({"n": 0}, "n must"), ({"alpha": 1.0}, "alpha"), ({"batch_size": 0}, "batch")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"n0": 0}, "n0"), ({"n": 0}, "n must"), ({"alpha": 1.0}, "alpha"), ({"batch_size": 0}, "batch")],
+)
 def test_certify_refuses_bad_arguments(kwargs, message):
     args = {"n0": 10, "n": 10, "alpha": 0.01, "batch_size": 10, **kwargs}
     with pytest.raises(ValueError, match=message):

@@ -57,8 +57,12 @@ def quick_train():
 def test_train_outcome_records_the_schema(quick_train, tmp_path):
     run = RecordingRun(tmp_path)
     train.record(run, quick_train)
-    assert set(run.metrics) == {f.name for f in dataclasses.fields(results.TrainingMetrics)} | {f.name for f in dataclasses.fields(results.RobustnessMetrics)}
-    assert run.metrics["sgd_steps"] == quick_train.training.steps == 2 * 2 * 12  # 2 passes x 2 replays x ceil(1437 / 128)
+    assert set(run.metrics) == {f.name for f in dataclasses.fields(results.TrainingMetrics)} | {
+        f.name for f in dataclasses.fields(results.RobustnessMetrics)
+    }
+    assert (
+        run.metrics["sgd_steps"] == quick_train.training.steps == 2 * 2 * 12
+    )  # 2 passes x 2 replays x ceil(1437 / 128)
     assert sorted(run.series[results.TRAIN_LOSS]) == [2, 4]  # step = epochs of SGD budget
     assert run.metrics["passes_per_step"] == 1 and run.metrics["stopped_early"] == 0
     assert run.models == [quick_train.model] and not quick_train.model.training
@@ -78,7 +82,9 @@ def test_compute_is_deterministic_on_cpu(quick_train):
     again = train.compute(train.prepare(quick_train.settings))
     assert again.robustness == dataclasses.replace(quick_train.robustness, attack_time_s=again.robustness.attack_time_s)
     first, second = quick_train.robustness.examples, again.robustness.examples
-    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k], equal_nan=k.endswith("margin")) for k in first)
+    assert first.keys() == second.keys() and all(
+        np.array_equal(first[k], second[k], equal_nan=k.endswith("margin")) for k in first
+    )
     assert [h.loss for h in again.training.history] == [h.loss for h in quick_train.training.history]
 
 
@@ -100,20 +106,36 @@ def test_smooth_compute_and_record(quick_train, tmp_path):
     assert outcome.table["idx"].tolist() == np.linspace(0, 359, 12).round().astype(int).tolist()
     run = RecordingRun(tmp_path)
     smooth.record(run, outcome)
-    assert {results.CERTIFY_CSV, results.CURVE_CSV, results.CURVE_FIGURE + ".png", results.CURVE_FIGURE + ".pdf"} <= run.files
+    assert {
+        results.CERTIFY_CSV,
+        results.CURVE_CSV,
+        results.CURVE_FIGURE + ".png",
+        results.CURVE_FIGURE + ".pdf",
+    } <= run.files
     assert run.models == []  # given, not trained
     assert run.metrics["certified_accuracy"] == smooth.certified_at(outcome, [0])[0]
-    assert set(smooth.table_metrics(outcome)) == {results.certified_accuracy_key(r) for r in (0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)}
-    assert outcome.max_radius == pytest.approx(0.1 * 1.825682, abs=1e-6)  # n = 200, alpha = 0.001: Phi^-1(0.001 ** (1/200))
+    assert set(smooth.table_metrics(outcome)) == {
+        results.certified_accuracy_key(r) for r in (0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
+    }
+    assert outcome.max_radius == pytest.approx(
+        0.1 * 1.825682, abs=1e-6
+    )  # n = 200, alpha = 0.001: Phi^-1(0.001 ** (1/200))
     lines = smooth.summarize(outcome)
     assert lines[0] == "sigma = 0.1:" and "at most 0.1826 with this n and alpha" in lines[3]
 
 
 def test_backdoor_and_cleanse_compute(tmp_path):
     poisoned = backdoor.compute(backdoor.prepare(settings("backdoor", epochs=6)))
-    assert poisoned.settings.trigger_size == 1 and poisoned.poisoned == 144  # a tenth of the 8-pixel side; round(0.1 * 1437)
+    assert (
+        poisoned.settings.trigger_size == 1 and poisoned.poisoned == 144
+    )  # a tenth of the 8-pixel side; round(0.1 * 1437)
     clean, stamped, label = poisoned.example
-    assert label != 0 and stamped[0, 7, 7] == 1.0 and clean[0, 7, 7] != 1.0 and torch.equal(stamped[..., :7, :], clean[..., :7, :])
+    assert (
+        label != 0
+        and stamped[0, 7, 7] == 1.0
+        and clean[0, 7, 7] != 1.0
+        and torch.equal(stamped[..., :7, :], clean[..., :7, :])
+    )
     assert backdoor.metrics(poisoned).attack_success_rate == poisoned.attack_success_rate
     folder = models.save_model(poisoned.model, tmp_path / "bad")
     s = config.resolve_one("cleanse", PRESET, {"model_runs": [str(folder)], "search_steps": 4, "search_images": 64})
@@ -123,11 +145,19 @@ def test_backdoor_and_cleanse_compute(tmp_path):
     run = RecordingRun(tmp_path)
     cleanse.record(run, outcome)
     assert run.tags[results.VERDICT_TAG] == outcome.verdict
-    assert {results.NORMS_CSV, results.NORMS_FIGURE, results.MASK_GRID_FIGURE, results.REVERSED_NPZ, "masks/model0_class9_mask.png"} <= run.files
+    assert {
+        results.NORMS_CSV,
+        results.NORMS_FIGURE,
+        results.MASK_GRID_FIGURE,
+        results.REVERSED_NPZ,
+        "masks/model0_class9_mask.png",
+    } <= run.files
     assert run.metrics["model0_accuracy"] == poisoned.accuracy
     table = cleanse.norms_table(outcome)
     assert table["class"].tolist() == list(range(10)) and table["norm"].tolist() == ins.reversed.norms.tolist()
-    assert cleanse.summarize(outcome)[0] == f"Accuracy of model 0 ({folder}): {poisoned.accuracy:.4f}"  # a folder, named as given
+    assert (
+        cleanse.summarize(outcome)[0] == f"Accuracy of model 0 ({folder}): {poisoned.accuracy:.4f}"
+    )  # a folder, named as given
 
 
 def test_cleanse_detects_a_non_default_target_and_position(tmp_path):

@@ -16,7 +16,11 @@ PRESET = config.load_preset()
 
 def test_expand_is_the_product_with_the_seed_innermost():
     cells = config.expand({"seed": [0, 1], "m": [4, 7], "eps": [0.1, 0.2]})
-    assert cells[:3] == [{"m": 4, "eps": 0.1, "seed": 0}, {"m": 4, "eps": 0.1, "seed": 1}, {"m": 4, "eps": 0.2, "seed": 0}]
+    assert cells[:3] == [
+        {"m": 4, "eps": 0.1, "seed": 0},
+        {"m": 4, "eps": 0.1, "seed": 1},
+        {"m": 4, "eps": 0.2, "seed": 0},
+    ]
     assert len(cells) == 8 and len({tuple(sorted(c.items())) for c in cells}) == 8
     assert config.expand({}) == [{}]
 
@@ -25,14 +29,23 @@ def test_lists_and_seeds_on_any_command():
     cells = config.resolve("train", PRESET, {"method": "free", "m": [1, 2, 4, 7], "seed": [0, 1, 2]})
     assert [(s.m, s.seed) for s in cells] == [(m, seed) for m in (1, 2, 4, 7) for seed in (0, 1, 2)]
     assert config.swept(cells) == ["m", "seed"]
-    assert [s.eps for s in config.resolve("train", PRESET, {"eps": [0.2, 0.05, 0.1, 0.05]})] == [0.05, 0.1, 0.2]  # once each, ascending
+    assert [s.eps for s in config.resolve("train", PRESET, {"eps": [0.2, 0.05, 0.1, 0.05]})] == [
+        0.05,
+        0.1,
+        0.2,
+    ]  # once each, ascending
     assert [s.sigma for s in config.resolve("smooth", PRESET, {"sigma": [0.12, 0.25, 0.5]})] == [0.12, 0.25, 0.5]
     assert len(config.resolve("cleanse", PRESET, {"seed": [0, 1]})) == 2
 
 
 def test_a_setting_that_does_not_apply_makes_no_new_cell():
     cells = config.resolve("train", PRESET, {"method": ["standard", "free", "fast"], "m": [4, 7]})
-    assert [(s.method, s.m if s.method == "free" else None) for s in cells] == [("standard", None), ("free", 4), ("free", 7), ("fast", None)]
+    assert [(s.method, s.m if s.method == "free" else None) for s in cells] == [
+        ("standard", None),
+        ("free", 4),
+        ("free", 7),
+        ("fast", None),
+    ]
 
 
 def test_lists_are_refused_where_a_sweep_makes_no_sense():
@@ -55,7 +68,10 @@ def test_names_of_children_and_parent():
 
 def test_aggregate_from_known_child_metrics():
     cells = config.resolve("train", PRESET, {"method": "free", "m": [4, 7], "seed": [0, 1, 2]})
-    metrics = [{"accuracy": a, "robust_accuracy": r} for a, r in [(0.9, 0.5), (0.8, 0.6), (0.7, 0.7), (1.0, 0.1), (1.0, 0.2), (1.0, 0.3)]]
+    metrics = [
+        {"accuracy": a, "robust_accuracy": r}
+        for a, r in [(0.9, 0.5), (0.8, 0.6), (0.7, 0.7), (1.0, 0.1), (1.0, 0.2), (1.0, 0.3)]
+    ]
     frame = sweep.table(cells, ["m", "seed"], [f"id{i}" for i in range(6)], metrics)
     assert list(frame.columns) == ["m", "seed", "run_id", "accuracy", "robust_accuracy"] and len(frame) == 6
     agg = sweep.aggregate(frame, ["m", "seed"])
@@ -89,14 +105,28 @@ def test_area_under_a_robustness_curve():
 
 
 def test_curves_start_at_clean_accuracy_and_average_replicates():
-    points = [{"curve": "m1", "replicate": seed, "eps": eps, "accuracy": 0.9, "robust_accuracy": r, "autoattack_robust_accuracy": None}
-              for (eps, seed), r in zip([(0.05, 0), (0.05, 1), (0.1, 0), (0.1, 1)], [0.6, 0.8, 0.2, 0.4])]  # fmt: skip
+    points = [
+        {
+            "curve": "m1",
+            "replicate": seed,
+            "eps": eps,
+            "accuracy": 0.9,
+            "robust_accuracy": r,
+            "autoattack_robust_accuracy": None,
+        }
+        for (eps, seed), r in zip([(0.05, 0), (0.05, 1), (0.1, 0), (0.1, 1)], [0.6, 0.8, 0.2, 0.4])
+    ]
     table = attack.curves(points)
     assert table["eps"].tolist() == [0.0, 0.05, 0.1] and set(table["attack"]) == {"pgd"}
     assert table["robust_accuracy_mean"].tolist() == pytest.approx([0.9, 0.7, 0.3])
     assert table["robust_accuracy_sd"].tolist()[1] == pytest.approx(np.std([0.6, 0.8], ddof=1))
-    aucs = [(0.05 * (0.9 + 0.6) / 2 + 0.05 * (0.6 + 0.2) / 2) / 0.1, (0.05 * (0.9 + 0.8) / 2 + 0.05 * (0.8 + 0.4) / 2) / 0.1]
-    assert table["auc"].iloc[0] == pytest.approx(np.mean(aucs)) and table["auc_sd"].iloc[0] == pytest.approx(np.std(aucs, ddof=1))
+    aucs = [
+        (0.05 * (0.9 + 0.6) / 2 + 0.05 * (0.6 + 0.2) / 2) / 0.1,
+        (0.05 * (0.9 + 0.8) / 2 + 0.05 * (0.8 + 0.4) / 2) / 0.1,
+    ]
+    assert table["auc"].iloc[0] == pytest.approx(np.mean(aucs)) and table["auc_sd"].iloc[0] == pytest.approx(
+        np.std(aucs, ddof=1)
+    )
 
 
 # ---------------------------------------------------------------- through the CLI
@@ -108,8 +138,18 @@ def test_a_sweep_through_the_cli(module_cli):
     (parent,) = module_cli.runs("sweep")
     assert parent.data.params["sweep_command"] == "train" and parent.data.params["swept"] == "m,seed"
     children = [r for r in module_cli.runs("train") if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted((r.data.params["m"], r.data.params["seed"]) for r in children) == [("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
-    assert sorted(r.info.run_name for r in children) == ["free-m1 seed=0", "free-m1 seed=1", "free-m2 seed=0", "free-m2 seed=1"]
+    assert sorted((r.data.params["m"], r.data.params["seed"]) for r in children) == [
+        ("1", "0"),
+        ("1", "1"),
+        ("2", "0"),
+        ("2", "1"),
+    ]
+    assert sorted(r.info.run_name for r in children) == [
+        "free-m1 seed=0",
+        "free-m1 seed=1",
+        "free-m2 seed=0",
+        "free-m2 seed=1",
+    ]
     frame = pd.read_csv(module_cli.download(parent, "sweep.csv"))
     agg = pd.read_csv(module_cli.download(parent, "sweep-aggregate.csv"))
     assert len(frame) == 4 and agg["m"].tolist() == [1, 2] and agg["accuracy_n"].tolist() == [2, 2]
@@ -131,14 +171,18 @@ def test_a_robustness_curve_through_the_cli(module_cli):
     assert curve["eps"].tolist() == [0.0, 0.05, 0.1]
     robust = curve["robust_accuracy_mean"].to_numpy()
     assert np.all(np.diff(robust) <= 0) and robust[-1] < robust[0]  # never rises with eps, and falls
-    children = sorted((r for r in module_cli.runs("attack") if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
-                      key=lambda r: float(r.data.params["eps"]))  # fmt: skip
+    children = sorted(
+        (r for r in module_cli.runs("attack") if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+        key=lambda r: float(r.data.params["eps"]),
+    )
     at_zero = children[0].data.metrics
     assert at_zero["robust_accuracy"] == at_zero["accuracy"] == pytest.approx(robust[0])  # eps 0: nothing to attack
     table = pd.read_csv(module_cli.download(children[2], "attack-examples.csv"))
     assert len(table) == 90 and table["idx"].tolist() == sorted(table["idx"]) and table["idx"].iloc[-1] == 359
     assert set(table.columns) >= {"label", "clean_pred", "clean_margin", "pgd_robust", "pgd_margin", "pgd_reused"}
-    assert table["pgd_reused"].sum() == children[2].data.metrics["reused_broken"] > 0  # broken at 0.05: not attacked again
+    assert (
+        table["pgd_reused"].sum() == children[2].data.metrics["reused_broken"] > 0
+    )  # broken at 0.05: not attacked again
     assert ((table["clean_margin"] > 0) == (table["clean_pred"] == table["label"])).all()
 
 
@@ -146,7 +190,9 @@ def test_a_cleanse_sweep_through_the_cli(module_cli):
     if not module_cli.runs("train"):  # run alone, without the sweep above
         assert module_cli("train", "--epochs", "1", "--pgd-steps", "1").code == 0
     model = module_cli.runs("train")[0].info.run_id
-    result = module_cli("cleanse", "--run", model, "--search-restarts", "1,2", "--search-steps", "3", "--search-images", "40")
+    result = module_cli(
+        "cleanse", "--run", model, "--search-restarts", "1,2", "--search-steps", "3", "--search-images", "40"
+    )
     assert result.code == 0, result.err
     parent = next(r for r in module_cli.runs("sweep") if r.data.params["sweep_command"] == "cleanse")
     children = [r for r in module_cli.runs("cleanse") if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

@@ -88,7 +88,9 @@ def test_same_seed_gives_the_same_model_on_cpu(digits):
     results, weights = [], []
     for _ in range(2):
         model = small_model(info, seed=3)
-        results.append(train(model, (x, y), TrainConfig(epochs=2, batch_size=64, seed=11), FreeAdversarial(0.1, 2)).history)
+        results.append(
+            train(model, (x, y), TrainConfig(epochs=2, batch_size=64, seed=11), FreeAdversarial(0.1, 2)).history
+        )
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert results[0] == results[1]
     assert torch.equal(weights[0], weights[1])
@@ -114,7 +116,9 @@ def test_gaussian_noise_is_fresh_unclamped_and_of_scale_sigma():
     a, b = at(0), at(1)
     assert not torch.equal(a, b)
     assert torch.equal(a, at(0))  # keyed by step: reproducible
-    assert torch.equal(a[20:], at(0, slice(20, 64)))  # a process's share of the global batch gets its share of the noise
+    assert torch.equal(
+        a[20:], at(0, slice(20, 64))
+    )  # a process's share of the global batch gets its share of the noise
     assert a.min() < 0 and a.max() > 1  # no clamp
     assert (a - x).std().item() == pytest.approx(0.5, rel=0.05)
     assert abs((a - x).mean().item()) < 0.02
@@ -129,7 +133,12 @@ def test_learning_rate_schedules():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch size"), ({"lr": 0}, "lr"), ({"schedule": "wavy"}, "schedule")],
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch size"),
+        ({"lr": 0}, "lr"),
+        ({"schedule": "wavy"}, "schedule"),
+    ],
 )
 def test_train_config_refuses_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -155,7 +164,9 @@ def test_compiled_training_learns_what_eager_training_learns(digits):
     scores = []
     for mode in (None, "default"):
         model = small_model(digits.info)
-        history = train(model, (x, y), TrainConfig(epochs=3, batch_size=128), FreeAdversarial(0.1, 3), compile_mode=mode).history
+        history = train(
+            model, (x, y), TrainConfig(epochs=3, batch_size=128), FreeAdversarial(0.1, 3), compile_mode=mode
+        ).history
         scores.append((history[-1].loss, accuracy(model, digits.test.tensors)))
     (eager_loss, eager_acc), (compiled_loss, compiled_acc) = scores
     assert compiled_loss == pytest.approx(eager_loss, rel=0.02) and abs(compiled_acc - eager_acc) < 0.03
@@ -170,7 +181,9 @@ def test_fast_training_takes_one_fgsm_step_from_a_random_start(digits):
     assert fast.alpha == pytest.approx(0.125) and fast.passes_per_step == 2  # 1.25 eps; FGSM step + weight step
     out = fast.inputs(model, Batch(x, y, torch.arange(32), 5, 0, 32))
     assert (out - x).abs().max() <= 0.1 + 1e-6 and out.min() >= 0 and out.max() <= 1
-    assert torch.equal(out, fast.inputs(model, Batch(x, y, torch.arange(32), 5, 0, 32)))  # keyed by (seed, step, example)
+    assert torch.equal(
+        out, fast.inputs(model, Batch(x, y, torch.arange(32), 5, 0, 32))
+    )  # keyed by (seed, step, example)
     assert not torch.equal(out, fast.inputs(model, Batch(x, y, torch.arange(32), 6, 0, 32)))
 
 
@@ -180,7 +193,12 @@ def test_the_guard_keeps_the_weights_before_a_collapse(digits):
     from twml_cli.training import FastAdversarial, _Guard
 
     model = small_model(digits.info)
-    guard = _Guard(model, InMemory(digits.train.x[:256], digits.train.y[:256]), FastAdversarial(0.1), TrainConfig(epochs=3, batch_size=64))
+    guard = _Guard(
+        model,
+        InMemory(digits.train.x[:256], digits.train.y[:256]),
+        FastAdversarial(0.1),
+        TrainConfig(epochs=3, batch_size=64),
+    )
     held = None
     for robust in (0.6, 0.65, 0.5):  # passes that hold (0.65 -> 0.5 drops 0.15: not a collapse), each with new weights
         with torch.no_grad():

@@ -49,7 +49,9 @@ class Trigger:
             return slice(start, start + self.size)
 
         centre = self.position == "centre"
-        return span(height, self.position.startswith("bottom"), centre), span(width, self.position.endswith("right"), centre)
+        return span(height, self.position.startswith("bottom"), centre), span(
+            width, self.position.endswith("right"), centre
+        )
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """A stamped copy of images x (N, C, H, W)."""

@@ -43,7 +43,9 @@ class TrainState:
         return cls(load_file(str(folder / cls.WEIGHTS)), json.loads((folder / cls.META).read_text()))
 
 
-def snapshot(model, optimizer, scheduler, shuffle, perturbation, step: int, passes_done: int, seconds: float, extra: dict) -> TrainState:
+def snapshot(
+    model, optimizer, scheduler, shuffle, perturbation, step: int, passes_done: int, seconds: float, extra: dict
+) -> TrainState:
     """The loop's state after `passes_done` passes, every process's share gathered (call on
     every rank); `extra` is kept in the JSON as it is."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -61,10 +63,16 @@ def snapshot(model, optimizer, scheduler, shuffle, perturbation, step: int, pass
         "passes_done": passes_done,
         "train_time_s": seconds,
         "world_size": runtime.world_size(),
-        "optimizer": {"param_groups": opt["param_groups"], "scalars": {str(i): {k: float(v) for k, v in s.items() if not (torch.is_tensor(v) and v.dim() > 0)} for i, s in opt["state"].items()}},
+        "optimizer": {
+            "param_groups": opt["param_groups"],
+            "scalars": {
+                str(i): {k: float(v) for k, v in s.items() if not (torch.is_tensor(v) and v.dim() > 0)}
+                for i, s in opt["state"].items()
+            },
+        },
         "scheduler": scheduler.state_dict(),
         **extra,
-    }  # fmt: skip
+    }
     return TrainState(tensors, json.loads(json.dumps(meta, default=float)))
 
 
@@ -78,7 +86,9 @@ def restore(state: TrainState, model, optimizer, scheduler, shuffle, perturbatio
     meta, tensors = state.meta, state.tensors
     world, rank = runtime.world_size(), runtime.rank()
     if meta["world_size"] != world:
-        raise ValueError(f"the checkpoint was made by {meta['world_size']} processes; resume it with as many (now {world})")
+        raise ValueError(
+            f"the checkpoint was made by {meta['world_size']} processes; resume it with as many (now {world})"
+        )
     device = next(model.parameters()).device
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     opt = {"param_groups": meta["optimizer"]["param_groups"], "state": {}}
@@ -94,5 +104,11 @@ def restore(state: TrainState, model, optimizer, scheduler, shuffle, perturbatio
     torch.set_rng_state(tensors["rng.cpu"][rank])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"][rank])
-    perturbation.load_state({k.removeprefix("perturbation."): v[rank].to(device) for k, v in tensors.items() if k.startswith("perturbation.")})
+    perturbation.load_state(
+        {
+            k.removeprefix("perturbation."): v[rank].to(device)
+            for k, v in tensors.items()
+            if k.startswith("perturbation.")
+        }
+    )
     return meta["step"], meta["passes_done"], meta["train_time_s"], meta

@@ -41,10 +41,14 @@ class CleanseConfig:
     cost_multiplier: float = 1.5  # lambda *= 1.5 after `patience` successes; /= 1.5 ** 1.5 after failures
     patience: int = 5
     early_stop_patience: int = 25  # rounds without a smaller successful mask (5 * patience)
-    early_stop_threshold: float = 1.0  # "smaller" means below this fraction of the best so far (the authors' 1.0: any decrease)
+    early_stop_threshold: float = (
+        1.0  # "smaller" means below this fraction of the best so far (the authors' 1.0: any decrease)
+    )
     threshold: float = 0.99  # attack success a mask must reach to count
     restarts: int = 1  # independent random starts per class; the smallest successful mask is kept
-    keep_best_after: int = 20  # with restarts: rounds after which each class goes on from its best start alone (0: never)
+    keep_best_after: int = (
+        20  # with restarts: rounds after which each class goes on from its best start alone (0: never)
+    )
     seed: int = 0
 
     def __post_init__(self):
@@ -63,7 +67,9 @@ class CleanseConfig:
         if not self.cost_multiplier > 1:
             raise ValueError(f"cost multiplier must be > 1, got {self.cost_multiplier}")
         if self.restarts < 1 or self.keep_best_after < 0:
-            raise ValueError(f"restarts must be >= 1 and keep-best-after >= 0, got {self.restarts} and {self.keep_best_after}")
+            raise ValueError(
+                f"restarts must be >= 1 and keep-best-after >= 0, got {self.restarts} and {self.keep_best_after}"
+            )
 
 
 @dataclass
@@ -77,7 +83,9 @@ class ReversedTriggers:
     success: np.ndarray  # (K,) attack success of the stamped clean batch when the mask was kept
     reached: np.ndarray  # (K,) whether the success threshold was ever reached
     rounds: np.ndarray  # (K,) optimization rounds each class ran before it stopped (its kept start's)
-    start_norms: np.ndarray | None = None  # (K, restarts) the norm each start ended with (inf: never reached the threshold)
+    start_norms: np.ndarray | None = (
+        None  # (K, restarts) the norm each start ended with (inf: never reached the threshold)
+    )
     images: int = 0  # stamped images through the model, every start of every class: the search's cost
 
 
@@ -117,7 +125,10 @@ def reverse_engineer(
 
     # Each row starts from its own seeded random mask and pattern: the same start whether it is
     # optimized alone or with the others (start 0 keeps the key a single search always had).
-    starts = [generator(torch.device("cpu"), config.seed, CLEANSE_STREAM, t, *((start,) if start else ())) for t, start in rows]
+    starts = [
+        generator(torch.device("cpu"), config.seed, CLEANSE_STREAM, t, *((start,) if start else ()))
+        for t, start in rows
+    ]
     w_mask = torch.stack([_to_tanh_space(torch.rand(1, h, w, generator=g)) for g in starts]).to(device)
     w_pattern = torch.stack([_to_tanh_space(torch.rand(c, h, w, generator=g)) for g in starts]).to(device)
     w_mask.requires_grad_(True)
@@ -137,8 +148,14 @@ def reverse_engineer(
     # The batch shrinks as classes stop early: cuDNN autotuning every new shape would cost
     # more than it saves, so it stays off here (models.prepare turns it on for CUDA).
     with frozen(model), no_autotune():
-        for step in progress(range(config.steps), config.steps, f"cleanse ({len(classes)} classes{f', {r} starts each' if r > 1 else ''})"):
-            if r > 1 and step == config.keep_best_after > 0:  # successive halving: each class goes on from its best start
+        for step in progress(
+            range(config.steps),
+            config.steps,
+            f"cleanse ({len(classes)} classes{f', {r} starts each' if r > 1 else ''})",
+        ):
+            if (
+                r > 1 and step == config.keep_best_after > 0
+            ):  # successive halving: each class goes on from its best start
                 state.done |= _all_but_best(best_norm, best_success, r)
             active = np.flatnonzero(~state.done)
             if len(active) == 0:
@@ -205,7 +222,11 @@ def _all_but_best(best_norm: np.ndarray, best_success: np.ndarray, r: int) -> np
 
 
 def reverse_engineer_all(
-    model: nn.Module, x_clean: torch.Tensor, num_classes: int, config: CleanseConfig = CleanseConfig(), progress: Progress = no_progress
+    model: nn.Module,
+    x_clean: torch.Tensor,
+    num_classes: int,
+    config: CleanseConfig = CleanseConfig(),
+    progress: Progress = no_progress,
 ) -> ReversedTriggers:
     """reverse_engineer for every class; under torchrun each process takes a contiguous share
     of the classes and every process gets all of them back. Classes are optimized
@@ -217,8 +238,16 @@ def reverse_engineer_all(
     if mine:
         rev = reverse_engineer(model, x_clean, num_classes, config, mine, progress)
     else:  # more processes than classes
-        rev = ReversedTriggers([], torch.zeros(0, h, w), torch.zeros(0, c, h, w), norms=np.zeros(0), success=np.zeros(0),
-                               reached=np.zeros(0, dtype=bool), rounds=np.zeros(0, dtype=int), start_norms=np.zeros((0, config.restarts)))  # fmt: skip
+        rev = ReversedTriggers(
+            [],
+            torch.zeros(0, h, w),
+            torch.zeros(0, c, h, w),
+            norms=np.zeros(0),
+            success=np.zeros(0),
+            reached=np.zeros(0, dtype=bool),
+            rounds=np.zeros(0, dtype=int),
+            start_norms=np.zeros((0, config.restarts)),
+        )
 
     def gather(t: torch.Tensor) -> torch.Tensor:
         return runtime.all_gather_rows(t.to(runtime.collective_device())).cpu()
@@ -239,7 +268,9 @@ def reverse_engineer_all(
     )
 
 
-def reversed_trigger_success(model: nn.Module, rev: ReversedTriggers, c: int, x: torch.Tensor, y: torch.Tensor) -> float:
+def reversed_trigger_success(
+    model: nn.Module, rev: ReversedTriggers, c: int, x: torch.Tensor, y: torch.Tensor
+) -> float:
     """Fraction of images x of classes other than c that class c's reversed trigger sends to c."""
     j = rev.classes.index(c)
     mask, pattern = rev.masks[j], rev.patterns[j]
@@ -269,7 +300,9 @@ class _LambdaSchedule:
             ok = success[j] >= cfg.threshold
             # early stop: only once a successful mask exists and lambda has moved both ways
             if np.isfinite(best_norm[i]):
-                self.early_counter[i] = self.early_counter[i] + 1 if best_norm[i] >= cfg.early_stop_threshold * self.early_best[i] else 0
+                self.early_counter[i] = (
+                    self.early_counter[i] + 1 if best_norm[i] >= cfg.early_stop_threshold * self.early_best[i] else 0
+                )
             self.early_best[i] = min(best_norm[i], self.early_best[i])
             if self.up_flag[i] and self.down_flag[i] and self.early_counter[i] >= cfg.early_stop_patience:
                 self.done[i] = True

@@ -76,7 +76,9 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
         try:
             value = [f.metadata.get("item", str)(v) for v in value]
         except (TypeError, ValueError):
-            raise TwmlError(f"{where}: {f.name} must be a list of {f.metadata['item'].__name__}, got {value!r}") from None
+            raise TwmlError(
+                f"{where}: {f.name} must be a list of {f.metadata['item'].__name__}, got {value!r}"
+            ) from None
     value = float(value) if kind is float else value
     choices = f.metadata.get("choices")
     if choices and value not in choices:
@@ -95,7 +97,9 @@ def _preset_dirs() -> list:
 
 
 def preset_names() -> list[str]:
-    return sorted({p.name.removesuffix(".toml") for d in _preset_dirs() for p in d.iterdir() if p.name.endswith(".toml")})
+    return sorted(
+        {p.name.removesuffix(".toml") for d in _preset_dirs() for p in d.iterdir() if p.name.endswith(".toml")}
+    )
 
 
 def _find_preset(name: str):
@@ -167,8 +171,12 @@ def resolve(command: str, preset: Preset, overrides: dict[str, Any] | None = Non
         values["dataset"] = ""  # the data set the given model was trained on (studies/common.data_name)
     axes = {k: v for k, v in values.items() if isinstance(v, list) and field_type(cls, by_name[k]) is not list}
     cells = [cls(**{**values, **cell}) for cell in expand(axes)]
-    unique = {json.dumps(params(s), sort_keys=True, default=str): s for s in reversed(cells)}  # a setting that does not apply
-    return [s for s in cells if unique.get(json.dumps(params(s), sort_keys=True, default=str)) is s]  # makes no new cell
+    unique = {
+        json.dumps(params(s), sort_keys=True, default=str): s for s in reversed(cells)
+    }  # a setting that does not apply
+    return [
+        s for s in cells if unique.get(json.dumps(params(s), sort_keys=True, default=str)) is s
+    ]  # makes no new cell
 
 
 def expand(axes: dict[str, list]) -> list[dict[str, Any]]:
@@ -184,7 +192,11 @@ def swept(settings_list: list) -> list[str]:
     if len(settings_list) < 2:
         return []
     first = settings_list[0]
-    names = [f.name for f in settings_fields(type(first)) if any(getattr(s, f.name) != getattr(first, f.name) for s in settings_list)]
+    names = [
+        f.name
+        for f in settings_fields(type(first))
+        if any(getattr(s, f.name) != getattr(first, f.name) for s in settings_list)
+    ]
     return sorted(names, key=lambda k: k == "seed")
 
 
@@ -200,10 +212,17 @@ def _layered(command: str, preset: Preset) -> dict[str, Any]:
     return values
 
 
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value, from its default or its default factory."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[operator]
+
+
 def defaults(command: str) -> dict[str, Any]:
     """Each setting of a command as the default preset leaves it (shown in --help)."""
     cls = COMMANDS[command][0]
-    fallback = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in settings_fields(cls)}  # type: ignore[operator]
+    fallback = {f.name: _default(f) for f in settings_fields(cls)}
     return {**fallback, **_layered(command, load_preset())}
 
 
@@ -211,7 +230,10 @@ def resolve_one(command: str, preset: Preset, overrides: dict[str, Any] | None =
     """The settings of a command that makes one run (no setting may take several values)."""
     cells = resolve(command, preset, overrides)
     if len(cells) != 1:
-        raise TwmlError(f"twml {command} here makes one run, but {', '.join(swept(cells))} {'has' if len(swept(cells)) == 1 else 'have'} several values")
+        raise TwmlError(
+            f"twml {command} here makes one run, but {', '.join(swept(cells))} "
+            f"{'has' if len(swept(cells)) == 1 else 'have'} several values"
+        )
     return cells[0]
 
 
@@ -259,10 +281,18 @@ def to_toml(command: str, settings_list: list, source: str = "") -> str:
     (a sweep of several runs, as it was resolved)."""
     cls = type(settings_list[0])
     top = _top_level()
-    lines = [f"# twml {command}" + (f", from {source}" if source else "") + f": every setting; `twml {command} --config FILE` runs it"]
+    lines = [
+        f"# twml {command}"
+        + (f", from {source}" if source else "")
+        + f": every setting; `twml {command} --config FILE` runs it"
+    ]
     own: list[str] = []
     for f in settings_fields(cls):
-        values = list(dict.fromkeys(getattr(s, f.name) for s in settings_list)) if sweepable(cls, f) else [getattr(settings_list[0], f.name)]
+        values = (
+            list(dict.fromkeys(getattr(s, f.name) for s in settings_list))
+            if sweepable(cls, f)
+            else [getattr(settings_list[0], f.name)]
+        )
         value = values if len(values) > 1 else values[0]
         note = "  (empty: the one the model was trained on)" if f.name == "dataset" and value == "" else ""
         line = f"{f.name} = {_toml_value(value)}   # {f.metadata['help']}{note}"
@@ -278,4 +308,3 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(value) if isinstance(value, str) else repr(value)
-

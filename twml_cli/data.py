@@ -78,7 +78,9 @@ def open_dataset(name: str, data_dir: str | Path | None = None, image_size: int 
         return _folder(Path(name), image_size or FOLDER_IMAGE_SIZE, workers)
     train, test = load_dataset(name, data_dir)
     if image_size and image_size != train.tensors[0].shape[-1]:
-        raise TwmlError(f"--image-size resizes image folders only; '{name}' has {train.tensors[0].shape[-1]}-pixel images")
+        raise TwmlError(
+            f"--image-size resizes image folders only; '{name}' has {train.tensors[0].shape[-1]}-pixel images"
+        )
     return DataSet(InMemory(*train.tensors), InMemory(*test.tensors), describe(name, train, test))
 
 
@@ -123,7 +125,9 @@ def load_dataset(name: str = EMBEDDED, data_dir: str | Path | None = None) -> tu
     elif str(name).endswith(".npz"):
         arrays = _npz(Path(name))
     else:
-        raise TwmlError(f"unknown data set '{name}': use one of {', '.join(DATASETS)}, a path to an .npz file or an image folder")
+        raise TwmlError(
+            f"unknown data set '{name}': use one of {', '.join(DATASETS)}, a path to an .npz file or an image folder"
+        )
     x_train, y_train, x_test, y_test = arrays
     return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
 
@@ -234,7 +238,9 @@ def _npz(path: Path):
     x_train, y_train = _npz_split(path, "train", arrays["x_train"], arrays["y_train"])
     x_test, y_test = _npz_split(path, "test", arrays["x_test"], arrays["y_test"])
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise TwmlError(f"{path}: x_train images are {tuple(x_train.shape[1:])} but x_test images are {tuple(x_test.shape[1:])}")
+        raise TwmlError(
+            f"{path}: x_train images are {tuple(x_train.shape[1:])} but x_test images are {tuple(x_test.shape[1:])}"
+        )
     return x_train, y_train, x_test, y_test
 
 
@@ -244,7 +250,9 @@ def _npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray):
     if len(x) != len(y):
         raise TwmlError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
     if len(y) == 0 or y.min() < 0:
-        raise TwmlError(f"{path}: y_{split} must hold labels 0..K-1 (got {len(y)} labels, min {y.min() if len(y) else 'n/a'})")
+        raise TwmlError(
+            f"{path}: y_{split} must hold labels 0..K-1 (got {len(y)} labels, min {y.min() if len(y) else 'n/a'})"
+        )
     if x.dtype == np.uint8:
         if x.ndim not in (3, 4):
             raise TwmlError(f"{path}: uint8 x_{split} must be (N, H, W) or (N, H, W, C), got shape {x.shape}")

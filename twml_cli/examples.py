@@ -63,7 +63,9 @@ def augment_batch(x: torch.Tensor, idx: torch.Tensor, augment: Augment | None) -
         padded = F.pad(x, (pad, pad, pad, pad))
         rows = dy[:, None] + torch.arange(h, device=x.device)
         cols = dx[:, None] + torch.arange(w, device=x.device)
-        x = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        x = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(
+            0, 3, 1, 2
+        )
     if "flip" in augment.policy:
         x = torch.where((u[:, 2] < 0.5).view(-1, 1, 1, 1), x.flip(3), x)
     return x
@@ -104,15 +106,20 @@ class InMemory:
         return self._digest
 
     def profile(self) -> dict:
-        return {"num_examples": len(self), "shape": list(self.x.shape[1:]), "classes": int(self.y.max()) + 1 if len(self) else 0}
+        return {
+            "num_examples": len(self),
+            "shape": list(self.x.shape[1:]),
+            "classes": int(self.y.max()) + 1 if len(self) else 0,
+        }
 
     def take(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """The examples at `indices`, unaugmented, on the CPU."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         return self.x[indices.to(self.x.device)].cpu(), self.y[indices.to(self.y.device)].cpu()
 
-    def batches(self, index_batches: Sequence[torch.Tensor], device: torch.device, augment: Augment | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # fmt: skip
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], device: torch.device, augment: Augment | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         data = self.to(device)
         for idx in index_batches:
             idx = idx.to(device)
@@ -155,24 +162,40 @@ class Folder:
         return self._digest
 
     def profile(self) -> dict:
-        return {"num_examples": len(self), "image_size": self.image_size, "classes": len(self.dataset.classes), "root": str(self.root)}
+        return {
+            "num_examples": len(self),
+            "image_size": self.image_size,
+            "classes": len(self.dataset.classes),
+            "root": str(self.root),
+        }
 
     def take(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         indices = [int(i) for i in torch.as_tensor(indices).flatten()]
         view = _FolderView(self.dataset, self.image_size, None)
-        images = torch.stack([view[(i, -1)][0] for i in indices]) if indices else torch.zeros(0, 3, self.image_size, self.image_size)
+        images = (
+            torch.stack([view[(i, -1)][0] for i in indices])
+            if indices
+            else torch.zeros(0, 3, self.image_size, self.image_size)
+        )
         return images, self.y[indices]
 
-    def batches(self, index_batches: Sequence[torch.Tensor], device: torch.device, augment: Augment | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # fmt: skip
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], device: torch.device, augment: Augment | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
 
         tag = -1 if augment is None else augment.pass_index
         sampler = [[(int(i), tag) for i in idx] for idx in index_batches]
         view = _FolderView(self.dataset, self.image_size, augment)
         cuda = device.type == "cuda"
-        loader = DataLoader(view, batch_sampler=sampler, num_workers=self.workers, pin_memory=cuda,
-                            persistent_workers=False, prefetch_factor=4 if self.workers else None)  # fmt: skip
+        loader = DataLoader(
+            view,
+            batch_sampler=sampler,
+            num_workers=self.workers,
+            pin_memory=cuda,
+            persistent_workers=False,
+            prefetch_factor=4 if self.workers else None,
+        )
         for x, y, idx in loader:
             yield to_device_layout(x, device), y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
 
@@ -204,7 +227,9 @@ class _FolderView(torch.utils.data.Dataset):
         return TF.to_dtype(image, torch.float32, scale=True), label, index
 
 
-def resized_crop_box(height: int, width: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def resized_crop_box(
+    height: int, width: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """ImageNet's random resized crop (Szegedy et al.): an area of 8% to 100% of the image at an
     aspect ratio of 3/4 to 4/3, ten tries, else the central crop; drawn from generator g."""
     area = height * width

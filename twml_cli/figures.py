@@ -114,7 +114,9 @@ def norms_figure(models: list[dict]):
         ax.axhline(m["median"], color="black", linestyle="--", linewidth=1, label="median")
         cut = m["median"] - m["threshold"] * m["mad"]
         if cut > 0:
-            ax.axhline(cut, color="tab:red", linestyle=":", linewidth=1.5, label=f"median - {m['threshold']:g} x 1.4826 MAD")
+            ax.axhline(
+                cut, color="tab:red", linestyle=":", linewidth=1.5, label=f"median - {m['threshold']:g} x 1.4826 MAD"
+            )
         ax.set_xticks(np.arange(len(norms)))
         ax.set_xlabel("target class")
         ax.set_ylabel("L1 norm of mask")
@@ -161,7 +163,9 @@ def sweep_figure(agg, groups: list[str], metrics: list[str], labels: dict[str, s
     n_seeds = int(agg[f"{metrics[0]}_n"].max()) if metrics else 0
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics) + 0.6, 3.2), squeeze=False)
     lines = list(dict.fromkeys(agg[line_key])) if line_key else [None]
-    numeric_x = x_key is not None and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in agg[x_key])
+    numeric_x = x_key is not None and all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in agg[x_key]
+    )
     categories = list(dict.fromkeys(_x_label(r, groups, line_key) for _, r in agg.iterrows())) if not numeric_x else []
     for ax, metric in zip(axes[0], metrics):
         for j, value in enumerate(lines):
@@ -169,11 +173,22 @@ def sweep_figure(agg, groups: list[str], metrics: list[str], labels: dict[str, s
             part = part[part[f"{metric}_mean"].notna()]
             if part.empty:
                 continue
-            xs = part[x_key].to_numpy(dtype=float) if numeric_x else np.array([categories.index(_x_label(r, groups, line_key)) for _, r in part.iterrows()])
+            xs = (
+                part[x_key].to_numpy(dtype=float)
+                if numeric_x
+                else np.array([categories.index(_x_label(r, groups, line_key)) for _, r in part.iterrows()])
+            )
             order = np.argsort(xs, kind="stable")
             offset = 0 if numeric_x or len(lines) == 1 else (j - (len(lines) - 1) / 2) * 0.08
-            ax.errorbar(xs[order] + offset, part[f"{metric}_mean"].to_numpy()[order], yerr=part[f"{metric}_std"].to_numpy()[order],
-                        marker="o", capsize=3, linewidth=1.5, label=None if value is None else f"{line_key}={value}")  # fmt: skip
+            ax.errorbar(
+                xs[order] + offset,
+                part[f"{metric}_mean"].to_numpy()[order],
+                yerr=part[f"{metric}_std"].to_numpy()[order],
+                marker="o",
+                capsize=3,
+                linewidth=1.5,
+                label=None if value is None else f"{line_key}={value}",
+            )
         ax.set_title(labels.get(metric, metric), fontsize=9)
         ax.grid(alpha=0.3)
         if numeric_x:
@@ -182,7 +197,13 @@ def sweep_figure(agg, groups: list[str], metrics: list[str], labels: dict[str, s
             if len(values) <= 8:
                 ax.set_xticks(values, [f"{v:g}" for v in values])
         else:
-            ax.set_xticks(range(len(categories)), categories, fontsize=8, rotation=30 if len(categories) > 3 else 0, ha="right" if len(categories) > 3 else "center")
+            ax.set_xticks(
+                range(len(categories)),
+                categories,
+                fontsize=8,
+                rotation=30 if len(categories) > 3 else 0,
+                ha="right" if len(categories) > 3 else "center",
+            )
             ax.set_xlim(-0.5, len(categories) - 0.5)
         if metric.endswith("accuracy") or metric.endswith("rate") or metric.startswith("certified_accuracy"):
             low = float(np.nanmin(agg[f"{metric}_mean"] - agg[f"{metric}_std"]))
@@ -210,7 +231,14 @@ def certified_accuracy_bands_figure(radii: np.ndarray, curves: dict, envelope: n
         spread = f" ± {c.acr_sd:.3f}" if c.seeds > 1 else ""
         (line,) = ax.plot(radii, c.mean, linewidth=1.8, label=f"{name} (ACR {c.acr:.3f}{spread})")
         if c.seeds > 1:
-            ax.fill_between(radii, np.clip(c.mean - c.sd, 0, 1), np.clip(c.mean + c.sd, 0, 1), color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(
+                radii,
+                np.clip(c.mean - c.sd, 0, 1),
+                np.clip(c.mean + c.sd, 0, 1),
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
     if len(curves) > 1:
         ax.plot(radii, envelope, color="black", linestyle="--", linewidth=1.2, label="envelope (best at each radius)")
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
@@ -219,7 +247,9 @@ def certified_accuracy_bands_figure(radii: np.ndarray, curves: dict, envelope: n
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(f"Certified accuracy vs radius ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})", fontsize=10)
+    ax.set_title(
+        f"Certified accuracy vs radius ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})", fontsize=10
+    )
     return fig
 
 
@@ -231,9 +261,17 @@ def robustness_curves_figure(table):
     colours = {}
     for (curve, attack), part in table.groupby(["curve", "attack"], sort=False):
         colour = colours.setdefault(curve, f"C{len(colours)}")
-        ax.errorbar(part["eps"], part["robust_accuracy_mean"], yerr=part["robust_accuracy_sd"], color=colour, marker="o", markersize=4,
-                    capsize=3, linestyle="-" if attack == "pgd" else "--",
-                    label=f"{curve}, {'PGD' if attack == 'pgd' else 'AutoAttack'} (AUC {part['auc'].iloc[0]:.3f})")  # fmt: skip
+        ax.errorbar(
+            part["eps"],
+            part["robust_accuracy_mean"],
+            yerr=part["robust_accuracy_sd"],
+            color=colour,
+            marker="o",
+            markersize=4,
+            capsize=3,
+            linestyle="-" if attack == "pgd" else "--",
+            label=f"{curve}, {'PGD' if attack == 'pgd' else 'AutoAttack'} (AUC {part['auc'].iloc[0]:.3f})",
+        )
     seeds = int(table["replicates"].max())
     ax.set_xlabel("eps (L-inf, pixels in [0, 1])")
     ax.set_ylabel("robust accuracy")
@@ -241,18 +279,30 @@ def robustness_curves_figure(table):
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(f"Robust accuracy vs eps ({f'mean ± sd over {seeds} replicates' if seeds > 1 else 'one seed'}; eps 0: clean accuracy)", fontsize=9)
+    ax.set_title(
+        f"Robust accuracy vs eps ({f'mean ± sd over {seeds} replicates' if seeds > 1 else 'one seed'}; eps 0: clean "
+        "accuracy)",
+        fontsize=9,
+    )
     return fig
 
 
-def m_curve_figure(m: np.ndarray, means: dict[str, np.ndarray], sds: dict[str, np.ndarray], refs: dict[str, dict[str, tuple[float, float]]],
-                   labels: dict[str, str], seeds: int):  # fmt: skip
+def m_curve_figure(
+    m: np.ndarray,
+    means: dict[str, np.ndarray],
+    sds: dict[str, np.ndarray],
+    refs: dict[str, dict[str, tuple[float, float]]],
+    labels: dict[str, str],
+    seeds: int,
+):
     """Free adversarial training against m: one panel per metric, mean ± sd over seeds, with
     other methods (standard, fast) as horizontal references (a band of one sd)."""
     metrics = list(means)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 0.6, 3.3), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        ax.errorbar(m, means[metric], yerr=sds[metric], marker="o", capsize=3, linewidth=1.8, color="tab:blue", label="free")
+        ax.errorbar(
+            m, means[metric], yerr=sds[metric], marker="o", capsize=3, linewidth=1.8, color="tab:blue", label="free"
+        )
         for k, (name, values) in enumerate(refs.items()):
             if metric not in values:
                 continue
@@ -265,6 +315,9 @@ def m_curve_figure(m: np.ndarray, means: dict[str, np.ndarray], sds: dict[str, n
         ax.set_title(labels.get(metric, metric), fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Free adversarial training against m ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})", fontsize=10)
+    fig.suptitle(
+        f"Free adversarial training against m ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig

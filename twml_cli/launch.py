@@ -34,7 +34,9 @@ def split(argv: list[str]) -> tuple[dict, list[str]]:
             try:
                 given[name] = LAUNCH_OPTIONS[name](value)
             except ValueError:
-                raise ValueError(f"{name} takes {'a whole number' if LAUNCH_OPTIONS[name] is int else 'HOST:PORT'}, got '{value}'") from None
+                raise ValueError(
+                    f"{name} takes {'a whole number' if LAUNCH_OPTIONS[name] is int else 'HOST:PORT'}, got '{value}'"
+                ) from None
         else:
             rest.append(arg)
         i += 1
@@ -49,7 +51,9 @@ def torchrun_args(options: dict, rest: list[str]) -> list[str]:
     args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", "0"]
     if nnodes > 1:
         if "--rdzv-endpoint" not in options:
-            raise ValueError("several machines (--nnodes > 1) need --rdzv-endpoint HOST:PORT, node 0's address, on every machine")
+            raise ValueError(
+                "several machines (--nnodes > 1) need --rdzv-endpoint HOST:PORT, node 0's address, on every machine"
+            )
         args += ["--node-rank", str(options.get("--node-rank", 0)), "--rdzv-endpoint", options["--rdzv-endpoint"]]
     else:
         args += ["--standalone"]
@@ -88,6 +92,10 @@ def main(argv: list[str]) -> int | None:
         raise ValueError(f"--node-rank must be >= 0, got {options['--node-rank']}")
     if options.get("--nproc-per-node", 1) * options.get("--nnodes", 1) <= 1:
         return None
-    print(f"twml: launching {options.get('--nproc-per-node', 1)} processes per machine on "
-          f"{options.get('--nnodes', 1)} machine(s) through torch.distributed.run", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"twml: launching {options.get('--nproc-per-node', 1)} processes per machine on "
+        f"{options.get('--nnodes', 1)} machine(s) through torch.distributed.run",
+        file=sys.stderr,
+        flush=True,
+    )
     return launch(options, rest)

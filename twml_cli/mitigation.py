@@ -36,8 +36,12 @@ class UnlearnConfig:
     fraction: float = 0.1  # of the clean images that carry the reversed trigger (the paper: 0.2)
     lr: float = 0.005
     batch_size: int = 128
-    schedule: str = "warmup"  # the learning rate: constant (the paper's), or warmup (one epoch up from 0, then a cosine down to 0)
-    freeze_norm: bool = True  # keep the normalization layers' statistics as trained (eval-mode BatchNorm while fine-tuning)
+    schedule: str = (
+        "warmup"  # the learning rate: constant (the paper's), or warmup (one epoch up from 0, then a cosine down to 0)
+    )
+    freeze_norm: bool = (
+        True  # keep the normalization layers' statistics as trained (eval-mode BatchNorm while fine-tuning)
+    )
     seed: int = 0
 
     def __post_init__(self):
@@ -51,7 +55,9 @@ class UnlearnConfig:
             raise ValueError(f"unknown unlearning schedule '{self.schedule}': use constant or warmup")
 
 
-def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, config: UnlearnConfig) -> None:
+def unlearn(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, config: UnlearnConfig
+) -> None:
     """Fine-tune `model` in place on (x, y) with config.fraction of the images stamped with
     (mask, pattern), labels unchanged. SGD with momentum at config.lr, constant or warmed up,
     with the normalization layers' statistics frozen when config.freeze_norm."""
@@ -91,8 +97,12 @@ def _rates(config: UnlearnConfig, per_epoch: int) -> list[float]:
     if config.schedule == "constant":
         return [config.lr] * total
     warm = min(per_epoch, total - 1)
-    return [config.lr * (k + 1) / warm if k < warm else config.lr * 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm)))
-            for k in range(total)]  # fmt: skip
+    return [
+        config.lr * (k + 1) / warm
+        if k < warm
+        else config.lr * 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm)))
+        for k in range(total)
+    ]
 
 
 def penultimate(model: Classifier, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -117,8 +127,17 @@ class PruneResult:
     reversed_success: float  # of the reversed trigger once pruned
 
 
-def prune(model: Classifier, x: torch.Tensor, y: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor,
-          step: float = 0.05, stop_below: float = 0.05, max_fraction: float = 0.5) -> PruneResult:  # fmt: skip
+def prune(
+    model: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: int,
+    mask: torch.Tensor,
+    pattern: torch.Tensor,
+    step: float = 0.05,
+    stop_below: float = 0.05,
+    max_fraction: float = 0.5,
+) -> PruneResult:
     """Remove, in steps of `step` of the neurons, those the reversed trigger excites most (on
     clean images x of other classes than the target), until the reversed trigger sends fewer
     than `stop_below` of them to the target, or max_fraction is removed. In place."""

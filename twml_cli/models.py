@@ -95,7 +95,14 @@ class Classifier(nn.Module):
         return self.backbone(self.normalize(x))
 
 
-REFUSED_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "cache_dir")
+REFUSED_KWARGS = (
+    "checkpoint_path",
+    "pretrained",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "pretrained_strict",
+    "cache_dir",
+)
 
 
 def check_model_kwargs(kwargs: dict) -> None:
@@ -106,7 +113,10 @@ def check_model_kwargs(kwargs: dict) -> None:
     from pathlib import Path
 
     def refuse(key: str, why: str) -> None:
-        raise TwmlError(f"model_kwargs '{key}' is refused ({why}): twml models take architecture arguments only, trained from scratch")
+        raise TwmlError(
+            f"model_kwargs '{key}' is refused ({why}): twml models take architecture arguments only, trained from "
+            "scratch"
+        )
 
     def visit(value, key: str) -> None:
         if isinstance(value, dict):
@@ -176,7 +186,9 @@ def adapt_stem(backbone: nn.Module) -> bool:
     if not isinstance(conv, nn.Conv2d) or conv.stride == (1, 1) or conv.groups != 1:
         return False
     _set_submodule(
-        backbone, first, nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
+        backbone,
+        first,
+        nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None),
     )
     for name, module in list(backbone.named_modules()):
         if isinstance(module, nn.MaxPool2d) and (name == "maxpool" or name.startswith("stem.")):
@@ -241,5 +253,7 @@ def load_model_dir(folder: str | Path, device: str | torch.device = "cpu") -> Cl
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise TwmlError(f"{weights}: weights do not fit the {spec.arch} in {SPEC_FILE} ({str(err).splitlines()[0]})") from None
+        raise TwmlError(
+            f"{weights}: weights do not fit the {spec.arch} in {SPEC_FILE} ({str(err).splitlines()[0]})"
+        ) from None
     return prepare(model, torch.device(device)).eval()

@@ -24,7 +24,9 @@ def no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
     return items
 
 
-SMALL_WORK = 100_000  # values per forward pass below which one intra-op thread is as fast as several (measured on 2 cores)
+SMALL_WORK = (
+    100_000  # values per forward pass below which one intra-op thread is as fast as several (measured on 2 cores)
+)
 
 
 def choose_threads(explicit: int = 0, work: int | None = None) -> tuple[int, str]:
@@ -190,6 +192,7 @@ def keyed_uniform(ids: torch.Tensor, shape: tuple[int, ...], *keys: int) -> torc
 
 
 # ---------------------------------------------------------------- torch.distributed
+
 
 def world_size() -> int:
     return torch.distributed.get_world_size() if distributed() else 1

@@ -17,14 +17,23 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 from .errors import TwmlError
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple = (), applies: Callable[[Any], bool] | None = None,
-            log: bool = True, item: type = str) -> Any:  # fmt: skip
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple = (),
+    applies: Callable[[Any], bool] | None = None,
+    log: bool = True,
+    item: type = str,
+) -> Any:
     """A settings field. `flag` overrides the flag name (default `--field-name`); `choices`
     lists the allowed values; `applies(settings)` says whether the value matters (only then is
     it logged); `log=False`: it changes where or how a run runs, not its result; `item` is a
@@ -64,16 +73,27 @@ COMPILE_PAYS = 1_000_000  # images through the model; below, eager bf16 finishes
 @dataclass(frozen=True)
 class Common(Group):
     PANEL = "Data and model"
-    dataset: str = setting("digits", "digits (embedded, 8x8), digits16 (the same at 16x16), mnist, fashion-mnist, cifar10, cifar100, svhn, gtsrb, a .npz file, or an "
-                           "image folder holding train/ and val/ (or test/) class folders, which streams.")  # fmt: skip
+    dataset: str = setting(
+        "digits",
+        "digits (embedded, 8x8), digits16 (the same at 16x16), mnist, fashion-mnist, cifar10, cifar100, svhn, gtsrb, "
+        "a .npz file, or an "
+        "image folder holding train/ and val/ (or test/) class folders, which streams.",
+    )
     data_dir: str = setting("data", "Where torchvision data sets are stored.")
     image_size: int = setting(0, "Image folders: the side images are resized to (0: 224).")
     workers: int = setting(4, "Image folders: DataLoader worker processes.", log=False)
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
-    compile: str = setting("auto", "torch.compile the model: auto (on CUDA, when the work repays the compile time; with CUDA "
-                           "graphs in one process), off, on, graphs.", choices=("auto", "off", "on", "graphs"))  # fmt: skip
-    threads: int = setting(0, "CPU intra-op threads (0: the cores this process may use, shared among the processes torchrun started on "
-                           "this machine; OMP_NUM_THREADS wins when set). Logged as the param threads: CPU figures depend on it.")  # fmt: skip
+    compile: str = setting(
+        "auto",
+        "torch.compile the model: auto (on CUDA, when the work repays the compile time; with CUDA "
+        "graphs in one process), off, on, graphs.",
+        choices=("auto", "off", "on", "graphs"),
+    )
+    threads: int = setting(
+        0,
+        "CPU intra-op threads (0: the cores this process may use, shared among the processes torchrun started on "
+        "this machine; OMP_NUM_THREADS wins when set). Logged as the param threads: CPU figures depend on it.",
+    )
     seed: int = setting(0, "Seed of every random choice.")
     eval_batch_size: int = setting(512, "Batch size of evaluation and attacks.")
 
@@ -81,7 +101,10 @@ class Common(Group):
         if self.eval_batch_size < 1:
             raise ValueError(f"eval batch size must be >= 1, got {self.eval_batch_size}")
         if self.image_size < 0 or self.workers < 0 or self.threads < 0:
-            raise ValueError(f"image size, workers and threads must be >= 0, got {self.image_size}, {self.workers} and {self.threads}")
+            raise ValueError(
+                f"image size, workers and threads must be >= 0, got {self.image_size}, {self.workers} and "
+                f"{self.threads}"
+            )
 
     def compile_mode(self, device, work: int) -> str | None:
         """torch.compile's mode (None: not compiled) for `work` images through the model on this
@@ -92,7 +115,9 @@ class Common(Group):
 
         choice = self.compile
         if choice == "auto":
-            choice = ("graphs" if world_size() == 1 else "on") if device.type == "cuda" and work >= COMPILE_PAYS else "off"
+            choice = (
+                ("graphs" if world_size() == 1 else "on") if device.type == "cuda" and work >= COMPILE_PAYS else "off"
+            )
         return {"off": None, "on": "default", "graphs": "reduce-overhead"}[choice]
 
 
@@ -103,8 +128,12 @@ class Architecture(Group):
     PANEL = "Data and model"
     model: str = setting("test_byobnet", "timm architecture, trained from scratch.")
     model_kwargs: dict = setting({}, "JSON keyword arguments for timm.create_model (architecture arguments only).")
-    stem: str = setting("auto", "The model's stem: auto (below 64 pixels, the small-input stem: 3x3 stride 1, no max-pool), "
-                        "small, or timm (the architecture's own).", choices=("auto", "small", "timm"))  # fmt: skip
+    stem: str = setting(
+        "auto",
+        "The model's stem: auto (below 64 pixels, the small-input stem: 3x3 stride 1, no max-pool), "
+        "small, or timm (the architecture's own).",
+        choices=("auto", "small", "timm"),
+    )
 
     def check(self) -> None:
         from .models import check_model_kwargs
@@ -120,14 +149,29 @@ class SGD(Group):
     lr: float = setting(0.1, "Peak SGD learning rate.")
     momentum: float = setting(0.9, "SGD (Nesterov) momentum.")
     weight_decay: float = setting(5e-4, "SGD weight decay.")
-    schedule: str = setting("cosine", "Learning-rate schedule: cosine; step (x0.1 at 50% and 75%); imagenet (x0.1 at 1/3 "
-                            "and 2/3); constant.", choices=("cosine", "step", "imagenet", "constant"))  # fmt: skip
-    augment: bool = setting(True, "Train with the data set's usual augmentation (none for digits and MNIST-like sets; "
-                            "crops and flips for CIFAR; crops for SVHN and GTSRB; ImageNet's for image folders).")  # fmt: skip
-    augmentation: str = setting("auto", "Which augmentation --augment applies: auto (the data set's usual) or one of these.",
-                                choices=("auto", "none", "crop", "crop-flip", "resized-crop-flip"))  # fmt: skip
-    checkpoint_every: int = setting(1, "Passes over the data between checkpoints (0: none); a killed run resumes from the last.", log=False)
-    register: str = setting("", "Also register the trained model under this name in MLflow's model registry (models:/NAME/VERSION).", log=False)
+    schedule: str = setting(
+        "cosine",
+        "Learning-rate schedule: cosine; step (x0.1 at 50% and 75%); imagenet (x0.1 at 1/3 and 2/3); constant.",
+        choices=("cosine", "step", "imagenet", "constant"),
+    )
+    augment: bool = setting(
+        True,
+        "Train with the data set's usual augmentation (none for digits and MNIST-like sets; "
+        "crops and flips for CIFAR; crops for SVHN and GTSRB; ImageNet's for image folders).",
+    )
+    augmentation: str = setting(
+        "auto",
+        "Which augmentation --augment applies: auto (the data set's usual) or one of these.",
+        choices=("auto", "none", "crop", "crop-flip", "resized-crop-flip"),
+    )
+    checkpoint_every: int = setting(
+        1, "Passes over the data between checkpoints (0: none); a killed run resumes from the last.", log=False
+    )
+    register: str = setting(
+        "",
+        "Also register the trained model under this name in MLflow's model registry (models:/NAME/VERSION).",
+        log=False,
+    )
 
     def check(self) -> None:
         self.train_config()
@@ -140,7 +184,9 @@ class SGD(Group):
         from .training import TrainConfig
 
         policy = self.augmentation if self.augment and self.augmentation != "auto" else "none"
-        return TrainConfig(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, self.schedule, self.seed, policy)
+        return TrainConfig(
+            self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, self.schedule, self.seed, policy
+        )
 
 
 @dataclass(frozen=True)
@@ -150,16 +196,28 @@ class Threat(Group):
     pgd_steps: int = setting(10, "PGD iterations.")
     pgd_alpha: float = setting(0.025, "PGD step size (pixel units).")
     pgd_restarts: int = setting(1, "PGD random restarts; per example the most damaging is kept.")
-    eval: str = setting("pgd", "Robustness evaluation: pgd, or autoattack (PGD and the standard AutoAttack: APGD-CE, APGD-T, "
-                        "FAB-T, Square; with their per-example worst case).", choices=("pgd", "autoattack"))  # fmt: skip
-    autoattack_iterations: int = setting(100, "AutoAttack: APGD and FAB iterations (the standard version's 100).",
-                                         applies=lambda s: s.eval == "autoattack")  # fmt: skip
-    autoattack_queries: int = setting(5000, "AutoAttack: Square's queries (the standard version's 5,000).", applies=lambda s: s.eval == "autoattack")
+    eval: str = setting(
+        "pgd",
+        "Robustness evaluation: pgd, or autoattack (PGD and the standard AutoAttack: APGD-CE, APGD-T, "
+        "FAB-T, Square; with their per-example worst case).",
+        choices=("pgd", "autoattack"),
+    )
+    autoattack_iterations: int = setting(
+        100,
+        "AutoAttack: APGD and FAB iterations (the standard version's 100).",
+        applies=lambda s: s.eval == "autoattack",
+    )
+    autoattack_queries: int = setting(
+        5000, "AutoAttack: Square's queries (the standard version's 5,000).", applies=lambda s: s.eval == "autoattack"
+    )
 
     def check(self) -> None:
         self.pgd_config()
         if self.autoattack_iterations < 1 or self.autoattack_queries < 1:
-            raise ValueError(f"AutoAttack iterations and queries must be >= 1, got {self.autoattack_iterations} and {self.autoattack_queries}")
+            raise ValueError(
+                f"AutoAttack iterations and queries must be >= 1, got {self.autoattack_iterations} and "
+                f"{self.autoattack_queries}"
+            )
         self.autoattack_config()
 
     def pgd_config(self):
@@ -179,7 +237,9 @@ class Threat(Group):
 @dataclass(frozen=True)
 class GivenModel(Group):
     PANEL = "Model"
-    model_run: str = setting("", "A logged model: a run id, runs:/RUN_ID/model, or a folder with model.safetensors.", flag="run")
+    model_run: str = setting(
+        "", "A logged model: a run id, runs:/RUN_ID/model, or a folder with model.safetensors.", flag="run"
+    )
 
 
 # ---------------------------------------------------------------- one class per study
@@ -192,10 +252,17 @@ class Training(Threat, SGD, Architecture, Common, Settings):
     """`twml train`: standard or free adversarial training, then accuracy and PGD."""
 
     PANEL = "Training"
-    method: str = setting("standard", "Training method: standard, free (Shafahi et al.; `--free`) or fast (Wong et al.: "
-                          "FGSM from a random start).", choices=METHODS)  # fmt: skip
+    method: str = setting(
+        "standard",
+        "Training method: standard, free (Shafahi et al.; `--free`) or fast (Wong et al.: FGSM from a random start).",
+        choices=METHODS,
+    )
     m: int = setting(4, "Free training: replays of each minibatch.", applies=lambda s: s.method == "free")
-    fast_step: float = setting(1.25, "Fast training: the FGSM step as a multiple of eps (the paper's 1.25).", applies=lambda s: s.method == "fast")
+    fast_step: float = setting(
+        1.25,
+        "Fast training: the FGSM step as a multiple of eps (the paper's 1.25).",
+        applies=lambda s: s.method == "fast",
+    )
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -237,12 +304,22 @@ class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
     cert_alpha: float = setting(0.001, "Failure probability of each certificate.")
     num_examples: int = setting(360, "Evenly spaced test examples to evaluate (0: all).")
     certify_batch_size: int = setting(2000, "Noisy samples per forward pass.")
-    radii: list = setting([], "L2 radii to report certified accuracy at (comma-separated); with --adaptive, the grid to certify.", item=float)
-    adaptive: bool = setting(False, "Adaptive certification on the --radii grid, --n the cap: as few samples as each decision "
-                             "needs, the same guarantee (a union bound over the looks).")  # fmt: skip
-    futility: float = setting(0.2, "With --adaptive: give up on a radius once pA's one-sided (1 - futility) upper bound is below "
-                              "what --n samples would need. Larger saves samples and misses more of fixed n's certificates; "
-                              "it never makes one wrong.")  # fmt: skip
+    radii: list = setting(
+        [],
+        "L2 radii to report certified accuracy at (comma-separated); with --adaptive, the grid to certify.",
+        item=float,
+    )
+    adaptive: bool = setting(
+        False,
+        "Adaptive certification on the --radii grid, --n the cap: as few samples as each decision "
+        "needs, the same guarantee (a union bound over the looks).",
+    )
+    futility: float = setting(
+        0.2,
+        "With --adaptive: give up on a radius once pA's one-sided (1 - futility) upper bound is below "
+        "what --n samples would need. Larger saves samples and misses more of fixed n's certificates; "
+        "it never makes one wrong.",
+    )
 
     def check(self) -> None:
         if not self.sigma > 0:  # before the import below: a plain range check needs no torch
@@ -267,9 +344,14 @@ class Backdoor(SGD, Architecture, Common, Settings):
     PANEL = "BadNets"
     target: int = setting(0, "Class the trigger sends images to.")
     poison_rate: float = setting(0.1, "Fraction of training images poisoned, in (0, 1).")
-    trigger_size: int = setting(0, "Side of the square trigger (0: a tenth of the image side: 1 pixel on 8x8, 3x3 on 32x32).")
-    position: str = setting("bottom-right", "Where the trigger sits: a corner or the centre.",
-                            choices=("bottom-right", "bottom-left", "top-right", "top-left", "centre"))
+    trigger_size: int = setting(
+        0, "Side of the square trigger (0: a tenth of the image side: 1 pixel on 8x8, 3x3 on 32x32)."
+    )
+    position: str = setting(
+        "bottom-right",
+        "Where the trigger sits: a corner or the centre.",
+        choices=("bottom-right", "bottom-left", "top-right", "top-left", "centre"),
+    )
 
     def check(self) -> None:
         from .backdoor import Trigger
@@ -287,21 +369,38 @@ class Cleanse(Common, Settings):
 
     PANEL = "Neural Cleanse"
     DATA_FROM_MODEL = True
-    model_runs: list = setting([], "A model to inspect (run id, runs:/ URI or folder); repeat for several "
-                               "(default: the newest standard train run, then the newest backdoor run).", flag="run")  # fmt: skip
+    model_runs: list = setting(
+        [],
+        "A model to inspect (run id, runs:/ URI or folder); repeat for several "
+        "(default: the newest standard train run, then the newest backdoor run).",
+        flag="run",
+    )
     search_steps: int = setting(40, "Trigger search: optimization rounds (passes over the clean images).")
     search_images: int = setting(256, "Trigger search: clean training images used.")
     search_batch_size: int = setting(32, "Trigger search: clean images per class in one step.")
     search_lr: float = setting(0.1, "Trigger search: Adam learning rate.")
     search_threshold: float = setting(0.99, "Trigger search: attack success a reversed trigger must reach.")
-    search_restarts: int = setting(4, "Trigger search: independent random starts per class; each class keeps its smallest successful mask.")
-    search_keep_best_after: int = setting(10, "Trigger search with restarts: rounds after which each class goes on from its best start "
-                                          "alone (0: every start runs to the end).", applies=lambda s: s.search_restarts > 1)  # fmt: skip
-    search_converged: float = setting(1.0, "Trigger search: a class stops once its smallest mask has not fallen below this fraction of "
-                                      "the best so far for 5 x patience rounds (the authors' 1.0: any decrease counts).")  # fmt: skip
-    patience: int = setting(3, "Trigger search: rounds before lambda moves (the authors' 5; 3 on the digits' short search).")
+    search_restarts: int = setting(
+        4, "Trigger search: independent random starts per class; each class keeps its smallest successful mask."
+    )
+    search_keep_best_after: int = setting(
+        10,
+        "Trigger search with restarts: rounds after which each class goes on from its best start "
+        "alone (0: every start runs to the end).",
+        applies=lambda s: s.search_restarts > 1,
+    )
+    search_converged: float = setting(
+        1.0,
+        "Trigger search: a class stops once its smallest mask has not fallen below this fraction of "
+        "the best so far for 5 x patience rounds (the authors' 1.0: any decrease counts).",
+    )
+    patience: int = setting(
+        3, "Trigger search: rounds before lambda moves (the authors' 5; 3 on the digits' short search)."
+    )
     init_cost: float = setting(1e-3, "Trigger search: lambda once the attack first succeeds.")
-    cost_multiplier: float = setting(2.0, "Trigger search: lambda's factor after `patience` successful rounds (the authors' 1.5 to 2).")
+    cost_multiplier: float = setting(
+        2.0, "Trigger search: lambda's factor after `patience` successful rounds (the authors' 1.5 to 2)."
+    )
     anomaly_threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
 
     def check(self) -> None:
@@ -314,10 +413,20 @@ class Cleanse(Common, Settings):
     def cleanse_config(self):
         from .cleanse import CleanseConfig
 
-        return CleanseConfig(steps=self.search_steps, batch_size=self.search_batch_size, lr=self.search_lr,
-                             threshold=self.search_threshold, patience=self.patience, init_cost=self.init_cost,
-                             cost_multiplier=self.cost_multiplier, early_stop_patience=5 * self.patience, restarts=self.search_restarts,
-                             keep_best_after=self.search_keep_best_after, early_stop_threshold=self.search_converged, seed=self.seed)  # fmt: skip
+        return CleanseConfig(
+            steps=self.search_steps,
+            batch_size=self.search_batch_size,
+            lr=self.search_lr,
+            threshold=self.search_threshold,
+            patience=self.patience,
+            init_cost=self.init_cost,
+            cost_multiplier=self.cost_multiplier,
+            early_stop_patience=5 * self.patience,
+            restarts=self.search_restarts,
+            keep_best_after=self.search_keep_best_after,
+            early_stop_threshold=self.search_converged,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -327,18 +436,39 @@ class Mitigate(Common, Settings):
     PANEL = "Mitigation"
     DATA_FROM_MODEL = True
     cleanse_run: str = setting("", "The cleanse run whose findings to act on (default: the newest finished one).")
-    mitigation: str = setting("unlearn", "unlearn (fine-tune with the reversed trigger under true labels) or prune (remove the "
-                              "neurons it excites).", choices=("unlearn", "prune"))  # fmt: skip
+    mitigation: str = setting(
+        "unlearn",
+        "unlearn (fine-tune with the reversed trigger under true labels) or prune (remove the neurons it excites).",
+        choices=("unlearn", "prune"),
+    )
     unlearn_epochs: int = setting(6, "Unlearning: epochs of fine-tuning.", applies=lambda s: s.mitigation == "unlearn")
-    unlearn_fraction: float = setting(0.1, "Unlearning: fraction of the clean images stamped with the reversed trigger (the paper's: 20%).",
-                                      applies=lambda s: s.mitigation == "unlearn")  # fmt: skip
+    unlearn_fraction: float = setting(
+        0.1,
+        "Unlearning: fraction of the clean images stamped with the reversed trigger (the paper's: 20%).",
+        applies=lambda s: s.mitigation == "unlearn",
+    )
     unlearn_lr: float = setting(0.005, "Unlearning: SGD learning rate.", applies=lambda s: s.mitigation == "unlearn")
-    unlearn_schedule: str = setting("warmup", "Unlearning: the learning rate, constant or warmup (an epoch up from 0, then a cosine to 0).",
-                                    choices=("constant", "warmup"), applies=lambda s: s.mitigation == "unlearn")  # fmt: skip
-    unlearn_freeze_norm: bool = setting(True, "Unlearning: keep the normalization layers' statistics as trained.", applies=lambda s: s.mitigation == "unlearn")
-    prune_step: float = setting(0.05, "Pruning: fraction of the penultimate neurons removed per step.", applies=lambda s: s.mitigation == "prune")
-    prune_stop: float = setting(0.05, "Pruning: stop once the reversed trigger succeeds on fewer than this fraction.",
-                                applies=lambda s: s.mitigation == "prune")  # fmt: skip
+    unlearn_schedule: str = setting(
+        "warmup",
+        "Unlearning: the learning rate, constant or warmup (an epoch up from 0, then a cosine to 0).",
+        choices=("constant", "warmup"),
+        applies=lambda s: s.mitigation == "unlearn",
+    )
+    unlearn_freeze_norm: bool = setting(
+        True,
+        "Unlearning: keep the normalization layers' statistics as trained.",
+        applies=lambda s: s.mitigation == "unlearn",
+    )
+    prune_step: float = setting(
+        0.05,
+        "Pruning: fraction of the penultimate neurons removed per step.",
+        applies=lambda s: s.mitigation == "prune",
+    )
+    prune_stop: float = setting(
+        0.05,
+        "Pruning: stop once the reversed trigger succeeds on fewer than this fraction.",
+        applies=lambda s: s.mitigation == "prune",
+    )
 
     def check(self) -> None:
         self.unlearn_config()
@@ -348,13 +478,26 @@ class Mitigate(Common, Settings):
     def unlearn_config(self):
         from .mitigation import UnlearnConfig
 
-        return UnlearnConfig(self.unlearn_epochs, self.unlearn_fraction, self.unlearn_lr, schedule=self.unlearn_schedule,
-                             freeze_norm=self.unlearn_freeze_norm, seed=self.seed)  # fmt: skip
+        return UnlearnConfig(
+            self.unlearn_epochs,
+            self.unlearn_fraction,
+            self.unlearn_lr,
+            schedule=self.unlearn_schedule,
+            freeze_norm=self.unlearn_freeze_norm,
+            seed=self.seed,
+        )
 
 
 TOP_LEVEL = (Common, Architecture)  # a preset's keys outside any section
 # A preset's sections, and the sections each command reads (in order, after the top level).
-SECTIONS: dict[str, type] = {"train": Training, "attack": Attack, "smooth": Smoothing, "backdoor": Backdoor, "cleanse": Cleanse, "mitigate": Mitigate}
+SECTIONS: dict[str, type] = {
+    "train": Training,
+    "attack": Attack,
+    "smooth": Smoothing,
+    "backdoor": Backdoor,
+    "cleanse": Cleanse,
+    "mitigate": Mitigate,
+}
 COMMANDS: dict[str, tuple[type, tuple[str, ...]]] = {
     "train": (Training, ("train",)),
     "attack": (Attack, ("train", "attack")),
@@ -395,7 +538,13 @@ def sweepable(cls: type, f: dataclasses.Field) -> bool:
     return field_type(cls, f) in (int, float, str, bool) and f.metadata.get("log", True) and f.name not in RUNTIME_ONLY
 
 
-RUNTIME_ONLY = ("device", "compile", "workers", "data_dir", "threads")  # where and how to run: a resumed run may change them
+RUNTIME_ONLY = (
+    "device",
+    "compile",
+    "workers",
+    "data_dir",
+    "threads",
+)  # where and how to run: a resumed run may change them
 
 
 def field_type(cls: type, f: dataclasses.Field) -> type:

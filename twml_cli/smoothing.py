@@ -82,7 +82,9 @@ class Smooth:
         self.sigma = sigma
         self.seed = seed
 
-    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, index: int = 0) -> tuple[int, float]:
+    def certify(
+        self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, index: int = 0
+    ) -> tuple[int, float]:
         """CERTIFY for one image x (C, H, W): (class, L2 radius), or (-1, 0.0) to abstain.
 
         1. n0 noisy samples select the top class cA;
@@ -178,7 +180,9 @@ class Smooth:
         done = 0
         for size, level in zip(looks, levels):
             rows = torch.as_tensor(active, device=c_a.device)
-            votes = self._counts(x[rows.cpu()], [indices[i] for i in active], ESTIMATION, size, batch_size, skip=done, total=n_max)
+            votes = self._counts(
+                x[rows.cpu()], [indices[i] for i in active], ESTIMATION, size, batch_size, skip=done, total=n_max
+            )
             n_a[active] += votes.gather(1, c_a[rows][:, None])[:, 0].cpu().numpy()
             used[active] = size
             low = lower_confidence_bound(n_a[active], size, level)
@@ -201,7 +205,14 @@ class Smooth:
         )
 
     def _counts(
-        self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, skip: int = 0, total: int | None = None
+        self,
+        x: torch.Tensor,
+        indices: list[int],
+        phase: int,
+        num: int,
+        batch_size: int,
+        skip: int = 0,
+        total: int | None = None,
     ) -> torch.Tensor:
         """(len(x), num_classes) votes of the base classifier on noisy copies `skip` to `num` of
         each image (the first `skip` were counted before) out of a draw of `total` (default num)."""
@@ -220,7 +231,15 @@ class Smooth:
         return counts.view(len(x), k)
 
     def _noise_batches(
-        self, x: torch.Tensor, indices: list[int], phase: int, num: int, batch_size: int, device: torch.device, skip: int, total: int
+        self,
+        x: torch.Tensor,
+        indices: list[int],
+        phase: int,
+        num: int,
+        batch_size: int,
+        device: torch.device,
+        skip: int,
+        total: int,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(owner, noise) batches of at most batch_size samples: owner[j] is the row of x that
         sample j perturbs. A draw of `total` samples per example comes in blocks of NOISE_BLOCK
@@ -236,7 +255,9 @@ class Smooth:
                 lo, hi = max(skip, start) - start, min(num, start + length) - start
                 gen = generator(device, self.seed, index, phase, block)
                 noise = torch.randn((length, *x.shape[1:]), generator=gen, device=device)
-                noises.append(noise if hi - lo == length else noise[lo:hi].clone())  # a clone frees the rest of the block
+                noises.append(
+                    noise if hi - lo == length else noise[lo:hi].clone()
+                )  # a clone frees the rest of the block
                 owners.append(torch.full((hi - lo,), row, dtype=torch.long, device=device))
                 pending += hi - lo
                 while pending >= batch_size:
@@ -302,8 +323,9 @@ def certify_dataset(
     radii, certify_grid with n as the cap (and `futility`).
 
     Returns the per-example table (ROWS; time_s is the chunk's wall time shared equally among
-    its examples, so the column sums to the certification's time), in the order of `indices`. Rows in `done` (an interrupted run's) are kept and
-    not certified again; `save_rows` receives the table so far after every chunk (on rank 0).
+    its examples, so the column sums to the certification's time), in the order of `indices`.
+    Rows in `done` (an interrupted run's) are kept and not certified again; `save_rows`
+    receives the table so far after every chunk (on rank 0).
     Under torchrun each process certifies its share of every chunk and rank 0 gathers the
     rows: noise is keyed by example, so the table equals one process's.
     """
@@ -330,7 +352,15 @@ def certify_dataset(
             else:
                 cert = graded = smooth.certify_grid(x, grid, n0, n, alpha, batch_size, indices=mine, futility=futility)
                 samples = graded.samples
-        columns = [mine, y.numpy(), cert.prediction, cert.radius, cert.prediction == y.numpy(), np.full(len(mine), timer.seconds / len(part)), samples]
+        columns = [
+            mine,
+            y.numpy(),
+            cert.prediction,
+            cert.radius,
+            cert.prediction == y.numpy(),
+            np.full(len(mine), timer.seconds / len(part)),
+            samples,
+        ]
         part_rows = torch.tensor(np.stack(columns, 1) if mine else np.zeros((0, len(ROWS))), dtype=torch.float64)
         gathered = runtime.all_gather_rows(part_rows.to(runtime.collective_device())).cpu().numpy()
         for k, column in zip(ROWS, gathered.T):
@@ -344,7 +374,15 @@ def certify_dataset(
 
 
 def _typed(rows: dict[str, list]) -> dict[str, np.ndarray]:
-    types = {"idx": np.int64, "label": np.int64, "predict": np.int64, "radius": np.float64, "correct": bool, "time_s": np.float64, "samples": np.int64}
+    types = {
+        "idx": np.int64,
+        "label": np.int64,
+        "predict": np.int64,
+        "radius": np.float64,
+        "correct": bool,
+        "time_s": np.float64,
+        "samples": np.int64,
+    }
     return {k: np.asarray(rows[k], dtype=types[k]) for k in ROWS}
 
 

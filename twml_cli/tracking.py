@@ -49,7 +49,9 @@ def configure(tracking_uri: str | None = None, system_metrics: bool = False, cre
         try:
             import psutil  # noqa: F401
         except ImportError:
-            raise TwmlError("--system-metrics needs psutil (and nvidia-ml-py for GPUs): pip install 'twml_cli[system]'") from None
+            raise TwmlError(
+                "--system-metrics needs psutil (and nvidia-ml-py for GPUs): pip install 'twml_cli[system]'"
+            ) from None
     _system_metrics["on"] = system_metrics
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -197,10 +199,21 @@ class Run:
         version of that registered model (`models:/NAME/VERSION`)."""
         spec = model.spec
         exp = self._client.get_run(self.id).info.experiment_id
-        params = {"arch": spec.arch, "num_classes": spec.num_classes, "input": "x".join(map(str, (spec.in_chans, *spec.input_size))),
-                  "dataset": spec.dataset, "small_input_stem": spec.small_input_stem, "model_kwargs": json.dumps(spec.model_kwargs)}  # fmt: skip
-        logged = self._client.create_logged_model(exp, name=MODEL_DIR, source_run_id=self.id, model_type="twml-safetensors",
-                                                  params={k: str(v) for k, v in params.items()})  # fmt: skip
+        params = {
+            "arch": spec.arch,
+            "num_classes": spec.num_classes,
+            "input": "x".join(map(str, (spec.in_chans, *spec.input_size))),
+            "dataset": spec.dataset,
+            "small_input_stem": spec.small_input_stem,
+            "model_kwargs": json.dumps(spec.model_kwargs),
+        }
+        logged = self._client.create_logged_model(
+            exp,
+            name=MODEL_DIR,
+            source_run_id=self.id,
+            model_type="twml-safetensors",
+            params={k: str(v) for k, v in params.items()},
+        )
         with tempfile.TemporaryDirectory() as tmp:
             models.save_model(model, tmp)
             self._client.log_model_artifacts(logged.model_id, tmp)
@@ -215,15 +228,21 @@ class Run:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         inputs = [
-            DatasetInput(Dataset(d["name"], d["digest"], "twml", json.dumps({"uri": d["source"]}), profile=json.dumps(d["profile"])),
-                         [InputTag("mlflow.data.context", d["context"])])  # fmt: skip
+            DatasetInput(
+                Dataset(
+                    d["name"], d["digest"], "twml", json.dumps({"uri": d["source"]}), profile=json.dumps(d["profile"])
+                ),
+                [InputTag("mlflow.data.context", d["context"])],
+            )
             for d in datasets
         ]
         self._client.log_inputs(self.id, datasets=inputs)
 
 
 @contextlib.contextmanager
-def start_run(experiment: str, command: str, run_name: str | None = None, tags: dict | None = None, parent: str | None = None) -> Iterator[Run]:
+def start_run(
+    experiment: str, command: str, run_name: str | None = None, tags: dict | None = None, parent: str | None = None
+) -> Iterator[Run]:
     """A run tagged twml.command=<command>. It ends FINISHED, or FAILED if the block raises,
     or KILLED on KeyboardInterrupt (Ctrl-C; the CLI turns SIGTERM into one too)."""
     c = client()
@@ -287,7 +306,11 @@ def get_run(run_id: str):
     text = run_id.lower()
     if 4 <= len(text) < 32 and all(c in "0123456789abcdef" for c in text):
         experiments = [e.experiment_id for e in client().search_experiments()]
-        found = [r for r in client().search_runs(experiments, max_results=50_000) if r.info.run_id.startswith(text)] if experiments else []
+        found = (
+            [r for r in client().search_runs(experiments, max_results=50_000) if r.info.run_id.startswith(text)]
+            if experiments
+            else []
+        )
         if len(found) == 1:
             return found[0]
         if found:
@@ -332,7 +355,9 @@ def download_model(uri: str) -> str:
         model_id = logged_model_of(run, artifact_path)
         if model_id is not None:
             return mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}")
-        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)  # files in the run itself
+        return mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path
+        )  # files in the run itself
     except (MlflowException, OSError):
         raise TwmlError(f"run '{run_id}' holds no model under '{artifact_path}'") from None
 
@@ -340,7 +365,9 @@ def download_model(uri: str) -> str:
 def logged_model_of(run, name: str = MODEL_DIR) -> str | None:
     """The id of the newest finished LoggedModel `name` that `run` produced, if any (a run
     killed while logging one leaves it PENDING; a resumed run logs it again)."""
-    found = client().search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
+    found = client().search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'"
+    )
     ready = [m for m in found if m.status == LoggedModelStatus.READY]
     return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None
 

@@ -40,8 +40,20 @@ from .examples import POLICIES, Augment, InMemory, batch_indices
 from .perturbations import Batch, FastAdversarial, FreeAdversarial, GaussianNoise, Perturbation
 from .runtime import Progress, Timer, autocast, generator, no_progress
 
-__all__ = ["Batch", "EpochStats", "FastAdversarial", "FreeAdversarial", "GaussianNoise", "Hooks", "Perturbation", "TrainConfig",
-           "TrainResult", "TrainState", "lr_factor", "train"]  # fmt: skip
+__all__ = [
+    "Batch",
+    "EpochStats",
+    "FastAdversarial",
+    "FreeAdversarial",
+    "GaussianNoise",
+    "Hooks",
+    "Perturbation",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "lr_factor",
+    "train",
+]
 SCHEDULES = ("cosine", "step", "imagenet", "constant")
 GUARD_STREAM = 7
 
@@ -153,14 +165,20 @@ def train(
     world, rank = runtime.world_size(), runtime.rank()
     n, bs, replays = len(data), config.batch_size, perturbation.replays
     if world > 1 and (n % bs or bs) < world:
-        raise ValueError(f"a batch of {n % bs or bs} examples cannot be split over {world} processes: change --batch-size")
+        raise ValueError(
+            f"a batch of {n % bs or bs} examples cannot be split over {world} processes: change --batch-size"
+        )
     batches_per_pass = math.ceil(n / bs)
     passes = math.ceil(config.epochs / replays)
     total_steps = passes * batches_per_pass * replays
 
     net = _wrap(model, device, world, compile_mode)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.momentum > 0
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.momentum > 0,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config.schedule, s, total_steps))
     shuffle = generator(device, config.seed)
@@ -177,7 +195,9 @@ def train(
     stopped = False
     with Timer(device) as timer:
         ticks = _ticks(data, shuffle, config, first_pass, passes, batches_per_pass, device)
-        for p, b, (xb, yb, idx) in hooks.progress(ticks, (passes - first_pass) * batches_per_pass, f"train ({perturbation.name})"):
+        for p, b, (xb, yb, idx) in hooks.progress(
+            ticks, (passes - first_pass) * batches_per_pass, f"train ({perturbation.name})"
+        ):
             if b == 0:
                 loss_sum = torch.zeros((), device=device)
                 correct = torch.zeros((), dtype=torch.long, device=device)
@@ -210,8 +230,13 @@ def train(
                 stopped = True
                 break
             if hooks.save_state is not None and ((p + 1) % hooks.checkpoint_every == 0 or p + 1 == passes):
-                extra = {"history": [asdict(h) for h in history], "guard_previous": guard.previous if guard is not None else None}
-                state = snapshot(model, optimizer, scheduler, shuffle, perturbation, step, p + 1, spent + timer.elapsed(), extra)
+                extra = {
+                    "history": [asdict(h) for h in history],
+                    "guard_previous": guard.previous if guard is not None else None,
+                }
+                state = snapshot(
+                    model, optimizer, scheduler, shuffle, perturbation, step, p + 1, spent + timer.elapsed(), extra
+                )
                 if rank == 0:
                     hooks.save_state(state)
     model.eval()
@@ -259,7 +284,9 @@ class _Guard:
     def __init__(self, model: nn.Module, data, perturbation: FastAdversarial, config: TrainConfig):
         from .attacks import PGDConfig
 
-        picked = torch.randperm(len(data), generator=generator(torch.device("cpu"), config.seed, GUARD_STREAM))[: config.batch_size]
+        picked = torch.randperm(len(data), generator=generator(torch.device("cpu"), config.seed, GUARD_STREAM))[
+            : config.batch_size
+        ]
         self.model, self.indices = model, picked
         self.x, self.y = data.take(picked)
         self.pgd = PGDConfig(eps=perturbation.eps, alpha=max(perturbation.eps / 4, 1e-6), steps=5)

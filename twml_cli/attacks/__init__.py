@@ -6,4 +6,14 @@ from .autoattack import ATTACKS, AutoAttackConfig, autoattack
 from .evaluate import RobustnessResult, accuracy, evaluate_robustness
 from .pgd import PGD_STREAM, PGDConfig, pgd
 
-__all__ = ["ATTACKS", "AutoAttackConfig", "PGDConfig", "PGD_STREAM", "RobustnessResult", "accuracy", "autoattack", "evaluate_robustness", "pgd"]
+__all__ = [
+    "ATTACKS",
+    "AutoAttackConfig",
+    "PGDConfig",
+    "PGD_STREAM",
+    "RobustnessResult",
+    "accuracy",
+    "autoattack",
+    "evaluate_robustness",
+    "pgd",
+]

@@ -21,7 +21,8 @@ ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 @dataclass(frozen=True)
 class AutoAttackConfig:
-    """The standard AutoAttack at budget eps: its attacks in order, APGD and FAB iterations, target classes, Square's queries."""
+    """The standard AutoAttack at budget eps: its attacks in order, APGD and FAB iterations, target
+    classes, Square's queries."""
 
     eps: float
     n_iter: int = 100  # APGD and FAB iterations
@@ -37,8 +38,14 @@ class AutoAttackConfig:
             raise ValueError(f"unknown AutoAttack attacks {sorted(unknown)}: use {', '.join(ATTACKS)}")
 
 
-def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AutoAttackConfig, indices: torch.Tensor | None = None,
-               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, int], dict[str, torch.Tensor]]:  # fmt: skip
+def autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: AutoAttackConfig,
+    indices: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int], dict[str, torch.Tensor]]:
     """(adversarial examples, robust: bool per example, robust count after each attack, robust
     per example after each attack). Points misclassified already are not attacked; `indices`
     key the random starts (batch-independent)."""
@@ -54,7 +61,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AutoA
     stages: dict[str, torch.Tensor] = {}
     with torch.enable_grad(), frozen(model):
         for name in config.attacks:
-            runs = range(targets.shape[1]) if name in ("apgd-t", "fab-t") else [0]  # the target's rank, for the targeted ones
+            runs = (
+                range(targets.shape[1]) if name in ("apgd-t", "fab-t") else [0]
+            )  # the target's rank, for the targeted ones
             for k in runs:
                 todo = robust.nonzero()[:, 0]
                 if len(todo) == 0:
@@ -63,12 +72,24 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AutoA
                 if name == "apgd-ce":
                     adv = apgd(model, xs, ys, config.eps, config.n_iter, indices=ids, seed=seed)
                 elif name == "apgd-t":
-                    adv = apgd(model, xs, ys, config.eps, config.n_iter, target=targets[todo, k], indices=ids, seed=seed, restart=k + 1)
+                    adv = apgd(
+                        model,
+                        xs,
+                        ys,
+                        config.eps,
+                        config.n_iter,
+                        target=targets[todo, k],
+                        indices=ids,
+                        seed=seed,
+                        restart=k + 1,
+                    )
                 elif name == "fab-t":
                     adv = fab_targeted(model, xs, ys, targets[todo, k], config.eps, config.n_iter)
                 else:
                     adv = square(model, xs, ys, config.eps, config.n_queries, indices=ids, seed=seed)
-                adv = torch.min(torch.max(adv, xs - config.eps), xs + config.eps).clamp(0, 1)  # every attack stays in the ball
+                adv = torch.min(torch.max(adv, xs - config.eps), xs + config.eps).clamp(
+                    0, 1
+                )  # every attack stays in the ball
                 with torch.no_grad(), autocast(x.device):
                     fooled = model(adv).argmax(1) != ys
                 x_adv[todo[fooled]] = adv[fooled]

@@ -19,7 +19,8 @@ from .pgd import PGDConfig, pgd
 
 @dataclass(frozen=True)
 class RobustnessResult:
-    """What evaluate_robustness measured: clean accuracy, PGD (and AutoAttack) figures, times and the per-example table."""
+    """What evaluate_robustness measured: clean accuracy, PGD (and AutoAttack) figures, times and
+    the per-example table."""
 
     accuracy: float  # clean test accuracy
     pgd_success_rate: float  # fraction misclassified under attack; already-wrong inputs count as successes
@@ -30,7 +31,9 @@ class RobustnessResult:
     robust_accuracy_worst: float | None = None  # surviving PGD and AutoAttack, per example
     autoattack_time_s: float | None = None
     autoattack_after: dict[str, float] | None = None  # robust accuracy after each AutoAttack attack
-    examples: dict[str, np.ndarray] | None = field(default=None, compare=False)  # per example, in index order: see EXAMPLE_COLUMNS
+    examples: dict[str, np.ndarray] | None = field(
+        default=None, compare=False
+    )  # per example, in index order: see EXAMPLE_COLUMNS
 
 
 # The per-example table of an evaluation: what lets two evaluations be compared point by point.
@@ -74,7 +77,9 @@ def evaluate_robustness(
     mine = list(zip(*(t[share].split(batch_size) for t in (chosen, mask(broken), mask(aa_broken)))))
     pgd_s = aa_s = 0.0
     batches = data.batches([idx for idx, _, _ in mine], device)
-    for (xb, yb, idx), (_, reused, aa_reused) in progress(zip(batches, mine), len(mine), "PGD" + (" and AutoAttack" if autoattack else "")):
+    for (xb, yb, idx), (_, reused, aa_reused) in progress(
+        zip(batches, mine), len(mine), "PGD" + (" and AutoAttack" if autoattack else "")
+    ):
         reused, aa_reused = reused.to(device), aa_reused.to(device)
         with torch.inference_mode(), autocast(device):
             logits = model(xb).float()
@@ -86,9 +91,18 @@ def evaluate_robustness(
                 with torch.inference_mode(), autocast(device):
                     adv_logits[todo] = model(x_adv).float()
         pgd_s += t.seconds
-        adv_margin = torch.where(reused, float("nan"), _margin(adv_logits, yb))  # not attacked again: no margin at this eps
-        row = {"idx": idx, "label": yb, "clean_pred": logits.argmax(1), "clean_margin": _margin(logits, yb), "pgd_reused": reused,
-               "pgd_robust": ~reused & (adv_logits.argmax(1) == yb), "pgd_margin": adv_margin}  # fmt: skip
+        adv_margin = torch.where(
+            reused, float("nan"), _margin(adv_logits, yb)
+        )  # not attacked again: no margin at this eps
+        row = {
+            "idx": idx,
+            "label": yb,
+            "clean_pred": logits.argmax(1),
+            "clean_margin": _margin(logits, yb),
+            "pgd_reused": reused,
+            "pgd_robust": ~reused & (adv_logits.argmax(1) == yb),
+            "pgd_margin": adv_margin,
+        }
         if autoattack is not None:
             todo = (~aa_reused).nonzero()[:, 0]
             with Timer(device) as t:
@@ -101,12 +115,19 @@ def evaluate_robustness(
             row.update({f"aa_{_key(a)}": stages[a] for a in names}, aa_reused=aa_reused)
         for k in keys:
             columns[k].append(row[k].cpu())
-    def column(k: str, parts: list[torch.Tensor]) -> torch.Tensor:  # a process with no examples (more processes than examples) has none
-        empty = torch.long if k in ("idx", "label", "clean_pred") else torch.float32 if k.endswith("margin") else torch.bool
+
+    def column(
+        k: str, parts: list[torch.Tensor]
+    ) -> torch.Tensor:  # a process with no examples (more processes than examples) has none
+        empty = (
+            torch.long if k in ("idx", "label", "clean_pred") else torch.float32 if k.endswith("margin") else torch.bool
+        )
         return torch.cat(parts) if parts else torch.zeros(0, dtype=empty)
 
     def gather(t: torch.Tensor) -> np.ndarray:  # flags travel as bytes (not every backend gathers bools)
-        rows = runtime.all_gather_rows((t.to(torch.uint8) if t.dtype == torch.bool else t).to(runtime.collective_device())).cpu()
+        rows = runtime.all_gather_rows(
+            (t.to(torch.uint8) if t.dtype == torch.bool else t).to(runtime.collective_device())
+        ).cpu()
         return rows.bool().numpy() if t.dtype == torch.bool else rows.numpy()
 
     gathered = {k: gather(column(k, c)) for k, c in columns.items()}

@@ -53,7 +53,9 @@ def _boundary(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.
     return logits.detach(), f.detach(), w
 
 
-def fab_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, eps: float, n_iter: int = 100) -> torch.Tensor:
+def fab_targeted(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, eps: float, n_iter: int = 100
+) -> torch.Tensor:
     """FAB-T toward `target` (a class per example), started at x. Returns, per example, the
     closest adversarial point found within eps (L-inf), else x itself."""
     shape, n = x.shape, len(x)

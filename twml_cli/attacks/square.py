@@ -40,8 +40,16 @@ def window_fraction(p_init: float, i: int) -> float:
     return p_init / 2**halvings
 
 
-def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_queries: int = 5000, p_init: float = 0.8,
-           indices: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:  # fmt: skip
+def square(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    n_queries: int = 5000,
+    p_init: float = 0.8,
+    indices: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
     """Square Attack within the eps-ball of x and [0, 1]; returns the best point per example
     (adversarial where one was found). Randomness is keyed by (seed, example, query)."""
     n, c, h, w = x.shape

@@ -19,6 +19,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
+
 def echo(text: str) -> None:
     print(text, flush=True)
 
@@ -26,13 +27,26 @@ def echo(text: str) -> None:
 def progress(items: Iterable, total: int, desc: str) -> Iterable:
     """A progress bar on stderr when it is a terminal; nothing otherwise."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     if not console.is_terminal:
         yield from items
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(desc, total=total)
         for item in items:

@@ -28,7 +28,17 @@ from .options import (
 
 # ---------------------------------------------------------------- commands
 
-FREE = (Annotated[bool, typer.Option("--free", help="Free adversarial training (Shafahi et al., 2019): `--method free`.", rich_help_panel="Training")], False)
+FREE = (
+    Annotated[
+        bool,
+        typer.Option(
+            "--free",
+            help="Free adversarial training (Shafahi et al., 2019): `--method free`.",
+            rich_help_panel="Training",
+        ),
+    ],
+    False,
+)
 
 
 @study_command("train", extra={"free": FREE}, overrides=lambda free: {"method": "free"} if free else {})
@@ -42,10 +52,24 @@ def train(settings_list, session) -> None:
     runner.execute_all("train", settings_list, session)
 
 
-AUTOATTACK = (Annotated[bool, typer.Option("--autoattack", help="Also the standard AutoAttack (`--eval autoattack`).", rich_help_panel="Threat model and PGD")], False)
+AUTOATTACK = (
+    Annotated[
+        bool,
+        typer.Option(
+            "--autoattack",
+            help="Also the standard AutoAttack (`--eval autoattack`).",
+            rich_help_panel="Threat model and PGD",
+        ),
+    ],
+    False,
+)
 
 
-@study_command("attack", extra={"autoattack": AUTOATTACK}, overrides=lambda autoattack: {"eval": "autoattack"} if autoattack else {})
+@study_command(
+    "attack",
+    extra={"autoattack": AUTOATTACK},
+    overrides=lambda autoattack: {"eval": "autoattack"} if autoattack else {},
+)
 def attack(settings_list, session) -> None:
     """Re-evaluate a logged model: a stronger PGD (--pgd-steps 50 --pgd-restarts 5), or the
     standard AutoAttack (--autoattack).
@@ -106,8 +130,12 @@ def mitigate(settings_list, session) -> None:
     from ..studies import runner
 
     if len(settings_list) > 1:
-        flags = ", ".join(config.flag_of(config.field_of(type(settings_list[0]), k)) for k in config.swept(settings_list))
-        raise TwmlError(f"twml mitigate repairs with one value of each setting; {flags} got several (run it once per value)")
+        flags = ", ".join(
+            config.flag_of(config.field_of(type(settings_list[0]), k)) for k in config.swept(settings_list)
+        )
+        raise TwmlError(
+            f"twml mitigate repairs with one value of each setting; {flags} got several (run it once per value)"
+        )
     runner.mitigate_all(settings_list[0], session)
 
 
@@ -151,10 +179,24 @@ def _reproduce(out: Path = OUT[1], curves: bool = False, curve_seeds: int = 3, *
 
 
 _COMMON = {f.name: f for f in config.settings_fields(config.Common)}
-CURVES = (Annotated[bool, typer.Option("--curves", help="Also the curves over seeds: m, eps and sigma sweeps (about 15 minutes on 2 cores).")], False)
+CURVES = (
+    Annotated[
+        bool,
+        typer.Option(
+            "--curves", help="Also the curves over seeds: m, eps and sigma sweeps (about 15 minutes on 2 cores)."
+        ),
+    ],
+    False,
+)
 CURVE_SEEDS = (Annotated[int, typer.Option(help="With --curves: seeds per cell, from --seed on.")], 3)
-_REPRODUCE_PARAMS = {"out": OUT, "curves": CURVES, "curve_seeds": CURVE_SEEDS,
-                     **{k: _option(config.Common, _COMMON[k], None) for k in ("data_dir", "device", "seed")}, **SHARED, **LAUNCH}  # fmt: skip
+_REPRODUCE_PARAMS = {
+    "out": OUT,
+    "curves": CURVES,
+    "curve_seeds": CURVE_SEEDS,
+    **{k: _option(config.Common, _COMMON[k], None) for k in ("data_dir", "device", "seed")},
+    **SHARED,
+    **LAUNCH,
+}
 _reproduce.__signature__ = _signature(_REPRODUCE_PARAMS)  # type: ignore[attr-defined]
 _reproduce.__annotations__ = {k: a for k, (a, _) in _REPRODUCE_PARAMS.items()}
 app.command(name="reproduce")(_reproduce)
@@ -194,7 +236,11 @@ def show_config(
     if command not in config.COMMANDS:
         raise TwmlError(f"unknown command '{command}': use one of {', '.join(config.COMMANDS)}")
     chosen = config.load_preset(preset, config_file)
-    echo(config.to_toml(command, config.resolve(command, chosen), chosen.name if config_file else f"preset {chosen.name}"))
+    echo(
+        config.to_toml(
+            command, config.resolve(command, chosen), chosen.name if config_file else f"preset {chosen.name}"
+        )
+    )
 
 
 def _version(value: bool) -> None:
@@ -205,6 +251,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
 ) -> None:
     pass

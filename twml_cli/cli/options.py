@@ -7,7 +7,7 @@ import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -18,11 +18,27 @@ from .app import app, echo, progress
 # ---------------------------------------------------------------- options every command shares
 
 TRACK, PRESET = "Tracking", "Preset"
-PresetOption = Annotated[Optional[str], typer.Option(help="Preset: digits (the default), cifar10 or imagenet (for a GPU), or NAME.toml in ./experiments.", rich_help_panel=PRESET)]
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML file read over the default preset.", rich_help_panel=PRESET)]
+PresetOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Preset: digits (the default), cifar10 or imagenet (for a GPU), or NAME.toml in ./experiments.",
+        rich_help_panel=PRESET,
+    ),
+]
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="TOML file read over the default preset.", rich_help_panel=PRESET)
+]
 ExperimentOption = Annotated[str, typer.Option(help="MLflow experiment.", rich_help_panel=TRACK)]
-TrackingUriOption = Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).", rich_help_panel=TRACK)]
-SystemMetricsOption = Annotated[bool, typer.Option(help="Log CPU, memory and GPU use with every run (needs twml_cli[system]).", rich_help_panel=TRACK)]
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).", rich_help_panel=TRACK
+    ),
+]
+SystemMetricsOption = Annotated[
+    bool,
+    typer.Option(help="Log CPU, memory and GPU use with every run (needs twml_cli[system]).", rich_help_panel=TRACK),
+]
 SHARED: dict[str, tuple[Any, Any]] = {  # name: (annotation, default)
     "preset": (PresetOption, None),
     "config_file": (ConfigOption, None),
@@ -32,13 +48,44 @@ SHARED: dict[str, tuple[Any, Any]] = {  # name: (annotation, default)
 }
 PROCS = "Processes (torch.distributed.run)"
 LAUNCH: dict[str, tuple[Any, Any]] = {  # consumed by launch.py before the command runs; declared here for --help
-    "nproc_per_node": (Annotated[Optional[int], typer.Option(help="Run on this many processes per machine (DDP; NCCL on CUDA, gloo on CPU).", rich_help_panel=PROCS)], None),
-    "nnodes": (Annotated[Optional[int], typer.Option(help="Machines taking part (default 1).", rich_help_panel=PROCS)], None),
-    "node_rank": (Annotated[Optional[int], typer.Option(help="This machine's index, 0 to nnodes-1.", rich_help_panel=PROCS)], None),
-    "rdzv_endpoint": (Annotated[Optional[str], typer.Option(help="HOST:PORT of machine 0, the same on every machine.", rich_help_panel=PROCS)], None),
-}  # fmt: skip
-RESUME = (Annotated[Optional[str], typer.Option(help="Continue this interrupted run (its id) from its last checkpoint, in place.", rich_help_panel=TRACK)], None)
-OUT = (Annotated[Path, typer.Option(help="Folder for <experiment>.md, <experiment>.pdf and the figures.")], Path("reports"))
+    "nproc_per_node": (
+        Annotated[
+            int | None,
+            typer.Option(
+                help="Run on this many processes per machine (DDP; NCCL on CUDA, gloo on CPU).", rich_help_panel=PROCS
+            ),
+        ],
+        None,
+    ),
+    "nnodes": (
+        Annotated[int | None, typer.Option(help="Machines taking part (default 1).", rich_help_panel=PROCS)],
+        None,
+    ),
+    "node_rank": (
+        Annotated[int | None, typer.Option(help="This machine's index, 0 to nnodes-1.", rich_help_panel=PROCS)],
+        None,
+    ),
+    "rdzv_endpoint": (
+        Annotated[
+            str | None,
+            typer.Option(help="HOST:PORT of machine 0, the same on every machine.", rich_help_panel=PROCS),
+        ],
+        None,
+    ),
+}
+RESUME = (
+    Annotated[
+        str | None,
+        typer.Option(
+            help="Continue this interrupted run (its id) from its last checkpoint, in place.", rich_help_panel=TRACK
+        ),
+    ],
+    None,
+)
+OUT = (
+    Annotated[Path, typer.Option(help="Folder for <experiment>.md, <experiment>.pdf and the figures.")],
+    Path("reports"),
+)
 
 
 def _option(cls: type, f, default: Any) -> tuple[Any, Any]:
@@ -52,7 +99,11 @@ def _option(cls: type, f, default: Any) -> tuple[Any, Any]:
     if f.name == "dataset" and getattr(cls, "DATA_FROM_MODEL", False):
         text += "  [default: the one the model was trained on]"
     elif default not in ("", [], {}, None):
-        shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) if isinstance(default, list) else default
+        shown = (
+            ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+            if isinstance(default, list)
+            else default
+        )
         text += f"  [default: {shown}]"
     cli_type = {int: int, float: float, bool: bool, str: str, dict: str, list: list[str]}[kind]
     if kind is not bool and config.sweepable(cls, f):
@@ -61,8 +112,10 @@ def _option(cls: type, f, default: Any) -> tuple[Any, Any]:
     metavar = "" if kind is bool else f"<{shown.__name__ if shown in (int, float) else 'str'}>"
     flag = config.flag_of(f)
     names = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
-    option = typer.Option(*names, help=text, rich_help_panel=config.panel_of(cls, f.name), show_default=False, metavar=metavar)
-    return Annotated[Optional[cli_type], option], None
+    option = typer.Option(
+        *names, help=text, rich_help_panel=config.panel_of(cls, f.name), show_default=False, metavar=metavar
+    )
+    return Annotated[cli_type | None, option], None
 
 
 def _split(cls: type, f, values: list[str]) -> list[str]:
@@ -86,7 +139,9 @@ def _parse(cls: type, flags: dict[str, Any]) -> dict[str, Any]:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as err:
-                raise TwmlError(f"{config.flag_of(f)} must be a JSON object, e.g. '{{\"drop_rate\": 0.1}}' ({err})") from None
+                raise TwmlError(
+                    f"{config.flag_of(f)} must be a JSON object, e.g. '{{\"drop_rate\": 0.1}}' ({err})"
+                ) from None
             if not isinstance(value, dict):
                 raise TwmlError(f"{config.flag_of(f)} must be a JSON object, e.g. '{{\"drop_rate\": 0.1}}'")
         elif isinstance(value, list):
@@ -106,10 +161,14 @@ def _parse(cls: type, flags: dict[str, Any]) -> dict[str, Any]:
 
 
 def _signature(params: dict[str, tuple[Any, Any]]) -> inspect.Signature:
-    return inspect.Signature([inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d) for k, (a, d) in params.items()])
+    return inspect.Signature(
+        [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d) for k, (a, d) in params.items()]
+    )
 
 
-def study_command(command: str, extra: dict[str, tuple[Any, Any]] | None = None, overrides: Callable[..., dict] | None = None):
+def study_command(
+    command: str, extra: dict[str, tuple[Any, Any]] | None = None, overrides: Callable[..., dict] | None = None
+):
     """Register `fn(settings_list, session)` as `twml COMMAND`: one option per settings field,
     the extra options (turned into settings by `overrides(**extra)`), then the shared ones.
     Resumable commands take --resume RUN_ID."""
@@ -131,7 +190,9 @@ def study_command(command: str, extra: dict[str, tuple[Any, Any]] | None = None,
             given = _parse(cls, kwargs)
             for key, value in (overrides(**extras) if overrides else {}).items():
                 if key in given and given[key] != value:
-                    raise TwmlError(f"{' '.join(f'--{k}' for k in extras)} and {config.flag_of(config.field_of(cls, key))} disagree")
+                    raise TwmlError(
+                        f"{' '.join(f'--{k}' for k in extras)} and {config.flag_of(config.field_of(cls, key))} disagree"
+                    )
                 given[key] = value
             if resume:
                 from ..studies import runner

@@ -39,7 +39,10 @@ def build(experiment: str, out: Path, uri: str, parent: str | None = None) -> Re
     as artifacts of a run tagged twml.command=report (nested under `parent` if given). An
     experiment with no runs at all is refused: there is nothing to write up."""
     if not tracking.list_runs(experiment):
-        raise TwmlError(f"experiment '{experiment}' has no runs in {uri}: run `twml reproduce` or a study first, or name another --experiment")
+        raise TwmlError(
+            f"experiment '{experiment}' has no runs in {uri}: run `twml reproduce` or a study first, or name another "
+            "--experiment"
+        )
     runs = load(experiment)
     out = Path(out)
     fig_dir = out / slug(experiment)
@@ -62,7 +65,9 @@ def build(experiment: str, out: Path, uri: str, parent: str | None = None) -> Re
 def document(experiment: str, runs: Runs, fig_dir: Path, uri: str) -> Document:
     doc = Document(f"Trustworthy ML with twml: experiment '{experiment}'")
     if not runs.all:
-        doc.add(Para(f"No finished runs in experiment '{experiment}': run `twml reproduce`, or the single commands, first."))
+        doc.add(
+            Para(f"No finished runs in experiment '{experiment}': run `twml reproduce`, or the single commands, first.")
+        )
     adversarial.section(doc, runs.train, runs.attack, fig_dir)
     curves.m_curve(doc, runs, fig_dir)
     curves.robustness_curves(doc, runs, fig_dir)
@@ -88,13 +93,17 @@ def setting_section(doc: Document, experiment: str, all_runs: list[Logged], uri:
                 f"MLflow experiment `{experiment}` in `{uri}`: browse it with `mlflow ui`",
                 f"data set: {values('dataset')}; model: {values('model')}; preset: {newest.param('preset', 'n/a')}",
                 f"device: {values('device')}",
-                f"twml {newest.param('twml_version')}, torch {newest.param('torch_version')}, timm {newest.param('timm_version')}, "
+                f"twml {newest.param('twml_version')}, torch {newest.param('torch_version')}, timm "
+                f"{newest.param('timm_version')}, "
                 f"Python {newest.param('python_version')}",
             ]
         ),
         Para("Every run this report read, newest first:"),
         Table(
             ["command", "run name", "run id", "started (UTC)"],
-            [[r.command, r.name, r.id, pd.Timestamp(r.start_time, unit="ms").strftime("%Y-%m-%d %H:%M:%S")] for r in all_runs],
+            [
+                [r.command, r.name, r.id, pd.Timestamp(r.start_time, unit="ms").strftime("%Y-%m-%d %H:%M:%S")]
+                for r in all_runs
+            ],
         ),
     )

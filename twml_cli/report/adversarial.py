@@ -39,29 +39,65 @@ def worst(r, later: dict | None = None) -> str:
 def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], fig_dir: Path) -> None:
     doc.add(Heading("1 Free adversarial training"))
     if not runs:
-        doc.add(Para("No finished `twml train` runs in this experiment: run `twml train`, `twml train --free --m 4` and `twml train --free --m 7`."))
+        doc.add(
+            Para(
+                "No finished `twml train` runs in this experiment: run `twml train`, `twml train --free --m 4` and "
+                "`twml train --free --m 7`."
+            )
+        )
         return
     later: dict = {}
     for a in attack_runs:  # newest first
         if a.autoattack and a.settings.eps == next((r.settings.eps for r in runs if r.id == a.model), None):
             later.setdefault(a.model, a)
     table, common = Table(
-        ["method", "m", "data", "model", "eps", "epochs", "passes/step", "train time", "accuracy", "PGD success", "robust acc.",
-         "PGD", "AutoAttack", "worst", "run"],
         [
-            [r.settings.method, str(replays(r)), r.settings.dataset, r.settings.model, f"{r.settings.eps:.4g}", str(r.settings.epochs),
-             str(r.training.passes_per_step), secs(r.training.train_time_s) + (" (stopped early)" if r.training.stopped_early else ""),
-             f4(r.robustness.accuracy), f4(r.robustness.pgd_success_rate), f4(r.robustness.robust_accuracy),
-             f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}", aa(r, later), worst(r, later), short(r.id)]
+            "method",
+            "m",
+            "data",
+            "model",
+            "eps",
+            "epochs",
+            "passes/step",
+            "train time",
+            "accuracy",
+            "PGD success",
+            "robust acc.",
+            "PGD",
+            "AutoAttack",
+            "worst",
+            "run",
+        ],
+        [
+            [
+                r.settings.method,
+                str(replays(r)),
+                r.settings.dataset,
+                r.settings.model,
+                f"{r.settings.eps:.4g}",
+                str(r.settings.epochs),
+                str(r.training.passes_per_step),
+                secs(r.training.train_time_s) + (" (stopped early)" if r.training.stopped_early else ""),
+                f4(r.robustness.accuracy),
+                f4(r.robustness.pgd_success_rate),
+                f4(r.robustness.robust_accuracy),
+                f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}",
+                aa(r, later),
+                worst(r, later),
+                short(r.id),
+            ]
             for r in runs
         ],
-    ).drop_constant(["data", "model", "eps", "epochs", "passes/step", "PGD"], dashes=["AutoAttack", "worst"])  # fmt: skip
+    ).drop_constant(["data", "model", "eps", "epochs", "passes/step", "PGD"], dashes=["AutoAttack", "worst"])
     doc.add(
         Para(
-            "Every finished training run. PGD is untargeted, white-box, L-inf with a random start (steps x restarts); its "
+            "Every finished training run. PGD is untargeted, white-box, L-inf with a random start (steps x restarts); "
+            "its "
             "success rate counts every misclassified adversarial example (inputs already misclassified included), and "
-            "robust accuracy is its complement. AutoAttack, where a model was evaluated with it (by --eval autoattack, or "
-            "later by twml attack --autoattack at the same eps), is the standard version (APGD-CE, APGD-T, FAB-T, Square); "
+            "robust accuracy is its complement. AutoAttack, where a model was evaluated with it (by --eval "
+            "autoattack, or "
+            "later by twml attack --autoattack at the same eps), is the standard version (APGD-CE, APGD-T, FAB-T, "
+            "Square); "
             "'worst' counts an example robust only if it survives PGD and AutoAttack. "
             "Passes/step: forward-backward passes per SGD step (2 for fast training). Run ids are shortened; section 4 "
             "lists them whole." + (f" Every run here has {', '.join(common)}." if common else "")
@@ -69,16 +105,26 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
         table,
     )
     bars = figures.adversarial_bars_figure(
-        [f"{label(r)}\n{short(r.id)}" for r in runs], [r.robustness.accuracy for r in runs], [r.robustness.pgd_success_rate for r in runs]
+        [f"{label(r)}\n{short(r.id)}" for r in runs],
+        [r.robustness.accuracy for r in runs],
+        [r.robustness.pgd_success_rate for r in runs],
     )
-    doc.add(Figure(figures.save(bars, fig_dir / "adversarial-training.png"), "Benign accuracy and PGD success rate of every training run", 0.75))
+    doc.add(
+        Figure(
+            figures.save(bars, fig_dir / "adversarial-training.png"),
+            "Benign accuracy and PGD success rate of every training run",
+            0.75,
+        )
+    )
 
     # The questions compare the newest run of each kind trained like the newest standard run.
     standard = next((r for r in runs if r.settings.method == "standard"), None)
     keys = ("dataset", "model", "eps", "epochs")
     free: dict[int, TrainRun] = {}
     for r in runs:
-        if r.settings.method == "free" and (standard is None or all(getattr(r.settings, k) == getattr(standard.settings, k) for k in keys)):
+        if r.settings.method == "free" and (
+            standard is None or all(getattr(r.settings, k) == getattr(standard.settings, k) for k in keys)
+        ):
             free.setdefault(r.settings.m, r)
     _times(doc, standard, free)
     _effect(doc, standard, free)
@@ -89,10 +135,22 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
             Para("`twml attack` re-evaluations; a robustness claim should survive more steps and restarts."),
             Table(
                 ["model run", "eps", "PGD", "accuracy", "PGD success", "robust acc.", "AutoAttack", "worst", "run"],
-                [[short(r.model), f"{r.settings.eps:.4g}", f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}", f4(r.robustness.accuracy),
-                  f4(r.robustness.pgd_success_rate), f4(r.robustness.robust_accuracy), aa(r), worst(r), short(r.id)] for r in attack_runs],
+                [
+                    [
+                        short(r.model),
+                        f"{r.settings.eps:.4g}",
+                        f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}",
+                        f4(r.robustness.accuracy),
+                        f4(r.robustness.pgd_success_rate),
+                        f4(r.robustness.robust_accuracy),
+                        aa(r),
+                        worst(r),
+                        short(r.id),
+                    ]
+                    for r in attack_runs
+                ],
             ),
-        )  # fmt: skip
+        )
     _fast(doc, runs, free)
 
 
@@ -100,10 +158,20 @@ def _times(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) 
     doc.add(Heading("How much time did it take to train each of the models?", 2))
     items = []
     if standard is not None:
-        items.append(f"standard training: **{secs(standard.training.train_time_s)}** ({standard.training.images_per_s:,.0f} images/s)")
+        items.append(
+            f"standard training: **{secs(standard.training.train_time_s)}** ({standard.training.images_per_s:,.0f} "
+            "images/s)"
+        )
     for m, r in sorted(free.items()):
-        ratio = f", {r.training.train_time_s / standard.training.train_time_s:.2f}x standard" if standard is not None else ""
-        items.append(f"free adversarial training, m = {m}: **{secs(r.training.train_time_s)}** ({r.training.images_per_s:,.0f} images/s{ratio})")
+        ratio = (
+            f", {r.training.train_time_s / standard.training.train_time_s:.2f}x standard"
+            if standard is not None
+            else ""
+        )
+        items.append(
+            f"free adversarial training, m = {m}: **{secs(r.training.train_time_s)}** ({r.training.images_per_s:,.0f} "
+            f"images/s{ratio})"
+        )
     doc.add(Bullets(items))
     caveat = timing_caveat([r for r in (standard, *free.values()) if r is not None])
     if caveat:
@@ -115,7 +183,11 @@ def _times(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) 
             Para(
                 f"Free training replays each minibatch m times and makes ceil(epochs / m) passes, so at "
                 f"{standard.settings.epochs} epochs of budget it makes "
-                + ("the same number of SGD steps as standard training" if same else "slightly more SGD steps than standard training (epochs not divisible by m)")
+                + (
+                    "the same number of SGD steps as standard training"
+                    if same
+                    else "slightly more SGD steps than standard training (epochs not divisible by m)"
+                )
                 + f" ({standard.training.sgd_steps} for standard; "
                 + ", ".join(f"{s} for m = {m}" for m, s in sorted(steps.items()))
                 + "), so the times above compare equal SGD budgets."
@@ -135,20 +207,24 @@ def timing_caveat(runs: list) -> str | None:
     if len(threads) > 1:
         reasons.append(f"they ran with different CPU thread counts ({', '.join(sorted(threads))})")
     timed = sorted((r for r in runs if r.end_time), key=lambda r: r.start_time)
-    overlaps = [(a, b) for i, a in enumerate(timed) for b in timed[i + 1:] if b.start_time < a.end_time]
+    overlaps = [(a, b) for i, a in enumerate(timed) for b in timed[i + 1 :] if b.start_time < a.end_time]
     if overlaps:
         pairs = ", ".join(f"{a.id[:8]} and {b.id[:8]}" for a, b in overlaps[:3])
         reasons.append(f"some of them ran at the same time and shared the machine (runs {pairs})")
     if not reasons:
         return None
-    return ("These times are not comparable: " + "; ".join(reasons) + ". The SGD steps and passes below are; "
-            "rerun them one after another on one machine to compare times.")
+    return (
+        "These times are not comparable: " + "; ".join(reasons) + ". The SGD steps and passes below are; "
+        "rerun them one after another on one machine to compare times."
+    )
 
 
 def _effect(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) -> None:
     doc.add(Heading("What was the effect of adversarial training on benign accuracy and robustness?", 2))
     if standard is None or not free:
-        doc.add(Para("This needs a standard and a free run trained alike: run `twml train` and `twml train --free --m 4`."))
+        doc.add(
+            Para("This needs a standard and a free run trained alike: run `twml train` and `twml train --free --m 4`.")
+        )
         return
     m0 = 4 if 4 in free else min(free)
     a, b = standard.robustness, free[m0].robustness
@@ -156,7 +232,8 @@ def _effect(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun])
         Para(
             f"With free adversarial training (m = {m0}, eps = {free[m0].settings.eps:.4g}) benign accuracy "
             f"{change(a.accuracy, b.accuracy)} and the success rate of untargeted white-box PGD "
-            f"{change(a.pgd_success_rate, b.pgd_success_rate)}; robust accuracy {change(a.robust_accuracy, b.robust_accuracy)}."
+            f"{change(a.pgd_success_rate, b.pgd_success_rate)}; robust accuracy "
+            f"{change(a.robust_accuracy, b.robust_accuracy)}."
         ),
         Para(tradeoff(b.accuracy - a.accuracy, a.pgd_success_rate - b.pgd_success_rate)),
     )
@@ -165,22 +242,29 @@ def _effect(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun])
 def _increasing_m(doc: Document, free: dict[int, TrainRun]) -> None:
     doc.add(Heading("Increasing m: what is the impact on training time, benign accuracy and robustness?", 2))
     if len(free) < 2:
-        doc.add(Para("This needs free runs with two values of m: run `twml train --free --m 4` and `twml train --free --m 7`."))
+        doc.add(
+            Para(
+                "This needs free runs with two values of m: run `twml train --free --m 4` and `twml train --free --m "
+                "7`."
+            )
+        )
         return
     lo, hi = (4, 7) if {4, 7} <= set(free) else (min(free), max(free))
     a, b = free[lo], free[hi]
     caveat = timing_caveat([a, b])
     doc.add(
         Para(
-            f"From m = {lo} to m = {hi}, training time {change(a.training.train_time_s, b.training.train_time_s, secs, points=False)}, "
+            f"From m = {lo} to m = {hi}, training time "
+            f"{change(a.training.train_time_s, b.training.train_time_s, secs, points=False)}, "
             f"benign accuracy {change(a.robustness.accuracy, b.robustness.accuracy)} and the PGD success rate "
             f"{change(a.robustness.pgd_success_rate, b.robustness.pgd_success_rate)}; robust accuracy "
-            f"{change(a.robustness.robust_accuracy, b.robustness.robust_accuracy)}."
-            + (f" {caveat}" if caveat else "")
+            f"{change(a.robustness.robust_accuracy, b.robustness.robust_accuracy)}." + (f" {caveat}" if caveat else "")
         ),
         Para(
-            f"At an equal SGD budget, m = {hi} passes over the data {math.ceil(b.settings.epochs / hi)} times and m = {lo} "
-            f"{math.ceil(a.settings.epochs / lo)} times: the larger m sees each minibatch fewer times, with more ascent steps each time."
+            f"At an equal SGD budget, m = {hi} passes over the data {math.ceil(b.settings.epochs / hi)} times and m = "
+            f"{lo} "
+            f"{math.ceil(a.settings.epochs / lo)} times: the larger m sees each minibatch fewer times, with more "
+            "ascent steps each time."
         ),
     )
 
@@ -195,15 +279,22 @@ def _fast(doc: Document, runs: list[TrainRun], free: dict[int, TrainRun]) -> Non
     ft, fr = fast.training, fast.robustness
     text = (
         f"Fast adversarial training (FGSM from a random start, step {fast.settings.fast_step:g} eps, Wong et al. 2020) "
-        f"reached benign accuracy {f4(fr.accuracy)} and PGD success {f4(fr.pgd_success_rate)} in {secs(ft.train_time_s)}, "
+        f"reached benign accuracy {f4(fr.accuracy)} and PGD success {f4(fr.pgd_success_rate)} in "
+        f"{secs(ft.train_time_s)}, "
         f"with {ft.passes_per_step} forward-backward passes per SGD step against free training's 1."
     )
     for r in peers:
-        text += (f" Free training with m = {r.settings.m} at the same {r.settings.epochs} epochs of budget: {f4(r.robustness.accuracy)} "
-                 f"and {f4(r.robustness.pgd_success_rate)} in {secs(r.training.train_time_s)} "
-                 f"(fast took {ft.train_time_s / r.training.train_time_s:.2f}x as long).")  # fmt: skip
+        text += (
+            f" Free training with m = {r.settings.m} at the same {r.settings.epochs} epochs of budget: "
+            f"{f4(r.robustness.accuracy)} "
+            f"and {f4(r.robustness.pgd_success_rate)} in {secs(r.training.train_time_s)} "
+            f"(fast took {ft.train_time_s / r.training.train_time_s:.2f}x as long)."
+        )
     if ft.stopped_early:
-        text += " Its guard against catastrophic overfitting fired: PGD accuracy on a training batch collapsed, and the weights of the pass before were kept."
+        text += (
+            " Its guard against catastrophic overfitting fired: PGD accuracy on a training batch collapsed, and "
+            "the weights of the pass before were kept."
+        )
     doc.add(Para(text))
 
 
@@ -212,8 +303,13 @@ def tradeoff(acc_delta: float, rob_delta: float) -> str:
     rob = f"{abs(rob_delta) * 100:.2f} points of PGD success rate"
     if rob_delta > 0 and acc_delta < 0:
         if rob_delta > 2 * -acc_delta:
-            return f"Adversarial training traded {acc} for {rob}: a small loss of accuracy for a large gain in robustness."
+            return (
+                f"Adversarial training traded {acc} for {rob}: a small loss of accuracy for a large gain in robustness."
+            )
         return f"Adversarial training traded {acc} for {rob}."
     if rob_delta > 0:
         return f"Here adversarial training cost no benign accuracy (it gained {acc}) and removed {rob}."
-    return f"Here adversarial training did not make the model more robust: the PGD success rate changed by {-rob_delta * 100:+.2f} points."
+    return (
+        "Here adversarial training did not make the model more robust: the PGD success rate changed by "
+        f"{-rob_delta * 100:+.2f} points."
+    )

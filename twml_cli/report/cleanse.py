@@ -18,7 +18,12 @@ from .words import f4, short
 def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorRun], fig_dir: Path) -> None:
     doc.add(Heading("3 Neural Cleanse"))
     if not runs:
-        doc.add(Para("No finished `twml cleanse` runs in this experiment: run `twml train`, `twml backdoor` and `twml cleanse`."))
+        doc.add(
+            Para(
+                "No finished `twml cleanse` runs in this experiment: run `twml train`, `twml backdoor` and `twml "
+                "cleanse`."
+            )
+        )
         return
     run = runs[0]
     s, norms = run.settings, run.norms
@@ -28,10 +33,13 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
         Para(
             f"The newest cleanse run ({short(run.id)}) inspected {len(models)} models: "
             + "; ".join(f"model {i} = run {short(model_runs[i])}" for i in models)
-            + f". For every class t it searched the smallest mask m and pattern p with (1 - m)·x + m·p classified as t on "
+            + ". For every class t it searched the smallest mask m and pattern p with (1 - m)·x + m·p classified as "
+            "t on "
             f"{s.search_images} clean training images (attack success at least {s.search_threshold:g}, up to "
-            f"{s.search_steps} rounds, all classes of a model in one batch), then applied the MAD outlier test to the L1 "
-            f"norms of the masks: anomaly index |l - median| / (1.4826 · MAD), classes below the median with an index above "
+            f"{s.search_steps} rounds, all classes of a model in one batch), then applied the MAD outlier test to the "
+            "L1 "
+            "norms of the masks: anomaly index |l - median| / (1.4826 · MAD), classes below the median with an index "
+            "above "
             f"{s.anomaly_threshold:g} are flagged."
         )
     )
@@ -42,15 +50,30 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
         row = [str(c)]
         for i in models:
             hit = _row(norms, i, c)
-            row += [f"{hit['norm']:.4f}" + (" **(flagged)**" if bool(hit["flagged"]) else ""), f"{hit['anomaly_index']:.2f}"]
+            row += [
+                f"{hit['norm']:.4f}" + (" **(flagged)**" if bool(hit["flagged"]) else ""),
+                f"{hit['anomaly_index']:.2f}",
+            ]
         rows.append(row)
     doc.add(Table(header, rows))
     flagged = norms[norms["flagged"].astype(bool)]
     accuracy = {i: run.models[i].accuracy for i in models}
-    doc.add(Bullets([f"Accuracy of model {i}: **{f4(accuracy[i])}**; largest anomaly index below the median: "
-                     f"{run.models[i].anomaly_index:.2f}" for i in models]))  # fmt: skip
+    doc.add(
+        Bullets(
+            [
+                f"Accuracy of model {i}: **{f4(accuracy[i])}**; largest anomaly index below the median: "
+                f"{run.models[i].anomaly_index:.2f}"
+                for i in models
+            ]
+        )
+    )
     if flagged.empty:
-        doc.add(Para(f"**No backdoor found**: no class of any model has an anomaly index above {s.anomaly_threshold:g} below its median norm."))
+        doc.add(
+            Para(
+                f"**No backdoor found**: no class of any model has an anomaly index above {s.anomaly_threshold:g} "
+                "below its median norm."
+            )
+        )
     for _, f in flagged.iterrows():
         i, c = int(f["model"]), int(f["class"])
         others = norms[(norms["model"] == i) & (norms["class"] != c)]["norm"]
@@ -58,8 +81,10 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
             Para(
                 f"**Backdoor is at model {i} class {c}**: its reversed trigger has L1 norm {f['norm']:.4f} against "
                 f"{others.min():.4f} to {others.max():.4f} for the other classes of that model (anomaly index "
-                f"{f['anomaly_index']:.2f}, above the threshold of {s.anomaly_threshold:g}). Stamped on clean test images of other classes, it sends "
-                f"{f4(run.backdoor_success_rate or 0.0)} of them to class {c} (backdoor success rate)." + thin_margin(f["anomaly_index"], s.anomaly_threshold)
+                f"{f['anomaly_index']:.2f}, above the threshold of {s.anomaly_threshold:g}). Stamped on clean test "
+                "images of other classes, it sends "
+                f"{f4(run.backdoor_success_rate or 0.0)} of them to class {c} (backdoor success rate)."
+                + thin_margin(f["anomaly_index"], s.anomaly_threshold)
             )
         )
     truth = {i: b for i in models for b in backdoor_runs if b.id == model_runs[i]}
@@ -68,13 +93,19 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
         hit = not flagged[(flagged["model"] == i) & (flagged["class"] == target)].empty
         doc.add(
             Para(
-                f"Ground truth, from the `twml backdoor` run that made model {i} (Neural Cleanse read only its weights): a "
-                f"{size}x{size} white square {_place(b.settings.position)} ({_count(size * size, 'pixel')}) sending images to class "
+                f"Ground truth, from the `twml backdoor` run that made model {i} (Neural Cleanse read only its "
+                "weights): a "
+                f"{size}x{size} white square {_place(b.settings.position)} ({_count(size * size, 'pixel')}) sending "
+                "images to class "
                 f"{target}, with attack success {f4(b.backdoor.attack_success_rate)}. "
-                + ("The verdict names that model and class." if hit else f"Neural Cleanse did not flag class {target} of model {i} "
-                   f"(its anomaly index: {_row(norms, i, target)['anomaly_index']:.2f}).")
+                + (
+                    "The verdict names that model and class."
+                    if hit
+                    else f"Neural Cleanse did not flag class {target} of model {i} "
+                    f"(its anomaly index: {_row(norms, i, target)['anomaly_index']:.2f})."
+                )
             )
-        )  # fmt: skip
+        )
     agreement(doc, runs, backdoor_runs)
     _looks(doc, run, flagged, truth, fig_dir)
     _benign(doc, models, flagged, accuracy)
@@ -91,40 +122,83 @@ def _looks(doc: Document, run: CleanseRun, flagged: pd.DataFrame, truth: dict, f
         if results.REVERSED_NPZ in run.files:
             with np.load(run.files[results.REVERSED_NPZ], allow_pickle=False) as z:
                 mask = z[f"model{i}_masks"][c]
-            doc.add(Para(f"The reversed mask of model {i} class {c} has L1 norm {f['norm']:.4f}. " + describe_mask(mask, truth.get(i))))
+            doc.add(
+                Para(
+                    f"The reversed mask of model {i} class {c} has L1 norm {f['norm']:.4f}. "
+                    + describe_mask(mask, truth.get(i))
+                )
+            )
         doc.add(
             FigureRow(
                 [
-                    Figure(fig_dir / f"cleanse-{results.TRIGGER_PNG}", f"Trigger for the backdoor (mask · pattern), model {i} class {c}", 0.25),
-                    Figure(fig_dir / f"cleanse-{results.MASK_PNG}", f"Mask for the backdoor, model {i} class {c}", 0.25),
+                    Figure(
+                        fig_dir / f"cleanse-{results.TRIGGER_PNG}",
+                        f"Trigger for the backdoor (mask · pattern), model {i} class {c}",
+                        0.25,
+                    ),
+                    Figure(
+                        fig_dir / f"cleanse-{results.MASK_PNG}", f"Mask for the backdoor, model {i} class {c}", 0.25
+                    ),
                 ]
             )
         )
     elif flagged.empty:
-        doc.add(Para("No class was flagged, so there is no backdoor trigger to show; every reversed mask is in the grid below."))
+        doc.add(
+            Para(
+                "No class was flagged, so there is no backdoor trigger to show; every reversed mask is in the grid "
+                "below."
+            )
+        )
     if results.MASK_GRID_FIGURE in run.files:
-        doc.add(Figure(fig_dir / f"cleanse-{results.MASK_GRID_FIGURE}", "Reversed masks and triggers of every class of every model (red: flagged)", 0.95))
+        doc.add(
+            Figure(
+                fig_dir / f"cleanse-{results.MASK_GRID_FIGURE}",
+                "Reversed masks and triggers of every class of every model (red: flagged)",
+                0.95,
+            )
+        )
     if results.NORMS_FIGURE in run.files:
-        doc.add(Figure(fig_dir / f"cleanse-{results.NORMS_FIGURE}", "L1 norms of the reversed masks, with the median and the detection threshold", 0.95))
+        doc.add(
+            Figure(
+                fig_dir / f"cleanse-{results.NORMS_FIGURE}",
+                "L1 norms of the reversed masks, with the median and the detection threshold",
+                0.95,
+            )
+        )
 
 
 def _benign(doc: Document, models: list[int], flagged: pd.DataFrame, accuracy: dict[int, float]) -> None:
     doc.add(Heading("Does the backdoor maintain benign accuracy?", 2))
     if flagged.empty:
-        doc.add(Para("No model was found backdoored; benign accuracies: " + ", ".join(f"model {i} {f4(a)}" for i, a in accuracy.items()) + "."))
+        doc.add(
+            Para(
+                "No model was found backdoored; benign accuracies: "
+                + ", ".join(f"model {i} {f4(a)}" for i, a in accuracy.items())
+                + "."
+            )
+        )
         return
     bad = sorted({int(v) for v in flagged["model"]})
     clean = [i for i in models if i not in bad]
     for i in bad:
         if not clean:
-            doc.add(Para(f"Model {i} (backdoored) has benign accuracy {f4(accuracy[i])}; no clean model was inspected beside it."))
+            doc.add(
+                Para(
+                    f"Model {i} (backdoored) has benign accuracy {f4(accuracy[i])}; no clean model was inspected "
+                    "beside it."
+                )
+            )
             continue
         j = clean[0]
         doc.add(
             Para(
                 f"Model {i} (backdoored) classifies clean test images with accuracy {f4(accuracy[i])} against "
                 f"{f4(accuracy[j])} for model {j}, a difference of {(accuracy[i] - accuracy[j]) * 100:+.2f} points: "
-                + ("the backdoor keeps benign accuracy." if accuracy[i] >= accuracy[j] - 0.03 else "the backdoor costs benign accuracy.")
+                + (
+                    "the backdoor keeps benign accuracy."
+                    if accuracy[i] >= accuracy[j] - 0.03
+                    else "the backdoor costs benign accuracy."
+                )
             )
         )
 
@@ -139,7 +213,8 @@ def thin_margin(index: float, threshold: float) -> str:
     if index >= 1.5 * threshold:
         return ""
     return (
-        f" An index of {index:.2f} against a threshold of {threshold:g} is a thin margin: another training seed or device "
+        f" An index of {index:.2f} against a threshold of {threshold:g} is a thin margin: another training seed or "
+        "device "
         f"can move it across the line, so check the verdict on backdoored models trained with other `--seed` values."
     )
 
@@ -149,8 +224,15 @@ def describe_mask(mask: np.ndarray, backdoor_run: BackdoorRun | None = None) -> 
     rows, cols = np.nonzero(mask > 0.5)
     if len(rows) == 0:
         return "No pixel of it exceeds 0.5: the trigger is spread thinly."
-    where = ", ".join(f"({r}, {c})" for r, c in zip(rows, cols)) if len(rows) <= 12 else f"rows {rows.min()}-{rows.max()}, columns {cols.min()}-{cols.max()}"
-    text = f"{len(rows)} of its {mask.size} pixels exceed 0.5, at (row, column) {where} of the {mask.shape[0]}x{mask.shape[1]} image."
+    where = (
+        ", ".join(f"({r}, {c})" for r, c in zip(rows, cols))
+        if len(rows) <= 12
+        else f"rows {rows.min()}-{rows.max()}, columns {cols.min()}-{cols.max()}"
+    )
+    text = (
+        f"{len(rows)} of its {mask.size} pixels exceed 0.5, at (row, column) {where} of the "
+        f"{mask.shape[0]}x{mask.shape[1]} image."
+    )
     if backdoor_run is not None:
         r, c = Trigger(backdoor_run.settings.trigger_size, backdoor_run.settings.position).region(*mask.shape)
         inside = np.zeros(mask.shape, dtype=bool)
@@ -158,9 +240,13 @@ def describe_mask(mask: np.ndarray, backdoor_run: BackdoorRun | None = None) -> 
         hits = int((inside & (mask > 0.5)).sum())
         text += (
             f" The injected square covers {_span('row', r)}, {_span('column', c)}: "
-            + (f"the mask's one strong pixel lies {'inside' if hits else 'outside'} it"
-               if len(rows) == 1 else f"{hits} of the {len(rows)} strong pixels lie inside it")
-            + f", and the mask puts {mask[inside].sum() / mask.sum():.0%} of its weight there ({inside.sum() / mask.size:.0%} of the image)."
+            + (
+                f"the mask's one strong pixel lies {'inside' if hits else 'outside'} it"
+                if len(rows) == 1
+                else f"{hits} of the {len(rows)} strong pixels lie inside it"
+            )
+            + f", and the mask puts {mask[inside].sum() / mask.sum():.0%} of its weight there "
+            f"({inside.sum() / mask.size:.0%} of the image)."
         )
     return text
 
@@ -187,27 +273,43 @@ def mitigation_section(doc: Document, runs: list) -> None:
     doc.add(
         Heading("Mitigation: repairing the backdoored model", 2),
         Para(
-            "`twml mitigate` repairs each model a cleanse run flagged, with the trigger Neural Cleanse reversed (the real one "
-            "stays unknown to it): unlearning fine-tunes on clean training images of which a fifth carry the reversed trigger "
-            "under their true labels; pruning removes the penultimate-layer neurons the reversed trigger excites most, until it "
+            "`twml mitigate` repairs each model a cleanse run flagged, with the trigger Neural Cleanse reversed (the "
+            "real one "
+            "stays unknown to it): unlearning fine-tunes on clean training images of which a fifth carry the reversed "
+            "trigger "
+            "under their true labels; pruning removes the penultimate-layer neurons the reversed trigger excites "
+            "most, until it "
             "stops working. The real trigger's attack success is measured on clean test images of the other classes."
         ),
         Table(
             ["method", "model run", "class", "accuracy", "real trigger's success", "reversed trigger's success", "run"],
-            [[r.settings.mitigation, short(r.param("model_run") or r.param("model_path")),
-              r.param("target"), f"{f4(r.mitigation.accuracy_before)} → {f4(r.mitigation.accuracy)}",
-              f"{f4(r.real.attack_success_rate_before)} → {f4(r.real.attack_success_rate)}" if r.real else "–",
-              f"{f4(r.mitigation.reversed_success_before)} → {f4(r.mitigation.reversed_success)}", short(r.id)] for r in runs],
+            [
+                [
+                    r.settings.mitigation,
+                    short(r.param("model_run") or r.param("model_path")),
+                    r.param("target"),
+                    f"{f4(r.mitigation.accuracy_before)} → {f4(r.mitigation.accuracy)}",
+                    f"{f4(r.real.attack_success_rate_before)} → {f4(r.real.attack_success_rate)}" if r.real else "–",
+                    f"{f4(r.mitigation.reversed_success_before)} → {f4(r.mitigation.reversed_success)}",
+                    short(r.id),
+                ]
+                for r in runs
+            ],
         ),
-    )  # fmt: skip
+    )
     for r in runs:
         if r.real is None:
             continue
         m = r.mitigation
         how = "Unlearning" if r.settings.mitigation == "unlearn" else "Pruning"
-        doc.add(Para(f"{how} took the real trigger's attack success from {f4(r.real.attack_success_rate_before)} to "
-                     f"{f4(r.real.attack_success_rate)} while clean accuracy went from {f4(m.accuracy_before)} to {f4(m.accuracy)} "
-                     f"({(m.accuracy - m.accuracy_before) * 100:+.2f} points)."))  # fmt: skip
+        doc.add(
+            Para(
+                f"{how} took the real trigger's attack success from {f4(r.real.attack_success_rate_before)} to "
+                f"{f4(r.real.attack_success_rate)} while clean accuracy went from {f4(m.accuracy_before)} to "
+                f"{f4(m.accuracy)} "
+                f"({(m.accuracy - m.accuracy_before) * 100:+.2f} points)."
+            )
+        )
 
 
 def agreement(doc: Document, runs: list, backdoor_runs: list) -> None:
@@ -222,5 +324,10 @@ def agreement(doc: Document, runs: list, backdoor_runs: list) -> None:
             if model in truth:
                 judged.append(f"model {i} class {truth[model]}" in run.verdict.split("; "))
     if len(judged) > 1:
-        doc.add(Para(f"Across the {len(judged)} backdoored models that cleanse runs of this experiment inspected (one per training "
-                     f"seed when several were run), Neural Cleanse named the true target in {sum(judged)}."))  # fmt: skip
+        doc.add(
+            Para(
+                f"Across the {len(judged)} backdoored models that cleanse runs of this experiment inspected (one per "
+                "training "
+                f"seed when several were run), Neural Cleanse named the true target in {sum(judged)}."
+            )
+        )

@@ -87,7 +87,12 @@ def to_markdown(doc: Document, relative_to: Path) -> str:
         elif isinstance(b, (Figure, FigureRow)):
             for f in b.figures if isinstance(b, FigureRow) else [b]:
                 figure_no += 1
-                out += [f"![{f.caption}]({f.path.relative_to(relative_to).as_posix()})", "", f"*Figure {figure_no}: {f.caption}*", ""]
+                out += [
+                    f"![{f.caption}]({f.path.relative_to(relative_to).as_posix()})",
+                    "",
+                    f"*Figure {figure_no}: {f.caption}*",
+                    "",
+                ]
     return "\n".join(out)
 
 
@@ -148,8 +153,13 @@ def to_pdf(doc: Document, path: Path) -> None:
             rows = [[c.replace("`", "").replace("**", "") for c in r] for r in b.rows]
             for cols, size, widths in _table_parts(pdf, header, rows):
                 pdf.set_font("Sans", "", size)
-                with pdf.table(col_widths=widths, width=sum(widths), text_align="CENTER", line_height=size * 0.58,
-                               first_row_as_headings=True) as table:  # fmt: skip
+                with pdf.table(
+                    col_widths=widths,
+                    width=sum(widths),
+                    text_align="CENTER",
+                    line_height=size * 0.58,
+                    first_row_as_headings=True,
+                ) as table:
                     head = table.row()
                     for j in cols:
                         head.cell(header[j])

@@ -62,7 +62,9 @@ class SmoothRun(Logged):
     def certified(self, radius: float) -> float:
         from ..smoothing import certified_accuracy
 
-        return float(certified_accuracy(self.table["radius"].to_numpy(), self.table["correct"].to_numpy(), np.array([radius]))[0])
+        return float(
+            certified_accuracy(self.table["radius"].to_numpy(), self.table["correct"].to_numpy(), np.array([radius]))[0]
+        )
 
 
 @dataclass
@@ -128,9 +130,16 @@ class Runs:
 
 def load(experiment: str) -> Runs:
     def base(r, cls, settings_cls):
-        return cls(r.info.run_id, r.info.run_name or "", r.data.tags.get(results.COMMAND_TAG, ""), r.info.start_time,
-                   dict(r.data.params), r.data.tags.get(tracking.HOST_TAG, ""), r.info.end_time or 0,
-                   settings=config.from_params(settings_cls, r.data.params))  # fmt: skip
+        return cls(
+            r.info.run_id,
+            r.info.run_name or "",
+            r.data.tags.get(results.COMMAND_TAG, ""),
+            r.info.start_time,
+            dict(r.data.params),
+            r.data.tags.get(tracking.HOST_TAG, ""),
+            r.info.end_time or 0,
+            settings=config.from_params(settings_cls, r.data.params),
+        )
 
     def read(r, cls, where, prefix=""):
         return results.read(r.data.metrics, cls, where, prefix)
@@ -141,7 +150,10 @@ def load(experiment: str) -> Runs:
     train = []
     for r in tracking.find_runs(experiment, "train"):
         t = base(r, TrainRun, config.Training)
-        t.training, t.robustness = read(r, results.TrainingMetrics, t.where), read(r, results.RobustnessMetrics, t.where)
+        t.training, t.robustness = (
+            read(r, results.TrainingMetrics, t.where),
+            read(r, results.RobustnessMetrics, t.where),
+        )
         t.autoattack = autoattack(r, t)
         train.append(t)
     attack = []
@@ -167,9 +179,18 @@ def load(experiment: str) -> Runs:
     if cleanse:
         c, r = cleanse[0], cleansed[0]
         c.norms = pd.read_csv(_artifact(c, results.NORMS_CSV))
-        c.models = {int(i): read(r, results.CleanseModelMetrics, c.where, f"model{int(i)}_") for i in sorted(c.norms["model"].unique())}
+        c.models = {
+            int(i): read(r, results.CleanseModelMetrics, c.where, f"model{int(i)}_")
+            for i in sorted(c.norms["model"].unique())
+        }
         c.backdoor_success_rate = r.data.metrics.get(results.BACKDOOR_SUCCESS)
-        for name in (results.TRIGGER_PNG, results.MASK_PNG, results.MASK_GRID_FIGURE, results.NORMS_FIGURE, results.REVERSED_NPZ):
+        for name in (
+            results.TRIGGER_PNG,
+            results.MASK_PNG,
+            results.MASK_GRID_FIGURE,
+            results.NORMS_FIGURE,
+            results.REVERSED_NPZ,
+        ):
             path = tracking.download_artifact(c.id, name)
             if path:
                 c.files[name] = Path(path)
@@ -184,8 +205,15 @@ def load(experiment: str) -> Runs:
         params = r.data.params
         if "sweep_command" not in params:  # a parent of several mitigations: nothing to aggregate
             continue
-        w = SweepRun(r.info.run_id, r.info.run_name or "", "sweep", r.info.start_time, dict(params), sweep_command=params["sweep_command"],
-                     axes=[a for a in params.get("swept", "").split(",") if a])  # fmt: skip
+        w = SweepRun(
+            r.info.run_id,
+            r.info.run_name or "",
+            "sweep",
+            r.info.start_time,
+            dict(params),
+            sweep_command=params["sweep_command"],
+            axes=[a for a in params.get("swept", "").split(",") if a],
+        )
         w.table = pd.read_csv(_artifact(w, results.SWEEP_CSV))
         w.aggregate = pd.read_csv(_artifact(w, results.SWEEP_AGGREGATE_CSV))
         sweeps.append(w)

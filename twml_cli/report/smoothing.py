@@ -28,10 +28,16 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
     newest = dict(sorted(newest.items()))
     top = max(float(r.table["radius"].max()) for r in newest.values())
     grid = smoothing.radius_grid(top)
-    curves = {s: (grid, smoothing.certified_accuracy(r.table["radius"], r.table["correct"], grid)) for s, r in newest.items()}
+    curves = {
+        s: (grid, smoothing.certified_accuracy(r.table["radius"], r.table["correct"], grid)) for s, r in newest.items()
+    }
     png, _ = figures.save_both(figures.certified_accuracy_figure(curves), fig_dir / results.CURVE_FIGURE)
-    reach = max(smoothing.max_certifiable_radius(r.settings.sigma, r.settings.n, r.settings.cert_alpha) for r in newest.values())
-    radii = sorted({*(r for r in smoothing.TABLE_RADII if r <= reach), *(x for r in newest.values() for x in r.settings.radii)})
+    reach = max(
+        smoothing.max_certifiable_radius(r.settings.sigma, r.settings.n, r.settings.cert_alpha) for r in newest.values()
+    )
+    radii = sorted(
+        {*(r for r in smoothing.TABLE_RADII if r <= reach), *(x for r in newest.values() for x in r.settings.radii)}
+    )
     first = next(iter(newest.values())).settings
     if first.adaptive:
         samples = f"adaptive certification (below) used n0 = {first.n0}, at most n = {first.n:,}"
@@ -41,29 +47,42 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
         Para(
             f"The newest run of each σ. Each base classifier was trained with Gaussian noise at its σ; {samples}, "
             f"α = {first.cert_alpha:g} on {first.num_examples} evenly "
-            f"spaced test images. Certified accuracy at radius r counts the examples classified correctly with a certified L2 "
+            "spaced test images. Certified accuracy at radius r counts the examples classified correctly with a "
+            "certified L2 "
             f"radius of at least r (abstentions count as wrong); radii are in [0, 1] pixel units."
         ),
         Figure(png, "Certified accuracy against L2 radius, one curve per σ", 0.7),
         Table(
-            ["σ", "procedure", "accuracy (base)"] + [f"cert. acc. r={r:g}" for r in radii]
+            ["σ", "procedure", "accuracy (base)"]
+            + [f"cert. acc. r={r:g}" for r in radii]
             + ["abstain", "ACR", "max radius", "samples per image", "run"],
             [
-                [f"{s:g}", procedure(r), f4(r.certification.accuracy)] + [f4(r.certified(x)) for x in radii]
-                + [f4(r.certification.abstain_rate), f4(r.certification.average_certified_radius),
-                   f4(r.certification.max_certified_radius), f"{r.certification.samples_per_image:,.0f}", short(r.id)]
+                [f"{s:g}", procedure(r), f4(r.certification.accuracy)]
+                + [f4(r.certified(x)) for x in radii]
+                + [
+                    f4(r.certification.abstain_rate),
+                    f4(r.certification.average_certified_radius),
+                    f4(r.certification.max_certified_radius),
+                    f"{r.certification.samples_per_image:,.0f}",
+                    short(r.id),
+                ]
                 for s, r in newest.items()
             ],
         ),
-    )  # fmt: skip
+    )
     if any(r.settings.adaptive for r in newest.values()):
         doc.add(
             Para(
-                "Adaptive rows were certified on their grid of radii only (twml smooth --adaptive): fresh samples in rounds "
-                "growing 1.5 times, each look a Clopper-Pearson bound whose level is a share of α (half at the last look, "
-                "half split over the others), so every certificate holds with the same 1 - α as CERTIFY's. An image stops "
-                "trying a radius once a (1 - futility) upper bound of pA shows n could not certify it: that saves samples "
-                "and can miss a certificate fixed n finds, never make a wrong one. Their radius is the largest grid radius "
+                "Adaptive rows were certified on their grid of radii only (twml smooth --adaptive): fresh samples in "
+                "rounds "
+                "growing 1.5 times, each look a Clopper-Pearson bound whose level is a share of α (half at the last "
+                "look, "
+                "half split over the others), so every certificate holds with the same 1 - α as CERTIFY's. An image "
+                "stops "
+                "trying a radius once a (1 - futility) upper bound of pA shows n could not certify it: that saves "
+                "samples "
+                "and can miss a certificate fixed n finds, never make a wrong one. Their radius is the largest grid "
+                "radius "
                 "certified, so between grid radii the table is a lower bound."
             )
         )
@@ -80,18 +99,24 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
     reach_lo, reach_hi = (smoothing.max_certifiable_radius(s, n, alpha) for s in (lo, hi))
     doc.add(
         Para(
-            f"From σ = {lo:g} to σ = {hi:g} the largest certified radius {change(ra, cb.max_certified_radius, points=False)}, the "
-            f"average certified radius {change(ca.average_certified_radius, cb.average_certified_radius, points=False)}, "
+            f"From σ = {lo:g} to σ = {hi:g} the largest certified radius "
+            f"{change(ra, cb.max_certified_radius, points=False)}, the "
+            "average certified radius "
+            f"{change(ca.average_certified_radius, cb.average_certified_radius, points=False)}, "
             f"certified accuracy at r = 0 {change(a.certified(0), b.certified(0))} and the abstain rate "
-            f"{change(ca.abstain_rate, cb.abstain_rate)}. At r = {ra:.3f}, the largest radius σ = {lo:g} certifies, σ = {hi:g} "
+            f"{change(ca.abstain_rate, cb.abstain_rate)}. At r = {ra:.3f}, the largest radius σ = {lo:g} certifies, σ "
+            f"= {hi:g} "
             f"still certifies {f4(b.certified(ra))} of the examples."
         ),
         Para(
-            f"The certified radius is σ·Φ⁻¹(p_A): at the same confidence p_A it grows in proportion to σ. With n = {n} and "
-            f"α = {alpha:g}, p_A cannot be certified above {cap:.4f}, so no radius beyond {reach_lo / lo:.2f}σ is possible: "
+            "The certified radius is σ·Φ⁻¹(p_A): at the same confidence p_A it grows in proportion to σ. With n = "
+            f"{n} and "
+            f"α = {alpha:g}, p_A cannot be certified above {cap:.4f}, so no radius beyond {reach_lo / lo:.2f}σ is "
+            "possible: "
             f"{reach_lo:.3f} for σ = {lo:g} and {reach_hi:.3f} for σ = {hi:g}. "
             + (
-                "A larger σ smooths the classifier more, moving its decision boundary farther from the data, and here its "
+                "A larger σ smooths the classifier more, moving its decision boundary farther from the data, and here "
+                "its "
                 "certified accuracy falls more slowly with the radius (larger average certified radius)"
                 if cb.average_certified_radius > ca.average_certified_radius
                 else "Here the larger σ did not certify more on average (smaller average certified radius)"
@@ -100,7 +125,8 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
                 f"; the price is accuracy at small radii, as the base classifier sees noisier images (clean accuracy "
                 f"{change(ca.accuracy, cb.accuracy)})."
                 if b.certified(0) < a.certified(0)
-                else f"; here certified accuracy at r = 0 did not fall ({f4(a.certified(0))} at σ = {lo:g}, {f4(b.certified(0))} at "
+                else f"; here certified accuracy at r = 0 did not fall ({f4(a.certified(0))} at σ = {lo:g}, "
+                f"{f4(b.certified(0))} at "
                 f"σ = {hi:g}), while the base classifier's clean accuracy {change(ca.accuracy, cb.accuracy)}."
             )
         ),

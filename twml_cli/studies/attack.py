@@ -81,23 +81,49 @@ def curve_key(s: config.Attack) -> str:
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s = inputs.settings
     key = curve_key(s)
-    smaller = [p for p in hooks.earlier if isinstance(p, Point) and p.curve == key and p.eps < s.eps and np.array_equal(p.idx, inputs.indices)]
+    smaller = [
+        p
+        for p in hooks.earlier
+        if isinstance(p, Point) and p.curve == key and p.eps < s.eps and np.array_equal(p.idx, inputs.indices)
+    ]
     broken = np.logical_or.reduce([p.pgd_broken for p in smaller]) if smaller else None
     aa_earlier = [p.aa_broken for p in smaller if p.aa_broken is not None]
     aa_broken = np.logical_or.reduce(aa_earlier) if aa_earlier and s.eval == "autoattack" else None
     work = len(inputs.indices) * (s.pgd_steps + 2) * s.pgd_restarts
     model = models.compiled(inputs.model, s.compile_mode(inputs.device, work))
-    robust = attacks.evaluate_robustness(model, inputs.data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress,
-                                         s.autoattack_config(), indices=inputs.indices, broken=broken, aa_broken=aa_broken)  # fmt: skip
+    robust = attacks.evaluate_robustness(
+        model,
+        inputs.data.test,
+        s.pgd_config(),
+        s.eval_batch_size,
+        s.seed,
+        hooks.progress,
+        s.autoattack_config(),
+        indices=inputs.indices,
+        broken=broken,
+        aa_broken=aa_broken,
+    )
     return Outcome(s, robust, int(broken.sum()) if broken is not None else 0)
 
 
 def sweep_keep(o: Outcome) -> Point:
     ex, r = o.robustness.examples, o.robustness
     assert ex is not None  # evaluate_robustness always returns the table
-    aa = None if r.autoattack_robust_accuracy is None else ~ex[[k for k in ex if k.startswith("aa_") and k != "aa_reused"][-1]].astype(bool)
-    return Point(curve_key(o.settings), o.settings.eps, ex["idx"], ~ex["pgd_robust"].astype(bool), aa, r.accuracy, r.robust_accuracy,
-                 r.autoattack_robust_accuracy)  # fmt: skip
+    aa = (
+        None
+        if r.autoattack_robust_accuracy is None
+        else ~ex[[k for k in ex if k.startswith("aa_") and k != "aa_reused"][-1]].astype(bool)
+    )
+    return Point(
+        curve_key(o.settings),
+        o.settings.eps,
+        ex["idx"],
+        ~ex["pgd_robust"].astype(bool),
+        aa,
+        r.accuracy,
+        r.robust_accuracy,
+        r.autoattack_robust_accuracy,
+    )
 
 
 def extra_params(inputs: Inputs) -> dict[str, str]:
@@ -116,7 +142,10 @@ def summarize(outcome: Outcome) -> list[str]:
 
     lines = robustness_lines(outcome.robustness, outcome.settings.pgd_config())
     if outcome.reused:
-        lines.append(f"Examples already broken at a smaller eps of this curve (counted broken, not attacked again): {outcome.reused}")
+        lines.append(
+            "Examples already broken at a smaller eps of this curve (counted broken, not attacked again): "
+            f"{outcome.reused}"
+        )
     return lines
 
 
@@ -126,9 +155,17 @@ def record_sweep(folder, settings_list: list, axes: list[str], kept: list[Point]
     if "eps" not in axes:
         return
     others = [a for a in axes if a not in ("eps", "seed", "model_run")]
-    points = [{"curve": " ".join([_short(s.model_run), *(f"{a}={getattr(s, a)}" for a in others)]), "replicate": s.seed, "eps": s.eps,
-               "accuracy": p.accuracy, "robust_accuracy": p.robust_accuracy, "autoattack_robust_accuracy": p.autoattack_robust_accuracy}
-              for s, p in zip(settings_list, kept)]  # fmt: skip
+    points = [
+        {
+            "curve": " ".join([_short(s.model_run), *(f"{a}={getattr(s, a)}" for a in others)]),
+            "replicate": s.seed,
+            "eps": s.eps,
+            "accuracy": p.accuracy,
+            "robust_accuracy": p.robust_accuracy,
+            "autoattack_robust_accuracy": p.autoattack_robust_accuracy,
+        }
+        for s, p in zip(settings_list, kept)
+    ]
     table = curves(points)
     table.to_csv(folder / results.ROBUSTNESS_CSV, index=False)
     figures.save_both(figures.robustness_curves_figure(table), folder / results.ROBUSTNESS_FIGURE)
@@ -145,15 +182,44 @@ def curves(points: list[dict]) -> pd.DataFrame:
         for attack, value in (("pgd", p["robust_accuracy"]), ("autoattack", p.get("autoattack_robust_accuracy"))):
             if value is None or (isinstance(value, float) and np.isnan(value)):
                 continue
-            rows.append({"curve": p["curve"], "replicate": p["replicate"], "attack": attack, "eps": 0.0, "robust_accuracy": p["accuracy"]})
-            rows.append({"curve": p["curve"], "replicate": p["replicate"], "attack": attack, "eps": float(p["eps"]), "robust_accuracy": value})
+            rows.append(
+                {
+                    "curve": p["curve"],
+                    "replicate": p["replicate"],
+                    "attack": attack,
+                    "eps": 0.0,
+                    "robust_accuracy": p["accuracy"],
+                }
+            )
+            rows.append(
+                {
+                    "curve": p["curve"],
+                    "replicate": p["replicate"],
+                    "attack": attack,
+                    "eps": float(p["eps"]),
+                    "robust_accuracy": value,
+                }
+            )
     frame = pd.DataFrame(rows).drop_duplicates(["curve", "replicate", "attack", "eps"])
     keys = ["curve", "attack"]
-    auc = frame.sort_values("eps").groupby([*keys, "replicate"], sort=False).apply(
-        lambda part: area(part["eps"].to_numpy(), part["robust_accuracy"].to_numpy()), include_groups=False).rename("auc").reset_index()
+    auc = (
+        frame.sort_values("eps")
+        .groupby([*keys, "replicate"], sort=False)
+        .apply(lambda part: area(part["eps"].to_numpy(), part["robust_accuracy"].to_numpy()), include_groups=False)
+        .rename("auc")
+        .reset_index()
+    )
     out = frame.groupby([*keys, "eps"], sort=False)["robust_accuracy"].agg(["mean", "std", "count"]).reset_index()
-    out = out.rename(columns={"mean": "robust_accuracy_mean", "std": "robust_accuracy_sd", "count": "replicates"}).fillna({"robust_accuracy_sd": 0.0})
-    summary = auc.groupby(keys)["auc"].agg(["mean", "std"]).rename(columns={"mean": "auc", "std": "auc_sd"}).fillna(0.0).reset_index()
+    out = out.rename(
+        columns={"mean": "robust_accuracy_mean", "std": "robust_accuracy_sd", "count": "replicates"}
+    ).fillna({"robust_accuracy_sd": 0.0})
+    summary = (
+        auc.groupby(keys)["auc"]
+        .agg(["mean", "std"])
+        .rename(columns={"mean": "auc", "std": "auc_sd"})
+        .fillna(0.0)
+        .reset_index()
+    )
     return out.merge(summary, on=keys).sort_values([*keys, "eps"], kind="stable").reset_index(drop=True)
 
 

@@ -51,11 +51,17 @@ def prepare(s: config.Backdoor) -> Inputs:
     data = in_memory(load_data(s.dataset, s), COMMAND)
     h, w = data.info.input_size
     if not 0 <= s.target < data.info.num_classes:
-        raise TwmlError(f"target class {s.target} is outside the classes 0..{data.info.num_classes - 1} of '{data.info.name}'")
-    s = dataclasses.replace(with_augmentation(s, data), trigger_size=s.trigger_size or backdoor.default_trigger_size(h, w))
+        raise TwmlError(
+            f"target class {s.target} is outside the classes 0..{data.info.num_classes - 1} of '{data.info.name}'"
+        )
+    s = dataclasses.replace(
+        with_augmentation(s, data), trigger_size=s.trigger_size or backdoor.default_trigger_size(h, w)
+    )
     try:
         trigger = backdoor.Trigger(s.trigger_size, s.position)
-        x_p, y_p, chosen = backdoor.poison(data.train.x.cpu(), data.train.y.cpu(), s.target, s.poison_rate, trigger, s.seed)
+        x_p, y_p, chosen = backdoor.poison(
+            data.train.x.cpu(), data.train.y.cpu(), s.target, s.poison_rate, trigger, s.seed
+        )
     except ValueError as err:
         raise TwmlError(str(err)) from None
     return Inputs(s, dev, data, trigger, InMemory(x_p, y_p), chosen, new_model(s, data.info, dev))
@@ -70,7 +76,9 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     success = backdoor.attack_success_rate(model, x_test, y_test, s.target, inputs.trigger, s.eval_batch_size)
     i = int(inputs.chosen[0])
     example = (inputs.data.train.x[i].cpu(), inputs.poisoned.x[i], int(inputs.data.train.y[i]))
-    return Outcome(s, model, result, accuracy, success, inputs.trigger, len(inputs.chosen), len(inputs.poisoned), example)
+    return Outcome(
+        s, model, result, accuracy, success, inputs.trigger, len(inputs.chosen), len(inputs.poisoned), example
+    )
 
 
 def datasets(inputs: Inputs) -> list:
@@ -103,7 +111,8 @@ def summarize(o: Outcome) -> list[str]:
     t, target = o.trigger, o.settings.target
     return [
         f"Time (in seconds) to complete training on poisoned data: {o.training.train_time_s:.4f}",
-        f"Poisoned training images: {o.poisoned} of {o.num_train} (target class {target}, {t.size}x{t.size} {t.position} trigger)",
+        f"Poisoned training images: {o.poisoned} of {o.num_train} (target class {target}, {t.size}x{t.size} "
+        f"{t.position} trigger)",
         f"Model accuracy (clean test): {o.accuracy:.4f}",
         f"Attack success rate (triggered test images not of class {target}): {o.attack_success_rate:.4f}",
     ]

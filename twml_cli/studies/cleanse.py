@@ -93,7 +93,9 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     for i, (model, source) in enumerate(zip(inputs.models, inputs.sources)):
         accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
         with Timer(inputs.device) as timer:
-            rev = cleanse.reverse_engineer_all(model, inputs.x_clean, model.spec.num_classes, s.cleanse_config(), progress=hooks.progress)
+            rev = cleanse.reverse_engineer_all(
+                model, inputs.x_clean, model.spec.num_classes, s.cleanse_config(), progress=hooks.progress
+            )
         test = cleanse.mad_outlier_test(rev.norms, s.anomaly_threshold)
         outcome.inspections.append(Inspection(source, accuracy, rev, test, timer.seconds))
         for c in np.flatnonzero(test.flagged):
@@ -112,15 +114,27 @@ def norms_table(outcome: Outcome) -> pd.DataFrame:
     for i, ins in enumerate(outcome.inspections):
         rev, test = ins.reversed, ins.test
         for j, c in enumerate(rev.classes):
-            rows.append({"model": i, "run_id": ins.source, "class": c, "norm": rev.norms[j], "anomaly_index": test.anomaly_index[j],
-                         "flagged": bool(test.flagged[j]), "reached_threshold": bool(rev.reached[j]), "rounds": int(rev.rounds[j])})  # fmt: skip
+            rows.append(
+                {
+                    "model": i,
+                    "run_id": ins.source,
+                    "class": c,
+                    "norm": rev.norms[j],
+                    "anomaly_index": test.anomaly_index[j],
+                    "flagged": bool(test.flagged[j]),
+                    "reached_threshold": bool(rev.reached[j]),
+                    "rounds": int(rev.rounds[j]),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def record(run: Run, outcome: Outcome) -> None:
     metrics: dict[str, float] = {}
     for i, ins in enumerate(outcome.inspections):
-        metrics.update(results.metrics(results.CleanseModelMetrics(ins.accuracy, ins.anomaly_index, ins.seconds), f"model{i}_"))
+        metrics.update(
+            results.metrics(results.CleanseModelMetrics(ins.accuracy, ins.anomaly_index, ins.seconds), f"model{i}_")
+        )
     if outcome.strongest is not None:
         metrics[results.BACKDOOR_SUCCESS] = outcome.strongest.success_rate
     run.log_metrics(metrics)
@@ -131,11 +145,22 @@ def record(run: Run, outcome: Outcome) -> None:
             rev = ins.reversed
             for j, c in enumerate(rev.classes):
                 figures.save_image(rev.masks[j], _mkdir(folder / "masks") / f"model{i}_class{c}_mask.png")
-                figures.save_image(rev.masks[j] * rev.patterns[j], _mkdir(folder / "triggers") / f"model{i}_class{c}_trigger.png")
+                figures.save_image(
+                    rev.masks[j] * rev.patterns[j], _mkdir(folder / "triggers") / f"model{i}_class{c}_trigger.png"
+                )
             arrays[f"model{i}_masks"], arrays[f"model{i}_patterns"] = rev.masks.numpy(), rev.patterns.numpy()
-            panels.append({"name": f"model {i} ({ins.source[:8]})", "norms": rev.norms, "median": ins.test.median, "mad": ins.test.mad,
-                           "threshold": outcome.settings.anomaly_threshold, "flagged": ins.test.flagged,
-                           "masks": rev.masks, "patterns": rev.patterns})  # fmt: skip
+            panels.append(
+                {
+                    "name": f"model {i} ({ins.source[:8]})",
+                    "norms": rev.norms,
+                    "median": ins.test.median,
+                    "mad": ins.test.mad,
+                    "threshold": outcome.settings.anomaly_threshold,
+                    "flagged": ins.test.flagged,
+                    "masks": rev.masks,
+                    "patterns": rev.patterns,
+                }
+            )
         for f in outcome.findings:
             rev = outcome.inspections[f.model].reversed
             j = rev.classes.index(f.target)
@@ -145,7 +170,9 @@ def record(run: Run, outcome: Outcome) -> None:
         if outcome.strongest is not None:  # the most anomalous flagged class, also at the top level
             f = outcome.strongest
             for name in (results.TRIGGER_PNG, results.MASK_PNG):
-                (folder / name).write_bytes((folder / "backdoor" / f"model{f.model}_class{f.target}" / name).read_bytes())
+                (folder / name).write_bytes(
+                    (folder / "backdoor" / f"model{f.model}_class{f.target}" / name).read_bytes()
+                )
         norms_table(outcome).to_csv(folder / results.NORMS_CSV, index=False)
         np.savez(folder / results.REVERSED_NPZ, **arrays)  # type: ignore[arg-type]  # numpy's stubs type **kwds poorly
         figures.save(figures.norms_figure(panels), folder / results.NORMS_FIGURE)
@@ -156,12 +183,20 @@ def summarize(outcome: Outcome) -> list[str]:
     lines = []
     for i, (ins, source) in enumerate(zip(outcome.inspections, outcome.settings.model_runs)):
         lines.append(f"Accuracy of model {i} ({_short(source)}): {ins.accuracy:.4f}")
-        lines += [f"Norm of trigger targeting class {c} in model {i}: {n:.4f}" for c, n in zip(ins.reversed.classes, ins.reversed.norms)]
+        lines += [
+            f"Norm of trigger targeting class {c} in model {i}: {n:.4f}"
+            for c, n in zip(ins.reversed.classes, ins.reversed.norms)
+        ]
     for f in outcome.findings:
-        lines += [f"Backdoor is at model {f.model} class {f.target} (anomaly index {f.anomaly_index:.2f})",
-                  f"Backdoor success rate: {f.success_rate:.4f}"]  # fmt: skip
+        lines += [
+            f"Backdoor is at model {f.model} class {f.target} (anomaly index {f.anomaly_index:.2f})",
+            f"Backdoor success rate: {f.success_rate:.4f}",
+        ]
     if not outcome.findings:
-        lines.append(f"No backdoor found: no class has an anomaly index above {outcome.settings.anomaly_threshold:g} below the median norm")
+        lines.append(
+            f"No backdoor found: no class has an anomaly index above {outcome.settings.anomaly_threshold:g} below the "
+            "median norm"
+        )
     return lines
 
 

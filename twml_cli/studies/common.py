@@ -38,7 +38,9 @@ class Hooks:
 
     def training(self, settings) -> training.Hooks:
         every = settings.checkpoint_every
-        return training.Hooks(self.progress, self.on_pass, self.save_state if every else None, max(every, 1), self.resume)
+        return training.Hooks(
+            self.progress, self.on_pass, self.save_state if every else None, max(every, 1), self.resume
+        )
 
 
 class Run(Protocol):
@@ -89,7 +91,10 @@ def load_data(name: str, settings, model: models.Classifier | None = None) -> Da
 def in_memory(loaded: Data, command: str) -> data.MemoryDataSet:
     """The data set, refused when it streams (commands that poison or stamp whole sets)."""
     if not isinstance(loaded.train, InMemory) or not isinstance(loaded.test, InMemory):
-        raise TwmlError(f"twml {command} needs a data set that fits in memory; '{loaded.info.name}' is an image folder, which streams")
+        raise TwmlError(
+            f"twml {command} needs a data set that fits in memory; '{loaded.info.name}' is an image folder, which "
+            "streams"
+        )
     return data.MemoryDataSet(loaded.train, loaded.test, loaded.info)
 
 
@@ -127,10 +132,15 @@ def evenly_spaced(n: int, count: int) -> np.ndarray:
 
 def check_fits(model: models.Classifier, info: data.DataInfo, what: str) -> None:
     spec = model.spec
-    if (spec.in_chans, tuple(spec.input_size)) != (info.in_chans, tuple(info.input_size)) or spec.num_classes < info.num_classes:
+    if (spec.in_chans, tuple(spec.input_size)) != (
+        info.in_chans,
+        tuple(info.input_size),
+    ) or spec.num_classes < info.num_classes:
         raise TwmlError(
-            f"{what} takes {spec.in_chans}x{spec.input_size[0]}x{spec.input_size[1]} images of {spec.num_classes} classes, "
-            f"but data set '{info.name}' has {info.in_chans}x{info.input_size[0]}x{info.input_size[1]} images of {info.num_classes}"
+            f"{what} takes {spec.in_chans}x{spec.input_size[0]}x{spec.input_size[1]} images of {spec.num_classes} "
+            "classes, "
+            f"but data set '{info.name}' has {info.in_chans}x{info.input_size[0]}x{info.input_size[1]} images of "
+            f"{info.num_classes}"
         )
 
 

@@ -61,21 +61,35 @@ def findings(cleanse_run: str) -> list[Finding]:
     run = tracking.get_run(cleanse_run)
     if run.data.tags.get(results.COMMAND_TAG) != "cleanse":
         raise TwmlError(f"run '{cleanse_run}' is not a cleanse run")
-    table, arrays = (tracking.download_artifact(cleanse_run, name) for name in (results.NORMS_CSV, results.REVERSED_NPZ))
+    table, arrays = (
+        tracking.download_artifact(cleanse_run, name) for name in (results.NORMS_CSV, results.REVERSED_NPZ)
+    )
     if not table or not arrays:
-        raise TwmlError(f"cleanse run '{cleanse_run}' holds no {results.NORMS_CSV} or {results.REVERSED_NPZ}: run twml cleanse again")
+        raise TwmlError(
+            f"cleanse run '{cleanse_run}' holds no {results.NORMS_CSV} or {results.REVERSED_NPZ}: run twml cleanse "
+            "again"
+        )
     norms = pd.read_csv(table)
     out = []
     with np.load(arrays, allow_pickle=False) as z:
         for _, row in norms[norms["flagged"].astype(bool)].iterrows():
             i, c = int(row["model"]), int(row["class"])
-            f = Finding(str(row["run_id"]), i, c, float(row["anomaly_index"]), torch.from_numpy(z[f"model{i}_masks"][c]),
-                        torch.from_numpy(z[f"model{i}_patterns"][c]))  # fmt: skip
+            f = Finding(
+                str(row["run_id"]),
+                i,
+                c,
+                float(row["anomaly_index"]),
+                torch.from_numpy(z[f"model{i}_masks"][c]),
+                torch.from_numpy(z[f"model{i}_patterns"][c]),
+            )
             if not Path(f.model_uri).is_dir():
                 made = tracking.get_run(f.model_uri)
                 if made.data.tags.get(results.COMMAND_TAG) == "backdoor":
                     p = made.data.params
-                    f.trigger, f.trigger_target = backdoor.Trigger(int(p["trigger_size"]), p["position"]), int(p["target"])
+                    f.trigger, f.trigger_target = (
+                        backdoor.Trigger(int(p["trigger_size"]), p["position"]),
+                        int(p["target"]),
+                    )
             out.append(f)
     if not out:
         raise TwmlError(f"cleanse run '{cleanse_run}' flagged no model: there is nothing to mitigate")
@@ -99,7 +113,9 @@ def _measure(model, inputs: Inputs) -> tuple[float, float, float | None]:
     f, (x, y) = inputs.finding, (inputs.data.test.x.cpu(), inputs.data.test.y.cpu())
     s = inputs.settings
     accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
-    reversed_success = backdoor.stamped_success_rate(model, x[y != f.target], f.target, lambda z: cleanse.stamp(z, f.mask.to(z.device), f.pattern.to(z.device)))
+    reversed_success = backdoor.stamped_success_rate(
+        model, x[y != f.target], f.target, lambda z: cleanse.stamp(z, f.mask.to(z.device), f.pattern.to(z.device))
+    )
     real = None
     if f.trigger is not None and f.trigger_target is not None:
         real = backdoor.attack_success_rate(model, x, y, f.trigger_target, f.trigger)
@@ -150,5 +166,8 @@ def summarize(o: Outcome) -> list[str]:
         f"  Reversed trigger's success: {m.reversed_success_before:.4f} -> {m.reversed_success:.4f}",
     ]
     if o.real is not None:
-        lines.append(f"  Real trigger's attack success rate: {o.real.attack_success_rate_before:.4f} -> {o.real.attack_success_rate:.4f}")
+        lines.append(
+            f"  Real trigger's attack success rate: {o.real.attack_success_rate_before:.4f} -> "
+            f"{o.real.attack_success_rate:.4f}"
+        )
     return lines

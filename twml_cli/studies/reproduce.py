@@ -26,7 +26,10 @@ def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Pat
     from .. import report
 
     base = config.resolve_one("train", preset, overrides)
-    trainings = [dataclasses.replace(base, method="standard"), *(dataclasses.replace(base, method="free", m=m) for m in (4, 7))]
+    trainings = [
+        dataclasses.replace(base, method="standard"),
+        *(dataclasses.replace(base, method="free", m=m) for m in (4, 7)),
+    ]
     smoothing = config.resolve("smooth", preset, overrides)[0]
     smoothings = [dataclasses.replace(smoothing, sigma=sigma) for sigma in SIGMAS]
     poisoning = config.resolve_one("backdoor", preset, overrides)
@@ -46,19 +49,37 @@ def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Pat
             ("free adversarial training, m = 7", lambda: execute("train", trainings[2], nested)),
             ("randomized smoothing, sigma = 0.05 and 0.20", lambda: execute_all("smooth", smoothings, nested)),
             ("BadNets backdoor", lambda: ids.update(backdoor=execute("backdoor", poisoning, nested)[0])),
-            ("Neural Cleanse on the standard and the backdoored model",
-             lambda: ids.update(cleanse=execute("cleanse", dataclasses.replace(cleansing, model_runs=[ids["standard"], ids["backdoor"]]), nested))),
+            (
+                "Neural Cleanse on the standard and the backdoored model",
+                lambda: ids.update(
+                    cleanse=execute(
+                        "cleanse", dataclasses.replace(cleansing, model_runs=[ids["standard"], ids["backdoor"]]), nested
+                    )
+                ),
+            ),
             ("mitigation of what Neural Cleanse flagged: unlearning, then pruning", lambda: repair(ids["cleanse"])),
-        ]  # fmt: skip
+        ]
         if curves is not None:
             n = f"{len(seeds)} seeds"
             steps += [
-                (f"curves: free training at m = {', '.join(map(str, CURVE_M))}, {n}", lambda: ids.update(free=execute_all("train", curves["free"], nested))),
-                (f"curves: standard and fast training, {n}", lambda: ids.update(others=execute_all("train", curves["others"], nested))),
-                (f"curves: PGD at eps = {', '.join(f'{e:g}' for e in CURVE_EPS)} on the standard, free m = 4 and 7, and fast models",
-                 lambda: execute_all("attack", _attacks(curves, ids), nested)),
-                (f"curves: smoothing at sigma = {', '.join(f'{s:g}' for s in CURVE_SIGMAS)}, {n}", lambda: execute_all("smooth", curves["smooth"], nested)),
-            ]  # fmt: skip
+                (
+                    f"curves: free training at m = {', '.join(map(str, CURVE_M))}, {n}",
+                    lambda: ids.update(free=execute_all("train", curves["free"], nested)),
+                ),
+                (
+                    f"curves: standard and fast training, {n}",
+                    lambda: ids.update(others=execute_all("train", curves["others"], nested)),
+                ),
+                (
+                    f"curves: PGD at eps = {', '.join(f'{e:g}' for e in CURVE_EPS)} on the standard, free m = 4 and "
+                    "7, and fast models",
+                    lambda: execute_all("attack", _attacks(curves, ids), nested),
+                ),
+                (
+                    f"curves: smoothing at sigma = {', '.join(f'{s:g}' for s in CURVE_SIGMAS)}, {n}",
+                    lambda: execute_all("smooth", curves["smooth"], nested),
+                ),
+            ]
 
         def repair(cleansed) -> None:
             run_id, outcome = cleansed
@@ -89,7 +110,9 @@ def _curve_settings(preset: config.Preset, overrides: dict, seeds: list[int]) ->
     return {
         "free": config.resolve("train", preset, {**given, "method": "free", "m": list(CURVE_M)}),
         "others": config.resolve("train", preset, {**given, "method": ["standard", "fast"]}),
-        "attack": [dataclasses.replace(s, seed=seeds[0]) for s in attack if s.seed == seeds[0]],  # one PGD seed; the models' seeds replicate
+        "attack": [
+            dataclasses.replace(s, seed=seeds[0]) for s in attack if s.seed == seeds[0]
+        ],  # one PGD seed; the models' seeds replicate
         "smooth": config.resolve("smooth", preset, {**given, "sigma": list(CURVE_SIGMAS)}),
     }
 

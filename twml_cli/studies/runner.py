@@ -57,8 +57,16 @@ class NullRun:
         return lambda *args, **kwargs: None
 
 
-def execute(command: str, settings, session: Session, resume: str | None = None, *prepare_args, inputs=None, name: str | None = None,
-            earlier: list | None = None):  # fmt: skip
+def execute(
+    command: str,
+    settings,
+    session: Session,
+    resume: str | None = None,
+    *prepare_args,
+    inputs=None,
+    name: str | None = None,
+    earlier: list | None = None,
+):
     """One study, one run (or, with `resume`, the rest of an interrupted one). Returns
     (run id, outcome) on every process. `inputs`: the study's prepared inputs, if already made;
     `name`: the run's name (default: the study's); `earlier`: what the sweep's earlier cells kept."""
@@ -86,9 +94,14 @@ def work(command: str, inputs) -> int | None:
     evaluation batches, certification's noisy batches, the trigger search's batch of every class
     and start, unlearning's batches."""
     s, info = inputs.settings, inputs.data.info
-    batch = {"train": lambda: s.batch_size, "backdoor": lambda: s.batch_size, "attack": lambda: s.eval_batch_size,
-             "smooth": lambda: s.certify_batch_size, "cleanse": lambda: s.search_batch_size * s.search_restarts * info.num_classes,
-             "mitigate": lambda: s.unlearn_config().batch_size}.get(command)  # fmt: skip
+    batch = {
+        "train": lambda: s.batch_size,
+        "backdoor": lambda: s.batch_size,
+        "attack": lambda: s.eval_batch_size,
+        "smooth": lambda: s.certify_batch_size,
+        "cleanse": lambda: s.search_batch_size * s.search_restarts * info.num_classes,
+        "mitigate": lambda: s.unlearn_config().batch_size,
+    }.get(command)
     return None if batch is None else batch() * info.in_chans * info.input_size[0] * info.input_size[1]
 
 
@@ -102,12 +115,18 @@ def _run(command: str, study, inputs, session: Session, resume: str | None, name
             yield run
         return
     s = inputs.settings
-    params = {**config.params(s), "preset": session.preset, "world_size": runtime.world_size(),
-              **tracking.environment_params(describe_device(inputs.device))}  # fmt: skip
+    params = {
+        **config.params(s),
+        "preset": session.preset,
+        "world_size": runtime.world_size(),
+        **tracking.environment_params(describe_device(inputs.device)),
+    }
     if hasattr(study, "extra_params"):
         params.update(study.extra_params(inputs))
     tags = study.tags(s) if hasattr(study, "tags") else None
-    with tracking.start_run(session.experiment, command, run_name=name or study.run_name(s), tags=tags, parent=session.parent) as run:
+    with tracking.start_run(
+        session.experiment, command, run_name=name or study.run_name(s), tags=tags, parent=session.parent
+    ) as run:
         run.log_params(params)
         run.log_json(config.to_dict(s), results.CONFIG_JSON)
         run.log_datasets(datasets(study, inputs))
@@ -118,8 +137,15 @@ def datasets(study, inputs) -> list[dict]:
     """The data a run used, for MLflow's dataset inputs: the data set's two splits (a study may
     name others: backdoor's poisoned training set), each with a digest of its contents."""
     name = inputs.data.info.name
-    splits = study.datasets(inputs) if hasattr(study, "datasets") else [(name, inputs.data.train, "train"), (name, inputs.data.test, "test")]
-    return [{"name": n, "digest": e.digest(), "source": inputs.data.info.name, "profile": e.profile(), "context": c} for n, e, c in splits]
+    splits = (
+        study.datasets(inputs)
+        if hasattr(study, "datasets")
+        else [(name, inputs.data.train, "train"), (name, inputs.data.test, "test")]
+    )
+    return [
+        {"name": n, "digest": e.digest(), "source": inputs.data.info.name, "profile": e.profile(), "context": c}
+        for n, e, c in splits
+    ]
 
 
 def _checkpointing(run, hooks: Hooks) -> None:
@@ -172,11 +198,16 @@ def resume_settings(command: str, run_id: str, overrides: dict):
     run = tracking.get_run(run_id)
     logged = run.data.tags.get(results.COMMAND_TAG)
     if logged != command:
-        raise TwmlError(f"run '{run_id}' is a '{logged}' run, not '{command}': resume it with twml {logged} --resume {run_id}")
+        raise TwmlError(
+            f"run '{run_id}' is a '{logged}' run, not '{command}': resume it with twml {logged} --resume {run_id}"
+        )
     runtime_only = set(config.RUNTIME_ONLY)
     changed = sorted(k for k, v in overrides.items() if v is not None and k not in runtime_only)
     if changed:
-        raise TwmlError(f"a resumed run keeps its settings; only {', '.join(sorted(runtime_only))} may be given (not {', '.join(changed)})")
+        raise TwmlError(
+            f"a resumed run keeps its settings; only {', '.join(sorted(runtime_only))} may be given (not "
+            f"{', '.join(changed)})"
+        )
     if run.info.status == "FINISHED":
         raise TwmlError(f"run '{run_id}' already finished; there is nothing to resume")
     params = {k: v for k, v in run.data.params.items() if k not in runtime_only}
@@ -209,11 +240,16 @@ def execute_all(command: str, settings_list: list, session: Session) -> list[str
         agg = _record_sweep(parent, command, settings_list, axes, ids, kept)
     if agg is not None:
         seeds = len(dict.fromkeys(s.seed for s in settings_list))
-        session.echo(f"\nSweep of {len(ids)} runs over {', '.join(axes)} (mean ± sd over {seeds} seed{'s' if seeds != 1 else ''}):")
+        session.echo(
+            f"\nSweep of {len(ids)} runs over {', '.join(axes)} (mean ± sd over {seeds} "
+            f"seed{'s' if seeds != 1 else ''}):"
+        )
         for line in sweep.summary_lines(command, agg, axes):
             session.echo(line)
-        session.echo(f"Sweep run id: {parent.id} (figure {results.SWEEP_FIGURE}.png, tables {results.SWEEP_CSV} and "
-                     f"{results.SWEEP_AGGREGATE_CSV} in {tracking.artifact_uri(parent.id)})")  # fmt: skip
+        session.echo(
+            f"Sweep run id: {parent.id} (figure {results.SWEEP_FIGURE}.png, tables {results.SWEEP_CSV} and "
+            f"{results.SWEEP_AGGREGATE_CSV} in {tracking.artifact_uri(parent.id)})"
+        )
     return ids
 
 
@@ -231,13 +267,17 @@ def _record_sweep(parent, command: str, settings_list: list, axes: list[str], id
         agg.to_csv(folder / results.SWEEP_AGGREGATE_CSV, index=False)
         if shown:
             title = f"twml {command}: " + (", ".join(groups) if groups else "seeds")
-            figures.save_both(figures.sweep_figure(agg, groups, shown, sweep.LABELS, title), folder / results.SWEEP_FIGURE)
+            figures.save_both(
+                figures.sweep_figure(agg, groups, shown, sweep.LABELS, title), folder / results.SWEEP_FIGURE
+            )
         extra = getattr(STUDIES[command], "record_sweep", None)
         if extra is not None:
             extra(folder, settings_list, axes, kept)
     if not groups:  # seeds alone: the parent's metrics are the aggregate (mean and sd)
         row = agg.iloc[0]
-        parent.log_metrics({k: float(row[k]) for k in agg.columns if k.endswith(("_mean", "_std")) and np.isfinite(row[k])})
+        parent.log_metrics(
+            {k: float(row[k]) for k in agg.columns if k.endswith(("_mean", "_std")) and np.isfinite(row[k])}
+        )
     return agg
 
 
@@ -257,14 +297,20 @@ def mitigate_all(settings, session: Session) -> list[str]:
     if not settings.cleanse_run:
         newest = tracking.find_runs(session.experiment, "cleanse")
         if not newest:
-            raise TwmlError(f"no finished cleanse run in experiment '{session.experiment}': run twml cleanse first, or give --cleanse-run")
+            raise TwmlError(
+                f"no finished cleanse run in experiment '{session.experiment}': run twml cleanse first, or give "
+                "--cleanse-run"
+            )
         settings = dataclasses.replace(settings, cleanse_run=newest[0].info.run_id)
     found = mitigate.findings(settings.cleanse_run)
     if len(found) == 1:
         return [execute("mitigate", settings, session, None, found[0])[0]]
     first = mitigate.prepare(settings, found[0])  # bad input ends here, before a parent run exists
     with _parent(session, "sweep", f"mitigate: {len(found)} models") as (nested, _):
-        return [execute("mitigate", settings, nested, None, f, inputs=first if i == 0 else None)[0] for i, f in enumerate(found)]
+        return [
+            execute("mitigate", settings, nested, None, f, inputs=first if i == 0 else None)[0]
+            for i, f in enumerate(found)
+        ]
 
 
 def default_cleanse_runs(experiment: str) -> list[str]:
@@ -273,5 +319,8 @@ def default_cleanse_runs(experiment: str) -> list[str]:
     poisoned = tracking.find_runs(experiment, "backdoor")
     missing = [cmd for cmd, runs in (("twml train", clean), ("twml backdoor", poisoned)) if not runs]
     if missing:
-        raise TwmlError(f"no finished run of {' and '.join(missing)} in experiment '{experiment}': run it first, or name models with --run")
+        raise TwmlError(
+            f"no finished run of {' and '.join(missing)} in experiment '{experiment}': run it first, or name models "
+            "with --run"
+        )
     return [clean[0].info.run_id, poisoned[0].info.run_id]

@@ -86,13 +86,26 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     if not inputs.given:
         noise = training.GaussianNoise(s.sigma, s.seed)
         mode = s.compile_mode(inputs.device, s.epochs * len(inputs.data.train))
-        result = training.train(model, inputs.data.train, s.train_config(), noise, hooks=hooks.training(s), compile_mode=mode)
+        result = training.train(
+            model, inputs.data.train, s.train_config(), noise, hooks=hooks.training(s), compile_mode=mode
+        )
     accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
     base = models.compiled(model, s.compile_mode(inputs.device, len(inputs.indices) * (s.n0 + s.n)))
     smoothed = smoothing.Smooth(base, model.spec.num_classes, s.sigma, seed=s.seed)
-    table = smoothing.certify_dataset(smoothed, inputs.data.test, inputs.indices, s.n0, s.n, s.cert_alpha, s.certify_batch_size,
-                                      hooks.progress, done=hooks.done_rows, save_rows=hooks.save_rows,
-                                      grid=s.radii if s.adaptive else None, futility=s.futility)  # fmt: skip
+    table = smoothing.certify_dataset(
+        smoothed,
+        inputs.data.test,
+        inputs.indices,
+        s.n0,
+        s.n,
+        s.cert_alpha,
+        s.certify_batch_size,
+        hooks.progress,
+        done=hooks.done_rows,
+        save_rows=hooks.save_rows,
+        grid=s.radii if s.adaptive else None,
+        futility=s.futility,
+    )
     return Outcome(s, model, result, accuracy, table)
 
 
@@ -113,7 +126,9 @@ def record(run: Run, outcome: Outcome) -> None:
     with artifacts(run) as folder:
         pd.DataFrame(table).to_csv(folder / results.CERTIFY_CSV, index=False)
         pd.DataFrame({"radius": grid, "certified_accuracy": curve}).to_csv(folder / results.CURVE_CSV, index=False)
-        figures.save_both(figures.certified_accuracy_figure({outcome.settings.sigma: (grid, curve)}), folder / results.CURVE_FIGURE)
+        figures.save_both(
+            figures.certified_accuracy_figure({outcome.settings.sigma: (grid, curve)}), folder / results.CURVE_FIGURE
+        )
 
 
 def sweep_keep(o: Outcome) -> dict[str, np.ndarray]:
@@ -128,14 +143,19 @@ def record_sweep(folder, settings_list: list, axes: list[str], kept: list[dict])
     groups = [a for a in axes if a != "seed"]
     named = [(cell_label(s, groups), k["radius"], k["correct"]) for s, k in zip(settings_list, kept)]
     grid, curves, envelope = bands(named)
-    frame = {"radius": grid, **{f"{name} mean": c.mean for name, c in curves.items()}, **{f"{name} sd": c.sd for name, c in curves.items()},
-             "envelope": envelope}  # fmt: skip
+    frame = {
+        "radius": grid,
+        **{f"{name} mean": c.mean for name, c in curves.items()},
+        **{f"{name} sd": c.sd for name, c in curves.items()},
+        "envelope": envelope,
+    }
     pd.DataFrame(frame).to_csv(folder / results.SIGMA_CSV, index=False)
     figures.save_both(figures.certified_accuracy_bands_figure(grid, curves, envelope), folder / results.SIGMA_FIGURE)
 
 
 def cell_label(s, groups: list[str]) -> str:
     """'σ=0.25' (and any other swept setting) for a cell of a smoothing sweep."""
+
     def one(g):
         v = getattr(s, g)
         return f"{'σ' if g == 'sigma' else g}={v:g}" if isinstance(v, float) else f"{g}={v}"
@@ -160,13 +180,23 @@ def bands(named: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
     grid = smoothing.radius_grid(max(float(np.max(radius)) for _, radius, _ in named))
     cells: dict[str, list] = {}
     for name, radius, correct in named:
-        cells.setdefault(name, []).append((smoothing.certified_accuracy(radius, correct, grid), smoothing.average_certified_radius(radius, correct)))
+        cells.setdefault(name, []).append(
+            (smoothing.certified_accuracy(radius, correct, grid), smoothing.average_certified_radius(radius, correct))
+        )
 
     def sd(values, axis=None):
         return np.std(values, axis=axis, ddof=1) if len(values) > 1 else np.zeros_like(np.mean(values, axis=axis))
 
-    curves = {name: Band(np.mean([c for c, _ in v], 0), sd([c for c, _ in v], 0), float(np.mean([a for _, a in v])), float(sd([a for _, a in v])), len(v))
-              for name, v in cells.items()}  # fmt: skip
+    curves = {
+        name: Band(
+            np.mean([c for c, _ in v], 0),
+            sd([c for c, _ in v], 0),
+            float(np.mean([a for _, a in v])),
+            float(sd([a for _, a in v])),
+            len(v),
+        )
+        for name, v in cells.items()
+    }
     return grid, curves, np.max([c.mean for c in curves.values()], 0)
 
 
@@ -204,8 +234,11 @@ def summarize(o: Outcome) -> list[str]:
     s, t, r_max = o.settings, o.table, o.max_radius
     if s.adaptive:
         radii = sorted({0.0, *s.radii})
-        procedure = [f"  Adaptive certification on the grid, at most n = {s.n} samples, futility {s.futility:g}: {t['samples'].mean():,.0f} "
-                     f"samples per image on average ({(s.n0 + s.n) / t['samples'].mean():.1f}x fewer than fixed n)"]  # fmt: skip
+        procedure = [
+            f"  Adaptive certification on the grid, at most n = {s.n} samples, futility {s.futility:g}: "
+            f"{t['samples'].mean():,.0f} "
+            f"samples per image on average ({(s.n0 + s.n) / t['samples'].mean():.1f}x fewer than fixed n)"
+        ]
     else:
         radii = [r for r in table_radii(s) if r <= r_max]
         procedure = [f"  Largest certified radius: {t['radius'].max():.4f} (at most {r_max:.4f} with this n and alpha)"]

@@ -22,7 +22,13 @@ SEED = "seed"
 KEY_METRICS: dict[str, tuple[str, ...]] = {
     "train": ("accuracy", "robust_accuracy", "autoattack_robust_accuracy", "train_time_s", "images_per_s"),
     "attack": ("accuracy", "robust_accuracy", "autoattack_robust_accuracy"),
-    "smooth": ("accuracy", "certified_accuracy", "average_certified_radius", "certified_accuracy_r0.25", "train_time_s"),
+    "smooth": (
+        "accuracy",
+        "certified_accuracy",
+        "average_certified_radius",
+        "certified_accuracy_r0.25",
+        "train_time_s",
+    ),
     "backdoor": ("accuracy", "attack_success_rate", "train_time_s"),
     "cleanse": ("model0_anomaly_index", "model1_anomaly_index", "backdoor_success_rate", "model0_cleanse_time_s"),
     "mitigate": ("accuracy", "attack_success_rate", "reversed_success"),
@@ -60,6 +66,7 @@ def child_name(base: str, values: dict) -> str:
 
 def parent_name(command: str, settings_list: list, axes: list[str]) -> str:
     """The parent run's name, e.g. 'train: m 4,7 x seed 0,1'."""
+
     def values(k):
         seen = list(dict.fromkeys(getattr(s, k) for s in settings_list))
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in seen)
@@ -115,10 +122,15 @@ def summary_lines(command: str, agg: pd.DataFrame, axes: list[str]) -> list[str]
     metrics = shown_metrics(command, agg)
     lines = []
     for _, row in agg.iterrows():
-        where = ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in groups) or "all cells"
+        where = (
+            ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in groups)
+            or "all cells"
+        )
         n = int(row[f"{metrics[0]}_n"]) if metrics else 0
-        spread = (lambda m: f" ± {fmt(row[f'{m}_std'], m)}") if n > 1 else (lambda m: "")
-        values = "; ".join(f"{label(m)} {fmt(row[f'{m}_mean'], m)}{spread(m)}" for m in metrics)
+        values = "; ".join(
+            f"{label(m)} {fmt(row[f'{m}_mean'], m)}" + (f" ± {fmt(row[f'{m}_std'], m)}" if n > 1 else "")
+            for m in metrics
+        )
         lines.append(f"  {where}: {values} ({n} seed{'s' if n != 1 else ''})")
     return lines
 
@@ -147,12 +159,20 @@ def compare(a: Estimate, b: Estimate, what: str, digits: int = 4) -> str:
     """A sentence on how `what` changes from a to b, worded from the intervals mean ± std:
     a direction only where they do not overlap, else 'within seed noise'."""
     if min(a.n, b.n) < 2:
-        return f"{what} went from {a.text(digits)} to {b.text(digits)}, from one seed: no claim about its direction can be made"
+        return (
+            f"{what} went from {a.text(digits)} to {b.text(digits)}, from one seed: no claim about its direction "
+            "can be made"
+        )
     n = f"{min(a.n, b.n)} seeds" if a.n == b.n else f"{a.n} and {b.n} seeds"
     if a.high < b.low:
         verdict = "rose"
     elif b.high < a.low:
         verdict = "fell"
     else:
-        return f"{what} went from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}): the intervals overlap, so the difference is within seed noise"
-    return f"{what} {verdict} from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}; the intervals do not overlap)"
+        return (
+            f"{what} went from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}): the intervals overlap, "
+            "so the difference is within seed noise"
+        )
+    return (
+        f"{what} {verdict} from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}; the intervals do not overlap)"
+    )

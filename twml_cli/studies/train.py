@@ -43,9 +43,18 @@ def prepare(s: config.Training) -> Inputs:
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, data, model = inputs.settings, inputs.data, inputs.model
     work = s.epochs * len(data.train), len(data.test) * (s.pgd_steps + 2) * s.pgd_restarts
-    result = training.train(model, data.train, s.train_config(), s.perturbation(), hooks=hooks.training(s), compile_mode=s.compile_mode(inputs.device, work[0]))
+    result = training.train(
+        model,
+        data.train,
+        s.train_config(),
+        s.perturbation(),
+        hooks=hooks.training(s),
+        compile_mode=s.compile_mode(inputs.device, work[0]),
+    )
     attacked = models.compiled(model, s.compile_mode(inputs.device, work[1]))
-    robust = attacks.evaluate_robustness(attacked, data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress, s.autoattack_config())
+    robust = attacks.evaluate_robustness(
+        attacked, data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress, s.autoattack_config()
+    )
     return Outcome(s, model, result, robust)
 
 
@@ -63,8 +72,10 @@ def record(run: Run, outcome: Outcome) -> None:
 def summarize(outcome: Outcome) -> list[str]:
     s = outcome.settings
     label = f"free adversarial training (m={s.m})" if s.method == "free" else f"{s.method} training"
-    return [f"Time (in seconds) to complete {label}: {outcome.training.train_time_s:.4f}",
-            *robustness_lines(outcome.robustness, s.pgd_config())]  # fmt: skip
+    return [
+        f"Time (in seconds) to complete {label}: {outcome.training.train_time_s:.4f}",
+        *robustness_lines(outcome.robustness, s.pgd_config()),
+    ]
 
 
 # ---------------------------------------------------------------- shared with attack, smooth, backdoor
@@ -87,7 +98,9 @@ def record_pass(run: Run, stats: training.EpochStats) -> None:
 
 
 def training_metrics(result: training.TrainResult) -> results.TrainingMetrics:
-    return results.TrainingMetrics(result.train_time_s, result.images_per_s, result.steps, result.passes_per_step, int(result.stopped_early))
+    return results.TrainingMetrics(
+        result.train_time_s, result.images_per_s, result.steps, result.passes_per_step, int(result.stopped_early)
+    )
 
 
 def robustness_metrics(r: attacks.RobustnessResult) -> results.RobustnessMetrics:
@@ -107,7 +120,12 @@ def record_robustness(run: Run, r: attacks.RobustnessResult) -> None:
     run.log_metrics(results.metrics(robustness_metrics(r)))
     aa = autoattack_metrics(r)
     if aa is not None:
-        run.log_metrics({**results.metrics(aa), **{results.autoattack_after_key(a): v for a, v in (r.autoattack_after or {}).items()}})
+        run.log_metrics(
+            {
+                **results.metrics(aa),
+                **{results.autoattack_after_key(a): v for a, v in (r.autoattack_after or {}).items()},
+            }
+        )
     if r.examples is not None:
         with artifacts(run) as folder:
             pd.DataFrame(r.examples).to_csv(folder / results.EXAMPLES_CSV, index=False, float_format="%.6g")
@@ -117,11 +135,15 @@ def robustness_lines(r: attacks.RobustnessResult, pgd: attacks.PGDConfig) -> lis
     restarts = f"{pgd.restarts} restart{'s' if pgd.restarts > 1 else ''}"
     lines = [
         f"Model accuracy: {r.accuracy:.4f}",
-        f"Success rate of untargeted white-box PGD (eps={pgd.eps:g}, {pgd.steps} steps, {restarts}): {r.pgd_success_rate:.4f}",
+        f"Success rate of untargeted white-box PGD (eps={pgd.eps:g}, {pgd.steps} steps, {restarts}): "
+        f"{r.pgd_success_rate:.4f}",
         f"Robust accuracy: {r.robust_accuracy:.4f}",
     ]
     if r.autoattack_robust_accuracy is not None:
         stages = ", ".join(f"{a} {v:.4f}" for a, v in (r.autoattack_after or {}).items())
-        lines += [f"AutoAttack robust accuracy (standard, eps={pgd.eps:g}): {r.autoattack_robust_accuracy:.4f} (after {stages}; {r.autoattack_time_s:.1f} s)",
-                  f"Robust accuracy, per-example worst case of PGD and AutoAttack: {r.robust_accuracy_worst:.4f}"]  # fmt: skip
+        lines += [
+            f"AutoAttack robust accuracy (standard, eps={pgd.eps:g}): {r.autoattack_robust_accuracy:.4f} (after "
+            f"{stages}; {r.autoattack_time_s:.1f} s)",
+            f"Robust accuracy, per-example worst case of PGD and AutoAttack: {r.robust_accuracy_worst:.4f}",
+        ]
     return lines
