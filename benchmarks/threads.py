@@ -67,7 +67,7 @@ def worker() -> None:
     )
 
 
-def measure(extra: dict, reproduce: bool) -> dict:
+def measure(extra: dict, reproduce: bool, limit: float) -> dict:
     out = json.loads(
         subprocess.run(
             [sys.executable, __file__, "--worker"], env=env(extra), capture_output=True, text=True, check=True
@@ -76,14 +76,18 @@ def measure(extra: dict, reproduce: bool) -> dict:
     if reproduce:
         with tempfile.TemporaryDirectory() as tmp:
             began = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-m", "twml_cli", "reproduce"],
-                cwd=tmp,
-                env=env(extra),
-                capture_output=True,
-                check=True,
-            )
-            out["reproduce"] = time.perf_counter() - began
+            try:
+                subprocess.run(
+                    [sys.executable, "-m", "twml_cli", "reproduce"],
+                    cwd=tmp,
+                    env=env(extra),
+                    capture_output=True,
+                    check=True,
+                    timeout=limit,
+                )
+                out["reproduce"] = time.perf_counter() - began
+            except subprocess.TimeoutExpired:
+                out["reproduce"] = float("inf")  # stopped at --limit
     return out
 
 
@@ -91,14 +95,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reproduce", action="store_true")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    parser.add_argument("--loads", default="quiet,loaded", help="quiet, loaded (a second twml beside) or both")
+    parser.add_argument("--limit", type=float, default=900, help="seconds a reproduce may take before it is stopped")
     args = parser.parse_args()
     if args.worker:
         worker()
         return
     results = {}
     for name in args.settings.split(","):
-        for loaded in (False, True):
+        for loaded in [w == "loaded" for w in args.loads.split(",")]:
             beside = None
             with tempfile.TemporaryDirectory() as tmp:
                 if loaded:
@@ -111,7 +117,7 @@ def main() -> None:
                     )
                     time.sleep(15)  # past its start-up, into training
                 try:
-                    row = measure(SETTINGS[name], args.reproduce)
+                    row = measure(SETTINGS[name], args.reproduce, args.limit)
                 finally:
                     if beside is not None:
                         beside.send_signal(signal.SIGKILL)
@@ -123,12 +129,13 @@ def main() -> None:
     names = args.settings.split(",")
     print("\n| case | " + " | ".join(f"{n}: quiet / beside another twml" for n in names) + " |")
     print("|---|" + "---|" * len(names))
+
+    def cell(n: str, loaded: bool, case: str) -> str:
+        value = results.get((n, loaded), {}).get(case)
+        return "-" if value is None else f"> {args.limit:.0f} s" if value == float("inf") else f"{value:.1f} s"
+
     for case in cases:
-        print(
-            f"| {case} | "
-            + " | ".join(f"{results[(n, False)][case]:.1f} s / {results[(n, True)][case]:.1f} s" for n in names)
-            + " |"
-        )
+        print(f"| {case} | " + " | ".join(f"{cell(n, False, case)} / {cell(n, True, case)}" for n in names) + " |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-E2E_FIXTURES = {"cli", "module_cli", "reproduced"}  # fixtures that run whole twml commands
+E2E_FIXTURES = {"cli", "module_cli", "reproduced", "killed_and_resumed", "server"}  # fixtures that run whole twml commands
 
 
 def pytest_collection_modifyitems(items):

@@ -88,6 +88,7 @@ def test_several_sigmas_nest_under_one_parent(cli):
     children = cli.runs("smooth")
     assert len(children) == 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     assert f"{results.SIGMA_FIGURE}.png" in cli.artifacts(parent)  # the figure with both sigmas and their envelope
+    assert f"Sweep run id: {parent.info.run_id} (figures {results.SIGMA_FIGURE}.png, sweep.png" in result.out
 
 
 def test_system_metrics_are_logged_when_asked(cli, monkeypatch):
@@ -98,6 +99,7 @@ def test_system_metrics_are_logged_when_asked(cli, monkeypatch):
     assert any(k.startswith("system/cpu_utilization_percentage") for k in run.data.metrics), sorted(run.data.metrics)
 
 
+@pytest.mark.e2e  # four twml processes
 def test_four_concurrent_first_uses_of_an_empty_folder_all_finish(tmp_path):
     cli = Cli(tmp_path)
     procs = [twml_process("train", *TINY, "--seed", str(s), cwd=tmp_path, uri=cli.uri) for s in range(4)]

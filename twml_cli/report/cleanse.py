@@ -33,14 +33,11 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
         Para(
             f"The newest cleanse run ({short(run.id)}) inspected {len(models)} models: "
             + "; ".join(f"model {i} = run {short(model_runs[i])}" for i in models)
-            + ". For every class t it searched the smallest mask m and pattern p with (1 - m)·x + m·p classified as "
-            "t on "
-            f"{s.search_images} clean training images (attack success at least {s.search_threshold:g}, up to "
-            f"{s.search_steps} rounds, all classes of a model in one batch), then applied the MAD outlier test to the "
-            "L1 "
-            "norms of the masks: anomaly index |l - median| / (1.4826 · MAD), classes below the median with an index "
-            "above "
-            f"{s.anomaly_threshold:g} are flagged."
+            + ". For every class t it searched the smallest mask m and pattern p with (1 - m)·x + m·p classified "
+            f"as t on {s.search_images} clean training images (attack success at least {s.search_threshold:g}, up to "
+            f"{s.search_steps} rounds{_starts(s)}, all classes of a model in one batch), then applied the MAD outlier "
+            "test to the L1 norms of the masks: anomaly index |l - median| / (1.4826 · MAD), classes below the "
+            f"median with an index above {s.anomaly_threshold:g} are flagged."
         )
     )
     doc.add(Heading("Which model is backdoored? Which class is the backdoor targeting?", 2))
@@ -251,6 +248,30 @@ def describe_mask(mask: np.ndarray, backdoor_run: BackdoorRun | None = None) -> 
     return text
 
 
+def _starts(s) -> str:
+    """' from 4 random starts per class, each going on from its best after 10 rounds', or ''."""
+    if s.search_restarts <= 1:
+        return ""
+    best = f", each going on from its best after {s.search_keep_best_after} rounds" if s.search_keep_best_after else ""
+    return f" from {s.search_restarts} random starts per class{best}"
+
+
+def _how(s) -> str:
+    """What a mitigation run's settings did, in words."""
+    if s.mitigation == "prune":
+        return (
+            f"pruning removes the penultimate-layer neurons the reversed trigger excites most, {s.prune_step:.0%} at "
+            f"a time, until it succeeds on fewer than {s.prune_stop:.0%} of the training images"
+        )
+    rate = "warmed up for an epoch, then a cosine to 0" if s.unlearn_schedule == "warmup" else "constant"
+    frozen = ", normalization statistics frozen" if s.unlearn_freeze_norm else ""
+    return (
+        f"unlearning fine-tunes for {_count(s.unlearn_epochs, 'epoch')} on clean training images of which "
+        f"{s.unlearn_fraction:.0%} carry the reversed trigger under their true labels (SGD, lr {s.unlearn_lr:g} {rate}"
+        f"{frozen})"
+    )
+
+
 def _count(n: int, noun: str) -> str:
     """'1 pixel', '4 pixels'."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
@@ -274,12 +295,9 @@ def mitigation_section(doc: Document, runs: list) -> None:
         Heading("Mitigation: repairing the backdoored model", 2),
         Para(
             "`twml mitigate` repairs each model a cleanse run flagged, with the trigger Neural Cleanse reversed (the "
-            "real one "
-            "stays unknown to it): unlearning fine-tunes on clean training images of which a fifth carry the reversed "
-            "trigger "
-            "under their true labels; pruning removes the penultimate-layer neurons the reversed trigger excites "
-            "most, until it "
-            "stops working. The real trigger's attack success is measured on clean test images of the other classes."
+            "real one stays unknown to it): "
+            + "; ".join(dict.fromkeys(_how(r.settings) for r in runs))
+            + ". The real trigger's attack success is measured on clean test images of the other classes."
         ),
         Table(
             ["method", "model run", "class", "accuracy", "real trigger's success", "reversed trigger's success", "run"],

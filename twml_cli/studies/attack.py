@@ -22,6 +22,7 @@ from ..errors import TwmlError
 from .common import Data, Hooks, Run, check_fits, data_name, device, evenly_spaced, load_data, load_model, model_source
 
 COMMAND = "attack"
+SWEEP_FIGURES = (results.ROBUSTNESS_FIGURE,)  # a sweep's own figure, beside the sweep's metrics figure
 
 
 @dataclass

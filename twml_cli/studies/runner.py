@@ -246,8 +246,9 @@ def execute_all(command: str, settings_list: list, session: Session) -> list[str
         )
         for line in sweep.summary_lines(command, agg, axes):
             session.echo(line)
+        shown = ", ".join(f"{name}.png" for name in (*getattr(study, "SWEEP_FIGURES", ()), results.SWEEP_FIGURE))
         session.echo(
-            f"Sweep run id: {parent.id} (figure {results.SWEEP_FIGURE}.png, tables {results.SWEEP_CSV} and "
+            f"Sweep run id: {parent.id} (figures {shown}, tables {results.SWEEP_CSV} and "
             f"{results.SWEEP_AGGREGATE_CSV} in {tracking.artifact_uri(parent.id)})"
         )
     return ids

@@ -29,6 +29,7 @@ from .common import (
 from .train import record_training
 
 COMMAND = "smooth"
+SWEEP_FIGURES = (results.SIGMA_FIGURE,)  # a sweep's own figure, beside the sweep's metrics figure
 
 
 @dataclass
