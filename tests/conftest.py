@@ -16,7 +16,8 @@ os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-E2E_FIXTURES = {"cli", "module_cli", "reproduced", "killed_and_resumed", "server"}  # fixtures that run whole twml commands
+# fixtures that run whole twml commands (or start servers, or kill runs)
+E2E_FIXTURES = {"cli", "module_cli", "reproduced", "killed_and_resumed", "server"}
 
 
 def pytest_collection_modifyitems(items):

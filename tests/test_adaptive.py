@@ -96,6 +96,7 @@ def test_a_larger_futility_gives_up_sooner_and_is_never_wrong_for_it(linear):
 
 
 @pytest.mark.slow  # 20-40 s; benchmarks/adaptive.py measures the same at full size
+@pytest.mark.e2e  # a whole certification of the digits test split, twice
 def test_against_fixed_n_on_digits_it_certifies_as_much_with_far_fewer_samples(digits):
     """A small version of the benchmark (benchmarks/adaptive.py runs n = 20,000 on all 360 images)."""
     from twml_cli.models import ModelSpec, create_model

@@ -160,6 +160,7 @@ def test_backdoor_and_cleanse_compute(tmp_path):
     )  # a folder, named as given
 
 
+@pytest.mark.e2e  # a whole backdoor study and trigger search
 def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
     """`twml backdoor --target 3 --position top-left` with the default search: the verdict names
     that model and that class (the issue's other-target, other-position case)."""
