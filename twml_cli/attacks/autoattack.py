@@ -61,9 +61,8 @@ def autoattack(
     stages: dict[str, torch.Tensor] = {}
     with torch.enable_grad(), frozen(model):
         for name in config.attacks:
-            runs = (
-                range(targets.shape[1]) if name in ("apgd-t", "fab-t") else [0]
-            )  # the target's rank, for the targeted ones
+            # the targeted attacks run once per target (k: the target's rank), the others once
+            runs = range(targets.shape[1]) if name in ("apgd-t", "fab-t") else [0]
             for k in runs:
                 todo = robust.nonzero()[:, 0]
                 if len(todo) == 0:
@@ -87,9 +86,8 @@ def autoattack(
                     adv = fab_targeted(model, xs, ys, targets[todo, k], config.eps, config.n_iter)
                 else:
                     adv = square(model, xs, ys, config.eps, config.n_queries, indices=ids, seed=seed)
-                adv = torch.min(torch.max(adv, xs - config.eps), xs + config.eps).clamp(
-                    0, 1
-                )  # every attack stays in the ball
+                # every attack stays in the ball
+                adv = torch.min(torch.max(adv, xs - config.eps), xs + config.eps).clamp(0, 1)
                 with torch.no_grad(), autocast(x.device):
                     fooled = model(adv).argmax(1) != ys
                 x_adv[todo[fooled]] = adv[fooled]
