@@ -126,8 +126,8 @@ def test_change_wording():
 
 
 def test_wide_tables_never_break_a_word_in_the_pdf(tmp_path):
-    """The smoothing table of a three-sigma sweep: 14 columns. Every column is at least as wide
-    as its widest cell and its header's longest word, and every part fits the page."""
+    """The smoothing table of a three-sigma sweep (14 columns), and a table with a long cell:
+    every column is at least as wide as the longest word in it, and every part fits the page."""
     from pathlib import Path
 
     import matplotlib
@@ -148,18 +148,21 @@ def test_wide_tables_never_break_a_word_in_the_pdf(tmp_path):
     pdf.add_font("Sans", "", str(fonts / "DejaVuSans.ttf"))
     pdf.add_font("Sans", "B", str(fonts / "DejaVuSans-Bold.ttf"))
     pdf.add_page()
-    parts = _table_parts(pdf, header, rows)
-    assert sorted({j for cols, _, _ in parts for j in cols}) == list(range(len(header)))  # every column, in some part
-    for cols, size, widths in parts:
-        assert size >= 6 and sum(widths) <= pdf.epw
-        for j, w in zip(cols, widths):
-            pdf.set_font("Sans", "", size)
-            inner = w - 2 * pdf.c_margin
-            assert all(pdf.get_string_width(r[j]) <= inner for r in rows)
-            pdf.set_font("Sans", "B", size)
-            assert all(pdf.get_string_width(word) <= inner for word in header[j].split())
+    long = [["run", "a note " * 80]]  # one cell far wider than the page: it wraps between words
+    for head, body in ((header, rows), (["what", "note"], long)):
+        parts = _table_parts(pdf, head, body)
+        assert sorted({j for cols, _, _ in parts for j in cols}) == list(range(len(head)))  # every column, in some part
+        for cols, size, widths in parts:
+            assert size >= 6 and sum(widths) <= pdf.epw + 1e-6
+            for j, w in zip(cols, widths):
+                inner = w - 2 * pdf.c_margin
+                pdf.set_font("Sans", "", size)
+                assert all(pdf.get_string_width(word) <= inner for r in body for word in r[j].split())
+                pdf.set_font("Sans", "B", size)
+                assert all(pdf.get_string_width(word) <= inner for word in head[j].split())
     doc = Document("wide")
-    doc.add(Table(header, rows))
+    ids = [["sweep", ",".join(["0123456789abcdef"] * 30)]]  # a run name of ids with no space: too wide for any column
+    doc.add(Table(header, rows), Table(["what", "note"], long), Table(["command", "run name"], ids))
     to_pdf(doc, tmp_path / "wide.pdf")  # and it renders
     assert (tmp_path / "wide.pdf").stat().st_size > 1000
 

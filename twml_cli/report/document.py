@@ -155,7 +155,7 @@ def to_pdf(doc: Document, path: Path) -> None:
                 pdf.set_font("Sans", "", size)
                 with pdf.table(
                     col_widths=widths,
-                    width=sum(widths),
+                    width=min(sum(widths), pdf.epw),
                     text_align="CENTER",
                     line_height=size * 0.58,
                     first_row_as_headings=True,
@@ -190,33 +190,44 @@ def to_pdf(doc: Document, path: Path) -> None:
 
 def _table_parts(pdf, header: list[str], rows: list[list[str]]) -> list[tuple[list[int], float, list[float]]]:
     """How to set a table so that no word breaks: (columns, font size, column widths in mm)
-    for each part. Each column is as wide as its widest cell and its header's longest word
-    (headers wrap between words only). The largest font from 8 down to 6 pt that fits the
-    page wins; a table too wide even at 6 pt is split into parts that fit, each repeating
-    the first column (what names the rows)."""
+    for each part. A column is at least as wide as its longest word (cells and headers wrap
+    between words only) and at most as wide as its widest cell on one line; the room left on
+    the page goes to the columns that would wrap, in proportion to what they lack. The largest
+    font from 8 down to 6 pt that fits the page wins; a table too wide even at 6 pt is split
+    into parts that fit, each repeating the first column (what names the rows)."""
+    pad = 2 * pdf.c_margin + 1.0  # the cell's margins on both sides, and a little air
 
-    def widths(size: float) -> list[float]:
-        out = []
+    def measure(size: float) -> tuple[list[float], list[float]]:
+        least, most = [], []
         for j, head in enumerate(header):
             pdf.set_font("Sans", "B", size)
-            need = max(pdf.get_string_width(w) for w in head.split() or [""])
+            head_words = [pdf.get_string_width(w) for w in head.split() or [""]]
             pdf.set_font("Sans", "", size)
-            need = max([need] + [pdf.get_string_width(r[j]) for r in rows])
-            out.append(need + 2 * pdf.c_margin + 1.0)  # the cell's margins on both sides, and a little air
-        return out
+            cells = [r[j] for r in rows]
+            words = [pdf.get_string_width(w) for c in cells for w in c.split()] or [0.0]
+            least.append(max(head_words + words) + pad)
+            most.append(max([max(head_words)] + [pdf.get_string_width(c) for c in cells]) + pad)
+        return least, most
+
+    def fit(least: list[float], most: list[float], room: float) -> list[float]:
+        if sum(most) <= room:
+            return most
+        lack = [m - lo for lo, m in zip(least, most)]
+        share = (room - sum(least)) / sum(lack) if sum(lack) > 0 else 0.0
+        return [lo + share * d for lo, d in zip(least, lack)]
 
     for size in (8.0, 7.5, 7.0, 6.5, 6.0):
-        w = widths(size)
-        if sum(w) <= pdf.epw:
-            return [(list(range(len(header))), size, w)]
+        least, most = measure(size)
+        if sum(least) <= pdf.epw:
+            return [(list(range(len(header))), size, fit(least, most, pdf.epw))]
     parts, current = [], [0]
     for j in range(1, len(header)):
-        if sum(w[k] for k in current) + w[j] > pdf.epw and len(current) > 1:
+        if sum(least[k] for k in current) + least[j] > pdf.epw and len(current) > 1:
             parts.append(current)
             current = [0]
         current.append(j)
     parts.append(current)
-    return [(cols, size, [w[k] for k in cols]) for cols in parts]
+    return [(cols, size, fit([least[k] for k in cols], [most[k] for k in cols], pdf.epw)) for cols in parts]
 
 
 def _aspect(path: Path) -> float:
