@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import twml_process
 
 from twml_cli import findings, load_dataset, load_model, results
 from twml_cli.attacks import accuracy
@@ -200,17 +201,6 @@ def test_tracking_uri_flag_picks_the_store(cli, tmp_path):
     assert MlflowClient(f"sqlite:///{other}").get_experiment_by_name("mine") is not None
 
 
-def _twml(*args, cwd, env):
-    return subprocess.Popen(
-        [sys.executable, "-m", "twml_cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _sigint_as_in_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -251,9 +241,9 @@ def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
 @pytest.mark.slow  # test_mlflow starts four at once in an empty folder, the harder case
 def test_several_processes_can_log_to_one_store(cli, tmp_path):
     assert cli("train", "--epochs", "1", "--pgd-steps", "1").code == 0  # creates the store and experiment first
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cli.uri}
     procs = [
-        _twml("train", "--epochs", "1", "--pgd-steps", "1", "--seed", str(s), cwd=tmp_path, env=env) for s in (1, 2, 3)
+        twml_process("train", "--epochs", "1", "--pgd-steps", "1", "--seed", str(s), cwd=tmp_path, uri=cli.uri)
+        for s in (1, 2, 3)
     ]
     for p in procs:
         out, err = p.communicate(timeout=300)
