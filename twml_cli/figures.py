@@ -60,16 +60,21 @@ def _show(ax, t: torch.Tensor, title: str | None = None) -> None:
         ax.set_title(title, fontsize=9)
 
 
+def _accuracy_axes(ax, xlabel: str, ylabel: str) -> None:
+    """An accuracy (0 to 1) against a budget or radius (from 0), with a light grid."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+
+
 def certified_accuracy_figure(curves: dict[float, tuple[np.ndarray, np.ndarray]]):
     """Certified accuracy against certified L2 radius, one curve per sigma."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for sigma, (radii, acc) in sorted(curves.items()):
         ax.plot(radii, acc, label=f"{sigma:g}", linewidth=2)
-    ax.set_xlabel("L2 radius (pixels in [0, 1])")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
+    _accuracy_axes(ax, "L2 radius (pixels in [0, 1])", "certified accuracy")
     ax.legend(title="σ")
     ax.set_title("Randomized smoothing: certified accuracy vs radius")
     return fig
@@ -241,11 +246,7 @@ def certified_accuracy_bands_figure(radii: np.ndarray, curves: dict, envelope: n
             )
     if len(curves) > 1:
         ax.plot(radii, envelope, color="black", linestyle="--", linewidth=1.2, label="envelope (best at each radius)")
-    ax.set_xlabel("L2 radius (pixels in [0, 1])")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
+    _accuracy_axes(ax, "L2 radius (pixels in [0, 1])", "certified accuracy")
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(
         f"Certified accuracy vs radius ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})", fontsize=10
@@ -273,11 +274,7 @@ def robustness_curves_figure(table):
             label=f"{curve}, {'PGD' if attack == 'pgd' else 'AutoAttack'} (AUC {part['auc'].iloc[0]:.3f})",
         )
     seeds = int(table["replicates"].max())
-    ax.set_xlabel("eps (L-inf, pixels in [0, 1])")
-    ax.set_ylabel("robust accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
+    _accuracy_axes(ax, "eps (L-inf, pixels in [0, 1])", "robust accuracy")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(
         f"Robust accuracy vs eps ({f'mean ± sd over {seeds} replicates' if seeds > 1 else 'one seed'}; eps 0: clean "
