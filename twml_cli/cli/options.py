@@ -198,12 +198,9 @@ def study_command(
                 from ..studies import runner
 
                 session = _session(shared, preset)
-                settings = runner.resume_settings(command, resume, given)
-                _threads(settings)
-                runner.execute(command, settings, session, resume=resume)
+                runner.execute(command, runner.resume_settings(command, resume, given), session, resume=resume)
                 return
-            settings_list = config.resolve(command, preset, given)  # bad values end here, before torch and MLflow load
-            _threads(settings_list[0])
+            settings_list = config.resolve(command, preset, given)  # bad values end here, before MLflow loads
             fn(settings_list, _session(shared, preset))
 
         body.__signature__ = _signature(params)  # type: ignore[attr-defined]  # how Typer reads the options
@@ -214,14 +211,6 @@ def study_command(
         return fn
 
     return register
-
-
-def _threads(settings) -> None:
-    """Set this process's CPU threads (--threads, else OMP_NUM_THREADS, else the cores shared
-    among torchrun's processes here) before any work; runs log the count as the param threads."""
-    from .. import runtime
-
-    runtime.apply_threads(runtime.choose_threads(settings.threads))
 
 
 def _session(shared: dict, preset: config.Preset):
