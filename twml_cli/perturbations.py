@@ -27,6 +27,7 @@ class Batch:
     step: int  # optimizer step
     offset: int  # where this share starts in the global batch
     global_size: int
+    pass_index: int = 0  # passes over the data made before this one
 
 
 class Perturbation:
@@ -35,10 +36,21 @@ class Perturbation:
     name = "standard"
     replays = 1  # SGD steps per minibatch
     passes_per_step = 1  # forward-backward passes per SGD step
+    copies = 1  # inputs trained on per example at each step (noisy copies)
 
     def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The tensor the model trains on at this optimizer step."""
         return batch.x
+
+    def objective(
+        self, net: nn.Module, model: nn.Module, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, logits, labels) of this step: cross-entropy on `inputs` unless a method has its
+        own loss. `net` is the module to train through (DDP, compiled), `model` the bare one."""
+        with autocast(batch.x.device):
+            logits = net(self.inputs(model, batch))
+            loss = F.cross_entropy(logits, batch.y)
+        return loss, logits, batch.y
 
     def after_backward(self) -> None:
         """Called after loss.backward(), before optimizer.step()."""

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import runtime
@@ -205,10 +204,9 @@ def train(
             scale = len(yb) * world / global_size  # 1.0 in one process: the global batch's mean gradient
             offset = runtime.shard(global_size, rank, world).start
             for _ in range(replays):
-                inputs = perturbation.inputs(model, Batch(xb, yb, idx, step, offset, global_size))
-                with autocast(device):
-                    logits = net(inputs)
-                    loss = F.cross_entropy(logits, yb)
+                loss, logits, labels = perturbation.objective(
+                    net, model, Batch(xb, yb, idx, step, offset, global_size, p)
+                )
                 optimizer.zero_grad(set_to_none=True)
                 (loss * scale if scale != 1.0 else loss).backward()
                 perturbation.after_backward()
@@ -216,13 +214,14 @@ def train(
                 scheduler.step()
                 step += 1
                 loss_sum += loss.detach().float() * len(yb)
-                correct += (logits.detach().argmax(1) == yb).sum()
+                correct += (logits.detach().argmax(1) == labels).sum()
             if b < batches_per_pass - 1:
                 continue
             seen = n * replays  # one host sync per pass
             totals = runtime.all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
             robust = guard.check(p) if guard is not None else None
-            stats = EpochStats((p + 1) * replays, totals[0].item() / seen, totals[1].item() / seen, robust)
+            accuracy = totals[1].item() / (seen * perturbation.copies)
+            stats = EpochStats((p + 1) * replays, totals[0].item() / seen, accuracy, robust)
             history.append(stats)
             if hooks.on_pass is not None and rank == 0:
                 hooks.on_pass(stats)
