@@ -293,9 +293,82 @@ class Attack(Threat, GivenModel, Common, Settings):
             raise ValueError(f"num examples must be >= 0 (0: all), got {self.num_examples}")
 
 
+TRAININGS = ("gaussian", "consistency", "smoothadv", "macer")
+
+
+def _trains(name: str) -> Callable[[Any], bool]:
+    """`applies` of a base-classifier training method's settings: that method, on a model twml trains."""
+    return lambda s: s.training == name and not s.model_run
+
+
 @dataclass(frozen=True)
-class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
-    """`twml smooth`: a Gaussian-noise-trained base classifier, then CERTIFY (Cohen et al.)."""
+class BaseTraining(Group):
+    """How `twml smooth` trains the base classifier (the papers' CIFAR-10 values where they apply)."""
+
+    PANEL = "Base classifier training"
+    training: str = setting(
+        "gaussian",
+        "gaussian (Cohen et al.: one noise draw per image), consistency (Jeong and Shin: noisy copies kept "
+        "consistent), smoothadv (Salman et al.: PGD against the smoothed classifier) or macer (Zhai et al.: "
+        "a hinge on the certified radius).",
+        choices=TRAININGS,
+        applies=lambda s: not s.model_run,
+    )
+    consistency_m: int = setting(
+        2, "consistency: noisy copies per image (the paper's 2).", applies=_trains("consistency")
+    )
+    consistency_lambda: float = setting(
+        2.0,
+        "consistency: weight of the KL term (0: the paper's CIFAR-10 value for the sigma, 20 at sigma <= 0.25, "
+        "else 10).",
+        applies=_trains("consistency"),
+    )
+    consistency_eta: float = setting(
+        0.5, "consistency: weight of the entropy term (the paper's 0.5).", applies=_trains("consistency")
+    )
+    smoothadv_eps: float = setting(
+        0.5,
+        "smoothadv: L2 radius of the attack, pixel units (the paper's grid: 0.25, 0.5, 1, 2).",
+        applies=_trains("smoothadv"),
+    )
+    smoothadv_steps: int = setting(
+        2, "smoothadv: PGD steps (the paper's grid: 1, 2, 4, 8, 10).", applies=_trains("smoothadv")
+    )
+    smoothadv_m: int = setting(
+        2,
+        "smoothadv: noise draws per image, fixed through the attack (the paper's grid: 1, 2, 4, 8).",
+        applies=_trains("smoothadv"),
+    )
+    smoothadv_warmup: int = setting(
+        3,
+        "smoothadv: epochs over which eps grows linearly to its value (the paper's CIFAR-10 runs: 10).",
+        applies=_trains("smoothadv"),
+    )
+    macer_k: int = setting(16, "macer: noise draws per image (the paper's 16).", applies=_trains("macer"))
+    macer_beta: float = setting(
+        16.0, "macer: inverse temperature of the soft classifier (the paper's 16).", applies=_trains("macer")
+    )
+    macer_gamma: float = setting(8.0, "macer: hinge margin (the paper's 8).", applies=_trains("macer"))
+    macer_lambda: float = setting(
+        0.0,
+        "macer: weight of the radius term (0: the paper's CIFAR-10 value for the sigma, 12 at sigma <= 0.5, else 4).",
+        applies=_trains("macer"),
+    )
+
+    def check(self) -> None:
+        if self.training not in TRAININGS:
+            raise ValueError(f"unknown training '{self.training}': use one of {', '.join(TRAININGS)}")
+        if self.consistency_lambda < 0 or self.macer_lambda < 0:
+            raise ValueError(
+                f"consistency and macer lambda must be >= 0 (0: the paper's), got {self.consistency_lambda:g} "
+                f"and {self.macer_lambda:g}"
+            )
+
+
+@dataclass(frozen=True)
+class Smoothing(BaseTraining, SGD, GivenModel, Architecture, Common, Settings):
+    """`twml smooth`: a base classifier trained under noise (Gaussian augmentation or a method that
+    certifies more), then CERTIFY (Cohen et al.)."""
 
     PANEL = "Randomized smoothing"
     sigma: float = setting(0.25, "Noise level σ in pixel units.")
@@ -335,6 +408,35 @@ class Smoothing(SGD, GivenModel, Architecture, Common, Settings):
             raise ValueError(f"futility must lie in (0, 0.5), got {self.futility:g}")
         if self.adaptive and not self.radii:
             raise ValueError("adaptive certification needs a grid: give --radii, e.g. --radii 0.25,0.5,0.75")
+        if self.training != "gaussian" and not self.model_run:
+            self.perturbation()  # the method's own checks
+
+    def resolved(self):
+        """These settings with each 0 that stands for "the paper's value for this sigma" replaced by
+        that value: what is logged."""
+        return dataclasses.replace(self, consistency_lambda=self.consistency_lam(), macer_lambda=self.macer_lam())
+
+    def consistency_lam(self) -> float:
+        return self.consistency_lambda or (20.0 if self.sigma <= 0.25 else 10.0)
+
+    def macer_lam(self) -> float:
+        return self.macer_lambda or (12.0 if self.sigma <= 0.5 else 4.0)
+
+    def perturbation(self):
+        """What the base classifier's training does at each step."""
+        from .certified_training import Consistency, Macer, SmoothAdv
+        from .perturbations import GaussianNoise
+
+        sigma, seed = self.sigma, self.seed
+        if self.training == "consistency":
+            return Consistency(sigma, self.consistency_m, self.consistency_lam(), self.consistency_eta, seed)
+        if self.training == "smoothadv":
+            return SmoothAdv(
+                sigma, self.smoothadv_eps, self.smoothadv_steps, self.smoothadv_m, self.smoothadv_warmup, seed
+            )
+        if self.training == "macer":
+            return Macer(sigma, self.macer_k, self.macer_beta, self.macer_gamma, self.macer_lam(), seed)
+        return GaussianNoise(sigma, seed)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ class Outcome:
 
 
 def run_name(s: config.Smoothing) -> str:
-    return f"sigma={s.sigma:g}"
+    trained = s.training if s.training != "gaussian" and not s.model_run else ""
+    return f"{trained} sigma={s.sigma:g}".strip()
 
 
 def tags(s: config.Smoothing) -> dict[str, str]:
@@ -76,7 +77,7 @@ def prepare(s: config.Smoothing) -> Inputs:
     if given is not None:
         check_fits(given, data.info, f"model {s.model_run}")
     indices = evenly_spaced(len(data.test), s.num_examples).tolist()
-    s = dataclasses.replace(with_augmentation(s, data), dataset=data.info.name, num_examples=len(indices))
+    s = dataclasses.replace(with_augmentation(s, data), dataset=data.info.name, num_examples=len(indices)).resolved()
     model = given if given is not None else new_model(s, data.info, dev)
     return Inputs(s, dev, data, model, given is not None, indices)
 
@@ -85,10 +86,10 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, model = inputs.settings, inputs.model
     result = None
     if not inputs.given:
-        noise = training.GaussianNoise(s.sigma, s.seed)
-        mode = s.compile_mode(inputs.device, s.epochs * len(inputs.data.train))
+        method = s.perturbation()
+        mode = s.compile_mode(inputs.device, s.epochs * len(inputs.data.train) * method.copies)
         result = training.train(
-            model, inputs.data.train, s.train_config(), noise, hooks=hooks.training(s), compile_mode=mode
+            model, inputs.data.train, s.train_config(), method, hooks=hooks.training(s), compile_mode=mode
         )
     accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
     base = models.compiled(model, s.compile_mode(inputs.device, len(inputs.indices) * (s.n0 + s.n)))
@@ -113,7 +114,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
 def extra_params(inputs: Inputs) -> dict[str, str]:
     if inputs.given:
         return {**model_source(inputs.settings.model_run), "model": inputs.model.spec.arch}
-    return {"method": "noise"}
+    return {"method": "noise" if inputs.settings.training == "gaussian" else inputs.settings.training}
 
 
 def record(run: Run, outcome: Outcome) -> None:

@@ -60,8 +60,13 @@ def cell_values(settings, axes: list[str]) -> dict:
 
 def child_name(base: str, values: dict) -> str:
     """A child run's name: its study's name and the swept values it has, e.g. 'free-m4 seed=1'."""
-    pairs = [(k, f"{v:g}" if isinstance(v, float) else f"{v}") for k, v in values.items()]
-    return " ".join([base, *(f"{k}={v}" for k, v in pairs if f"{k}{v}" not in base and f"{k}={v}" not in base)])
+
+    def shown(k, v) -> str:
+        text = f"{v:g}" if isinstance(v, float) else f"{v}"
+        named = f"{k}{text}" in base or f"{k}={text}" in base or (isinstance(v, str) and text in base.split())
+        return "" if named else f"{k}={text}"
+
+    return " ".join([base, *filter(None, (shown(k, v) for k, v in values.items()))])
 
 
 def parent_name(command: str, settings_list: list, axes: list[str]) -> str:
