@@ -72,6 +72,7 @@ def document(experiment: str, runs: Runs, fig_dir: Path, uri: str) -> Document:
     curves.m_curve(doc, runs, fig_dir)
     curves.robustness_curves(doc, runs, fig_dir)
     smoothing.section(doc, runs.smooth, fig_dir)
+    smoothing.training_methods(doc, runs.smooth, fig_dir)
     curves.sigma_curves(doc, runs, fig_dir)
     cleanse.section(doc, runs.cleanse, runs.backdoor, fig_dir)
     cleanse.mitigation_section(doc, runs.mitigate)

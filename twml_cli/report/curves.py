@@ -13,6 +13,7 @@ from .. import figures
 from ..studies import attack, smooth, sweep
 from .document import Document, Figure, Heading, Para, Table
 from .runs import Runs, SweepRun, TrainRun
+from .smoothing import gaussian
 from .words import short
 
 M_METRICS = ("accuracy", "robust_accuracy", "autoattack_robust_accuracy", "train_time_s", "images_per_s")
@@ -219,7 +220,7 @@ def sigma_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
             by_id[i].table["correct"].to_numpy(),
         )
         for i in sw.table["run_id"]
-        if i in by_id
+        if i in by_id and gaussian(by_id[i])  # other training methods have their own figures
     ]
     if not named:
         return

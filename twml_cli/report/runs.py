@@ -58,6 +58,7 @@ class SmoothRun(Logged):
     settings: config.Smoothing = None
     certification: results.CertificationMetrics = None
     table: pd.DataFrame = field(default=None, repr=False)  # certify.csv
+    training: results.TrainingMetrics | None = None  # None when the run certified a given model
 
     def certified(self, radius: float) -> float:
         from ..smoothing import certified_accuracy
@@ -165,6 +166,7 @@ def load(experiment: str) -> Runs:
     for r in tracking.find_runs(experiment, "smooth"):
         s = base(r, SmoothRun, config.Smoothing)
         s.certification = read(r, results.CertificationMetrics, s.where)
+        s.training = None if s.settings.model_run else read(r, results.TrainingMetrics, s.where)
         s.table = pd.read_csv(_artifact(s, results.CERTIFY_CSV))
         smooth.append(s)
     backdoor = []
