@@ -155,7 +155,8 @@ def test_smooth_trains_each_method_logs_its_settings_and_cost_and_the_report_com
     assert len(consistency) == 2
     for r in consistency:
         assert r.data.params["consistency_lambda"] == "20.0"  # 0: the paper's value at sigma 0.25
-        assert r.data.params["consistency_m"] == "2" and r.info.run_name == f"consistency sigma=0.25 seed={r.data.params['seed']}"
+        assert r.data.params["consistency_m"] == "2"
+        assert r.info.run_name == f"consistency sigma=0.25 seed={r.data.params['seed']}"
         assert r.data.metrics["passes_per_step"] == 2
     gaussian = [r for r in runs if r.data.params["training"] == "gaussian"]
     assert all("consistency_lambda" not in r.data.params and r.data.metrics["passes_per_step"] == 1 for r in gaussian)
