@@ -12,7 +12,7 @@ from scipy.stats import norm
 from torch import nn
 
 from twml_cli import certified_training as ct
-from twml_cli.perturbations import Batch
+from twml_cli.perturbations import Batch, noise_draws
 
 
 def test_consistency_kl_is_zero_when_all_copies_agree_and_positive_when_they_differ():
@@ -107,9 +107,9 @@ def test_macer_averages_the_draws_softmax_before_the_margin():
 
 def test_noise_draws_do_not_depend_on_how_the_global_batch_is_split():
     x = torch.rand(6, 1, 4, 4)
-    whole = ct.noise_draws(Batch(x, torch.zeros(6), torch.arange(6), 3, 0, 6), 2, 0.5, seed=1)
+    whole = noise_draws(Batch(x, torch.zeros(6), torch.arange(6), 3, 0, 6), 2, 0.5, seed=1)
     parts = [
-        ct.noise_draws(Batch(x[s:e], torch.zeros(e - s), torch.arange(s, e), 3, s, 6), 2, 0.5, 1)
+        noise_draws(Batch(x[s:e], torch.zeros(e - s), torch.arange(s, e), 3, s, 6), 2, 0.5, 1)
         for s, e in [(0, 4), (4, 6)]
     ]
     assert torch.equal(torch.cat(parts, 1), whole) and whole.shape == (2, 6, 1, 4, 4)

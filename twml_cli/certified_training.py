@@ -28,20 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .perturbations import NOISE_STREAM, Batch, Perturbation
-from .runtime import autocast, generator
+from .perturbations import Batch, Perturbation, noise_draws
+from .runtime import autocast
 
 PROBABILITY_FLOOR = 1e-6  # MACER: G is kept in [floor, 1 - floor] before Phi^-1 (|Phi^-1| <= 4.75)
-
-
-def noise_draws(batch: Batch, copies: int, sigma: float, seed: int) -> torch.Tensor:
-    """(copies, len(batch.x), C, H, W) Gaussian noise of standard deviation sigma for this
-    process's share of the global batch: one stream per (seed, step), drawn for the whole global
-    batch, so the draws do not depend on the number of processes."""
-    x = batch.x
-    g = generator(x.device, seed, NOISE_STREAM, batch.step)
-    noise = torch.randn((copies, batch.global_size, *x.shape[1:]), generator=g, device=x.device)
-    return sigma * noise[:, batch.offset : batch.offset + len(x)]
 
 
 def forward_copies(net: nn.Module, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -129,7 +119,7 @@ def macer_loss(
 
 
 class _NoisyCopies(Perturbation):
-    """Training on `copies` Gaussian-noise draws of every image per SGD step."""
+    """Training on `copies` Gaussian-noise draws of every image per SGD step, with its own loss."""
 
     replays = 1
 
@@ -141,8 +131,13 @@ class _NoisyCopies(Perturbation):
         self.sigma, self.copies, self.seed = sigma, copies, seed
         self.passes_per_step = copies
 
-    def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return (batch.x[None] + noise_draws(batch, self.copies, self.sigma, self.seed)).flatten(0, 1)
+    def noise(self, batch: Batch) -> torch.Tensor:
+        """This step's draws, (copies, B, C, H, W)."""
+        return noise_draws(batch, self.copies, self.sigma, self.seed)
+
+    def labels(self, batch: Batch) -> torch.Tensor:
+        """The labels of the copies, in the order of forward_copies(...).flatten(0, 1)."""
+        return batch.y.repeat(self.copies)
 
 
 class Consistency(_NoisyCopies):
@@ -159,9 +154,9 @@ class Consistency(_NoisyCopies):
         self.lam, self.eta = lam, eta
 
     def objective(self, net, model, batch):
-        logits = forward_copies(net, batch.x, noise_draws(batch, self.copies, self.sigma, self.seed))
+        logits = forward_copies(net, batch.x, self.noise(batch))
         loss, _, _ = consistency_loss(logits, batch.y, self.lam, self.eta)
-        return loss, logits.flatten(0, 1), batch.y.repeat(self.copies)
+        return loss, logits.flatten(0, 1), self.labels(batch)
 
 
 class SmoothAdv(_NoisyCopies):
@@ -183,13 +178,12 @@ class SmoothAdv(_NoisyCopies):
         return self.eps * min(1.0, (pass_index + 1) / self.warmup)
 
     def objective(self, net, model, batch):
-        noise = noise_draws(batch, self.copies, self.sigma, self.seed)
+        noise = self.noise(batch)
         was_training = model.training
         model.eval()  # the attack sees the model as it is, and leaves the norm statistics alone
         x_adv = smoothadv_attack(model, batch.x, batch.y, noise, self.eps_at(batch.pass_index), self.steps)
         model.train(was_training)
-        logits = forward_copies(net, x_adv, noise).flatten(0, 1)
-        y = batch.y.repeat(self.copies)
+        logits, y = forward_copies(net, x_adv, noise).flatten(0, 1), self.labels(batch)
         return F.cross_entropy(logits, y), logits, y
 
 
@@ -207,6 +201,6 @@ class Macer(_NoisyCopies):
         self.beta, self.gamma, self.lam = beta, gamma, lam
 
     def objective(self, net, model, batch):
-        logits = forward_copies(net, batch.x, noise_draws(batch, self.copies, self.sigma, self.seed))
+        logits = forward_copies(net, batch.x, self.noise(batch))
         loss = macer_loss(logits, batch.y, self.sigma, self.beta, self.gamma, self.lam)
-        return loss, logits.flatten(0, 1), batch.y.repeat(self.copies)
+        return loss, logits.flatten(0, 1), self.labels(batch)

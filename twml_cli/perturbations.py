@@ -135,7 +135,14 @@ class GaussianNoise(Perturbation):
         self.sigma, self.seed = sigma, seed
 
     def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        x = batch.x
-        g = generator(x.device, self.seed, NOISE_STREAM, batch.step)
-        noise = torch.randn((batch.global_size, *x.shape[1:]), generator=g, device=x.device)
-        return x + self.sigma * noise[batch.offset : batch.offset + len(x)]
+        return batch.x + noise_draws(batch, 1, self.sigma, self.seed)[0]
+
+
+def noise_draws(batch: Batch, copies: int, sigma: float, seed: int) -> torch.Tensor:
+    """(copies, len(batch.x), C, H, W) Gaussian noise of standard deviation sigma for this
+    process's share of the global batch: one stream per (seed, step), drawn for the whole global
+    batch, so the draws do not depend on the number of processes."""
+    x = batch.x
+    g = generator(x.device, seed, NOISE_STREAM, batch.step)
+    noise = torch.randn((copies, batch.global_size, *x.shape[1:]), generator=g, device=x.device)
+    return sigma * noise[:, batch.offset : batch.offset + len(x)]

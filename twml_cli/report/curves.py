@@ -24,8 +24,7 @@ def model_label(r: TrainRun) -> str:
 
 
 def _cells(frame: pd.DataFrame, metric: str) -> sweep.Estimate:
-    values = frame[metric].dropna().to_numpy(dtype=float)
-    return sweep.Estimate(float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, len(values))
+    return sweep.Estimate.of(frame[metric].dropna())
 
 
 def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import figures, results, smoothing
 from .document import Document, Figure, Heading, Para, Table
 from .runs import SmoothRun
-
-if TYPE_CHECKING:
-    from ..studies.sweep import Estimate
 from .words import change, f4, short
 
 
@@ -161,18 +157,29 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
     )
 
 
+def by_method(runs: list[SmoothRun]) -> dict[float, dict[str, list[SmoothRun]]]:
+    """σ -> training method -> its runs (the newest of each seed), for the σ where two or more
+    methods trained a base classifier; methods in METHOD_NAMES' order, runs by seed."""
+    newest: dict[tuple[float, str, int], SmoothRun] = {}
+    for r in runs:
+        if not r.settings.model_run and r.training is not None:
+            newest.setdefault((r.settings.sigma, r.settings.training, r.settings.seed), r)
+    grouped: dict[float, dict[str, list[SmoothRun]]] = {}
+    for (sigma, t, _), r in sorted(
+        newest.items(), key=lambda kv: (kv[0][0], list(METHOD_NAMES).index(kv[0][1]), kv[0][2])
+    ):
+        grouped.setdefault(sigma, {}).setdefault(t, []).append(r)
+    return {sigma: cells for sigma, cells in grouped.items() if len(cells) > 1}
+
+
 def training_methods(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
     """How the base classifier was trained, compared at each σ where two or more methods ran: the
     certified-accuracy curves (mean over seeds, a band of one sd), ACR against Gaussian's worded
     from the intervals, and what each method cost to train."""
     from ..studies import smooth, sweep
 
-    newest: dict[tuple[str, float, int], SmoothRun] = {}
-    for r in runs:
-        if not r.settings.model_run and r.training is not None:
-            newest.setdefault((r.settings.training, r.settings.sigma, r.settings.seed), r)
-    sigmas = sorted({sigma for (t, sigma, _) in newest if len({k for k, s, _ in newest if s == sigma}) > 1})
-    if not sigmas:
+    compared = by_method(runs)
+    if not compared:
         return
     doc.add(
         Heading("How should the base classifier be trained?", 2),
@@ -185,11 +192,7 @@ def training_methods(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> Non
             "run table; passes per step count forward-backward passes of a minibatch's size per SGD step."
         ),
     )
-    for sigma in sigmas:
-        cells: dict[str, list[SmoothRun]] = {}
-        for (t, s, _), r in sorted(newest.items(), key=lambda kv: (list(METHOD_NAMES).index(kv[0][0]), kv[0][2])):
-            if s == sigma:
-                cells.setdefault(t, []).append(r)
+    for sigma, cells in compared.items():
         named = [
             (t, r.table["radius"].to_numpy(), r.table["correct"].to_numpy()) for t, rs in cells.items() for r in rs
         ]
@@ -198,19 +201,17 @@ def training_methods(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> Non
             figures.certified_accuracy_bands_figure(grid, curves, envelope),
             fig_dir / f"training-methods-sigma-{sigma:g}",
         )
-
-        rows = []
-        for t, rs in cells.items():
-            acr = estimate([r.certification.average_certified_radius for r in rs])
-            rows.append(
-                [t, str(len(rs)), acr.text() if acr.n > 1 else f4(acr.mean)]
-                + [f4(float(np.mean([r.certified(x) for r in rs]))) for x in (0.0, 0.25, 0.5)]
-                + [
-                    f4(float(np.mean([r.certification.accuracy for r in rs]))),
-                    f"{per_epoch(rs):.2f}",
-                    str(next(r.training.passes_per_step for r in rs if r.training)),
-                ]
-            )
+        acr = {t: sweep.Estimate.of([r.certification.average_certified_radius for r in rs]) for t, rs in cells.items()}
+        rows = [
+            [t, str(len(rs)), acr[t].text() if acr[t].n > 1 else f4(acr[t].mean)]
+            + [f4(float(np.mean([r.certified(x) for r in rs]))) for x in (0.0, 0.25, 0.5)]
+            + [
+                f4(float(np.mean([r.certification.accuracy for r in rs]))),
+                f"{per_epoch(rs):.2f}",
+                str(next(r.training.passes_per_step for r in rs if r.training)),
+            ]
+            for t, rs in cells.items()
+        ]
         doc.add(
             Heading(f"σ = {sigma:g}", 3),
             Figure(png, f"Certified accuracy against L2 radius at σ = {sigma:g}, one curve per training method", 0.7),
@@ -229,29 +230,15 @@ def training_methods(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> Non
                 rows,
             ),
         )
-        base = cells.get("gaussian")
-        if base is None:
+        if "gaussian" not in cells:
             continue
-        g_acr = estimate([r.certification.average_certified_radius for r in base])
         sentences = [
-            sweep.compare(
-                g_acr,
-                estimate([r.certification.average_certified_radius for r in rs]),
-                f"the ACR, from Gaussian training to {t},",
-            )
-            + f", at {per_epoch(rs) / per_epoch(base):.1f}x Gaussian's training time per epoch"
+            sweep.compare(acr["gaussian"], acr[t], f"the ACR, from Gaussian training to {t},")
+            + f", at {per_epoch(rs) / per_epoch(cells['gaussian']):.1f}x Gaussian's training time per epoch"
             for t, rs in cells.items()
             if t != "gaussian"
         ]
         doc.add(Para(". ".join(s[0].upper() + s[1:] for s in sentences) + "."))
-
-
-def estimate(values) -> Estimate:
-    """Mean, sample standard deviation and count of a metric over seeds."""
-    from ..studies.sweep import Estimate
-
-    values = np.asarray(values, dtype=float)
-    return Estimate(float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, len(values))
 
 
 def per_epoch(runs: list[SmoothRun]) -> float:

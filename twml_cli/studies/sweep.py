@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from .. import config
@@ -147,6 +148,12 @@ class Estimate:
     mean: float
     std: float
     n: int
+
+    @classmethod
+    def of(cls, values) -> Estimate:
+        """The estimate from one value per seed (sd 0 with one seed)."""
+        values = np.asarray(values, dtype=float)
+        return cls(float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, len(values))
 
     @property
     def low(self) -> float:
