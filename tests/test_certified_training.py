@@ -98,6 +98,13 @@ def test_macer_hinge_is_zero_beyond_gamma_and_on_wrong_points_and_gamma_minus_xi
     assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
 
 
+def test_macer_deferred_trains_without_the_radius_term_first():
+    method = ct.Macer(0.5, k=2, lam=12.0, deferred=2)
+    assert [method.lam_at(p) for p in range(4)] == [0.0, 0.0, 12.0, 12.0]
+    logits, y = torch.randn(2, 5, 3), torch.zeros(5, dtype=torch.long)
+    assert ct.macer_loss(logits, y, 0.5, 16.0, 8.0, lam=0.0) == ct.soft_smoothed_nll(logits, y, floor=1e-10).mean()
+
+
 def test_macer_averages_the_draws_softmax_before_the_margin():
     """G is the mean of the draws' softmax: two draws that each favour another class give a tie."""
     logits = torch.tensor([[[5.0, 0.0]], [[0.0, 5.0]]], dtype=torch.float64)

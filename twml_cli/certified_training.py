@@ -19,7 +19,9 @@ its own objective (training.train calls `objective`), and each noise draw is key
 - MACER (Zhai et al., ICLR 2020): k draws per image; -log of the soft smoothed classifier's
   probability of the label, plus lambda * sigma / 2 times the hinge max(0, gamma - xi) on the
   correctly classified points, xi = Phi^-1(G_y) - Phi^-1(max_{c != y} G_c) computed from
-  softmax(beta * logits) averaged over the draws (the batch's mean of both terms).
+  softmax(beta * logits) averaged over the draws (the batch's mean of both terms). Optionally
+  deferred: lambda is 0 for the first epochs, as the authors' MNIST runs start it after the first
+  learning-rate drop.
 """
 
 from __future__ import annotations
@@ -193,14 +195,27 @@ class Macer(_NoisyCopies):
     name = "macer"
 
     def __init__(
-        self, sigma: float, k: int = 16, beta: float = 16.0, gamma: float = 8.0, lam: float = 12.0, seed: int = 0
+        self,
+        sigma: float,
+        k: int = 16,
+        beta: float = 16.0,
+        gamma: float = 8.0,
+        lam: float = 12.0,
+        seed: int = 0,
+        deferred: int = 0,
     ):
         if not beta > 0 or not gamma > 0 or lam < 0:
             raise ValueError(f"MACER needs beta > 0, gamma > 0 and lambda >= 0, got {beta:g}, {gamma:g} and {lam:g}")
+        if deferred < 0:
+            raise ValueError(f"MACER's deferred epochs must be >= 0, got {deferred}")
         super().__init__(sigma, k, seed)
-        self.beta, self.gamma, self.lam = beta, gamma, lam
+        self.beta, self.gamma, self.lam, self.deferred = beta, gamma, lam, deferred
+
+    def lam_at(self, pass_index: int) -> float:
+        """The radius term's weight in pass `pass_index` (0-based): 0 for the first `deferred` passes."""
+        return 0.0 if pass_index < self.deferred else self.lam
 
     def objective(self, net, model, batch):
         logits = forward_copies(net, batch.x, self.noise(batch))
-        loss = macer_loss(logits, batch.y, self.sigma, self.beta, self.gamma, self.lam)
+        loss = macer_loss(logits, batch.y, self.sigma, self.beta, self.gamma, self.lam_at(batch.pass_index))
         return loss, logits.flatten(0, 1), self.labels(batch)

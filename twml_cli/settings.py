@@ -354,6 +354,12 @@ class BaseTraining(Group):
         "macer: weight of the radius term (0: the paper's CIFAR-10 value for the sigma, 12 at sigma <= 0.5, else 4).",
         applies=_trains("macer"),
     )
+    macer_deferred: int = setting(
+        0,
+        "macer: epochs trained with lambda 0 before the radius term starts (the authors' MNIST runs: until the "
+        "first learning-rate drop).",
+        applies=_trains("macer"),
+    )
 
     def check(self) -> None:
         if self.training not in TRAININGS:
@@ -435,7 +441,9 @@ class Smoothing(BaseTraining, SGD, GivenModel, Architecture, Common, Settings):
                 sigma, self.smoothadv_eps, self.smoothadv_steps, self.smoothadv_m, self.smoothadv_warmup, seed
             )
         if self.training == "macer":
-            return Macer(sigma, self.macer_k, self.macer_beta, self.macer_gamma, self.macer_lam(), seed)
+            return Macer(
+                sigma, self.macer_k, self.macer_beta, self.macer_gamma, self.macer_lam(), seed, self.macer_deferred
+            )
         return GaussianNoise(sigma, seed)
 
 
