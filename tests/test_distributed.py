@@ -73,3 +73,23 @@ def test_bad_input_under_the_launcher_is_one_line_and_exit_2(reproduced):
     lines = [line for line in result.err.strip().splitlines() if not line.startswith("twml: launching")]
     assert lines == ["twml: error: eps must lie in [0, 1] (pixel units), got 1.5"], result.err
     assert cli.runs(experiment="bad") == []
+
+
+def test_two_process_certified_training_makes_the_same_steps_as_one(cli):
+    """Consistency, SmoothAdv and MACER under the launcher make as many SGD steps as one process
+    (the noise split itself is test_certified_training's). Each process normalizes its own half
+    batch (no synchronized batch norm), so the first pass's losses agree closely, not bit for bit."""
+    args = ["smooth", "--training", "consistency,smoothadv,macer", "--sigma", "0.25", "--epochs", "2"]
+    args += ["--num-examples", "10", "--n", "100", "--macer-k", "4"]
+    assert cli(*args, "--experiment", "one").code == 0
+    result = twml_run(*args, "--experiment", "two", "--nproc-per-node", "2", cwd=cli.path, uri=cli.uri)
+    assert result.code == 0, result.err
+    client = cli.client()
+    for one, two in zip(
+        *(sorted(cli.runs("smooth", experiment=e), key=lambda r: r.data.params["training"]) for e in ("one", "two"))
+    ):
+        assert one.data.params["training"] == two.data.params["training"]
+        assert (one.data.params["world_size"], two.data.params["world_size"]) == ("1", "2")
+        assert one.data.metrics["sgd_steps"] == two.data.metrics["sgd_steps"] == 24
+        first = [client.get_metric_history(r.info.run_id, "train_loss")[0].value for r in (one, two)]
+        assert abs(first[0] - first[1]) < 0.05 * first[0], (one.data.params["training"], first)
