@@ -132,6 +132,21 @@ def test_an_image_folder_trains_and_is_attacked_through_the_cli(cli, tmp_path):
     assert refused.code == 2 and "needs a data set that fits in memory" in refused.err
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_file_that_is_not_an_image_is_named_in_one_line(cli, tmp_path, workers):
+    root = make_folder(tmp_path / "shapes")
+    bad = root / "train" / "class1" / "notes.png"
+    bad.write_text("not an image, only named like one")
+    args = ["--dataset", str(root), "--image-size", "8", "--workers", str(workers), "--epochs", "1", "--pgd-steps", "1"]
+    result = cli("train", *args)
+    assert result.code == 2, result.err
+    assert result.err.strip() == (
+        f"twml: error: image folder file '{bad}' is not an image PIL can read "
+        "(no image format PIL knows); remove or replace it"
+    )
+    assert all(r.info.status != "RUNNING" for r in cli.runs())
+
+
 def test_presets_log_their_augmentation(cli, tmp_path):
     rng = np.random.default_rng(0)
     cifar_like = tmp_path / "cifar_like.npz"

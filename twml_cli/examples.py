@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import TwmlError
 from .runtime import derive_seed, keyed_uniform, to_device_layout
 
 AUGMENT_STREAM = 5
@@ -200,6 +201,14 @@ class Folder:
             yield to_device_layout(x, device), y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
 
 
+class UnreadableImage(TwmlError):
+    """A file of an image folder that PIL cannot decode. Raised in a DataLoader worker, it comes
+    back to the main process built from the worker's whole traceback: keep the message alone."""
+
+    def __init__(self, message: str):
+        super().__init__(message.strip().splitlines()[-1].split("UnreadableImage: ", 1)[-1])
+
+
 class _FolderView(torch.utils.data.Dataset):
     """Decodes one image at (index, pass): augmented for the training view, centered otherwise."""
 
@@ -214,7 +223,16 @@ class _FolderView(torch.utils.data.Dataset):
 
         index, pass_index = key
         path, label = self.dataset.samples[index]
-        image = TF.to_image(self.dataset.loader(path))
+        try:
+            image = TF.to_image(self.dataset.loader(path))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            from PIL import UnidentifiedImageError
+
+            why = "no image format PIL knows" if isinstance(err, UnidentifiedImageError) else str(err).strip()
+            why = why.splitlines()[0] if why else type(err).__name__
+            raise UnreadableImage(
+                f"image folder file '{path}' is not an image PIL can read ({why}); remove or replace it"
+            ) from None
         if self.augment is None or self.augment.policy == "none":
             short = math.floor(self.size / 0.875)  # the usual 256 -> 224
             image = TF.center_crop(TF.resize(image, short, antialias=True), self.size)
