@@ -126,58 +126,6 @@ def test_attack_reevaluates_a_logged_model_as_its_own_run(reproduced):
     assert "20 steps, 2 restarts" in result.out
 
 
-BAD = [
-    (["train", "--dataset", "imagenet-x"], "unknown data set 'imagenet-x'"),
-    (["train", "--model", "resnet_nonexistent"], "unknown model 'resnet_nonexistent'"),
-    (["train", "--free", "--m", "0"], "m (replays per minibatch) must be >= 1, got 0"),
-    (["train", "--free", "--method", "standard"], "--free and --method disagree"),
-    (["train", "--method", "magic"], "unknown method 'magic'"),
-    (["train", "--eps", "1.5"], "eps must lie in [0, 1]"),
-    (["train", "--eps", "-0.1"], "eps must lie in [0, 1]"),
-    (["train", "--epochs", "0"], "epochs must be >= 1, got 0"),
-    (["train", "--schedule", "wavy"], "unknown schedule 'wavy'"),
-    (["train", "--m", "four"], "--m takes whole numbers, got four"),
-    (["train", "--preset", "imagenet-x"], "unknown preset 'imagenet-x'"),
-    (["train", "--preset", "imagenet"], "--image-size resizes image folders only; 'digits' has 8-pixel images"),
-    (["train", "--model-kwargs", "[1, 2]"], "--model-kwargs must be a JSON object"),
-    (["smooth", "--adaptive", "--radii", "0.25", "--futility", "0.5"], "futility must lie in (0, 0.5), got 0.5"),
-    (["attack"], "name the model to attack with --run"),
-    (["attack", "--run", "0123456789abcdef0123456789abcdef"], "no run '0123456789abcdef0123456789abcdef'"),
-    (["attack", "--run", "runs:/feedface/model"], "no run 'feedface'"),
-    (["attack", "--run", "abc"], "no run 'abc'"),  # too short to be taken as a prefix
-    (["train", "--threads", "-1"], "threads must be >= 0"),
-    (["train", "--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
-    (["train", "--nnodes", "2", "--node-rank", "-1"], "--node-rank must be >= 0, got -1"),
-    (
-        ["mitigate", "--unlearn-lr", "0.001,0.002"],
-        "twml mitigate repairs with one value of each setting; --unlearn-lr got several",
-    ),
-    (["attack", "--steps", "5"], "No such option: --steps"),
-    (["config", "nonsense"], "unknown command 'nonsense'"),
-    (["nonsense"], "No such command 'nonsense'"),
-]
-
-
-@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_exit_2_and_no_run(cli, args, message):
-    result = cli(*args)
-    assert result.code == 2
-    assert message in result.err
-    assert len(result.err.strip().splitlines()) == 1, result.err
-    assert "Traceback" not in result.err + result.out
-    assert cli.runs() == []
-
-
-def test_a_preset_with_a_wrong_key_or_type_is_refused(cli, tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[train]\nepochs = 'ten'\n")
-    result = cli("train", "--config", str(bad))
-    assert result.code == 2 and "epochs must be int, got 'ten'" in result.err
-    bad.write_text("[cleanse]\nsteps = 3\n")  # renamed: search_steps
-    result = cli("cleanse", "--config", str(bad))
-    assert result.code == 2 and "unknown keys cleanse.steps" in result.err
-
-
 def test_weights_that_are_not_safetensors_end_with_exit_2(cli, tmp_path):
     from twml_cli.models import ModelSpec, create_model, save_model
 

@@ -64,6 +64,8 @@ class CleanseConfig:
             raise ValueError("patience and early-stop patience must be >= 1")
         if not 0 < self.early_stop_threshold <= 1:
             raise ValueError(f"early-stop threshold must lie in (0, 1], got {self.early_stop_threshold}")
+        if not self.init_cost > 0:
+            raise ValueError(f"init cost must be > 0, got {self.init_cost}")
         if not self.cost_multiplier > 1:
             raise ValueError(f"cost multiplier must be > 1, got {self.cost_multiplier}")
         if self.restarts < 1 or self.keep_best_after < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -80,6 +81,13 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
                 f"{where}: {f.name} must be a list of {f.metadata['item'].__name__}, got {value!r}"
             ) from None
     value = float(value) if kind is float else value
+    if (
+        kind is float
+        and not math.isfinite(value)
+        or kind is list
+        and any(isinstance(v, float) and not math.isfinite(v) for v in value)
+    ):
+        raise TwmlError(f"{where}: {f.name.replace('_', ' ')} must be finite, got {value}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise TwmlError(f"{where}: unknown {f.name.replace('_', ' ')} '{value}': use one of {', '.join(choices)}")
@@ -148,7 +156,7 @@ def load_preset(name: str | None = None, config_file: str | Path | None = None) 
         return Preset(base, raw)
     path = Path(config_file)
     if not path.is_file():
-        raise TwmlError(f"config file '{path}' does not exist")
+        raise TwmlError(f"config file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}")
     for key, value in _read_toml(path.read_text(), str(path)).items():
         raw[key] = {**raw.get(key, {}), **value} if key in SECTIONS else value
     return Preset(str(path), raw)

@@ -17,6 +17,7 @@ indexing; only folders stream.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,7 +234,7 @@ def _npz(path: Path):
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except TwmlError:
         raise
-    except (ValueError, OSError) as err:  # not a zip, object arrays (pickle refused), truncated
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # not a zip, pickled objects, truncated
         raise TwmlError(f"{path}: not a readable .npz of plain arrays ({err})") from None
     x_train, y_train = _npz_split(path, "train", arrays["x_train"], arrays["y_train"])
     x_test, y_test = _npz_split(path, "test", arrays["x_test"], arrays["y_test"])

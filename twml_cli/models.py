@@ -158,8 +158,11 @@ def create_model(spec: ModelSpec) -> Classifier:
         backbone = timm.create_model(
             spec.arch, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans, **spec.model_kwargs
         )
-    except TypeError as err:
-        raise TwmlError(f"model '{spec.arch}' does not take these --model-kwargs {spec.model_kwargs}: {err}") from None
+    except (TypeError, ValueError, AssertionError) as err:  # an unknown argument, or a value the model refuses
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TwmlError(
+            f"model '{spec.arch}' does not take these --model-kwargs {spec.model_kwargs}: {first}"
+        ) from None
     if spec.small_input_stem:
         adapt_stem(backbone)
     model = Classifier(spec, backbone).eval()

@@ -16,6 +16,7 @@ into these settings.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -67,6 +68,7 @@ class Settings:
 # ---------------------------------------------------------------- groups
 
 
+MAX_THREADS_PER_CORE = 4  # more intra-op threads than this only contend (and thousands hang OpenMP)
 COMPILE_PAYS = 1_000_000  # images through the model; below, eager bf16 finishes before a compile would
 
 
@@ -104,6 +106,12 @@ class Common(Group):
             raise ValueError(
                 f"image size, workers and threads must be >= 0, got {self.image_size}, {self.workers} and "
                 f"{self.threads}"
+            )
+        cores = os.cpu_count() or 1
+        if self.threads > MAX_THREADS_PER_CORE * cores:
+            raise ValueError(
+                f"threads must be at most {MAX_THREADS_PER_CORE} per core ({MAX_THREADS_PER_CORE * cores} on this "
+                f"machine's {cores}), got {self.threads}"
             )
 
     def compile_mode(self, device, work: int) -> str | None:
@@ -177,6 +185,8 @@ class SGD(Group):
         self.train_config()
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint every must be >= 0, got {self.checkpoint_every}")
+        if any(c in self.register for c in "/:") or self.register != self.register.strip():
+            raise ValueError(f"--register '{self.register}': a model name cannot hold '/' or ':' or end in spaces")
 
     def train_config(self):
         """The library's config. The augmentation policy is resolved by the study's prepare()
@@ -269,14 +279,17 @@ class Training(Threat, SGD, Architecture, Common, Settings):
             raise ValueError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
         if not self.fast_step > 0:
             raise ValueError(f"fast step must be > 0, got {self.fast_step}")
-        self.perturbation()
+        for method in METHODS:  # a value out of range is refused even when its method is not the one chosen
+            self.perturbation(method)
 
-    def perturbation(self):
+    def perturbation(self, method: str | None = None):
+        """What each training step does: the chosen method's, or `method`'s."""
         from .training import FastAdversarial, FreeAdversarial, Perturbation
 
-        if self.method == "free":
+        method = method or self.method
+        if method == "free":
             return FreeAdversarial(self.eps, self.m)
-        if self.method == "fast":
+        if method == "fast":
             return FastAdversarial(self.eps, self.fast_step * self.eps, self.seed)
         return Perturbation()
 
@@ -364,11 +377,6 @@ class BaseTraining(Group):
     def check(self) -> None:
         if self.training not in TRAININGS:
             raise ValueError(f"unknown training '{self.training}': use one of {', '.join(TRAININGS)}")
-        if self.consistency_lambda < 0 or self.macer_lambda < 0:
-            raise ValueError(
-                f"consistency and macer lambda must be >= 0 (0: the paper's), got {self.consistency_lambda:g} "
-                f"and {self.macer_lambda:g}"
-            )
 
 
 @dataclass(frozen=True)
@@ -414,8 +422,8 @@ class Smoothing(BaseTraining, SGD, GivenModel, Architecture, Common, Settings):
             raise ValueError(f"futility must lie in (0, 0.5), got {self.futility:g}")
         if self.adaptive and not self.radii:
             raise ValueError("adaptive certification needs a grid: give --radii, e.g. --radii 0.25,0.5,0.75")
-        if self.training != "gaussian" and not self.model_run:
-            self.perturbation()  # the method's own checks
+        for training in TRAININGS:  # each method's own checks, whichever is chosen
+            self.perturbation(training)
 
     def resolved(self):
         """These settings with each 0 that stands for "the paper's value for this sigma" replaced by
@@ -428,19 +436,19 @@ class Smoothing(BaseTraining, SGD, GivenModel, Architecture, Common, Settings):
     def macer_lam(self) -> float:
         return self.macer_lambda or (12.0 if self.sigma <= 0.5 else 4.0)
 
-    def perturbation(self):
-        """What the base classifier's training does at each step."""
+    def perturbation(self, training: str | None = None):
+        """What the base classifier's training does at each step: the chosen method's, or `training`'s."""
         from .certified_training import Consistency, Macer, SmoothAdv
         from .perturbations import GaussianNoise
 
-        sigma, seed = self.sigma, self.seed
-        if self.training == "consistency":
+        sigma, seed, training = self.sigma, self.seed, training or self.training
+        if training == "consistency":
             return Consistency(sigma, self.consistency_m, self.consistency_lam(), self.consistency_eta, seed)
-        if self.training == "smoothadv":
+        if training == "smoothadv":
             return SmoothAdv(
                 sigma, self.smoothadv_eps, self.smoothadv_steps, self.smoothadv_m, self.smoothadv_warmup, seed
             )
-        if self.training == "macer":
+        if training == "macer":
             return Macer(
                 sigma, self.macer_k, self.macer_beta, self.macer_gamma, self.macer_lam(), seed, self.macer_deferred
             )

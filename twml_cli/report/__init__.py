@@ -8,6 +8,7 @@ gets one line naming the command that produces it.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -32,6 +33,16 @@ class ReportFiles:
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "report"
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot hold the report before any work starts."""
+    out = Path(out)
+    where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not where.is_dir():
+        raise TwmlError(f"--out '{out}': '{where}' is a file, not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise TwmlError(f"--out '{out}': cannot write in '{where}'")
 
 
 def build(experiment: str, out: Path, uri: str, parent: str | None = None) -> ReportFiles:
