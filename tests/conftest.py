@@ -195,3 +195,68 @@ def twml_run(*args: str, cwd: Path, uri: str, timeout: float = 600) -> Result:
     proc = twml_process(*args, cwd=cwd, uri=uri)
     out, err = proc.communicate(timeout=timeout)
     return Result(proc.returncode, out, err)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, port: int | None = None, auth: dict | None = None):
+    """A real `mlflow server` on 127.0.0.1 (a free port unless given), its store and proxied
+    artifacts in `folder`; yields its URI. auth: {"admin": password} starts MLflow's basic-auth
+    app (every user may read every experiment, as its default configuration says)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = port or free_port()
+    env = dict(os.environ)
+    app = []
+    if auth:
+        ini = folder / "auth.ini"
+        ini.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{folder / 'users.db'}\nadmin_username = admin\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(ini),
+            MLFLOW_AUTH_ADMIN_PASSWORD=auth["admin"],
+            MLFLOW_FLASK_SERVER_SECRET_KEY="twml-tests-only",
+        )
+        app = ["--app-name", "basic-auth"]
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", *app, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        + ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "art")]
+        + ["--serve-artifacts"],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # mlflow server runs uvicorn as a child: stop the whole group
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.3)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -2,14 +2,10 @@
 registry, system metrics, a real tracking server, and a store that never breaks."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import Cli, twml_process
+from conftest import Cli, mlflow_server, twml_process
 
 from twml_cli import load_model, results
 
@@ -110,52 +106,11 @@ def test_four_concurrent_first_uses_of_an_empty_folder_all_finish(tmp_path):
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `mlflow server` on a free port, artifacts proxied through it."""
-    folder = tmp_path_factory.mktemp("server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'server.db'}",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-            "--serve-artifacts",
-        ],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    with mlflow_server(tmp_path_factory.mktemp("server")) as uri:
+        yield uri
 
 
 def test_train_smooth_and_report_against_a_team_server(server, tmp_path):

@@ -18,6 +18,7 @@ from .options import (
     ConfigOption,
     ExperimentOption,
     PresetOption,
+    ServerWaitOption,
     TrackingUriOption,
     _option,
     _parse,
@@ -146,13 +147,14 @@ def _report(out: Path = OUT[1], **shared) -> None:
     from .. import report as report_module
     from .. import tracking
 
-    uri = tracking.configure(shared["tracking_uri"], create=False)
+    report_module.check_out(out)
+    uri = tracking.configure(shared["tracking_uri"], create=False, server_wait=shared["server_wait"])
     files = report_module.build(shared["experiment"], out, uri)
     echo(f"Report: {files.markdown} and {files.pdf} (figures in {files.figures}/)")
     echo(f"Run id: {files.run_id}")
 
 
-_REPORT_PARAMS = {"out": OUT, **{k: SHARED[k] for k in ("experiment", "tracking_uri")}}
+_REPORT_PARAMS = {"out": OUT, **{k: SHARED[k] for k in ("experiment", "tracking_uri", "server_wait")}}
 _report.__signature__ = _signature(_REPORT_PARAMS)  # type: ignore[attr-defined]
 _report.__annotations__ = {k: a for k, (a, _) in _REPORT_PARAMS.items()}
 app.command(name="report")(_report)
@@ -174,6 +176,9 @@ def _reproduce(out: Path = OUT[1], curves: bool = False, curve_seeds: int = 3, *
         kwargs.pop(k)
     if curve_seeds < 1:
         raise TwmlError(f"--curve-seeds must be >= 1, got {curve_seeds}")
+    from ..report import check_out
+
+    check_out(out)
     preset = config.load_preset(shared["preset"], shared["config_file"])
     overrides = _parse(config.Common, kwargs)
     reproduce.reproduce(preset, overrides, _session(shared, preset), out, curve_seeds if curves else 0)
@@ -205,12 +210,14 @@ app.command(name="reproduce")(_reproduce)
 
 
 @app.command(name="runs")
-def runs(experiment: ExperimentOption = "twml", tracking_uri: TrackingUriOption = None) -> None:
+def runs(
+    experiment: ExperimentOption = "twml", tracking_uri: TrackingUriOption = None, server_wait: ServerWaitOption = 30.0
+) -> None:
     """List the experiment's runs, newest first: which finished, which are running, which were
     interrupted (killed, crashed) and the command that resumes them."""
     from .. import results, tracking
 
-    tracking.configure(tracking_uri)
+    tracking.configure(tracking_uri, server_wait=server_wait)
     listed = tracking.list_runs(experiment)
     if not listed:
         raise TwmlError(f"experiment '{experiment}' has no runs in {tracking.tracking_uri()}")

@@ -28,11 +28,29 @@ PresetOption = Annotated[
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="TOML file read over the default preset.", rich_help_panel=PRESET)
 ]
-ExperimentOption = Annotated[str, typer.Option(help="MLflow experiment.", rich_help_panel=TRACK)]
+
+
+def _experiment_name(name: str) -> str:
+    if not name.strip():
+        raise typer.BadParameter("an MLflow experiment needs a name")
+    return name
+
+
+ExperimentOption = Annotated[
+    str, typer.Option(help="MLflow experiment.", rich_help_panel=TRACK, callback=_experiment_name)
+]
 TrackingUriOption = Annotated[
     str | None,
     typer.Option(
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).", rich_help_panel=TRACK
+    ),
+]
+ServerWaitOption = Annotated[
+    float,
+    typer.Option(
+        help="Seconds a tracking server that does not answer is waited for, at the start and on each request.",
+        rich_help_panel=TRACK,
+        metavar="<float>",
     ),
 ]
 SystemMetricsOption = Annotated[
@@ -44,6 +62,7 @@ SHARED: dict[str, tuple[Any, Any]] = {  # name: (annotation, default)
     "config_file": (ConfigOption, None),
     "experiment": (ExperimentOption, "twml"),
     "tracking_uri": (TrackingUriOption, None),
+    "server_wait": (ServerWaitOption, 30.0),
     "system_metrics": (SystemMetricsOption, False),
 }
 PROCS = "Processes (torch.distributed.run)"
@@ -122,7 +141,10 @@ def _split(cls: type, f, values: list[str]) -> list[str]:
     """Numbers and choices split at commas; free text (paths, names, run ids) only by repeating the flag."""
     kind = config.field_type(cls, f)
     if kind in (int, float) or f.metadata["choices"] or (kind is list and f.metadata["item"] is not str):
-        return [v.strip() for item in values for v in item.split(",") if v.strip()]
+        words = [v.strip() for item in values for v in item.split(",")]
+        if "" in words and not (kind is list and words == [""]):  # --radii '' clears a list
+            raise TwmlError(f"{config.flag_of(f)} has an empty value in '{','.join(values)}'")
+        return [w for w in words if w]
     return list(values)
 
 
@@ -217,5 +239,5 @@ def _session(shared: dict, preset: config.Preset):
     from .. import tracking
     from ..studies.runner import Session
 
-    tracking.configure(shared["tracking_uri"], shared["system_metrics"])
+    tracking.configure(shared["tracking_uri"], shared["system_metrics"], server_wait=shared["server_wait"])
     return Session(experiment=shared["experiment"], preset=preset.name, echo=echo, progress=progress)

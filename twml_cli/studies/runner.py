@@ -4,13 +4,17 @@ an MLflow run with the settings as params, compute, record, then the console lin
 Under torchrun every process prepares and computes; only rank 0 touches MLflow and the
 console, so a command logs one run. Long runs checkpoint into their run (`checkpoint/`) and
 certification writes its rows as it goes, so `--resume RUN_ID` continues an interrupted run
-in place. The only module of studies/ that talks to the tracking layer.
+in place. Against a tracking server, both are also kept in ./.twml/kept/RUN_ID until the run
+finishes: a server that goes away mid-run loses none of the work, and `--resume` takes the
+newer of the two. The only module of studies/ that talks to the tracking layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +35,7 @@ from .common import Hooks, artifacts
 
 STUDIES: dict[str, ModuleType] = {m.COMMAND: m for m in (train, attack, smooth, backdoor, cleanse, mitigate)}
 ROWS_EVERY_S = 20.0  # how often certification's rows are written while it runs
+KEPT = Path(".twml") / "kept"  # local copies of a server run's checkpoint and rows, until it finishes
 
 
 @dataclass
@@ -76,11 +81,23 @@ def execute(
     hooks = Hooks(progress=session.progress, earlier=earlier or [])
     if resume:
         hooks.resume, hooks.done_rows = _leftovers(resume)
-    with _run(command, study, inputs, session, resume, name) as run:
-        if command in RESUMABLE:
-            _checkpointing(run, hooks)
-        outcome = study.compute(inputs, hooks)
-        study.record(run, outcome)
+    started = ""
+    try:
+        with _run(command, study, inputs, session, resume, name) as run:
+            started = run.id
+            if command in RESUMABLE:
+                _checkpointing(run, hooks)
+            outcome = study.compute(inputs, hooks)
+            study.record(run, outcome)
+    except Exception as err:
+        if started and tracking.unreachable(err):
+            raise TwmlError(_went_away(command, started, err)) from None
+        raise
+    if run.id and (KEPT / run.id).exists():
+        shutil.rmtree(KEPT / run.id, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the folders too, once nothing else is kept
+            KEPT.rmdir()
+            KEPT.parent.rmdir()
     run_id = runtime.broadcast_text(run.id)
     for line in study.summarize(outcome):
         session.echo(line)
@@ -150,7 +167,8 @@ def datasets(study, inputs) -> list[dict]:
 
 def _checkpointing(run, hooks: Hooks) -> None:
     """Per-pass curves as they come, the training state every few passes, and certification's
-    rows every ROWS_EVERY_S seconds: all into the run, so an interruption loses little."""
+    rows every ROWS_EVERY_S seconds: all into the run, so an interruption loses little (and,
+    against a tracking server, into KEPT first)."""
 
     def on_pass(stats: training.EpochStats) -> None:
         train.record_pass(run, stats)
@@ -159,8 +177,8 @@ def _checkpointing(run, hooks: Hooks) -> None:
     hooks.on_pass = on_pass
 
     def save_state(state: training.TrainState) -> None:
-        with tempfile.TemporaryDirectory(prefix="twml-checkpoint-") as tmp:
-            run.log_dir(state.save(tmp), results.CHECKPOINT_DIR)
+        with _scratch(run.id, results.CHECKPOINT_DIR) as folder:
+            run.log_dir(state.save(folder), results.CHECKPOINT_DIR)
         run.heartbeat()
 
     last = [0.0]
@@ -169,23 +187,64 @@ def _checkpointing(run, hooks: Hooks) -> None:
         if time.monotonic() - last[0] < ROWS_EVERY_S:
             return
         last[0] = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="twml-rows-") as tmp:
-            pd.DataFrame(rows).to_csv(Path(tmp) / results.CERTIFY_CSV, index=False)
-            run.log_dir(tmp)
+        with _scratch(run.id, "rows") as folder:
+            pd.DataFrame(rows).to_csv(folder / results.CERTIFY_CSV, index=False)
+            run.log_dir(folder)
         run.heartbeat()
 
     hooks.save_state, hooks.save_rows = save_state, save_rows
 
 
+@contextlib.contextmanager
+def _scratch(run_id: str, name: str) -> Iterator[Path]:
+    """Where a checkpoint or the rows are written before they are logged: KEPT/RUN_ID/NAME when
+    the store is a server (it may go away), else a temporary folder."""
+    if tracking.is_server():
+        folder = KEPT / run_id / name
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix=f"twml-{name}-") as tmp:
+        yield Path(tmp)
+
+
+def _went_away(command: str, run_id: str, err: BaseException) -> str:
+    """What to say when the server stops answering mid-run: what is kept, and how to go on."""
+    kept = KEPT / run_id
+    state = kept / results.CHECKPOINT_DIR / training.TrainState.META
+    rows = kept / "rows" / results.CERTIFY_CSV
+    what = []
+    if state.is_file():
+        what.append(f"the training state after pass {json.loads(state.read_text())['passes_done']}")
+    if rows.is_file():
+        what.append(f"{len(pd.read_csv(rows))} certified examples")
+    if not what or command not in RESUMABLE:
+        return f"{tracking.refused(err)}; run {run_id} kept nothing to go on from: run the command again"
+    return (
+        f"{tracking.refused(err)}; run {run_id} kept {' and '.join(what)} in {kept}: once the server is back, "
+        f"`twml {command} --resume {run_id} --tracking-uri {tracking.tracking_uri()}` goes on from there"
+    )
+
+
 def _leftovers(run_id: str):
-    """What an interrupted run left: its last training state and its certified rows."""
+    """What an interrupted run left: its last training state and its certified rows, from the
+    run or from KEPT, whichever went further."""
     state = rows = None
     folder = tracking.download_artifact(run_id, results.CHECKPOINT_DIR)
     if folder and (Path(folder) / training.TrainState.WEIGHTS).is_file():
         state = training.TrainState.load(folder)
-    table = tracking.download_artifact(run_id, results.CERTIFY_CSV)
-    if table:
-        frame = pd.read_csv(table)
+    local = KEPT / run_id / results.CHECKPOINT_DIR
+    if (local / training.TrainState.WEIGHTS).is_file():
+        mine = training.TrainState.load(local)
+        if state is None or mine.meta["passes_done"] > state.meta["passes_done"]:
+            state = mine
+    frames = [
+        pd.read_csv(t)
+        for t in (tracking.download_artifact(run_id, results.CERTIFY_CSV), KEPT / run_id / "rows" / results.CERTIFY_CSV)
+        if t and Path(t).is_file()
+    ]
+    if frames:
+        frame = max(frames, key=len)
         rows = {k: frame[k].to_numpy() for k in frame.columns}
     return state, rows
 
