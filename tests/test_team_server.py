@@ -3,8 +3,6 @@ does not answer, and one that goes away in the middle of a run. Real servers on 
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
