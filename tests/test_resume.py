@@ -2,7 +2,9 @@
 with the very weights an uninterrupted run of the same seed ends with."""
 
 import json
+import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -84,3 +86,45 @@ def test_resume_refuses_what_it_cannot_do(killed_and_resumed):
     assert changed.code == 2 and "a resumed run keeps its settings" in changed.err
     other = cli("smooth", "--resume", killed.info.run_id)
     assert other.code == 2 and "is a 'train' run, not 'smooth'" in other.err
+
+
+def test_runs_ends_what_cannot_be_resumed_and_resume_refuses_a_live_run(cli):
+    """Runs left RUNNING as a SIGKILL leaves them, made by hand: a report (never resumable), a
+    train run killed before it logged its settings, one whose process still lives, and a train
+    run stopped by SIGTERM (KILLED, resumable)."""
+    import socket
+
+    from twml_cli import tracking
+
+    client = cli.client()
+    exp = client.create_experiment("twml")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = {"twml.host": socket.gethostname()}
+
+    def run(command, pid, params=None, status=None):
+        r = client.create_run(exp, tags={"twml.command": command, "twml.pid": str(pid), **here})
+        for k, v in (params or {}).items():
+            client.log_param(r.info.run_id, k, v)
+        if status:
+            client.set_terminated(r.info.run_id, status)
+        return r.info.run_id
+
+    settings = {"epochs": "2", "seed": "0", "twml_version": "x"}
+    report = run("report", dead.pid)
+    early = run("train", dead.pid, {"epochs": "2"})  # killed between create_run and log_params
+    live = run("train", os.getpid(), settings)
+    stopped = run("train", dead.pid, settings, status="KILLED")
+    listing = cli("runs")
+    assert listing.code == 0, listing.err
+    lines = {rid: next(x for x in listing.out.splitlines() if rid in x) for rid in (report, early, live, stopped)}
+    for rid in (report, early):
+        assert "ended KILLED: its process is gone and it cannot be resumed" in lines[rid]
+        assert client.get_run(rid).info.status == "KILLED"
+    assert lines[live].startswith("running") and "resume" not in lines[live]
+    assert lines[stopped].startswith("KILLED") and f"resume: twml train --resume {stopped}" in lines[stopped]
+    assert tracking.status_of(client.get_run(live)) == "running"
+    refused = cli("train", "--resume", live)
+    assert refused.code == 2 and f"run '{live}' is still running (process {os.getpid()} on" in refused.err
+    refused = cli("train", "--resume", early)
+    assert refused.code == 2 and "was stopped before it logged its settings" in refused.err

@@ -214,8 +214,11 @@ def runs(
     experiment: ExperimentOption = "twml", tracking_uri: TrackingUriOption = None, server_wait: ServerWaitOption = 30.0
 ) -> None:
     """List the experiment's runs, newest first: which finished, which are running, which were
-    interrupted (killed, crashed) and the command that resumes them."""
+    interrupted (killed, crashed) and the command that resumes them. A run whose process is gone
+    and that cannot be resumed (a report, a cleanse, a run killed before it logged its settings)
+    is ended KILLED here, since nothing else ever will."""
     from .. import results, tracking
+    from ..studies.runner import resumable
 
     tracking.configure(tracking_uri, server_wait=server_wait)
     listed = tracking.list_runs(experiment)
@@ -229,8 +232,11 @@ def runs(
         command = r.data.tags.get(results.COMMAND_TAG, "")
         started = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         line = f"{status:<12} {command:<9} {(r.info.run_name or '')[:22]:<22} {started:<20} {r.info.run_id}"
-        if status in ("interrupted", "stale") and command in ("train", "smooth", "backdoor"):
+        if status in ("interrupted", "stale", "KILLED", "FAILED") and resumable(r):
             line += f"   resume: twml {command} --resume {r.info.run_id}"
+        elif status == "interrupted":
+            tracking.client().set_terminated(r.info.run_id, "KILLED")
+            line += "   ended KILLED: its process is gone and it cannot be resumed; run the command again"
         echo(line)
 
 

@@ -249,6 +249,24 @@ def _leftovers(run_id: str):
     return state, rows
 
 
+def resumable(run) -> bool:
+    """Whether `twml COMMAND --resume` can take this run: a command that checkpoints, and the
+    settings it logged before it was stopped."""
+    command = run.data.tags.get(results.COMMAND_TAG)
+    if command not in RESUMABLE or run.info.status == "FINISHED" or not _logged_settings(run):
+        return False
+    try:
+        config.from_params(config.COMMANDS[command][0], run.data.params)
+    except (TwmlError, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _logged_settings(run) -> bool:
+    """Whether the run logged all its params (the environment's come last, see _run)."""
+    return "twml_version" in run.data.params
+
+
 def resume_settings(command: str, run_id: str, overrides: dict):
     """The settings an interrupted run was started with, from its params; only where and how
     to run (device, compile, workers, data_dir) may change."""
@@ -269,6 +287,14 @@ def resume_settings(command: str, run_id: str, overrides: dict):
         )
     if run.info.status == "FINISHED":
         raise TwmlError(f"run '{run_id}' already finished; there is nothing to resume")
+    if not _logged_settings(run):
+        raise TwmlError(f"run '{run_id}' was stopped before it logged its settings; run the command again")
+    if tracking.status_of(run) == "running":
+        tags = run.data.tags
+        raise TwmlError(
+            f"run '{run_id}' is still running (process {tags.get(tracking.PID_TAG)} on {tags.get(tracking.HOST_TAG)}); "
+            "stop it before resuming"
+        )
     params = {k: v for k, v in run.data.params.items() if k not in runtime_only}
     settings = config.from_params(config.COMMANDS[command][0], params)
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
