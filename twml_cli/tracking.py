@@ -47,6 +47,7 @@ SERVER_WAIT_S = 30.0  # how long a tracking server that does not answer is waite
 
 
 _system_metrics = {"on": False}
+_open_runs: set[str] = set()  # runs this process has started or reopened and not yet ended
 _context: dict[str, str] = {}  # the experiment being written to, for the messages of refused requests
 
 
@@ -391,9 +392,15 @@ def reopen_run(run_id: str) -> Iterator[Run]:
         yield run
 
 
+def open_runs() -> set[str]:
+    """The runs this process has open (started or reopened, not yet ended)."""
+    return set(_open_runs)
+
+
 @contextlib.contextmanager
 def _terminating(run_id: str) -> Iterator[None]:
     c = client()
+    _open_runs.add(run_id)
     monitor = None
     if _system_metrics["on"]:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -413,6 +420,7 @@ def _terminating(run_id: str) -> Iterator[None]:
     else:
         c.set_terminated(run_id, "FINISHED")
     finally:
+        _open_runs.discard(run_id)
         if monitor is not None:
             monitor.finish()
 
