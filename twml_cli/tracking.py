@@ -201,9 +201,12 @@ def refused(err: BaseException) -> str | None:
         )
     if code == "PERMISSION_DENIED" or re.search(r"error code 403\b", text):
         where = f"experiment '{_context['experiment']}'" if "experiment" in _context else "this experiment"
+        endpoint = re.search(r"endpoint (\S+)", text)
+        reads = endpoint is not None and re.search(r"/(get|search|list)", endpoint.group(1)) is not None
+        verb, need = ("read", "READ") if reads else ("write to", "EDIT")
         return (
             f"the server {uri} refused these credentials (403 Permission denied): user '{user or '?'}' may not "
-            f"write to {where}; ask its owner or an admin for EDIT permission, or choose another --experiment"
+            f"{verb} {where}; ask its owner or an admin for {need} permission, or choose another --experiment"
         )
     if unreachable(err):
         return f"the tracking server {uri} stopped answering ({_reason(err)}) and did not come back within the wait"

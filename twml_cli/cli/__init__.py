@@ -37,8 +37,8 @@ def _interrupt(signum, frame):
     """SIGTERM: end the open MLflow run KILLED (through KeyboardInterrupt); with none open there
     is nothing to end, so leave at once (an exception raised here could land in an import's
     callback, where Python only prints it)."""
-    tracking = sys.modules.get("twml_cli.tracking")
-    if tracking is None or not tracking.open_runs():
+    open_runs = getattr(sys.modules.get("twml_cli.tracking"), "open_runs", None)  # None while it imports
+    if open_runs is None or not open_runs():
         if _rank() == 0:
             print("twml: interrupted before a run was open; nothing to end", file=sys.stderr, flush=True)
         import os
