@@ -1,7 +1,7 @@
 """A soak with faults: twml used as a busy group would, with processes killed at random.
 
     python benchmarks/soak.py                          # 10 minutes on SQLite, then 10 against a server
-    python benchmarks/soak.py --minutes 1 --store sqlite --kill-every 3
+    python benchmarks/soak.py --minutes 1 --store sqlite --kill-every 2
 
 For --minutes, `--jobs` twml commands run at once against one store (train, free training,
 smooth, backdoor, cleanse, report, and `--resume` of what `twml runs` lists as resumable), and
@@ -113,10 +113,9 @@ class Soak:
             return
         p = self.rng.choice(self.live)
         sig = self.rng.choice((signal.SIGKILL, signal.SIGTERM))
-        try:
-            p.popen.send_signal(sig)
-        except ProcessLookupError:
+        if p.popen.poll() is not None:  # it ended since the last reap: nothing to kill
             return
+        p.popen.send_signal(sig)
         p.killed = p.killed or sig.name
         if sig == signal.SIGKILL:
             self.tally.sigkill += 1
@@ -146,9 +145,12 @@ class Soak:
     def resume_lines(self) -> list[tuple[str, str]]:
         """(command, run id) of every run `twml runs` offers to resume."""
         listed = self.twml("runs", "--experiment", EXPERIMENT)
-        if listed.returncode not in (0, 2):  # 2: no runs yet
-            self.fail(f"twml runs exited {listed.returncode}: {listed.stderr.strip()[-300:]}")
-        return re.findall(r"resume: twml (\w+) --resume (\w+)", listed.stdout)
+        return self.parse_listing(listed.returncode, listed.stdout, listed.stderr)
+
+    def parse_listing(self, code: int, out: str, err: str) -> list[tuple[str, str]]:
+        if code not in (0, 2) or "Traceback" in out + err:  # 2: no runs yet
+            self.fail(f"twml runs exited {code}: {err.strip()[-300:]}")
+        return re.findall(r"resume: twml (\w+) --resume (\w+)", out)
 
     def finished(self, command: str) -> bool:
         from mlflow.tracking import MlflowClient
@@ -166,12 +168,24 @@ class Soak:
         next_kill = time.monotonic() + self.rng.expovariate(1 / kill_every)
         next_listing = time.monotonic() + 10
         pending: list[tuple[str, str]] = []
+        listing = None  # `twml runs`, running beside the jobs (never killed)
         while time.monotonic() < end:
             self.reap()
-            if time.monotonic() >= next_listing:
+            if listing is None and time.monotonic() >= next_listing:
+                self.tally.launched += 1
+                listing = subprocess.Popen(
+                    [sys.executable, "-m", "twml_cli", "runs", "--experiment", EXPERIMENT],
+                    cwd=self.folder,
+                    env=self.env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            if listing is not None and listing.poll() is not None:
+                out, err = listing.communicate()
                 resuming = {p.resumes for p in self.live}
-                pending = [(c, r) for c, r in self.resume_lines() if r not in resuming]
-                next_listing = time.monotonic() + 15
+                pending = [(c, r) for c, r in self.parse_listing(listing.returncode, out, err) if r not in resuming]
+                listing, next_listing = None, time.monotonic() + 15
             while len(self.live) < self.jobs:
                 if pending:
                     command, run_id = pending.pop(0)
@@ -183,6 +197,8 @@ class Soak:
                 self.kill_one()
                 next_kill = time.monotonic() + self.rng.expovariate(1 / kill_every)
             time.sleep(0.1)
+        if listing is not None:
+            listing.communicate()
 
     def pick(self) -> str:
         names = [n for n in JOBS if all(self.finished(need) for need in NEEDS.get(n, ()))]
@@ -366,7 +382,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="how long commands are started and killed")
     parser.add_argument("--store", choices=("sqlite", "server", "both"), default="both")
     parser.add_argument("--jobs", type=int, default=3, help="twml commands running at once")
-    parser.add_argument("--kill-every", type=float, default=5.0, help="mean seconds between two kills")
+    parser.add_argument("--kill-every", type=float, default=4.0, help="mean seconds between two kills")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("soak-results"))
     a = parser.parse_args()
