@@ -128,3 +128,26 @@ def test_runs_ends_what_cannot_be_resumed_and_resume_refuses_a_live_run(cli):
     assert refused.code == 2 and f"run '{live}' is still running (process {os.getpid()} on" in refused.err
     refused = cli("train", "--resume", early)
     assert refused.code == 2 and "was stopped before it logged its settings" in refused.err
+
+
+def test_a_checkpoint_torn_between_its_two_files_is_refused(tmp_path):
+    """A kill between writing (or uploading) state.safetensors and state.json leaves the weights
+    of one pass beside the position of another; load refuses the pair instead of resuming from
+    it (the soak found a resumed run ending with other numbers than its uninterrupted twin)."""
+    import shutil
+
+    import torch
+
+    from twml_cli.checkpoints import TrainState
+
+    first = TrainState({"model.w": torch.zeros(3)}, {"passes_done": 1}).save(tmp_path / "first")
+    second = TrainState({"model.w": torch.ones(3)}, {"passes_done": 2}).save(tmp_path / "second")
+    back = TrainState.load(second)
+    assert back.meta == {"passes_done": 2} and torch.equal(back.tensors["model.w"], torch.ones(3))
+    assert not list(second.glob("*.new"))  # written whole, then renamed
+    shutil.copy(second / TrainState.META, first / TrainState.META)  # pass 2's position, pass 1's weights
+    with pytest.raises(ValueError, match="two different checkpoints"):
+        TrainState.load(first)
+    (second / TrainState.WEIGHTS).write_bytes((second / TrainState.WEIGHTS).read_bytes()[:40])  # cut short
+    with pytest.raises(ValueError, match="holds no whole checkpoint"):
+        TrainState.load(second)

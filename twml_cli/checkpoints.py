@@ -2,11 +2,17 @@
 (momentum buffers), learning-rate schedule position, the shuffling stream, every process's
 RNG and perturbation state. Saved every few passes; an interrupted run resumes from it bit
 for bit (the perturbations and augmentation draw keyed randomness, so nothing else is needed).
+
+The two files are one checkpoint: both carry the same random token, and `load` refuses a pair
+whose tokens differ (a process killed between writing or uploading the two), since weights of
+one pass with the position of another would not resume bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,21 +32,38 @@ class TrainState:
     WEIGHTS, META = "state.safetensors", "state.json"
 
     def save(self, folder: str | Path) -> Path:
+        """Both files, each written whole (a new name, then renamed over the old one)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}, str(folder / self.WEIGHTS))
-        (folder / self.META).write_text(json.dumps(self.meta, indent=1))
+        token = uuid.uuid4().hex
+        weights, meta = folder / (self.WEIGHTS + ".new"), folder / (self.META + ".new")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        save_file(tensors, str(weights), metadata={"twml_token": token})
+        meta.write_text(json.dumps({**self.meta, "token": token}, indent=1))
+        os.replace(weights, folder / self.WEIGHTS)
+        os.replace(meta, folder / self.META)
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> TrainState:
-        """Reads safetensors and JSON only (never pickle)."""
+        """Reads safetensors and JSON only (never pickle). ValueError when the two files are not
+        one checkpoint, or cannot be read."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        return cls(load_file(str(folder / cls.WEIGHTS)), json.loads((folder / cls.META).read_text()))
+        try:
+            meta = json.loads((folder / cls.META).read_text())
+            with safe_open(str(folder / cls.WEIGHTS), framework="pt") as f:
+                token = (f.metadata() or {}).get("twml_token")
+            tensors = load_file(str(folder / cls.WEIGHTS))
+        except Exception as err:  # noqa: BLE001 - a truncated or missing file, bad JSON: not a checkpoint
+            raise ValueError(f"{folder} holds no whole checkpoint ({type(err).__name__})") from None
+        if meta.get("token") != token:
+            raise ValueError(f"{folder}: the weights and state.json come from two different checkpoints")
+        return cls(tensors, {k: v for k, v in meta.items() if k != "token"})
 
 
 def snapshot(

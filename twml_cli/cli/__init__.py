@@ -44,7 +44,20 @@ def _interrupt(signum, frame):
         import os
 
         os._exit(130)
+    from .app import STOP
+
+    STOP["requested"] = True  # if the KeyboardInterrupt below is swallowed, the next step raises it
     raise KeyboardInterrupt
+
+
+def _unraisable(unraisable) -> None:
+    """SIGTERM's KeyboardInterrupt can land in a weakref callback or __del__, where Python only
+    prints it ("Exception ignored"): stay quiet, the next step of the work raises it again."""
+    from .app import STOP
+
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP["requested"]:
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -72,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     if launched is not None:
         sys.exit(launched)
     signal.signal(signal.SIGTERM, _interrupt)
+    sys.unraisablehook = _unraisable
     try:
         if "WORLD_SIZE" in __import__("os").environ:
             from ..runtime import init_distributed

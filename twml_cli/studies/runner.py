@@ -230,14 +230,15 @@ def _leftovers(run_id: str):
     """What an interrupted run left: its last training state and its certified rows, from the
     run or from KEPT, whichever went further."""
     state = rows = None
-    folder = tracking.download_artifact(run_id, results.CHECKPOINT_DIR)
-    if folder and (Path(folder) / training.TrainState.WEIGHTS).is_file():
-        state = training.TrainState.load(folder)
-    local = KEPT / run_id / results.CHECKPOINT_DIR
-    if (local / training.TrainState.WEIGHTS).is_file():
-        mine = training.TrainState.load(local)
-        if state is None or mine.meta["passes_done"] > state.meta["passes_done"]:
-            state = mine
+    for folder in (tracking.download_artifact(run_id, results.CHECKPOINT_DIR), KEPT / run_id / results.CHECKPOINT_DIR):
+        if not folder or not (Path(folder) / training.TrainState.WEIGHTS).is_file():
+            continue
+        try:
+            found = training.TrainState.load(folder)
+        except ValueError:  # torn by a kill between its two files: the other copy, or the start, will do
+            continue
+        if state is None or found.meta["passes_done"] > state.meta["passes_done"]:
+            state = found
     frames = [
         pd.read_csv(t)
         for t in (tracking.download_artifact(run_id, results.CERTIFY_CSV), KEPT / run_id / "rows" / results.CERTIFY_CSV)
