@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import shutil
 import tempfile
@@ -188,7 +189,8 @@ def _checkpointing(run, hooks: Hooks) -> None:
             return
         last[0] = time.monotonic()
         with _scratch(run.id, "rows") as folder:
-            pd.DataFrame(rows).to_csv(folder / results.CERTIFY_CSV, index=False)
+            pd.DataFrame(rows).to_csv(folder / "rows.new", index=False)
+            (folder / "rows.new").replace(folder / results.CERTIFY_CSV)  # whole, or the previous one
             run.log_dir(folder)
         run.heartbeat()
 
@@ -239,15 +241,22 @@ def _leftovers(run_id: str):
             continue
         if state is None or found.meta["passes_done"] > state.meta["passes_done"]:
             state = found
-    frames = [
-        pd.read_csv(t)
-        for t in (tracking.download_artifact(run_id, results.CERTIFY_CSV), KEPT / run_id / "rows" / results.CERTIFY_CSV)
-        if t and Path(t).is_file()
-    ]
+    tables = (tracking.download_artifact(run_id, results.CERTIFY_CSV), KEPT / run_id / "rows" / results.CERTIFY_CSV)
+    frames = [f for f in (_whole_rows(t) for t in tables if t and Path(t).is_file()) if f is not None]
     if frames:
         frame = max(frames, key=len)
         rows = {k: frame[k].to_numpy() for k in frame.columns}
     return state, rows
+
+
+def _whole_rows(path) -> pd.DataFrame | None:
+    """certify.csv's rows, or None when the file was cut short (an upload stopped by a kill):
+    a whole file ends with a newline and has no empty cell."""
+    text = Path(path).read_text()
+    if not text.endswith("\n"):
+        return None
+    frame = pd.read_csv(io.StringIO(text))
+    return None if frame.isna().any().any() else frame
 
 
 def resumable(run) -> bool:
