@@ -151,3 +151,32 @@ def test_a_checkpoint_torn_between_its_two_files_is_refused(tmp_path):
     (second / TrainState.WEIGHTS).write_bytes((second / TrainState.WEIGHTS).read_bytes()[:40])  # cut short
     with pytest.raises(ValueError, match="holds no whole checkpoint"):
         TrainState.load(second)
+
+
+def test_a_smooth_run_resumed_mid_training_certifies_as_an_uninterrupted_one(cli):
+    """Killed after the third of six passes and resumed: the same losses, accuracy and
+    certificates as the run that was never stopped (the soak found a resumed smooth run that
+    had gone on with another thread count than it was started with)."""
+    args = ("smooth", "--sigma", "0.25", "--epochs", "6", "--n", "200", "--num-examples", "60", "--threads", "1")
+    assert twml_run(*args, "--experiment", "whole", cwd=cli.path, uri=cli.uri).code == 0
+    proc = twml_process(*args, cwd=cli.path, uri=cli.uri)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            runs = cli.runs("smooth")
+            if runs and checkpoint_passes(cli, runs[0].info.run_id) >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "training ended before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    (killed,) = cli.runs("smooth")
+    assert 3 <= checkpoint_passes(cli, killed.info.run_id) < 6
+    resumed = twml_run("smooth", "--resume", killed.info.run_id, cwd=cli.path, uri=cli.uri)
+    assert resumed.code == 0, resumed.err
+    run = cli.client().get_run(killed.info.run_id)
+    (whole,) = cli.runs("smooth", experiment="whole")
+    assert run.data.params["threads"] == "1"
+    for key in ("train_loss", "accuracy", "certified_accuracy", "average_certified_radius"):
+        assert run.data.metrics[key] == whole.data.metrics[key], key

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -307,6 +308,11 @@ def resume_settings(command: str, run_id: str, overrides: dict):
         )
     params = {k: v for k, v in run.data.params.items() if k not in runtime_only}
     settings = config.from_params(config.COMMANDS[command][0], params)
+    threads = run.data.params.get("threads", "")
+    if threads.isdigit() and int(threads) <= (os.cpu_count() or 1):
+        # CPU numbers depend on the thread count: the run goes on with the count it was started
+        # with (the machine's own choice could differ: smooth's certification work picks 2 here)
+        settings = dataclasses.replace(settings, threads=int(threads))
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
