@@ -78,6 +78,8 @@ BAD = [
     (["train", "--experiment", ""], "an MLflow experiment needs a name"),
     (["train", "--tracking-uri", "sqlite:////nonexistent/folder/m.db"], "folder '/nonexistent/folder' does not exist"),
     (["train", "--tracking-uri", "ftp://x"], "cannot use the tracking store ftp://x"),
+    (["train", "--server-wait", "0"], "--server-wait must be a number of seconds > 0, got 0"),
+    (["runs", "--server-wait", "inf"], "--server-wait must be a number of seconds > 0, got inf"),
     (["train", "--resume", RUN], f"no run '{RUN}'"),
     (["train", "--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
     (["train", "--nproc-per-node", "x"], "--nproc-per-node takes a whole number, got 'x'"),

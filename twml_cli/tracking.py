@@ -71,6 +71,8 @@ def configure(
                 "--system-metrics needs psutil (and nvidia-ml-py for GPUs): pip install 'twml_cli[system]'"
             ) from None
     _system_metrics["on"] = system_metrics
+    if not (server_wait > 0 and math.isfinite(server_wait)):
+        raise TwmlError(f"--server-wait must be a number of seconds > 0, got {server_wait:g}")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -79,8 +81,6 @@ def configure(
         raise TwmlError(f"no tracking store at {uri}: run `twml reproduce` or a study first, or pass --tracking-uri")
     mlflow.set_tracking_uri(uri)
     if is_server(uri):
-        if not server_wait > 0:
-            raise TwmlError(f"--server-wait must be > 0 seconds, got {server_wait:g}")
         retry_within(server_wait)
         wait_for_server(uri, server_wait)
     open_store(uri)

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"twml: error: {err}")
     if launched is not None:
         sys.exit(launched)
+    from .app import STOP
+
+    STOP["requested"] = False  # a new command (tests run several in one process)
     signal.signal(signal.SIGTERM, _interrupt)
     sys.unraisablehook = _unraisable
     try:
