@@ -16,7 +16,6 @@ into these settings.
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -68,7 +67,6 @@ class Settings:
 # ---------------------------------------------------------------- groups
 
 
-MAX_THREADS_PER_CORE = 4  # more intra-op threads than this only contend (and thousands hang OpenMP)
 COMPILE_PAYS = 1_000_000  # images through the model; below, eager bf16 finishes before a compile would
 
 
@@ -106,12 +104,6 @@ class Common(Group):
             raise ValueError(
                 f"image size, workers and threads must be >= 0, got {self.image_size}, {self.workers} and "
                 f"{self.threads}"
-            )
-        cores = os.cpu_count() or 1
-        if self.threads > MAX_THREADS_PER_CORE * cores:
-            raise ValueError(
-                f"threads must be at most {MAX_THREADS_PER_CORE} per core ({MAX_THREADS_PER_CORE * cores} on this "
-                f"machine's {cores}), got {self.threads}"
             )
 
     def compile_mode(self, device, work: int) -> str | None:

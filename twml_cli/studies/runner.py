@@ -37,6 +37,7 @@ from .common import Hooks, artifacts
 
 STUDIES: dict[str, ModuleType] = {m.COMMAND: m for m in (train, attack, smooth, backdoor, cleanse, mitigate)}
 ROWS_EVERY_S = 20.0  # how often certification's rows are written while it runs
+MAX_THREADS_PER_CORE = 4  # more intra-op threads than this only contend (and thousands hang OpenMP)
 KEPT = Path(".twml") / "kept"  # local copies of a server run's checkpoint and rows, until it finishes
 
 
@@ -79,6 +80,12 @@ def execute(
     `name`: the run's name (default: the study's); `earlier`: what the sweep's earlier cells kept."""
     study = STUDIES[command]
     inputs = study.prepare(settings, *prepare_args) if inputs is None else inputs
+    cores = os.cpu_count() or 1
+    if inputs.settings.threads > MAX_THREADS_PER_CORE * cores:  # a limit of this machine, not of the settings
+        raise TwmlError(
+            f"threads must be at most {MAX_THREADS_PER_CORE} per core ({MAX_THREADS_PER_CORE * cores} on this "
+            f"machine's {cores}), got {inputs.settings.threads}"
+        )
     runtime.apply_threads(runtime.choose_threads(inputs.settings.threads, work(command, inputs)))  # logged with the run
     hooks = Hooks(progress=session.progress, earlier=earlier or [])
     if resume:
