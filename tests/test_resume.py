@@ -22,24 +22,31 @@ def checkpoint_passes(cli, run_id) -> int:
     return json.loads(open(path).read())["passes_done"]
 
 
+def kill_after(cli, args: tuple, passes: int):
+    """Start `twml ARGS`, SIGKILL it once its run holds a checkpoint of `passes` passes; the run."""
+    command = args[0]
+    proc = twml_process(*args, cwd=cli.path, uri=cli.uri)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            runs = cli.runs(command)
+            if runs and checkpoint_passes(cli, runs[0].info.run_id) >= passes:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "training ended before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    (killed,) = cli.runs(command)
+    return killed
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
     from conftest import Cli
 
     cli = Cli(tmp_path_factory.mktemp("resume"))
-    proc = twml_process(*ARGS, cwd=cli.path, uri=cli.uri)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            runs = cli.runs("train")
-            if runs and checkpoint_passes(cli, runs[0].info.run_id) >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "training ended before it could be killed"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    (killed,) = cli.runs("train")
+    killed = kill_after(cli, ARGS, passes=2)
     listing = twml_run("runs", cwd=cli.path, uri=cli.uri)
     done_before = checkpoint_passes(cli, killed.info.run_id)
     resumed = twml_run("train", "--resume", killed.info.run_id, cwd=cli.path, uri=cli.uri)
@@ -159,19 +166,7 @@ def test_a_smooth_run_resumed_mid_training_certifies_as_an_uninterrupted_one(cli
     had gone on with another thread count than it was started with)."""
     args = ("smooth", "--sigma", "0.25", "--epochs", "6", "--n", "200", "--num-examples", "60", "--threads", "1")
     assert twml_run(*args, "--experiment", "whole", cwd=cli.path, uri=cli.uri).code == 0
-    proc = twml_process(*args, cwd=cli.path, uri=cli.uri)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            runs = cli.runs("smooth")
-            if runs and checkpoint_passes(cli, runs[0].info.run_id) >= 3:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "training ended before it could be killed"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    (killed,) = cli.runs("smooth")
+    killed = kill_after(cli, args, passes=3)
     assert 3 <= checkpoint_passes(cli, killed.info.run_id) < 6
     resumed = twml_run("smooth", "--resume", killed.info.run_id, cwd=cli.path, uri=cli.uri)
     assert resumed.code == 0, resumed.err
