@@ -15,7 +15,11 @@ standard composition). To add them:
     PYTHONPATH=.:/tmp/aa-libs python benchmarks/autoattack_compare.py \
         --original /tmp/auto-attack --others torchattacks,art
 
-Prints one JSON line per (model, seed) and a summary per model.
+Prints one JSON line per (model, seed), with the indices of the test images on which the
+implementations disagree, and a summary per model: the points robust for twml and broken by
+another implementation in more than one seed, and each implementation's agreement with itself
+across seeds (how often two of its own seeds agree: the floor that randomness sets under any
+two randomized evaluations).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import sys
 import time
 
@@ -44,6 +49,11 @@ def robust_mask(model, x, y, adv) -> np.ndarray:
 
 def twml_aa(model, x, y, eps, seed):
     return autoattack(model, x, y, AutoAttackConfig(eps=eps), seed=seed)[0]
+
+
+def pairwise_agreement(masks: list[np.ndarray]) -> list[int]:
+    """Examples on which each pair of masks agrees."""
+    return [int((a == b).sum()) for i, a in enumerate(masks) for b in masks[i + 1 :]]
 
 
 def original_aa(model, x, y, eps, seed):
@@ -98,27 +108,43 @@ def main() -> None:
         outcome = train.compute(train.prepare(dataclasses.replace(base, method=method, m=4)))
         model = outcome.model.eval()
         totals: dict[str, list] = {}
+        by_seed: dict[str, list[np.ndarray]] = {name: [] for name in names}
         for seed in (int(s) for s in args.seeds.split(",")):
             masks, row = {}, {"model": method, "seed": seed, "images": len(x), "threads": args.threads}
+            row["load_1min"] = round(os.getloadavg()[0], 2)  # about the threads of this benchmark when nothing else runs
             for name in names:
                 began = time.perf_counter()
                 adv = RUNNERS[name](model, x, y, base.eps, seed)
                 row[f"{name}_s"] = round(time.perf_counter() - began, 1)
                 assert float((adv - x).abs().max()) <= base.eps + 1e-5, name
                 masks[name] = robust_mask(model, x, y, adv)
+                by_seed[name].append(masks[name])
                 row[f"{name}_robust_accuracy"] = round(float(masks[name].mean()), 4)
             for name, mask in masks.items():
                 if name != "twml":
                     row[f"agreement_{name}"] = round(float((mask == masks["twml"]).mean()), 4)
                     row[f"robust_for_twml_broken_by_{name}"] = int((masks["twml"] & ~mask).sum())
                     row[f"robust_for_{name}_broken_by_twml"] = int((mask & ~masks["twml"]).sum())
+                    row[f"robust_for_twml_broken_by_{name}_indices"] = np.flatnonzero(masks["twml"] & ~mask).tolist()
+                    row[f"robust_for_{name}_broken_by_twml_indices"] = np.flatnonzero(mask & ~masks["twml"]).tolist()
             for k, v in row.items():
                 totals.setdefault(k, []).append(v)
             print(json.dumps(row), flush=True)
         means = {
-            k: round(float(np.mean(v)), 4) for k, v in totals.items() if k not in ("model", "seed", "images", "threads")
+            k: round(float(np.mean(v)), 4)
+            for k, v in totals.items()
+            if k not in ("model", "seed", "images", "threads") and not k.endswith("_indices")
         }
-        print(json.dumps({"model": method, "seeds": len(totals["seed"]), "mean": means}), flush=True)
+        summary = {"model": method, "seeds": len(totals["seed"]), "mean": means}
+        for name in names:
+            if name != "twml":  # points robust for twml and broken by the other in more than one seed
+                seen = [i for ids in totals[f"robust_for_twml_broken_by_{name}_indices"] for i in ids]
+                summary[f"robust_for_twml_broken_by_{name}_in_2_or_more_seeds"] = sorted(
+                    {i for i in seen if seen.count(i) > 1}
+                )
+            if len(by_seed[name]) > 1:  # the implementation against itself, seed against seed
+                summary[f"{name}_self_agreement_across_seeds"] = pairwise_agreement(by_seed[name])
+        print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
