@@ -218,7 +218,7 @@ def runs(
     and that cannot be resumed (a report, a cleanse, a run killed before it logged its settings)
     is ended KILLED here, since nothing else ever will."""
     from .. import results, tracking
-    from ..studies.runner import resumable
+    from ..studies.resume import resumable
 
     tracking.configure(tracking_uri, server_wait=server_wait)
     listed = tracking.list_runs(experiment)

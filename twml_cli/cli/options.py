@@ -218,9 +218,10 @@ def study_command(
                 given[key] = value
             if resume:
                 from ..studies import runner
+                from ..studies.resume import resume_settings
 
                 session = _session(shared, preset)
-                runner.execute(command, runner.resume_settings(command, resume, given), session, resume=resume)
+                runner.execute(command, resume_settings(command, resume, given), session, resume=resume)
                 return
             settings_list = config.resolve(command, preset, given)  # bad values end here, before MLflow loads
             fn(settings_list, _session(shared, preset))
