@@ -118,3 +118,40 @@ def test_a_sweep_round_trips_too(tmp_path):
     path = tmp_path / "sweep.toml"
     path.write_text(config.to_toml("train", cells))
     assert config.resolve("train", config.load_preset(config_file=path)) == cells
+
+
+def test_values_are_checked_before_torch_timm_and_mlflow_load():
+    """A value out of range ends before the heavy libraries load (a fraction of a second, not the
+    seconds torch takes on a busy machine): every command's settings, good and bad, are resolved
+    in a fresh interpreter, which must not have imported torch, timm or MLflow by the end."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from twml_cli import config
+from twml_cli.errors import TwmlError
+bad = [
+    ("train", {"epochs": -1}), ("train", {"eps": 2.0}), ("train", {"m": 0}), ("train", {"pgd_steps": 0}),
+    ("train", {"model_kwargs": {"pretrained": True}}), ("train", {"schedule": "linear"}),
+    ("attack", {"eps": -0.1}), ("attack", {"autoattack_queries": 0}),
+    ("smooth", {"sigma": -1.0}), ("smooth", {"n": 0}), ("smooth", {"consistency_m": 1}),
+    ("smooth", {"smoothadv_steps": 0}), ("smooth", {"macer_beta": 0.0}), ("smooth", {"macer_k": 0}),
+    ("backdoor", {"poison_rate": 2.0}), ("backdoor", {"position": "middle"}),
+    ("cleanse", {"search_steps": -1}), ("cleanse", {"init_cost": 0.0}),
+    ("mitigate", {"unlearn_epochs": 0}), ("mitigate", {"unlearn_fraction": 1.0}),
+]
+refused = 0
+for command, given in bad:
+    try:
+        config.resolve(command, config.load_preset(), given)
+    except TwmlError:
+        refused += 1
+for command in config.COMMANDS:
+    for preset in ("digits", "cifar10", "imagenet"):
+        config.resolve(command, config.load_preset(preset), {})
+print(refused, len(bad), sorted(m for m in ("torch", "timm", "mlflow") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1], f"only {out[0]} of {out[1]} bad values were refused"
+    assert out[2:] == ["[]"], f"loaded while checking values: {' '.join(out[2:])}"

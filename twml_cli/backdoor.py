@@ -4,14 +4,12 @@ relabel them to the target class, train as usual.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from .configs import Trigger, check_poison_rate
 from .runtime import autocast, batches, generator, to_device_layout
 
-POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "centre")
 POISON_STREAM = 3
 
 
@@ -22,52 +20,12 @@ def default_trigger_size(height: int, width: int) -> int:
     return max(1, round(min(height, width) / 10))
 
 
-@dataclass(frozen=True)
-class Trigger:
-    """A size x size square of `value` (1.0: white) in a corner or at the centre of the image
-    (rounded up and left when the sides differ in parity), all channels."""
-
-    size: int
-    position: str = "bottom-right"
-    value: float = 1.0
-
-    def __post_init__(self):
-        if self.position not in POSITIONS:
-            raise ValueError(f"unknown trigger position '{self.position}': use one of {', '.join(POSITIONS)}")
-        if self.size < 1:
-            raise ValueError(f"trigger size must be >= 1, got {self.size}")
-        if not 0.0 <= self.value <= 1.0:
-            raise ValueError(f"trigger value must lie in [0, 1], got {self.value}")
-
-    def check_fits(self, height: int, width: int) -> None:
-        if self.size > min(height, width):
-            raise ValueError(f"trigger size {self.size} is larger than the {height}x{width} image")
-
-    def region(self, height: int, width: int) -> tuple[slice, slice]:
-        def span(side: int, far: bool, middle: bool) -> slice:
-            start = (side - self.size) // 2 if middle else side - self.size if far else 0
-            return slice(start, start + self.size)
-
-        centre = self.position == "centre"
-        return span(height, self.position.startswith("bottom"), centre), span(
-            width, self.position.endswith("right"), centre
-        )
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """A stamped copy of images x (N, C, H, W)."""
-        rows, cols = self.region(*x.shape[-2:])
-        out = x.clone()
-        out[..., rows, cols] = self.value
-        return out
-
-
 def poison(
     x: torch.Tensor, y: torch.Tensor, target: int, rate: float, trigger: Trigger, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A poisoned copy of the training set: round(rate * N) images of classes other than the
     target get the trigger and the target label. Returns (x, y, indices of poisoned images)."""
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"poison rate must lie in (0, 1), got {rate}")
+    check_poison_rate(rate)
     trigger.check_fits(*x.shape[-2:])
     candidates = (y != target).nonzero().flatten()
     count = min(round(rate * len(x)), len(candidates))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configs import check_consistency, check_macer, check_noise, check_smoothadv
 from .perturbations import Batch, Perturbation, noise_draws
 from .runtime import autocast
 
@@ -126,10 +127,7 @@ class _NoisyCopies(Perturbation):
     replays = 1
 
     def __init__(self, sigma: float, copies: int, seed: int):
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
-        if copies < 1:
-            raise ValueError(f"the number of noise draws per image must be >= 1, got {copies}")
+        check_noise(sigma, copies)
         self.sigma, self.copies, self.seed = sigma, copies, seed
         self.passes_per_step = copies
 
@@ -148,10 +146,7 @@ class Consistency(_NoisyCopies):
     name = "consistency"
 
     def __init__(self, sigma: float, m: int = 2, lam: float = 10.0, eta: float = 0.5, seed: int = 0):
-        if m < 2:
-            raise ValueError(f"consistency regularization needs m >= 2 noisy copies, got {m}")
-        if lam < 0 or eta < 0:
-            raise ValueError(f"consistency lambda and eta must be >= 0, got {lam:g} and {eta:g}")
+        check_consistency(m, lam, eta)
         super().__init__(sigma, m, seed)
         self.lam, self.eta = lam, eta
 
@@ -167,10 +162,7 @@ class SmoothAdv(_NoisyCopies):
     name = "smoothadv"
 
     def __init__(self, sigma: float, eps: float = 1.0, steps: int = 10, m: int = 1, warmup: int = 1, seed: int = 0):
-        if eps < 0:
-            raise ValueError(f"SmoothAdv eps must be >= 0, got {eps:g}")
-        if steps < 1 or warmup < 1:
-            raise ValueError(f"SmoothAdv steps and warmup must be >= 1, got {steps} and {warmup}")
+        check_smoothadv(eps, steps, warmup)
         super().__init__(sigma, m, seed)
         self.eps, self.steps, self.warmup = eps, steps, warmup
         self.passes_per_step = (steps + 1) * m
@@ -204,10 +196,7 @@ class Macer(_NoisyCopies):
         seed: int = 0,
         deferred: int = 0,
     ):
-        if not beta > 0 or not gamma > 0 or lam < 0:
-            raise ValueError(f"MACER needs beta > 0, gamma > 0 and lambda >= 0, got {beta:g}, {gamma:g} and {lam:g}")
-        if deferred < 0:
-            raise ValueError(f"MACER's deferred epochs must be >= 0, got {deferred}")
+        check_macer(beta, gamma, lam, deferred)
         super().__init__(sigma, k, seed)
         self.beta, self.gamma, self.lam, self.deferred = beta, gamma, lam, deferred
 

@@ -22,56 +22,12 @@ from torch import nn
 
 from . import runtime
 from .backdoor import stamped_success_rate
+from .configs import CleanseConfig
 from .runtime import Progress, autocast, frozen, generator, no_autotune, no_progress, to_device_layout
 
 CLEANSE_STREAM = 4
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal's standard deviation
 TANH_EPSILON = 1e-7
-
-
-@dataclass(frozen=True)
-class CleanseConfig:
-    """Defaults are the authors' (bolunwang/backdoor, visualizer.py)."""
-
-    steps: int = 100  # optimization rounds; each is a pass over the clean images, then a check
-    batch_size: int = 32  # clean images per class in one optimizer step
-    lr: float = 0.1
-    betas: tuple[float, float] = (0.5, 0.9)
-    init_cost: float = 1e-3  # lambda once the attack first succeeds
-    cost_multiplier: float = 1.5  # lambda *= 1.5 after `patience` successes; /= 1.5 ** 1.5 after failures
-    patience: int = 5
-    early_stop_patience: int = 25  # rounds without a smaller successful mask (5 * patience)
-    early_stop_threshold: float = (
-        1.0  # "smaller" means below this fraction of the best so far (the authors' 1.0: any decrease)
-    )
-    threshold: float = 0.99  # attack success a mask must reach to count
-    restarts: int = 1  # independent random starts per class; the smallest successful mask is kept
-    keep_best_after: int = (
-        20  # with restarts: rounds after which each class goes on from its best start alone (0: never)
-    )
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"cleanse steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"cleanse batch size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"cleanse lr must be > 0, got {self.lr}")
-        if not 0 < self.threshold <= 1:
-            raise ValueError(f"success threshold must lie in (0, 1], got {self.threshold}")
-        if self.patience < 1 or self.early_stop_patience < 1:
-            raise ValueError("patience and early-stop patience must be >= 1")
-        if not 0 < self.early_stop_threshold <= 1:
-            raise ValueError(f"early-stop threshold must lie in (0, 1], got {self.early_stop_threshold}")
-        if not self.init_cost > 0:
-            raise ValueError(f"init cost must be > 0, got {self.init_cost}")
-        if not self.cost_multiplier > 1:
-            raise ValueError(f"cost multiplier must be > 1, got {self.cost_multiplier}")
-        if self.restarts < 1 or self.keep_best_after < 0:
-            raise ValueError(
-                f"restarts must be >= 1 and keep-best-after >= 0, got {self.restarts} and {self.keep_best_after}"
-            )
 
 
 @dataclass

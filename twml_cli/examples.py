@@ -26,7 +26,6 @@ from .errors import TwmlError
 from .runtime import derive_seed, keyed_uniform, to_device_layout
 
 AUGMENT_STREAM = 5
-POLICIES = ("none", "crop", "crop-flip", "resized-crop-flip")
 # each data set's usual training augmentation (the papers'): crops with 4-pixel padding and
 # flips for CIFAR, crops without flips for digits-in-the-wild and signs, none for MNIST-like
 USUAL = {"cifar10": "crop-flip", "cifar100": "crop-flip", "svhn": "crop", "gtsrb": "crop"}

@@ -21,38 +21,11 @@ from torch import nn
 
 from .backdoor import stamped_success_rate
 from .cleanse import stamp
+from .configs import UnlearnConfig
 from .models import Classifier
 from .runtime import autocast, batches, generator, to_device_layout
 
 UNLEARN_STREAM = 10
-
-
-@dataclass(frozen=True)
-class UnlearnConfig:
-    """Unlearning: fine-tuning epochs, the stamped fraction, SGD learning rate, schedule and batch,
-    and whether normalization statistics stay as trained."""
-
-    epochs: int = 6
-    fraction: float = 0.1  # of the clean images that carry the reversed trigger (the paper: 0.2)
-    lr: float = 0.005
-    batch_size: int = 128
-    schedule: str = (
-        "warmup"  # the learning rate: constant (the paper's), or warmup (one epoch up from 0, then a cosine down to 0)
-    )
-    freeze_norm: bool = (
-        True  # keep the normalization layers' statistics as trained (eval-mode BatchNorm while fine-tuning)
-    )
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"unlearning epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
-        if not 0.0 < self.fraction < 1.0:
-            raise ValueError(f"unlearning fraction must lie in (0, 1), got {self.fraction}")
-        if not self.lr > 0:
-            raise ValueError(f"unlearning lr must be > 0, got {self.lr}")
-        if self.schedule not in ("constant", "warmup"):
-            raise ValueError(f"unknown unlearning schedule '{self.schedule}': use constant or warmup")
 
 
 def unlearn(

@@ -17,6 +17,7 @@ from typing import TypeVar, cast
 import torch
 from torch import nn
 
+from .configs import check_model_kwargs
 from .errors import TwmlError
 
 M = TypeVar("M", bound=nn.Module)
@@ -93,51 +94,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
-
-
-REFUSED_KWARGS = (
-    "checkpoint_path",
-    "pretrained",
-    "pretrained_cfg",
-    "pretrained_cfg_overlay",
-    "pretrained_strict",
-    "cache_dir",
-)
-
-
-def check_model_kwargs(kwargs: dict) -> None:
-    """Architecture arguments only: a spec (typed on the command line, or read from a logged
-    spec.json shared through a tracking server) must never make timm read a file or fetch
-    weights. Refuses checkpoint paths, anything pretrained*, and any string that names a file,
-    a folder or a URL, at any depth."""
-    from pathlib import Path
-
-    def refuse(key: str, why: str) -> None:
-        raise TwmlError(
-            f"model_kwargs '{key}' is refused ({why}): twml models take architecture arguments only, trained from "
-            "scratch"
-        )
-
-    def visit(value, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if not isinstance(k, str):
-                    refuse(str(k), "keys must be names")
-                if k in REFUSED_KWARGS or k.startswith("pretrained"):
-                    refuse(k, "it loads weights or files")
-                visit(v, k)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v, key)
-        elif isinstance(value, str):
-            if "://" in value or "/" in value or "\\" in value or value.startswith("~") or Path(value).exists():
-                refuse(key, f"'{value}' names a file or URL")
-        elif value is not None and not isinstance(value, (bool, int, float)):
-            refuse(key, f"a {type(value).__name__} is not an architecture argument")
-
-    if not isinstance(kwargs, dict):
-        raise TwmlError("model_kwargs must be a JSON object of architecture arguments")
-    visit(kwargs, "model_kwargs")
 
 
 def check_arch(arch: str) -> None:

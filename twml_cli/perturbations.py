@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configs import check_eps, check_free, check_noise
 from .runtime import autocast, generator, keyed_uniform
 
 NOISE_STREAM, FAST_STREAM = 2, 6
@@ -68,10 +69,7 @@ class FreeAdversarial(Perturbation):
     name = "free"
 
     def __init__(self, eps: float, m: int):
-        if m < 1:
-            raise ValueError(f"m (replays per minibatch) must be >= 1, got {m}")
-        if not 0.0 <= eps <= 1.0:
-            raise ValueError(f"eps must lie in [0, 1] (pixel units), got {eps}")
+        check_free(eps, m)
         self.eps, self.replays = eps, m
         self.delta: torch.Tensor | None = None  # (batch_size, C, H, W), persists across everything
         self._leaf: torch.Tensor | None = None
@@ -105,8 +103,7 @@ class FastAdversarial(Perturbation):
     passes_per_step = 2
 
     def __init__(self, eps: float, alpha: float | None = None, seed: int = 0):
-        if not 0.0 <= eps <= 1.0:
-            raise ValueError(f"eps must lie in [0, 1] (pixel units), got {eps}")
+        check_eps(eps)
         self.eps, self.alpha, self.seed = eps, 1.25 * eps if alpha is None else alpha, seed
 
     def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -130,8 +127,7 @@ class GaussianNoise(Perturbation):
     name = "noise"
 
     def __init__(self, sigma: float, seed: int = 0):
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
+        check_noise(sigma)
         self.sigma, self.seed = sigma, seed
 
     def inputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -6,8 +6,9 @@ SGD, threat model and PGD, ...). A field declared with `setting()` is, at once:
 - the flag `--name-with-hyphens` of every command whose settings hold it (cli.py builds
   the options from the fields; help text and panel come from here);
 - an MLflow param of the runs it shapes (config.params), read back by config.from_params;
-- checked by its group's `check()`, which builds the library's own config (training.TrainConfig,
-  attacks.PGDConfig, ...) so the validation lives once, in the algorithm layer.
+- checked by its group's `check()`, which builds the library's own config (configs.TrainConfig,
+  configs.PGDConfig, ...) so the validation lives once; configs needs no torch, so a bad value is
+  refused before torch, timm and MLflow load.
 
 The defaults are the embedded default's (digits on a CPU). config.py turns presets and flags
 into these settings.
@@ -21,6 +22,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .configs import (
+    AutoAttackConfig,
+    CleanseConfig,
+    PGDConfig,
+    TrainConfig,
+    Trigger,
+    UnlearnConfig,
+    check_certify_args,
+    check_consistency,
+    check_free,
+    check_macer,
+    check_model_kwargs,
+    check_noise,
+    check_poison_rate,
+    check_smoothadv,
+)
 from .errors import TwmlError
 
 
@@ -136,8 +153,6 @@ class Architecture(Group):
     )
 
     def check(self) -> None:
-        from .models import check_model_kwargs
-
         check_model_kwargs(self.model_kwargs)
 
 
@@ -183,8 +198,6 @@ class SGD(Group):
     def train_config(self):
         """The library's config. The augmentation policy is resolved by the study's prepare()
         (it depends on the data set); until then 'auto' stands for none."""
-        from .training import TrainConfig
-
         policy = self.augmentation if self.augment and self.augmentation != "auto" else "none"
         return TrainConfig(
             self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, self.schedule, self.seed, policy
@@ -223,14 +236,10 @@ class Threat(Group):
         self.autoattack_config()
 
     def pgd_config(self):
-        from .attacks import PGDConfig
-
         return PGDConfig(eps=self.eps, alpha=self.pgd_alpha, steps=self.pgd_steps, restarts=self.pgd_restarts)
 
     def autoattack_config(self):
         """AutoAttack's configuration when `eval` asks for it, else None."""
-        from .attacks import AutoAttackConfig
-
         if self.eval != "autoattack":
             return None
         return AutoAttackConfig(eps=self.eps, n_iter=self.autoattack_iterations, n_queries=self.autoattack_queries)
@@ -271,8 +280,8 @@ class Training(Threat, SGD, Architecture, Common, Settings):
             raise ValueError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
         if not self.fast_step > 0:
             raise ValueError(f"fast step must be > 0, got {self.fast_step}")
-        for method in METHODS:  # a value out of range is refused even when its method is not the one chosen
-            self.perturbation(method)
+        # a value out of range is refused even when its method is not the one chosen
+        check_free(self.eps, self.m)  # free's; fast's is eps alone
 
     def perturbation(self, method: str | None = None):
         """What each training step does: the chosen method's, or `method`'s."""
@@ -401,10 +410,7 @@ class Smoothing(BaseTraining, SGD, GivenModel, Architecture, Common, Settings):
     )
 
     def check(self) -> None:
-        if not self.sigma > 0:  # before the import below: a plain range check needs no torch
-            raise ValueError(f"sigma must be > 0, got {self.sigma:g}")
-        from .smoothing import check_certify_args
-
+        check_noise(self.sigma)
         check_certify_args(self.n0, self.n, self.cert_alpha, self.certify_batch_size)
         if self.num_examples < 0:
             raise ValueError(f"num examples must be >= 0 (0: all), got {self.num_examples}")
@@ -414,8 +420,12 @@ class Smoothing(BaseTraining, SGD, GivenModel, Architecture, Common, Settings):
             raise ValueError(f"futility must lie in (0, 0.5), got {self.futility:g}")
         if self.adaptive and not self.radii:
             raise ValueError("adaptive certification needs a grid: give --radii, e.g. --radii 0.25,0.5,0.75")
-        for training in TRAININGS:  # each method's own checks, whichever is chosen
-            self.perturbation(training)
+        # each method's own checks, whichever is chosen
+        check_consistency(self.consistency_m, self.consistency_lam(), self.consistency_eta)
+        check_smoothadv(self.smoothadv_eps, self.smoothadv_steps, self.smoothadv_warmup)
+        check_noise(self.sigma, self.smoothadv_m)
+        check_macer(self.macer_beta, self.macer_gamma, self.macer_lam(), self.macer_deferred)
+        check_noise(self.sigma, self.macer_k)
 
     def resolved(self):
         """These settings with each 0 that stands for "the paper's value for this sigma" replaced by
@@ -464,10 +474,7 @@ class Backdoor(SGD, Architecture, Common, Settings):
     )
 
     def check(self) -> None:
-        from .backdoor import Trigger
-
-        if not 0.0 < self.poison_rate < 1.0:
-            raise ValueError(f"poison rate must lie in (0, 1), got {self.poison_rate}")
+        check_poison_rate(self.poison_rate)
         if self.trigger_size < 0:
             raise ValueError(f"trigger size must be >= 0 (0: automatic), got {self.trigger_size}")
         Trigger(max(self.trigger_size, 1), self.position)
@@ -521,8 +528,6 @@ class Cleanse(Common, Settings):
             raise ValueError(f"search images must be >= 1, got {self.search_images}")
 
     def cleanse_config(self):
-        from .cleanse import CleanseConfig
-
         return CleanseConfig(
             steps=self.search_steps,
             batch_size=self.search_batch_size,
@@ -586,8 +591,6 @@ class Mitigate(Common, Settings):
             raise ValueError(f"prune step and stop must lie in (0, 1], got {self.prune_step} and {self.prune_stop}")
 
     def unlearn_config(self):
-        from .mitigation import UnlearnConfig
-
         return UnlearnConfig(
             self.unlearn_epochs,
             self.unlearn_fraction,

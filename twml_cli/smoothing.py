@@ -23,6 +23,7 @@ from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
 from . import runtime
+from .configs import check_certify_args
 from .runtime import Progress, Timer, autocast, generator, no_progress
 
 ABSTAIN = -1
@@ -267,18 +268,6 @@ class Smooth:
                     pending -= batch_size
         if pending:
             yield torch.cat(owners), torch.cat(noises)
-
-
-def check_certify_args(n0: int, n: int, alpha: float, batch_size: int) -> None:
-    """Raise ValueError naming the first of CERTIFY's arguments out of range."""
-    if n0 < 1:
-        raise ValueError(f"n0 must be >= 1, got {n0}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
 
 
 def lower_confidence_bound(n_a, n: int, alpha: float) -> np.ndarray:

@@ -35,7 +35,8 @@ from torch import nn
 
 from . import runtime
 from .checkpoints import TrainState, restore, snapshot
-from .examples import POLICIES, Augment, InMemory, batch_indices
+from .configs import TrainConfig
+from .examples import Augment, InMemory, batch_indices
 from .perturbations import Batch, FastAdversarial, FreeAdversarial, GaussianNoise, Perturbation
 from .runtime import Progress, Timer, autocast, generator, no_progress
 
@@ -53,38 +54,7 @@ __all__ = [
     "lr_factor",
     "train",
 ]
-SCHEDULES = ("cosine", "step", "imagenet", "constant")
 GUARD_STREAM = 7
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """SGD with (Nesterov) momentum, weight decay and a per-step learning-rate schedule."""
-
-    epochs: int = 10
-    batch_size: int = 128  # the global batch, split over processes under torchrun
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    seed: int = 0
-    augment: str = "none"  # examples.POLICIES
-
-    def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule '{self.schedule}': use one of {', '.join(SCHEDULES)}")
-        if self.augment not in POLICIES:
-            raise ValueError(f"unknown augmentation '{self.augment}': use one of {', '.join(POLICIES)}")
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:

@@ -2,9 +2,10 @@
 eval mode: PGD (Madry et al.) and the standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square),
 one small module each, and the robustness evaluation that runs them."""
 
-from .autoattack import ATTACKS, AutoAttackConfig, autoattack
+from ..configs import ATTACKS, AutoAttackConfig, PGDConfig
+from .autoattack import autoattack
 from .evaluate import RobustnessResult, accuracy, evaluate_robustness
-from .pgd import PGD_STREAM, PGDConfig, pgd
+from .pgd import PGD_STREAM, pgd
 
 __all__ = [
     "ATTACKS",

@@ -6,36 +6,14 @@ logits after the true one (fewer when there are fewer classes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from ..configs import AutoAttackConfig
 from ..runtime import autocast, frozen
 from .apgd import apgd
 from .fab import fab_targeted
 from .square import square
-
-ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
-
-
-@dataclass(frozen=True)
-class AutoAttackConfig:
-    """The standard AutoAttack at budget eps: its attacks in order, APGD and FAB iterations, target
-    classes, Square's queries."""
-
-    eps: float
-    n_iter: int = 100  # APGD and FAB iterations
-    n_targets: int = 9  # target classes of APGD-T and FAB-T
-    n_queries: int = 5000  # Square's budget
-    attacks: tuple[str, ...] = ATTACKS
-
-    def __post_init__(self):
-        if not 0.0 <= self.eps <= 1.0:
-            raise ValueError(f"eps must lie in [0, 1] (pixel units), got {self.eps}")
-        unknown = set(self.attacks) - set(ATTACKS)
-        if unknown:
-            raise ValueError(f"unknown AutoAttack attacks {sorted(unknown)}: use {', '.join(ATTACKS)}")
 
 
 def autoattack(

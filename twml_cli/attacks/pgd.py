@@ -6,35 +6,14 @@ units; the model is attacked in eval mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import PGDConfig
 from ..runtime import autocast, frozen, keyed_uniform
 
 PGD_STREAM = 1  # key that separates PGD's random starts from other derived streams
-
-
-@dataclass(frozen=True)
-class PGDConfig:
-    """L-inf PGD: budget eps and step alpha in [0, 1] pixel units, steps per restart, random restarts."""
-
-    eps: float
-    alpha: float
-    steps: int = 10
-    restarts: int = 1
-
-    def __post_init__(self):
-        if not 0.0 <= self.eps <= 1.0:
-            raise ValueError(f"eps must lie in [0, 1] (pixel units), got {self.eps}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"pgd alpha must lie in (0, 1], got {self.alpha}")
-        if self.steps < 1:
-            raise ValueError(f"pgd steps must be >= 1, got {self.steps}")
-        if self.restarts < 1:
-            raise ValueError(f"pgd restarts must be >= 1, got {self.restarts}")
 
 
 def pgd(
