@@ -111,7 +111,7 @@ def main() -> None:
         by_seed: dict[str, list[np.ndarray]] = {name: [] for name in names}
         for seed in (int(s) for s in args.seeds.split(",")):
             masks, row = {}, {"model": method, "seed": seed, "images": len(x), "threads": args.threads}
-            row["load_1min"] = round(os.getloadavg()[0], 2)  # about the threads of this benchmark when nothing else runs
+            row["load_1min"] = round(os.getloadavg()[0], 2)  # about this benchmark's threads when nothing else runs
             for name in names:
                 began = time.perf_counter()
                 adv = RUNNERS[name](model, x, y, base.eps, seed)

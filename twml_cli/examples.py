@@ -40,7 +40,7 @@ def usual_augmentation(dataset: str, streamed: bool) -> str:
 class Augment:
     """The training augmentation of one pass over the data."""
 
-    policy: str  # one of POLICIES
+    policy: str  # one of configs.POLICIES
     seed: int
     pass_index: int
 
