@@ -60,7 +60,7 @@ def test_names_of_children_and_parent():
     axes = config.swept(cells)
     assert sweep.child_name("free-m4", sweep.cell_values(cells[1], axes)) == "free-m4 seed=1"
     assert sweep.child_name("sigma=0.25", {"sigma": 0.25, "seed": 2}) == "sigma=0.25 seed=2"
-    assert sweep.parent_name("train", cells, axes) == "train: m 4,7 x seed 0,1"
+    assert sweep.parent_name("train", cells, axes) == "train: m 4, 7 x seed 0, 1"
     params = sweep.parent_params("train", cells, axes)
     assert params["m"] == [4, 7] and params["seed"] == [0, 1] and params["swept"] == "m,seed" and params["cells"] == 4
     assert params["method"] == "free" and params["epochs"] == 28

@@ -71,11 +71,11 @@ def child_name(base: str, values: dict) -> str:
 
 
 def parent_name(command: str, settings_list: list, axes: list[str]) -> str:
-    """The parent run's name, e.g. 'train: m 4,7 x seed 0,1'."""
+    """The parent run's name, e.g. 'train: m 4, 7 x seed 0, 1'."""
 
     def values(k):
         seen = list(dict.fromkeys(getattr(s, k) for s in settings_list))
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in seen)
+        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in seen)
 
     return f"{command}: " + " x ".join(f"{k} {values(k)}" for k in axes)
 
