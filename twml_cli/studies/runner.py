@@ -4,7 +4,7 @@ an MLflow run with the settings as params, compute, record, then the console lin
 Under torchrun every process prepares and computes; only rank 0 touches MLflow and the
 console, so a command logs one run. Long runs checkpoint into their run and certification
 writes its rows as it goes, so `--resume RUN_ID` continues an interrupted run in place (see
-resume). With resume, the only module of studies/ that talks to the tracking layer.
+resume).
 """
 
 from __future__ import annotations
