@@ -107,7 +107,7 @@ def open_store(uri: str) -> None:
     except TwmlError:
         raise
     except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy, HTTP and OS errors all mean the same here
-        raise TwmlError(refused(err) or f"cannot use the tracking store {uri}: {_first_line(err)}") from None
+        raise TwmlError(refused(err, uri) or f"cannot use the tracking store {uri}: {_first_line(err)}") from None
 
 
 def store_error(err: BaseException) -> TwmlError | None:
@@ -116,7 +116,8 @@ def store_error(err: BaseException) -> TwmlError | None:
     module = type(err).__module__.split(".")[0]
     if not (isinstance(err, MlflowException) or module in ("sqlalchemy", "alembic", "requests", "urllib3")):
         return None
-    return TwmlError(refused(err) or f"tracking store {mlflow.get_tracking_uri()}: {_first_line(err)}")
+    uri = mlflow.get_tracking_uri()
+    return TwmlError(refused(err, uri) or f"tracking store {uri}: {_first_line(err)}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -315,7 +316,8 @@ def _terminating(run_id: str) -> Iterator[None]:
         c.set_terminated(run_id, "KILLED")
         raise
     except BaseException as err:
-        if not unreachable(err):  # a server that stopped answering cannot be told; `twml runs` shows the run stale
+        # a server that stopped answering cannot be told; `twml runs` shows the run stale
+        if not unreachable(err, mlflow.get_tracking_uri()):
             c.set_terminated(run_id, "FAILED")
         raise
     else:

@@ -15,8 +15,6 @@ import sys
 import time
 import urllib.parse
 
-import mlflow
-
 from .errors import TwmlError
 
 SERVER_WAIT_S = 30.0  # how long a tracking server that does not answer is waited for (--server-wait)
@@ -24,9 +22,9 @@ SERVER_WAIT_S = 30.0  # how long a tracking server that does not answer is waite
 context: dict[str, str] = {}  # the experiment being written to, for the messages of refused requests
 
 
-def is_server(uri: str | None = None) -> bool:
+def is_server(uri: str) -> bool:
     """Whether the store is a tracking server reached over HTTP(S)."""
-    return (uri or mlflow.get_tracking_uri()).split("://")[0].lower() in ("http", "https")
+    return uri.split("://")[0].lower() in ("http", "https")
 
 
 def without_credentials(uri: str) -> str:
@@ -93,10 +91,10 @@ def reason(err: BaseException) -> str:
     return type(err).__name__
 
 
-def refused(err: BaseException) -> str | None:
+def refused(err: BaseException, uri: str) -> str | None:
     """The message for a request the tracking server refused (401, 403) or never answered;
     None for other errors."""
-    uri, text = mlflow.get_tracking_uri(), str(err)
+    text = str(err)
     code = getattr(err, "error_code", "")
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     if code == "UNAUTHENTICATED" or re.search(r"error code 401\b", text):
@@ -114,14 +112,14 @@ def refused(err: BaseException) -> str | None:
             f"the server {uri} refused these credentials (403 Permission denied): user '{user or '?'}' may not "
             f"{verb} {where}; ask its owner or an admin for {need} permission, or choose another --experiment"
         )
-    if unreachable(err):
+    if unreachable(err, uri):
         return f"the tracking server {uri} stopped answering ({reason(err)}) and did not come back within the wait"
     return None
 
 
-def unreachable(err: BaseException) -> bool:
+def unreachable(err: BaseException, uri: str) -> bool:
     """Whether the error is a tracking server that does not answer (not one that said no)."""
     text = str(err)
-    return is_server() and bool(
+    return is_server(uri) and bool(
         re.search(r"Max retries exceeded|Connection refused|ConnectionError|timed out|RemoteDisconnected", text)
     )

@@ -67,7 +67,7 @@ def checkpointing(run, hooks: Hooks) -> None:
 def _scratch(run_id: str, name: str) -> Iterator[Path]:
     """Where a checkpoint or the rows are written before they are logged: KEPT/RUN_ID/NAME when
     the store is a server (it may go away), else a temporary folder."""
-    if is_server():
+    if is_server(tracking.tracking_uri()):
         folder = KEPT / run_id / name
         folder.mkdir(parents=True, exist_ok=True)
         yield folder
@@ -90,16 +90,16 @@ def went_away(command: str, run_id: str, err: BaseException) -> str:
     kept = KEPT / run_id
     state = kept / results.CHECKPOINT_DIR / training.TrainState.META
     rows = kept / "rows" / results.CERTIFY_CSV
-    what = []
+    uri, what = tracking.tracking_uri(), []
     if state.is_file():
         what.append(f"the training state after pass {json.loads(state.read_text())['passes_done']}")
     if rows.is_file():
         what.append(f"{len(pd.read_csv(rows))} certified examples")
     if not what or command not in RESUMABLE:
-        return f"{refused(err)}; run {run_id} kept nothing to go on from: run the command again"
+        return f"{refused(err, uri)}; run {run_id} kept nothing to go on from: run the command again"
     return (
-        f"{refused(err)}; run {run_id} kept {' and '.join(what)} in {kept}: once the server is back, "
-        f"`twml {command} --resume {run_id} --tracking-uri {tracking.tracking_uri()}` goes on from there"
+        f"{refused(err, uri)}; run {run_id} kept {' and '.join(what)} in {kept}: once the server is back, "
+        f"`twml {command} --resume {run_id} --tracking-uri {uri}` goes on from there"
     )
 
 

@@ -91,7 +91,7 @@ def execute(
             outcome = study.compute(inputs, hooks)
             study.record(run, outcome)
     except Exception as err:
-        if started and unreachable(err):
+        if started and unreachable(err, tracking.tracking_uri()):
             raise TwmlError(resume_from.went_away(command, started, err)) from None
         raise
     resume_from.forget(run.id)
