@@ -1,6 +1,7 @@
 """The soak, short: twml commands killed at random (SIGKILL, SIGTERM) against one SQLite store,
 resumed from `twml runs`; benchmarks/soak.py checks what must hold and counts failures. The
-full version (10 minutes, SQLite and a server) is a benchmark."""
+full version (10 minutes, SQLite and a server) is a benchmark. Slow (about 75 s on 2 cores):
+`pytest -m slow` runs it; tests/test_resume.py kills and resumes each study in the default run."""
 
 import json
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_short_soak_with_kills_ends_with_no_failure(tmp_path):
     done = subprocess.run(

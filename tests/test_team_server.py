@@ -153,7 +153,7 @@ def test_a_reader_cannot_write_to_anothers_experiment(team, cli, clean_env):
     assert run.info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("wait", [3, None])
+@pytest.mark.parametrize("wait", [3, pytest.param(None, marks=pytest.mark.slow)])  # None: the default 30 s
 def test_a_server_that_is_down_is_reported_within_the_wait(cli, wait):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cli.uri = uri
