@@ -35,8 +35,9 @@ def test_unlearning_removes_the_backdoor_and_keeps_accuracy(planted, digits):
     assert before > 0.9
     repaired = copy.deepcopy(model)
     unlearn(repaired, *digits.train.tensors, mask, pattern, UnlearnConfig())  # the defaults
-    assert attack_success_rate(repaired, x_test, y_test, 0, trigger) < 0.1 * before
-    assert accuracy(repaired, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.02
+    # the matrix's bar (docs/neural-cleanse.md); 6 epochs with 10% stamped lost 1.1 points here
+    assert attack_success_rate(repaired, x_test, y_test, 0, trigger) <= 0.05
+    assert accuracy(repaired, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.01
     assert not torch.equal(
         next(repaired.parameters()), next(model.parameters())
     )  # a copy was repaired, not the original

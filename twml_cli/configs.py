@@ -246,8 +246,8 @@ class UnlearnConfig:
     """Unlearning: fine-tuning epochs, the stamped fraction, SGD learning rate, schedule and batch,
     and whether normalization statistics stay as trained."""
 
-    epochs: int = 6
-    fraction: float = 0.1  # of the clean images that carry the reversed trigger (the paper: 0.2)
+    epochs: int = 20
+    fraction: float = 0.15  # of the clean images that carry the reversed trigger (the paper: 0.2)
     lr: float = 0.005
     batch_size: int = 128
     schedule: str = (

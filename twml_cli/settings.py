@@ -556,9 +556,9 @@ class Mitigate(Common, Settings):
         "unlearn (fine-tune with the reversed trigger under true labels) or prune (remove the neurons it excites).",
         choices=("unlearn", "prune"),
     )
-    unlearn_epochs: int = setting(6, "Unlearning: epochs of fine-tuning.", applies=lambda s: s.mitigation == "unlearn")
+    unlearn_epochs: int = setting(20, "Unlearning: epochs of fine-tuning.", applies=lambda s: s.mitigation == "unlearn")
     unlearn_fraction: float = setting(
-        0.1,
+        0.15,
         "Unlearning: fraction of the clean images stamped with the reversed trigger (the paper's: 20%).",
         applies=lambda s: s.mitigation == "unlearn",
     )
