@@ -217,6 +217,7 @@ def test_help_lists_every_command_and_the_new_flag_names():
     assert "--cert-alpha" in smooth and "--pgd-alpha" not in smooth and "[default: 0.05, 0.2]" in smooth
 
 
+@pytest.mark.slow  # 28 s: a whole 28-epoch fast run; test_training checks its FGSM step from a random start
 def test_fast_training_is_robust_at_its_cost_beside_free(reproduced):
     """Wong et al.'s FGSM with a random start on the digits default: the issue's bar."""
     cli = reproduced.cli

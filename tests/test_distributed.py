@@ -3,6 +3,7 @@ compared with one process: the same certificates, the same Neural Cleanse norms,
 SGD steps and the embedded default's findings, one MLflow run per command."""
 
 import pandas as pd
+import pytest
 from conftest import twml_run
 
 from twml_cli import findings, results
@@ -75,6 +76,7 @@ def test_bad_input_under_the_launcher_is_one_line_and_exit_2(reproduced):
     assert cli.runs(experiment="bad") == []
 
 
+@pytest.mark.slow  # 31 s: two launches of three methods; the launcher and DDP path are the free-training test's above
 def test_two_process_certified_training_makes_the_same_steps_as_one(cli):
     """Consistency, SmoothAdv and MACER under the launcher make as many SGD steps as one process
     (the noise split itself is test_certified_training's). Each process normalizes its own half

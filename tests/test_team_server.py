@@ -134,6 +134,7 @@ def test_no_or_wrong_credentials_end_in_one_line_and_leave_nothing(team, cli, cl
     assert not (cli.path / "mlflow.db").exists() and not (cli.path / "mlruns").exists()
 
 
+@pytest.mark.slow  # 15 s; the credentials tests above keep the server's refusals in the default run
 def test_a_reader_cannot_write_to_anothers_experiment(team, cli, clean_env):
     cli.uri = team
     as_user(clean_env, "alice", ALICE)
