@@ -116,7 +116,7 @@ def store_error(err: BaseException) -> TwmlError | None:
     module = type(err).__module__.split(".")[0]
     if not (isinstance(err, MlflowException) or module in ("sqlalchemy", "alembic", "requests", "urllib3")):
         return None
-    uri = mlflow.get_tracking_uri()
+    uri = tracking_uri()
     return TwmlError(refused(err, uri) or f"tracking store {uri}: {_first_line(err)}")
 
 
@@ -317,7 +317,7 @@ def _terminating(run_id: str) -> Iterator[None]:
         raise
     except BaseException as err:
         # a server that stopped answering cannot be told; `twml runs` shows the run stale
-        if not unreachable(err, mlflow.get_tracking_uri()):
+        if not unreachable(err, tracking_uri()):
             c.set_terminated(run_id, "FAILED")
         raise
     else:
@@ -351,7 +351,7 @@ def get_run(run_id: str):
         if found:
             names = ", ".join(f"{r.info.run_id} ({r.data.tags.get(COMMAND_TAG, '?')})" for r in found[:5])
             raise TwmlError(f"run id '{run_id}' is ambiguous: it starts {len(found)} runs ({names}); give more of it")
-    raise TwmlError(f"no run '{run_id}' in the tracking store {mlflow.get_tracking_uri()}") from None
+    raise TwmlError(f"no run '{run_id}' in the tracking store {tracking_uri()}") from None
 
 
 def find_runs(experiment: str, command: str, status: str = "FINISHED") -> list:
@@ -379,7 +379,7 @@ def download_model(uri: str) -> str:
         try:
             return mlflow.artifacts.download_artifacts(artifact_uri=uri)
         except (MlflowException, OSError) as err:
-            raise TwmlError(f"no model '{uri}' in {mlflow.get_tracking_uri()} ({_first_line(err)})") from None
+            raise TwmlError(f"no model '{uri}' in {tracking_uri()} ({_first_line(err)})") from None
     run_id = run_id_of(uri)
     if not run_id:
         raise TwmlError(f"'{uri}' names no run")
