@@ -13,8 +13,9 @@ and `twml mitigate` would run.
 
 A cell is (seed, position, target, trigger size). Trained models are kept in --out and reused
 by later runs (and across cells: one clean model per seed); each cell's result is one JSON
-line in --out/cells.jsonl, keyed by the cell and the search settings, so an interrupted
-matrix resumes where it stopped. The summary (detection rate, false alarms, norm ratios,
+line in --out/cells.jsonl, keyed by the cell and the search settings (the preset's defaults
+with the overrides; a model is retrained when its training settings changed), so an
+interrupted matrix resumes where it stopped. The summary (detection rate, false alarms, norm ratios,
 repairs) and the Markdown table are printed at the end and written to --out/matrix.md.
 """
 
@@ -73,6 +74,17 @@ def _settings(command: str, **overrides):
     return config.resolve_one(command, config.load_preset(), {k: v for k, v in overrides.items() if v is not None})
 
 
+def _resolved(command: str, **overrides) -> dict:
+    """The settings a step runs with, the preset's defaults and the overrides together, as a run
+    would log them (less model_runs, a path): what --out's cached results are keyed by, so that a
+    changed default is recomputed rather than read back."""
+    from twml_cli import config
+
+    params = config.params(_settings(command, **overrides))
+    params.pop("model_runs", None)
+    return params
+
+
 def _model(out: Path, cell: Cell, threads: int) -> tuple[str, dict]:
     """The cell's model trained with `threads` intra-op threads (trained now unless --out
     already holds it: a CPU's numbers depend on the thread count) and its figures."""
@@ -81,19 +93,26 @@ def _model(out: Path, cell: Cell, threads: int) -> tuple[str, dict]:
 
     folder = out / "models" / f"threads{threads}" / cell.name
     facts = folder / "facts.json"
-    if facts.is_file():
-        return str(folder), json.loads(facts.read_text())
-    began = time.perf_counter()
     if cell.position is None:
-        outcome = train.compute(train.prepare(_settings("train", seed=cell.seed, pgd_steps=1)))
+        command, overrides = "train", {"seed": cell.seed, "pgd_steps": 1}
+    else:
+        command = "backdoor"
+        overrides = {"seed": cell.seed, "target": cell.target, "position": cell.position, "trigger_size": cell.size}
+    settings = key(_resolved(command, **overrides))
+    if facts.is_file():
+        info = json.loads(facts.read_text())
+        if info.pop("settings", None) == settings:
+            return str(folder), info
+    began = time.perf_counter()  # no model yet, or one trained with other settings: train it
+    if cell.position is None:
+        outcome = train.compute(train.prepare(_settings(command, **overrides)))
         model, info = outcome.model, {"accuracy": outcome.robustness.accuracy}
     else:
-        s = _settings("backdoor", seed=cell.seed, target=cell.target, position=cell.position, trigger_size=cell.size)
-        outcome = backdoor.compute(backdoor.prepare(s))
+        outcome = backdoor.compute(backdoor.prepare(_settings(command, **overrides)))
         model, info = outcome.model, {"accuracy": outcome.accuracy, "attack_success": outcome.attack_success_rate}
     save_model(model, folder)
     info["train_s"] = round(time.perf_counter() - began, 1)
-    facts.write_text(json.dumps(info))
+    facts.write_text(json.dumps({**info, "settings": settings}))
     return str(folder), info
 
 
@@ -356,8 +375,9 @@ def main() -> int:
             ):
                 print(f"[{k}/{len(cells)}] {json.dumps(future.result())}", flush=True)
         return 0
+    searched = _resolved("cleanse", dataset="digits", **search)
     search_key = {
-        c: key(c.name, threads, search) if model_threads == threads else key(c.name, threads, model_threads, search)
+        c: key(c.name, threads, searched) if model_threads == threads else key(c.name, threads, model_threads, searched)
         for c in cells
     }
     done = _run(
@@ -370,7 +390,8 @@ def main() -> int:
     )
     rows = [done[search_key[c]] for c in cells]
     if args.mitigate:
-        detected = {key(search_key[c], unlearn): c for c, r in zip(cells, rows) if r.get("detected")}
+        unlearned = _resolved("mitigate", dataset="digits", **unlearn)
+        detected = {key(search_key[c], unlearned): c for c, r in zip(cells, rows) if r.get("detected")}
         repairs = _run(
             out / "repairs.jsonl",
             detected,
@@ -378,7 +399,7 @@ def main() -> int:
             lambda pool, c, k: pool.submit(repair_cell, out, c, threads, search_key[c], unlearn, model_threads),
             f"unlearning {unlearn or 'as the preset'}",
         )
-        rows = [{**r, **repairs.get(key(search_key[c], unlearn), {})} for c, r in zip(cells, rows)]
+        rows = [{**r, **repairs.get(key(search_key[c], unlearned), {})} for c, r in zip(cells, rows)]
     lines = summary(rows)
     print("\n".join(lines))
     (out / "matrix.md").write_text(
