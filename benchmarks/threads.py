@@ -2,7 +2,7 @@
 with 2 that sleep instead of spinning while they wait (OpenMP's passive wait policy) and with
 twml's own choice, on a quiet machine and with a second twml beside it (configured alike).
 
-    python benchmarks/threads.py                    # training, PGD, certification (a few minutes)
+    python benchmarks/threads.py                    # training, PGD, certification, trigger search (minutes)
     python benchmarks/threads.py --reproduce        # also `twml reproduce` (about 3 minutes a run)
 
 Each measurement runs in a fresh process (OpenMP reads its settings when it starts). The
@@ -37,31 +37,42 @@ def env(extra: dict) -> dict:
 
 
 def worker() -> None:
-    """Train the default model, attack it with PGD-10, certify it (n = 1,000, 360 images): seconds each."""
+    """Train the default model, attack it with PGD-10, certify it (n = 1,000, 360 images), run the
+    trigger search on it: seconds each, each phase with the threads twml's runner plans for it."""
     import dataclasses
 
-    import torch
-
     from twml_cli import config, runtime, smoothing
-    from twml_cli.studies import runner, train
+    from twml_cli.models import save_model
+    from twml_cli.studies import cleanse, runner, train
 
     s = dataclasses.replace(config.resolve_one("train", config.load_preset()), device="cpu")
     inputs = train.prepare(s)
-    runtime.apply_threads(runtime.choose_threads(0, runner.work("train", inputs)))  # as twml's runner does per study
-    outcome = train.compute(inputs)
+    planned = runner.thread_plan("train", inputs)
+    with runtime.planned_threads(*planned):
+        outcome = train.compute(inputs)
     test = inputs.data.test
     smoothed = smoothing.Smooth(outcome.model, 10, 0.25, seed=0)
-    runtime.apply_threads(runtime.choose_threads(0, 2000 * 64))  # certification: 2,000 noisy 8x8 images per forward
-    began = time.perf_counter()
-    smoothing.certify_dataset(smoothed, test, list(range(len(test))), 100, 1000, 0.001, 2000)
-    certify_s = time.perf_counter() - began
+    certifying = runtime.choose_threads(0, 2000 * 64, runtime.SMALL_EVAL_WORK)[0]  # 2,000 noisy 8x8 images a pass
+    with runtime.planned_threads(certifying, certifying):
+        began = time.perf_counter()
+        smoothing.certify_dataset(smoothed, test, list(range(len(test))), 100, 1000, 0.001, 2000)
+        certify_s = time.perf_counter() - began
+    with tempfile.TemporaryDirectory() as folder:
+        save_model(outcome.model, folder)
+        searched = cleanse.prepare(
+            dataclasses.replace(config.resolve_one("cleanse", config.load_preset()), device="cpu", model_runs=[folder])
+        )
+        searching = runner.thread_plan("cleanse", searched)
+        with runtime.planned_threads(*searching):
+            search_s = cleanse.compute(searched).inspections[0].seconds
     print(
         json.dumps(
             {
-                "threads": torch.get_num_threads(),
+                "threads": [planned[0], planned[1], certifying, searching[1]],  # train, PGD, certify, search
                 "train": outcome.training.train_time_s,
                 "pgd": outcome.robustness.attack_time_s,
                 "certification": certify_s,
+                "search": search_s,
             }
         )
     )
@@ -125,7 +136,7 @@ def main() -> None:
             row.update(setting=name, loaded=loaded)
             results[(name, loaded)] = row
             print(json.dumps(row), flush=True)
-    cases = ["train", "pgd", "certification"] + (["reproduce"] if args.reproduce else [])
+    cases = ["train", "pgd", "certification", "search"] + (["reproduce"] if args.reproduce else [])
     names = args.settings.split(",")
     print("\n| case | " + " | ".join(f"{n}: quiet / beside another twml" for n in names) + " |")
     print("|---|" + "---|" * len(names))

@@ -26,6 +26,8 @@ BAD = [
     (["train", "--workers", "-1"], "image size, workers and threads must be >= 0, got 0, -1 and 0"),
     (["train", "--threads", "-1"], "threads must be >= 0"),
     (["train", "--threads", "100000"], "threads must be at most 4 per core"),
+    (["attack", "--eval-threads", "-2"], "eval threads must be >= 0, got -2"),
+    (["smooth", "--eval-threads", "100000"], "eval threads must be at most 4 per core"),
     (["train", "--device", "tpu"], "unknown device 'tpu': use auto, cpu or cuda"),
     (["train", "--compile", "maybe"], "unknown compile 'maybe': use one of auto, off, on, graphs"),
     (["train", "--seed", "1.5"], "--seed takes whole numbers, got 1.5"),

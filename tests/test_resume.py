@@ -172,6 +172,28 @@ def test_a_smooth_run_resumed_mid_training_certifies_as_an_uninterrupted_one(cli
     assert resumed.code == 0, resumed.err
     run = cli.client().get_run(killed.info.run_id)
     (whole,) = cli.runs("smooth", experiment="whole")
-    assert run.data.params["threads"] == "1"
+    assert (run.data.params["threads"], run.data.params["eval_threads"]) == ("1", "1")  # --threads: both phases
     for key in ("train_loss", "accuracy", "certified_accuracy", "average_certified_radius"):
         assert run.data.metrics[key] == whole.data.metrics[key], key
+
+
+@pytest.mark.parametrize(
+    ("logged", "resumed"),
+    [({"threads": "1", "eval_threads": "2"}, (1, 2)), ({"threads": "1"}, (1, 1)), ({"threads": "999"}, (0, 0))],
+)
+def test_a_resumed_run_keeps_both_thread_counts(monkeypatch, logged, resumed):
+    """Training and evaluation go on with the counts the run started with; a run logged before
+    eval_threads existed ran everything with its threads; counts this machine cannot run are left
+    to its own choice."""
+    from types import SimpleNamespace
+
+    from twml_cli import tracking
+    from twml_cli.studies import resume
+
+    params = {"twml_version": "0", "epochs": "3", "sigma": "0.25", **logged}
+    run = SimpleNamespace(
+        info=SimpleNamespace(status="KILLED"), data=SimpleNamespace(params=params, tags={"twml.command": "smooth"})
+    )
+    monkeypatch.setattr(tracking, "get_run", lambda run_id: run)
+    settings = resume.resume_settings("smooth", "r", {})
+    assert (settings.threads, settings.eval_threads, settings.epochs, settings.sigma) == (*resumed, 3, 0.25)

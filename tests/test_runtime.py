@@ -15,6 +15,9 @@ def test_threads_follow_the_work_and_the_processes_on_the_machine(monkeypatch):
         "8,192 values per forward pass (under 100,000)",
     )  # digits training
     assert runtime.choose_threads(0, work=2000 * 64)[0] == cores  # certification's 2,000 noisy copies
+    evaluation = runtime.choose_threads(0, work=512 * 64, small=runtime.SMALL_EVAL_WORK)
+    assert evaluation[0] == cores  # PGD on 512 images: a second thread pays for evaluation, not for training
+    assert runtime.choose_threads(0, work=128 * 64, small=runtime.SMALL_EVAL_WORK)[0] == 1
     assert runtime.choose_threads(0)[0] == cores  # unknown work: every core
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more processes on this machine than cores
     assert runtime.choose_threads(0, work=10**7)[0] == 1
@@ -38,3 +41,54 @@ def test_the_cli_lets_idle_openmp_threads_sleep(monkeypatch):
     except SystemExit:
         pass
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # an explicit policy is kept
+
+
+def test_each_phase_runs_with_its_planned_threads_and_restores_the_count():
+    import torch
+
+    start = torch.get_num_threads()
+    with runtime.phase("evaluate"):  # no plan (a library caller): the count is left alone
+        assert torch.get_num_threads() == start
+    with runtime.planned_threads(1, 3):
+        assert torch.get_num_threads() == 1  # the block starts with training's count
+        with runtime.phase("evaluate"):
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 1
+        with runtime.phase("train"):
+            assert torch.get_num_threads() == 1
+    with runtime.phase("evaluate"):  # the plan ended with its block
+        assert torch.get_num_threads() == 1
+    torch.set_num_threads(start)
+
+
+def test_a_study_plans_training_and_evaluation_threads_by_their_own_work(monkeypatch):
+    """The digits default: training batches of 128 8x8 images take one thread, evaluation (512
+    images a batch), certification (2,000) and the trigger search (4 starts x 10 classes x 32)
+    the cores; a study that trains nothing runs with its evaluation's count; --threads sets
+    both, --eval-threads the second."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from twml_cli import config
+    from twml_cli.studies import runner
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    info = SimpleNamespace(in_chans=1, input_size=(8, 8), num_classes=10)
+
+    def plan(command, given=False, **changes):
+        s = dataclasses.replace(config.resolve(command, config.load_preset())[0], **changes)  # smooth: first sigma
+        return runner.thread_plan(command, SimpleNamespace(settings=s, data=SimpleNamespace(info=info), given=given))
+
+    assert plan("train") == (1, cores)
+    assert plan("backdoor") == (1, cores)
+    assert plan("smooth") == (cores, cores)  # certification's count, for its training too
+    assert plan("smooth", given=True) == (cores, cores)
+    assert plan("attack") == (cores, cores)
+    assert plan("cleanse") == (cores, cores)
+    assert plan("mitigate") == (1, cores)
+    assert plan("mitigate", mitigation="prune") == (cores, cores)
+    assert plan("train", threads=3) == (3, 3)
+    assert plan("train", threads=3, eval_threads=1) == (3, 1)
+    assert plan("train", eval_threads=1) == (1, 1)

@@ -24,15 +24,18 @@ def no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
     return items
 
 
-SMALL_WORK = (
-    100_000  # values per forward pass below which one intra-op thread is as fast as several (measured on 2 cores)
-)
+# Values per forward pass below which one intra-op thread is as fast as several (measured on 2
+# cores, benchmarks/threads.py): training steps (forward, weight gradients, the optimizer) gain
+# nothing from a second thread at 8,192 (the digits' batches of 128), while evaluation (forward
+# passes and input gradients: attacks, certification, the trigger search) gains 20% at 32,768.
+SMALL_WORK = 100_000
+SMALL_EVAL_WORK = 16_384
 
 
-def choose_threads(explicit: int = 0, work: int | None = None) -> tuple[int, str]:
+def choose_threads(explicit: int = 0, work: int | None = None, small: int = SMALL_WORK) -> tuple[int, str]:
     """(intra-op threads for this process, why). `explicit` (--threads) wins, then
     OMP_NUM_THREADS. Else `work`, the values through the model in one forward pass (batch x
-    channels x height x width): below SMALL_WORK the threads would mostly wait for each other
+    channels x height x width): below `small` the threads would mostly wait for each other
     (and, beside other work, spin), so one thread; otherwise the cores this process may run on
     (its CPU affinity) shared among the processes torchrun started on this machine. A function
     of the work, the machine and the launch, never of the momentary load, so the same command on
@@ -44,8 +47,8 @@ def choose_threads(explicit: int = 0, work: int | None = None) -> tuple[int, str
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) > 0:
         return int(given), "OMP_NUM_THREADS"
-    if work is not None and work < SMALL_WORK:
-        return 1, f"{work:,} values per forward pass (under {SMALL_WORK:,})"
+    if work is not None and work < small:
+        return 1, f"{work:,} values per forward pass (under {small:,})"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(1, cores // procs), f"{cores} cores / {procs} process{'es' if procs > 1 else ''}"
@@ -55,6 +58,39 @@ def apply_threads(choice: tuple[int, str]) -> int:
     """Set the intra-op threads chosen by choose_threads; returns them."""
     torch.set_num_threads(choice[0])
     return choice[0]
+
+
+_PLAN: dict[str, int] = {}  # intra-op threads by phase while a study runs: "train" and "evaluate"
+
+
+@contextlib.contextmanager
+def planned_threads(train: int, evaluate: int) -> Iterator[None]:
+    """Inside the block, phase("train") runs with `train` intra-op threads and phase("evaluate")
+    with `evaluate`; the block starts with `train`. Outside it, phase() leaves the count alone (a
+    library caller keeps its own)."""
+    _PLAN.update(train=train, evaluate=evaluate)
+    torch.set_num_threads(train)
+    try:
+        yield
+    finally:
+        _PLAN.clear()
+
+
+@contextlib.contextmanager
+def phase(kind: str) -> Iterator[None]:
+    """Run the block with the intra-op threads planned for `kind`: "train" for steps that update
+    weights (training, unlearning), "evaluate" for the rest (evaluation, attacks, certification,
+    the trigger search); afterwards the count before. Training's numbers depend on the count (the
+    order of its reductions); evaluation's did not in any digit on the digits model."""
+    wanted, before = _PLAN.get(kind), torch.get_num_threads()
+    if wanted is None or wanted == before:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -108,8 +108,14 @@ class Common(Group):
     )
     threads: int = setting(
         0,
-        "CPU intra-op threads (0: the cores this process may use, shared among the processes torchrun started on "
+        "CPU intra-op threads of training and unlearning steps, and of the rest unless --eval-threads is given (0: "
+        "one for small work, else the cores this process may use, shared among the processes torchrun started on "
         "this machine; OMP_NUM_THREADS wins when set). Logged as the param threads: CPU figures depend on it.",
+    )
+    eval_threads: int = setting(
+        0,
+        "CPU intra-op threads of evaluation, attacks, certification and the trigger search (0: --threads when "
+        "given, else chosen by their work as --threads is). Logged as the param eval_threads.",
     )
     seed: int = setting(0, "Seed of every random choice.")
     eval_batch_size: int = setting(512, "Batch size of evaluation and attacks.")
@@ -122,6 +128,8 @@ class Common(Group):
                 f"image size, workers and threads must be >= 0, got {self.image_size}, {self.workers} and "
                 f"{self.threads}"
             )
+        if self.eval_threads < 0:
+            raise ValueError(f"eval threads must be >= 0, got {self.eval_threads}")
 
     def compile_mode(self, device, work: int) -> str | None:
         """torch.compile's mode (None: not compiled) for `work` images through the model on this
@@ -657,6 +665,7 @@ RUNTIME_ONLY = (
     "workers",
     "data_dir",
     "threads",
+    "eval_threads",
 )  # where and how to run: a resumed run may change them
 
 

@@ -148,7 +148,7 @@ def experiment_id(name: str, create: bool = True) -> str | None:
     return exp.experiment_id if exp else None
 
 
-def environment_params(device: str) -> dict[str, str]:
+def environment_params(device: str, threads: int, eval_threads: int) -> dict[str, str]:
     import timm
     import torch
 
@@ -158,7 +158,9 @@ def environment_params(device: str) -> dict[str, str]:
         "timm_version": timm.__version__,
         "python_version": platform.python_version(),
         "device": device,
-        "threads": str(torch.get_num_threads()),  # CPU figures depend on it: repeat a run with --threads
+        # CPU figures depend on them: repeat a run with --threads and --eval-threads
+        "threads": str(threads),
+        "eval_threads": str(eval_threads),
     }
 
 

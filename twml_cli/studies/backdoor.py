@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import attacks, backdoor, config, figures, models, results, training
+from .. import attacks, backdoor, config, figures, models, results, runtime, training
 from ..data import MemoryDataSet
 from ..errors import TwmlError
 from ..examples import InMemory
@@ -70,10 +70,14 @@ def prepare(s: config.Backdoor) -> Inputs:
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, model = inputs.settings, inputs.model
     mode = s.compile_mode(inputs.device, s.epochs * len(inputs.poisoned))
-    result = training.train(model, inputs.poisoned, s.train_config(), None, hooks=hooks.training(s), compile_mode=mode)
+    with runtime.phase("train"):
+        result = training.train(
+            model, inputs.poisoned, s.train_config(), None, hooks=hooks.training(s), compile_mode=mode
+        )
     x_test, y_test = inputs.data.test.x.cpu(), inputs.data.test.y.cpu()
-    accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
-    success = backdoor.attack_success_rate(model, x_test, y_test, s.target, inputs.trigger, s.eval_batch_size)
+    with runtime.phase("evaluate"):
+        accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
+        success = backdoor.attack_success_rate(model, x_test, y_test, s.target, inputs.trigger, s.eval_batch_size)
     i = int(inputs.chosen[0])
     example = (inputs.data.train.x[i].cpu(), inputs.poisoned.x[i], int(inputs.data.train.y[i]))
     return Outcome(

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import attacks, backdoor, cleanse, config, mitigation, models, results
+from .. import attacks, backdoor, cleanse, config, mitigation, models, results, runtime
 from ..data import MemoryDataSet
 from ..errors import TwmlError
 from .common import Hooks, Run, check_fits, data_name, device, in_memory, load_data, load_model
@@ -124,15 +124,19 @@ def _measure(model, inputs: Inputs) -> tuple[float, float, float | None]:
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, f = inputs.settings, inputs.finding
-    before = _measure(inputs.model, inputs)
+    with runtime.phase("evaluate"):
+        before = _measure(inputs.model, inputs)
     repaired = copy.deepcopy(inputs.model)
     pruned = None
     x, y = inputs.data.train.x.cpu(), inputs.data.train.y.cpu()
     if s.mitigation == "unlearn":
-        mitigation.unlearn(repaired, x, y, f.mask, f.pattern, s.unlearn_config())
+        with runtime.phase("train"):
+            mitigation.unlearn(repaired, x, y, f.mask, f.pattern, s.unlearn_config())
     else:
-        pruned = mitigation.prune(repaired, x, y, f.target, f.mask, f.pattern, s.prune_step, s.prune_stop)
-    after = _measure(repaired, inputs)
+        with runtime.phase("evaluate"):  # pruning updates no weights by gradient
+            pruned = mitigation.prune(repaired, x, y, f.target, f.mask, f.pattern, s.prune_step, s.prune_stop)
+    with runtime.phase("evaluate"):
+        after = _measure(repaired, inputs)
     metrics = results.MitigationMetrics(before[0], after[0], before[1], after[1])
     real = results.RealTriggerMetrics(before[2], after[2]) if before[2] is not None and after[2] is not None else None
     return Outcome(s, f, repaired, metrics, real, pruned)

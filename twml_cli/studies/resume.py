@@ -154,7 +154,7 @@ def _logged_settings(run) -> bool:
 
 def resume_settings(command: str, run_id: str, overrides: dict):
     """The settings an interrupted run was started with, from its params; only where and how
-    to run (device, compile, workers, data_dir) may change."""
+    to run (device, compile, workers, data_dir, threads, eval_threads) may change."""
     if command not in RESUMABLE:
         raise TwmlError(f"twml {command} has nothing to resume: {', '.join(RESUMABLE)} do")
     run = tracking.get_run(run_id)
@@ -182,9 +182,11 @@ def resume_settings(command: str, run_id: str, overrides: dict):
         )
     params = {k: v for k, v in run.data.params.items() if k not in runtime_only}
     settings = config.from_params(config.COMMANDS[command][0], params)
-    threads = run.data.params.get("threads", "")
-    if threads.isdigit() and int(threads) <= (os.cpu_count() or 1):
-        # CPU numbers depend on the thread count: the run goes on with the count it was started
-        # with (the machine's own choice could differ: smooth's certification work picks 2 here)
-        settings = dataclasses.replace(settings, threads=int(threads))
+    # CPU numbers depend on the thread counts: the run goes on with those it was started with (the
+    # machine's own choice could differ: OMP_NUM_THREADS may be set in one shell and not the
+    # other). A run logged before eval_threads existed ran everything with its threads.
+    logged = run.data.params
+    counts = {k: logged.get(k, logged.get("threads", "")) for k in ("threads", "eval_threads")}
+    if all(v.isdigit() and int(v) <= (os.cpu_count() or 1) for v in counts.values()):
+        settings = dataclasses.replace(settings, **{k: int(v) for k, v in counts.items()})
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -72,19 +72,13 @@ def execute(
     `name`: the run's name (default: the study's); `earlier`: what the sweep's earlier cells kept."""
     study = STUDIES[command]
     inputs = study.prepare(settings, *prepare_args) if inputs is None else inputs
-    cores = os.cpu_count() or 1
-    if inputs.settings.threads > MAX_THREADS_PER_CORE * cores:  # a limit of this machine, not of the settings
-        raise TwmlError(
-            f"threads must be at most {MAX_THREADS_PER_CORE} per core ({MAX_THREADS_PER_CORE * cores} on this "
-            f"machine's {cores}), got {inputs.settings.threads}"
-        )
-    runtime.apply_threads(runtime.choose_threads(inputs.settings.threads, work(command, inputs)))  # logged with the run
+    threads = thread_plan(command, inputs)  # logged with the run
     hooks = Hooks(progress=session.progress, earlier=earlier or [])
     if resume:
         hooks.resume, hooks.done_rows = resume_from.leftovers(resume)
     started = ""
     try:
-        with _run(command, study, inputs, session, resume, name) as run:
+        with runtime.planned_threads(*threads), _run(command, study, inputs, session, resume, name, threads) as run:
             started = run.id
             if command in RESUMABLE:
                 resume_from.checkpointing(run, hooks)
@@ -102,25 +96,54 @@ def execute(
     return run_id, outcome
 
 
-def work(command: str, inputs) -> int | None:
-    """Values through the model in one forward pass of the study's main work (batch x channels
-    x height x width), which sets its CPU threads (runtime.choose_threads): training batches,
-    evaluation batches, certification's noisy batches, the trigger search's batch of every class
-    and start, unlearning's batches."""
+def work(command: str, inputs) -> tuple[int | None, int]:
+    """Values through the model in one forward pass (batch x channels x height x width) of the
+    study's training steps (None: it trains nothing) and of its evaluation, which set their CPU
+    threads (runtime.choose_threads): training and unlearning batches; evaluation batches,
+    attacks, certification's noisy batches, the trigger search's batch of every class and start."""
     s, info = inputs.settings, inputs.data.info
-    batch = {
+    trains = {
         "train": lambda: s.batch_size,
         "backdoor": lambda: s.batch_size,
-        "attack": lambda: s.eval_batch_size,
+        "smooth": lambda: None if inputs.given else s.certify_batch_size,  # as its certification, for now
+        "mitigate": lambda: s.unlearn_config().batch_size if s.mitigation == "unlearn" else None,
+    }
+    evaluates = {
         "smooth": lambda: s.certify_batch_size,
         "cleanse": lambda: s.search_batch_size * s.search_restarts * info.num_classes,
-        "mitigate": lambda: s.unlearn_config().batch_size,
-    }.get(command)
-    return None if batch is None else batch() * info.in_chans * info.input_size[0] * info.input_size[1]
+    }
+    image = info.in_chans * info.input_size[0] * info.input_size[1]
+    batch = trains.get(command, lambda: None)()
+    return None if batch is None else batch * image, evaluates.get(command, lambda: s.eval_batch_size)() * image
+
+
+def check_threads(s) -> None:
+    """Raises TwmlError for more threads than this machine can run (a limit of the machine, not of
+    the settings: a run logged elsewhere with more may still be read)."""
+    cores = os.cpu_count() or 1
+    for name, given in (("threads", s.threads), ("eval threads", s.eval_threads)):
+        if given > MAX_THREADS_PER_CORE * cores:
+            raise TwmlError(
+                f"{name} must be at most {MAX_THREADS_PER_CORE} per core ({MAX_THREADS_PER_CORE * cores} on this "
+                f"machine's {cores}), got {given}"
+            )
+
+
+def thread_plan(command: str, inputs) -> tuple[int, int]:
+    """The CPU intra-op threads of the study's training steps and of its evaluation, each chosen
+    for its own work (--threads, then --eval-threads, win); a study that trains nothing runs
+    everything with its evaluation's count. Raises TwmlError beyond what this machine can run."""
+    s = inputs.settings
+    check_threads(s)
+    trains, evaluates = work(command, inputs)
+    evaluate = runtime.choose_threads(s.eval_threads or s.threads, evaluates, runtime.SMALL_EVAL_WORK)[0]
+    return (evaluate if trains is None else runtime.choose_threads(s.threads, trains)[0]), evaluate
 
 
 @contextlib.contextmanager
-def _run(command: str, study, inputs, session: Session, resume: str | None, name: str | None = None) -> Iterator:
+def _run(
+    command: str, study, inputs, session: Session, resume: str | None, name: str | None, threads: tuple[int, int]
+) -> Iterator:
     if runtime.rank() != 0:
         yield NullRun()
         return
@@ -133,7 +156,7 @@ def _run(command: str, study, inputs, session: Session, resume: str | None, name
         **config.params(s),
         "preset": session.preset,
         "world_size": runtime.world_size(),
-        **tracking.environment_params(describe_device(inputs.device)),
+        **tracking.environment_params(describe_device(inputs.device), *threads),
     }
     if hasattr(study, "extra_params"):
         params.update(study.extra_params(inputs))
@@ -171,6 +194,7 @@ def execute_all(command: str, settings_list: list, session: Session) -> list[str
     study = STUDIES[command]
     axes = config.swept(settings_list)
     first = study.prepare(settings_list[0])  # bad input ends here, before a parent run exists
+    check_threads(first.settings)
     keep = getattr(study, "sweep_keep", lambda outcome: None)
     began = time.perf_counter()
     with _parent(session, "sweep", sweep.parent_name(command, settings_list, axes)) as (nested, parent):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import attacks, config, figures, models, results, smoothing, training
+from .. import attacks, config, figures, models, results, runtime, smoothing, training
 from .common import (
     Data,
     Hooks,
@@ -88,26 +88,28 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     if not inputs.given:
         method = s.perturbation()
         mode = s.compile_mode(inputs.device, s.epochs * len(inputs.data.train) * method.copies)
-        result = training.train(
-            model, inputs.data.train, s.train_config(), method, hooks=hooks.training(s), compile_mode=mode
-        )
-    accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
+        with runtime.phase("train"):
+            result = training.train(
+                model, inputs.data.train, s.train_config(), method, hooks=hooks.training(s), compile_mode=mode
+            )
     base = models.compiled(model, s.compile_mode(inputs.device, len(inputs.indices) * (s.n0 + s.n)))
     smoothed = smoothing.Smooth(base, model.spec.num_classes, s.sigma, seed=s.seed)
-    table = smoothing.certify_dataset(
-        smoothed,
-        inputs.data.test,
-        inputs.indices,
-        s.n0,
-        s.n,
-        s.cert_alpha,
-        s.certify_batch_size,
-        hooks.progress,
-        done=hooks.done_rows,
-        save_rows=hooks.save_rows,
-        grid=s.radii if s.adaptive else None,
-        futility=s.futility,
-    )
+    with runtime.phase("evaluate"):
+        accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
+        table = smoothing.certify_dataset(
+            smoothed,
+            inputs.data.test,
+            inputs.indices,
+            s.n0,
+            s.n,
+            s.cert_alpha,
+            s.certify_batch_size,
+            hooks.progress,
+            done=hooks.done_rows,
+            save_rows=hooks.save_rows,
+            grid=s.radii if s.adaptive else None,
+            futility=s.futility,
+        )
     return Outcome(s, model, result, accuracy, table)
 
 

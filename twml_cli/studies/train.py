@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .. import attacks, config, models, results, training
+from .. import attacks, config, models, results, runtime, training
 from .common import Data, Hooks, Run, artifacts, device, load_data, new_model, with_augmentation
 
 COMMAND = "train"
@@ -43,18 +43,20 @@ def prepare(s: config.Training) -> Inputs:
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, data, model = inputs.settings, inputs.data, inputs.model
     work = s.epochs * len(data.train), len(data.test) * (s.pgd_steps + 2) * s.pgd_restarts
-    result = training.train(
-        model,
-        data.train,
-        s.train_config(),
-        s.perturbation(),
-        hooks=hooks.training(s),
-        compile_mode=s.compile_mode(inputs.device, work[0]),
-    )
+    with runtime.phase("train"):
+        result = training.train(
+            model,
+            data.train,
+            s.train_config(),
+            s.perturbation(),
+            hooks=hooks.training(s),
+            compile_mode=s.compile_mode(inputs.device, work[0]),
+        )
     attacked = models.compiled(model, s.compile_mode(inputs.device, work[1]))
-    robust = attacks.evaluate_robustness(
-        attacked, data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress, s.autoattack_config()
-    )
+    with runtime.phase("evaluate"):
+        robust = attacks.evaluate_robustness(
+            attacked, data.test, s.pgd_config(), s.eval_batch_size, s.seed, hooks.progress, s.autoattack_config()
+        )
     return Outcome(s, model, result, robust)
 
 
