@@ -76,13 +76,13 @@ def _settings(command: str, **overrides):
 
 def _resolved(command: str, **overrides) -> dict:
     """The settings a step runs with, the preset's defaults and the overrides together, as a run
-    would log them (less model_runs, a path): what --out's cached results are keyed by, so that a
-    changed default is recomputed rather than read back."""
+    would log them, less where and how it runs (the threads are keyed apart) and model_runs (a
+    path): what --out's cached results are keyed by, so that a changed default is recomputed
+    rather than read back."""
     from twml_cli import config
 
     params = config.params(_settings(command, **overrides))
-    params.pop("model_runs", None)
-    return params
+    return {k: v for k, v in params.items() if k not in (*config.RUNTIME_ONLY, "model_runs")}
 
 
 def _model(out: Path, cell: Cell, threads: int) -> tuple[str, dict]:
