@@ -83,7 +83,7 @@ def test_a_study_plans_training_and_evaluation_threads_by_their_own_work(monkeyp
 
     assert plan("train") == (1, cores)
     assert plan("backdoor") == (1, cores)
-    assert plan("smooth") == (cores, cores)  # certification's count, for its training too
+    assert plan("smooth") == (1, cores)  # its base classifier trains as twml train does
     assert plan("smooth", given=True) == (cores, cores)
     assert plan("attack") == (cores, cores)
     assert plan("cleanse") == (cores, cores)

@@ -105,7 +105,7 @@ def work(command: str, inputs) -> tuple[int | None, int]:
     trains = {
         "train": lambda: s.batch_size,
         "backdoor": lambda: s.batch_size,
-        "smooth": lambda: None if inputs.given else s.certify_batch_size,  # as its certification, for now
+        "smooth": lambda: None if inputs.given else s.batch_size,
         "mitigate": lambda: s.unlearn_config().batch_size if s.mitigation == "unlearn" else None,
     }
     evaluates = {
