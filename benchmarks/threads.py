@@ -7,7 +7,9 @@ twml's own choice, on a quiet machine and with a second twml beside it (configur
 
 Each measurement runs in a fresh process (OpenMP reads its settings when it starts). The
 second twml is `twml train` with a large budget, in its own folder, started first and killed
-after. Prints one JSON line per measurement and the Markdown table.
+after. `--repeat K` goes round the settings K times and the table shows each median and range
+(a shared machine drifts: round-robin puts the drift on every setting alike). Prints one JSON
+line per measurement and the Markdown table.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def worker() -> None:
         outcome = train.compute(inputs)
     test = inputs.data.test
     smoothed = smoothing.Smooth(outcome.model, 10, 0.25, seed=0)
-    certifying = runtime.choose_threads(0, 2000 * 64, runtime.SMALL_EVAL_WORK)[0]  # 2,000 noisy 8x8 images a pass
+    certifying = runtime.choose_threads(0, 2000 * 64)[0]  # 2,000 noisy 8x8 images a pass
     with runtime.planned_threads(certifying, certifying):
         began = time.perf_counter()
         smoothing.certify_dataset(smoothed, test, list(range(len(test))), 100, 1000, 0.001, 2000)
@@ -109,44 +111,55 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
     parser.add_argument("--loads", default="quiet,loaded", help="quiet, loaded (a second twml beside) or both")
     parser.add_argument("--limit", type=float, default=900, help="seconds a reproduce may take before it is stopped")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the settings; the table shows the median")
     args = parser.parse_args()
     if args.worker:
         worker()
         return
-    results = {}
-    for name in args.settings.split(","):
-        for loaded in [w == "loaded" for w in args.loads.split(",")]:
-            beside = None
-            with tempfile.TemporaryDirectory() as tmp:
-                if loaded:
-                    beside = subprocess.Popen(
-                        [sys.executable, "-m", "twml_cli", "train", "--epochs", "100000", "--checkpoint-every", "0"],
-                        cwd=tmp,
-                        env=env(SETTINGS[name]),
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                    time.sleep(15)  # past its start-up, into training
-                try:
-                    row = measure(SETTINGS[name], args.reproduce, args.limit)
-                finally:
-                    if beside is not None:
-                        beside.send_signal(signal.SIGKILL)
-                        beside.wait()
-            row.update(setting=name, loaded=loaded)
-            results[(name, loaded)] = row
-            print(json.dumps(row), flush=True)
+    results: dict[tuple[str, bool], list[dict]] = {}
+    for _ in range(args.repeat):  # round-robin, so that a machine's drift falls on every setting alike
+        for name in args.settings.split(","):
+            for loaded in [w == "loaded" for w in args.loads.split(",")]:
+                row = one(name, loaded, args)
+                results.setdefault((name, loaded), []).append(row)
+                print(json.dumps(row), flush=True)
     cases = ["train", "pgd", "certification", "search"] + (["reproduce"] if args.reproduce else [])
     names = args.settings.split(",")
     print("\n| case | " + " | ".join(f"{n}: quiet / beside another twml" for n in names) + " |")
     print("|---|" + "---|" * len(names))
 
     def cell(n: str, loaded: bool, case: str) -> str:
-        value = results.get((n, loaded), {}).get(case)
-        return "-" if value is None else f"> {args.limit:.0f} s" if value == float("inf") else f"{value:.1f} s"
+        values = sorted(row[case] for row in results.get((n, loaded), []) if case in row)
+        if not values:
+            return "-"
+        shown = [f"> {args.limit:.0f}" if v == float("inf") else f"{v:.2f}" for v in values]
+        median = shown[len(shown) // 2]
+        return f"{median} s" if len(values) == 1 else f"{median} s ({shown[0]} to {shown[-1]})"
 
     for case in cases:
         print(f"| {case} | " + " | ".join(f"{cell(n, False, case)} / {cell(n, True, case)}" for n in names) + " |")
+
+
+def one(name: str, loaded: bool, args) -> dict:
+    """One measurement of setting `name`, alone or with a second twml training beside it."""
+    beside = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if loaded:
+            beside = subprocess.Popen(
+                [sys.executable, "-m", "twml_cli", "train", "--epochs", "100000", "--checkpoint-every", "0"],
+                cwd=tmp,
+                env=env(SETTINGS[name]),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(15)  # past its start-up, into training
+        try:
+            row = measure(SETTINGS[name], args.reproduce, args.limit)
+        finally:
+            if beside is not None:
+                beside.send_signal(signal.SIGKILL)
+                beside.wait()
+    return {**row, "setting": name, "loaded": loaded}
 
 
 if __name__ == "__main__":

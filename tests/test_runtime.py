@@ -15,9 +15,7 @@ def test_threads_follow_the_work_and_the_processes_on_the_machine(monkeypatch):
         "8,192 values per forward pass (under 100,000)",
     )  # digits training
     assert runtime.choose_threads(0, work=2000 * 64)[0] == cores  # certification's 2,000 noisy copies
-    evaluation = runtime.choose_threads(0, work=512 * 64, small=runtime.SMALL_EVAL_WORK)
-    assert evaluation[0] == cores  # PGD on 512 images: a second thread pays for evaluation, not for training
-    assert runtime.choose_threads(0, work=128 * 64, small=runtime.SMALL_EVAL_WORK)[0] == 1
+    assert runtime.choose_threads(0, work=512 * 64)[0] == 1  # PGD on 512 images
     assert runtime.choose_threads(0)[0] == cores  # unknown work: every core
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more processes on this machine than cores
     assert runtime.choose_threads(0, work=10**7)[0] == 1
@@ -62,10 +60,11 @@ def test_each_phase_runs_with_its_planned_threads_and_restores_the_count():
 
 
 def test_a_study_plans_training_and_evaluation_threads_by_their_own_work(monkeypatch):
-    """The digits default: training batches of 128 8x8 images take one thread, evaluation (512
-    images a batch), certification (2,000) and the trigger search (4 starts x 10 classes x 32)
-    the cores; a study that trains nothing runs with its evaluation's count; --threads sets
-    both, --eval-threads the second."""
+    """The digits default: training batches of 128 8x8 images, evaluation and attacks (512 a
+    batch) and the trigger search (4 starts x 10 classes x 32) take one thread, certification
+    (2,000 noisy copies) the cores, so smooth trains on one thread and certifies on the cores; a
+    study that trains nothing runs with its evaluation's count; --threads sets both,
+    --eval-threads the second."""
     import dataclasses
     from types import SimpleNamespace
 
@@ -81,14 +80,14 @@ def test_a_study_plans_training_and_evaluation_threads_by_their_own_work(monkeyp
         s = dataclasses.replace(config.resolve(command, config.load_preset())[0], **changes)  # smooth: first sigma
         return runner.thread_plan(command, SimpleNamespace(settings=s, data=SimpleNamespace(info=info), given=given))
 
-    assert plan("train") == (1, cores)
-    assert plan("backdoor") == (1, cores)
+    assert plan("train") == (1, 1)
+    assert plan("backdoor") == (1, 1)
     assert plan("smooth") == (1, cores)  # its base classifier trains as twml train does
     assert plan("smooth", given=True) == (cores, cores)
-    assert plan("attack") == (cores, cores)
-    assert plan("cleanse") == (cores, cores)
-    assert plan("mitigate") == (1, cores)
-    assert plan("mitigate", mitigation="prune") == (cores, cores)
+    assert plan("attack") == (1, 1)
+    assert plan("cleanse") == (1, 1)
+    assert plan("mitigate") == (1, 1)
+    assert plan("smooth", certify_batch_size=1000) == (1, 1)
     assert plan("train", threads=3) == (3, 3)
     assert plan("train", threads=3, eval_threads=1) == (3, 1)
     assert plan("train", eval_threads=1) == (1, 1)

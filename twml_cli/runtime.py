@@ -24,18 +24,18 @@ def no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
     return items
 
 
-# Values per forward pass below which one intra-op thread is as fast as several (measured on 2
-# cores, benchmarks/threads.py): training steps (forward, weight gradients, the optimizer) gain
-# nothing from a second thread at 8,192 (the digits' batches of 128), while evaluation (forward
-# passes and input gradients: attacks, certification, the trigger search) gains 20% at 32,768.
+# Values per forward pass below which one intra-op thread is about as fast as several on a quiet
+# machine and faster beside other work (measured on 2 cores, benchmarks/threads.py): training at
+# 8,192 (the digits' batches of 128), PGD at 32,768 and the trigger search at 81,920 gain at most
+# 8% from a second thread alone and run 8% (PGD) to 3.8x (training) slower with it beside a
+# second twml; certification at 128,000 runs 1.4x faster with it.
 SMALL_WORK = 100_000
-SMALL_EVAL_WORK = 16_384
 
 
-def choose_threads(explicit: int = 0, work: int | None = None, small: int = SMALL_WORK) -> tuple[int, str]:
+def choose_threads(explicit: int = 0, work: int | None = None) -> tuple[int, str]:
     """(intra-op threads for this process, why). `explicit` (--threads) wins, then
     OMP_NUM_THREADS. Else `work`, the values through the model in one forward pass (batch x
-    channels x height x width): below `small` the threads would mostly wait for each other
+    channels x height x width): below SMALL_WORK the threads would mostly wait for each other
     (and, beside other work, spin), so one thread; otherwise the cores this process may run on
     (its CPU affinity) shared among the processes torchrun started on this machine. A function
     of the work, the machine and the launch, never of the momentary load, so the same command on
@@ -47,8 +47,8 @@ def choose_threads(explicit: int = 0, work: int | None = None, small: int = SMAL
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) > 0:
         return int(given), "OMP_NUM_THREADS"
-    if work is not None and work < small:
-        return 1, f"{work:,} values per forward pass (under {small:,})"
+    if work is not None and work < SMALL_WORK:
+        return 1, f"{work:,} values per forward pass (under {SMALL_WORK:,})"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(1, cores // procs), f"{cores} cores / {procs} process{'es' if procs > 1 else ''}"

@@ -136,7 +136,7 @@ def thread_plan(command: str, inputs) -> tuple[int, int]:
     s = inputs.settings
     check_threads(s)
     trains, evaluates = work(command, inputs)
-    evaluate = runtime.choose_threads(s.eval_threads or s.threads, evaluates, runtime.SMALL_EVAL_WORK)[0]
+    evaluate = runtime.choose_threads(s.eval_threads or s.threads, evaluates)[0]
     return (evaluate if trains is None else runtime.choose_threads(s.threads, trains)[0]), evaluate
 
 
