@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,9 +133,9 @@ def main() -> None:
         values = sorted(row[case] for row in results.get((n, loaded), []) if case in row)
         if not values:
             return "-"
-        shown = [f"> {args.limit:.0f}" if v == float("inf") else f"{v:.2f}" for v in values]
-        median = shown[len(shown) // 2]
-        return f"{median} s" if len(values) == 1 else f"{median} s ({shown[0]} to {shown[-1]})"
+        middle = statistics.median(values)
+        shown = [f"> {args.limit:.0f}" if v == float("inf") else f"{v:.2f}" for v in (middle, *values)]
+        return f"{shown[0]} s" if len(values) == 1 else f"{shown[0]} s ({shown[1]} to {shown[-1]})"
 
     for case in cases:
         print(f"| {case} | " + " | ".join(f"{cell(n, False, case)} / {cell(n, True, case)}" for n in names) + " |")
