@@ -30,8 +30,11 @@ SETTINGS = {  # name: environment of every twml process (the measured one and th
     "2 threads": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"},
     "2 threads passive": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
     "twml's choice": {"OMP_WAIT_POLICY": "PASSIVE"},  # what twml's CLI sets unless told otherwise
+    # GNU OpenMP's middle ground: spin this many times, then sleep (unset, it spins 300,000 times)
+    "2 threads spin 10000": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "10000"},
+    "2 threads spin 100000": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "100000"},
 }
-CLEAN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "TWML_THREADS")
+CLEAN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "TWML_THREADS")
 
 
 def env(extra: dict) -> dict:
