@@ -1,6 +1,8 @@
 """`twml smooth`, `twml backdoor` and `twml cleanse` end to end: what their runs log on the
 embedded default (read from the shared `twml reproduce`), their findings, and bad input."""
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -42,6 +44,8 @@ def test_smooth_logs_every_metric_and_artifact(reproduced):
         )
         assert {"epochs", "batch_size", "lr", "model", "dataset", "seed"} <= set(p)
         assert "pgd_steps" not in p and "m" not in p  # not smoothing's settings
+        given = os.environ.get("OMP_NUM_THREADS")  # else training on one thread, certification on the cores
+        assert (p["threads"], p["eval_threads"]) == (given or "1", given or str(len(os.sched_getaffinity(0))))
         assert SMOOTH_METRICS <= set(run.data.metrics)
         assert SMOOTH_ARTIFACTS <= cli.artifacts(run)
         table = pd.read_csv(cli.download(run, "certify.csv"))

@@ -90,4 +90,5 @@ def test_a_study_plans_training_and_evaluation_threads_by_their_own_work(monkeyp
     assert plan("smooth", certify_batch_size=1000) == (1, 1)
     assert plan("train", threads=3) == (3, 3)
     assert plan("train", threads=3, eval_threads=1) == (3, 1)
-    assert plan("train", eval_threads=1) == (1, 1)
+    assert plan("smooth", threads=1) == (1, 1)
+    assert plan("smooth", eval_threads=1) == (1, 1)
