@@ -1,6 +1,8 @@
-"""CPU threads: how fast twml's work runs with 1 thread, with 2 (PyTorch's default on 2 cores),
-with 2 that sleep instead of spinning while they wait (OpenMP's passive wait policy) and with
-twml's own choice, on a quiet machine and with a second twml beside it (configured alike).
+"""CPU threads: how fast twml's work runs with 1 thread, with 2 that spin while they wait
+(OpenMP's active wait policy; PyTorch's default spins too, 300,000 times before it sleeps),
+with 2 that sleep instead of spinning while they wait (OpenMP's passive wait policy), with 2
+that spin a while and then sleep (GNU OpenMP's spin count) and with twml's own choice, on a
+quiet machine and with a second twml beside it (configured alike).
 
     python benchmarks/threads.py                    # training, PGD, certification, trigger search (minutes)
     python benchmarks/threads.py --reproduce        # also `twml reproduce` (about 3 minutes a run)
