@@ -10,9 +10,9 @@ from twml_cli import findings, results
 
 
 def run_both(reproduced, tmp_path, *args):
-    """The same command with one and with two processes, each in an experiment of its own."""
+    """The same command with one process (this one) and with two, each in an experiment of its own."""
     cli = reproduced.cli
-    single = twml_run(*args, "--experiment", "one", cwd=cli.path, uri=cli.uri)
+    single = cli(*args, "--experiment", "one")
     double = twml_run(*args, "--experiment", "two", "--nproc-per-node", "2", cwd=cli.path, uri=cli.uri)
     assert single.code == 0, single.err
     assert double.code == 0, double.err

@@ -47,10 +47,10 @@ def killed_and_resumed(tmp_path_factory):
 
     cli = Cli(tmp_path_factory.mktemp("resume"))
     killed = kill_after(cli, ARGS, passes=2)
-    listing = twml_run("runs", cwd=cli.path, uri=cli.uri)
+    listing = cli("runs")
     done_before = checkpoint_passes(cli, killed.info.run_id)
-    resumed = twml_run("train", "--resume", killed.info.run_id, cwd=cli.path, uri=cli.uri)
-    whole = twml_run(*ARGS, "--experiment", "whole", cwd=cli.path, uri=cli.uri)
+    resumed = twml_run("train", "--resume", killed.info.run_id, cwd=cli.path, uri=cli.uri)  # a fresh process
+    whole = cli(*ARGS, "--experiment", "whole")
     return cli, killed, listing, done_before, resumed, whole
 
 
@@ -165,10 +165,10 @@ def test_a_smooth_run_resumed_mid_training_certifies_as_an_uninterrupted_one(cli
     certificates as the run that was never stopped (the soak found a resumed smooth run that
     had gone on with another thread count than it was started with)."""
     args = ("smooth", "--sigma", "0.25", "--epochs", "6", "--n", "200", "--num-examples", "60", "--threads", "1")
-    assert twml_run(*args, "--experiment", "whole", cwd=cli.path, uri=cli.uri).code == 0
+    assert cli(*args, "--experiment", "whole").code == 0
     killed = kill_after(cli, args, passes=3)
     assert 3 <= checkpoint_passes(cli, killed.info.run_id) < 6
-    resumed = twml_run("smooth", "--resume", killed.info.run_id, cwd=cli.path, uri=cli.uri)
+    resumed = cli("smooth", "--resume", killed.info.run_id)
     assert resumed.code == 0, resumed.err
     run = cli.client().get_run(killed.info.run_id)
     (whole,) = cli.runs("smooth", experiment="whole")

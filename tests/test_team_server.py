@@ -175,14 +175,18 @@ def test_a_server_that_goes_away_mid_run_loses_no_work(tmp_path):
     """The server is killed after the third pass; twml keeps the training state locally and
     says how to go on; once the server is back, --resume finishes the run, and it ends as an
     uninterrupted run with the same settings does."""
+    from conftest import Cli
+
     folder, work = tmp_path / "server", tmp_path / "work"
     folder.mkdir(), work.mkdir()
     port = free_port()
     args = ("train", "--epochs", "12", "--pgd-steps", "2", "--threads", "1", "--server-wait", "3")
+    cli = Cli(work)
     with mlflow_server(folder, port) as uri:
-        whole = twml_process(*args, "--experiment", "whole", cwd=work, uri=uri)
-        assert whole.wait(timeout=300) == 0, whole.stderr.read()
-        proc = twml_process(*args, "--experiment", "cut", cwd=work, uri=uri)
+        cli.uri = uri
+        whole = cli(*args, "--experiment", "whole", "--tracking-uri", uri)
+        assert whole.code == 0, whole.err
+        proc = twml_process(*args, "--experiment", "cut", cwd=work, uri=uri)  # to be cut off: its own process
         kept = work / ".twml" / "kept"
         deadline = time.time() + 120
         while time.time() < deadline and not list(kept.glob("*/checkpoint/state.json")):
@@ -198,11 +202,10 @@ def test_a_server_that_goes_away_mid_run_loses_no_work(tmp_path):
     assert (state.parent / "state.safetensors").is_file()
 
     with mlflow_server(folder, port):
-        listed = twml_process("runs", "--experiment", "cut", cwd=work, uri=uri)
-        out, _ = listed.communicate(timeout=120)
-        assert "interrupted" in out and f"resume: twml train --resume {run_id}" in out, out
-        resumed = twml_process("train", "--resume", run_id, "--tracking-uri", uri, cwd=work, uri=uri)
-        assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+        listed = cli("runs", "--experiment", "cut", "--tracking-uri", uri)
+        assert "interrupted" in listed.out and f"resume: twml train --resume {run_id}" in listed.out, listed.out
+        resumed = cli("train", "--resume", run_id, "--tracking-uri", uri)
+        assert resumed.code == 0, resumed.err
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
