@@ -113,6 +113,7 @@ def server(tmp_path_factory):
         yield uri
 
 
+@pytest.mark.slow  # 36 s; test_team_server runs the same commands against a server that wants credentials
 def test_train_smooth_and_report_against_a_team_server(server, tmp_path):
     cli = Cli(tmp_path)
     cli.uri = server

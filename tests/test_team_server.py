@@ -78,10 +78,11 @@ def test_with_credentials_train_smooth_and_report_work_and_the_password_stays_se
     trained = cli("train", *TINY, "--tracking-uri", in_uri, "--experiment", "alice-work")
     assert trained.code == 0, trained.err
     as_user(clean_env, "alice", ALICE)  # from here on the usual way: MLflow's variables
+    (model,) = cli.runs("train", experiment="alice-work")
     smoothed = cli(
         "smooth",
-        "--epochs",
-        "1",
+        "--run",  # the model, read back from the server
+        model.info.run_id,
         "--sigma",
         "0.25",
         "--n",
@@ -104,6 +105,9 @@ def test_with_credentials_train_smooth_and_report_work_and_the_password_stays_se
     runs = client.search_runs([exp.experiment_id])
     assert {r.data.tags["twml.command"] for r in runs} == {"train", "smooth", "report"}
     assert all(r.info.status == "FINISHED" for r in runs)
+    (smooth,) = (r for r in runs if r.data.tags["twml.command"] == "smooth")
+    assert {"certify.csv", "randomized-smoothing-acc-vs-radius.png"} <= cli.artifacts(smooth)  # proxied artifacts
+    assert (cli.path / "out" / "alice-work.pdf").stat().st_size > 1000
     secret = ALICE.encode()
     for r in runs:
         assert secret not in everything_logged(client, r), r.data.tags["twml.command"]
