@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, mlflow_server, twml_process
+from conftest import Cli, free_port, mlflow_server, twml_process
 
 ADMIN, ALICE, BOB = "admin-password-1", "alice-password-1", "bob-password-12"  # the server wants 12+ characters
 TINY = ("--epochs", "1", "--pgd-steps", "1")
@@ -179,8 +179,6 @@ def test_a_server_that_goes_away_mid_run_loses_no_work(tmp_path):
     """The server is killed once the first pass's state is kept; twml keeps the training state locally and
     says how to go on; once the server is back, --resume finishes the run, and it ends as an
     uninterrupted run with the same settings does."""
-    from conftest import Cli
-
     folder, work = tmp_path / "server", tmp_path / "work"
     folder.mkdir(), work.mkdir()
     port = free_port()
