@@ -6,6 +6,7 @@ quiet machine and with a second twml beside it (configured alike).
 
     python benchmarks/threads.py                    # training, PGD, certification, trigger search (minutes)
     python benchmarks/threads.py --reproduce        # also `twml reproduce` (about 3 minutes a run)
+    python benchmarks/threads.py --cases certification --settings "1 thread,twml's choice"
 
 Each measurement runs in a fresh process (OpenMP reads its settings when it starts). The
 second twml is `twml train` with a large budget, in its own folder, started first and killed
@@ -27,16 +28,20 @@ import tempfile
 import time
 from pathlib import Path
 
+ONE_BATCH = "TWML_BENCH_ONE_BATCH"  # the worker runs certification's batches one at a time (no forward_pool)
+CASES = ("train", "pgd", "certification", "search")
 SETTINGS = {  # name: environment of every twml process (the measured one and the one beside it)
     "1 thread": {"OMP_NUM_THREADS": "1"},
     "2 threads": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"},
     "2 threads passive": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    # certification's noisy batches one at a time, each split over both threads (twml runs two at once)
+    "2 threads passive one batch at a time": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", ONE_BATCH: "1"},
     "twml's choice": {"OMP_WAIT_POLICY": "PASSIVE"},  # what twml's CLI sets unless told otherwise
     # GNU OpenMP's middle ground: spin this many times, then sleep (unset, it spins 300,000 times)
     "2 threads spin 10000": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "10000"},
     "2 threads spin 100000": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "100000"},
 }
-CLEAN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "TWML_THREADS")
+CLEAN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "TWML_THREADS", ONE_BATCH)
 
 
 def env(extra: dict) -> dict:
@@ -53,6 +58,10 @@ def worker() -> None:
     from twml_cli.models import save_model
     from twml_cli.studies import cleanse, runner, train
 
+    if os.environ.get(ONE_BATCH):
+        runtime.forward_pool = lambda fn, items, device, parallel=True: map(fn, items)  # type: ignore[assignment]
+    cases = os.environ.get("TWML_BENCH_CASES", ",".join(CASES)).split(",")
+
     s = dataclasses.replace(config.resolve_one("train", config.load_preset()), device="cpu")
     inputs = train.prepare(s)
     planned = runner.thread_plan("train", inputs)
@@ -65,14 +74,18 @@ def worker() -> None:
         began = time.perf_counter()
         smoothing.certify_dataset(smoothed, test, list(range(len(test))), 100, 1000, 0.001, 2000)
         certify_s = time.perf_counter() - began
-    with tempfile.TemporaryDirectory() as folder:
-        save_model(outcome.model, folder)
-        searched = cleanse.prepare(
-            dataclasses.replace(config.resolve_one("cleanse", config.load_preset()), device="cpu", model_runs=[folder])
-        )
-        searching = runner.thread_plan("cleanse", searched)
-        with runtime.planned_threads(*searching):
-            search_s = cleanse.compute(searched).inspections[0].seconds
+    search_s, searching = None, (0, 0)
+    if "search" in cases:
+        with tempfile.TemporaryDirectory() as folder:
+            save_model(outcome.model, folder)
+            searched = cleanse.prepare(
+                dataclasses.replace(
+                    config.resolve_one("cleanse", config.load_preset()), device="cpu", model_runs=[folder]
+                )
+            )
+            searching = runner.thread_plan("cleanse", searched)
+            with runtime.planned_threads(*searching):
+                search_s = cleanse.compute(searched).inspections[0].seconds
     print(
         json.dumps(
             {
@@ -86,10 +99,14 @@ def worker() -> None:
     )
 
 
-def measure(extra: dict, reproduce: bool, limit: float) -> dict:
+def measure(extra: dict, reproduce: bool, limit: float, cases: str) -> dict:
     out = json.loads(
         subprocess.run(
-            [sys.executable, __file__, "--worker"], env=env(extra), capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--worker"],
+            env={**env(extra), "TWML_BENCH_CASES": cases},
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.splitlines()[-1]
     )
     if reproduce:
@@ -117,6 +134,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
     parser.add_argument("--loads", default="quiet,loaded", help="quiet, loaded (a second twml beside) or both")
     parser.add_argument("--limit", type=float, default=900, help="seconds a reproduce may take before it is stopped")
+    parser.add_argument("--cases", default=",".join(CASES), help="what the worker times (it always trains)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over the settings; the table shows the median")
     args = parser.parse_args()
     if args.worker:
@@ -129,13 +147,13 @@ def main() -> None:
                 row = one(name, loaded, args)
                 results.setdefault((name, loaded), []).append(row)
                 print(json.dumps(row), flush=True)
-    cases = ["train", "pgd", "certification", "search"] + (["reproduce"] if args.reproduce else [])
+    cases = args.cases.split(",") + (["reproduce"] if args.reproduce else [])
     names = args.settings.split(",")
     print("\n| case | " + " | ".join(f"{n}: quiet / beside another twml" for n in names) + " |")
     print("|---|" + "---|" * len(names))
 
     def cell(n: str, loaded: bool, case: str) -> str:
-        values = sorted(row[case] for row in results.get((n, loaded), []) if case in row)
+        values = sorted(row[case] for row in results.get((n, loaded), []) if row.get(case) is not None)
         if not values:
             return "-"
         middle = statistics.median(values)
@@ -160,7 +178,7 @@ def one(name: str, loaded: bool, args) -> dict:
             )
             time.sleep(15)  # past its start-up, into training
         try:
-            row = measure(SETTINGS[name], args.reproduce, args.limit)
+            row = measure(SETTINGS[name], args.reproduce, args.limit, args.cases)
         finally:
             if beside is not None:
                 beside.send_signal(signal.SIGKILL)

@@ -2,6 +2,9 @@
 
 import os
 
+import pytest
+import torch
+
 from twml_cli import runtime
 
 
@@ -92,3 +95,27 @@ def test_a_study_plans_training_and_evaluation_threads_by_their_own_work(monkeyp
     assert plan("train", threads=3, eval_threads=1) == (3, 1)
     assert plan("smooth", threads=1) == (1, 1)
     assert plan("smooth", eval_threads=1) == (1, 1)
+
+
+def test_the_forward_pool_keeps_order_runs_one_thread_each_and_gives_threads_back():
+    before = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        torch.set_num_threads(2)
+        seen = list(runtime.forward_pool(lambda i: (i * i, torch.get_num_threads()), range(20), cpu))
+        assert [v for v, _ in seen] == [i * i for i in range(20)]  # in order, though run two at a time
+        assert {t for _, t in seen} == {1} and torch.get_num_threads() == 2
+
+        def fails(i):
+            if i == 5:
+                raise ValueError("item 5")
+            return i
+
+        with pytest.raises(ValueError, match="item 5"):
+            list(runtime.forward_pool(fails, range(20), cpu))
+        assert torch.get_num_threads() == 2
+        # a compiled model (parallel=False) and one thread run in the caller's thread, with its count
+        serial = runtime.forward_pool(lambda i: torch.get_num_threads(), range(4), cpu, parallel=False)
+        assert set(serial) == {2}
+    finally:
+        torch.set_num_threads(before)

@@ -141,6 +141,25 @@ def test_a_certificate_does_not_depend_on_batch_size_or_company(small_base):
     assert not np.array_equal(other.count, together.count)
 
 
+def test_certification_on_two_threads_counts_every_vote_as_one_thread_does(small_base):
+    """Two threads run two noisy batches at once (runtime.forward_pool): the same votes, to the
+    last one, as one thread running them in turn; a lost or doubled batch would change them."""
+    model, (x, y) = small_base
+    smooth = Smooth(model, 10, 0.5, seed=2)
+    idx = list(range(0, 360, 9))
+    before = torch.get_num_threads()
+    counts = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            counts[threads] = smooth._counts(x[idx], idx, 1, 1000, 256)
+            assert torch.get_num_threads() == threads  # the pool gives the threads back
+    finally:
+        torch.set_num_threads(before)
+    assert int(counts[2].sum()) == 1000 * len(idx)
+    assert torch.equal(counts[1], counts[2])
+
+
 def test_certify_dataset_builds_the_per_example_table(small_base):
     model, (x, y) = small_base
     smooth = Smooth(model, 10, 0.25)

@@ -223,12 +223,18 @@ class Smooth:
         k = self.num_classes
         counts = torch.zeros(len(x) * k, dtype=torch.long, device=device)
         model.eval()
-        with torch.inference_mode():
-            for owner, noise in self._noise_batches(x, indices, phase, num, batch_size, device, skip, total or num):
+
+        def votes(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            owner, noise = pair
+            with torch.inference_mode(), autocast(device):
                 batch = (x[owner] + self.sigma * noise).contiguous(memory_format=torch.channels_last)
-                with autocast(device):
-                    predictions = model(batch).argmax(1)
-                counts += torch.bincount(owner * k + predictions, minlength=len(x) * k)
+                predictions = model(batch).argmax(1)
+            return torch.bincount(owner * k + predictions, minlength=len(x) * k)
+
+        noisy = self._noise_batches(x, indices, phase, num, batch_size, device, skip, total or num)
+        with torch.inference_mode():  # the noise, drawn on this thread
+            for batch_votes in runtime.forward_pool(votes, noisy, device, parallel=not hasattr(model, "_orig_mod")):
+                counts += batch_votes  # whole numbers: the sum does not depend on the order
         return counts.view(len(x), k)
 
     def _noise_batches(
