@@ -31,7 +31,8 @@ def no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
 # machine and faster beside other work (measured on 2 cores, benchmarks/threads.py): training at
 # 8,192 (the digits' batches of 128), PGD at 32,768 and the trigger search at 81,920 gain at most
 # 8% from a second thread alone and run 8% (PGD) to 3.8x (training) slower with it beside a
-# second twml; certification at 128,000 runs 1.4x faster with it.
+# second twml; certification at 128,000 runs 1.9x faster with two, as two batches at once
+# (forward_pool).
 SMALL_WORK = 100_000
 
 

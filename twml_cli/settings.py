@@ -115,7 +115,8 @@ class Common(Group):
     eval_threads: int = setting(
         0,
         "CPU intra-op threads of evaluation, attacks, certification and the trigger search (0: --threads when "
-        "given, else chosen by their work as --threads is). Logged as the param eval_threads.",
+        "given, else chosen by their work as --threads is; certification runs that many noisy batches at once, "
+        "one thread each). Logged as the param eval_threads.",
     )
     seed: int = setting(0, "Seed of every random choice.")
     eval_batch_size: int = setting(512, "Batch size of evaluation and attacks.")
