@@ -102,7 +102,7 @@ def forward_pool(fn: Callable[[T], R], items: Iterable[T], device: torch.device,
     `parallel`), T items at a time, each on a Python thread of its own with one intra-op thread:
     independent forward passes keep T cores busy without meeting at every layer, so they run
     faster than one pass split T ways (certification on 2 cores: 1.9x one thread's speed against
-    1.1x), lose only their share of the cores beside other work, and give each item's 1-thread
+    1.2x), lose only their share of the cores beside other work, and give each item's 1-thread
     result whatever T is. fn sets its own thread-local modes (inference_mode, autocast).
     Elsewhere (CUDA, one thread, or not `parallel`: a compiled model) one item after another."""
     workers = torch.get_num_threads() if device.type == "cpu" and parallel else 1
@@ -113,15 +113,17 @@ def forward_pool(fn: Callable[[T], R], items: Iterable[T], device: torch.device,
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="twml-forward") as pool:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) > 2 * workers:  # a bounded queue: items may be large (noisy batches)
+            try:
+                for item in items:
+                    pending.append(pool.submit(fn, item))
+                    if len(pending) > 2 * workers:  # a bounded queue: items may be large (noisy batches)
+                        yield pending.popleft().result()
+                while pending:
                     yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            finally:  # an error or Ctrl-C: what has not started is dropped, not waited for
+                for future in pending:
+                    future.cancel()
     finally:
-        for future in pending:
-            future.cancel()
         torch.set_num_threads(workers)
 
 

@@ -226,9 +226,10 @@ class Smooth:
 
         def votes(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             owner, noise = pair
-            with torch.inference_mode(), autocast(device):
+            with torch.inference_mode():
                 batch = (x[owner] + self.sigma * noise).contiguous(memory_format=torch.channels_last)
-                predictions = model(batch).argmax(1)
+                with autocast(device):
+                    predictions = model(batch).argmax(1)
             return torch.bincount(owner * k + predictions, minlength=len(x) * k)
 
         noisy = self._noise_batches(x, indices, phase, num, batch_size, device, skip, total or num)
