@@ -300,6 +300,14 @@ def init_distributed() -> None:
         torch.distributed.init_process_group("gloo")
 
 
+def close_distributed() -> None:
+    """Leave the process group before the interpreter exits: a gloo group still alive at exit
+    can end the process with std::terminate ("terminate called without an active exception")
+    after its work is done (pytorch/pytorch#190489). A no-op in one process."""
+    if distributed():
+        torch.distributed.destroy_process_group()
+
+
 def shard(n: int, part: int | None = None, parts: int | None = None) -> slice:
     """The contiguous share of range(n) that process `part` of `parts` handles (default: this
     one of the world): sizes differ by at most one, earlier parts take the remainder."""

@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         if store is None:
             raise
         fail(f"twml: error: {store}")
+    finally:
+        runtime = sys.modules.get("twml_cli.runtime")  # not imported for a bad value: no torch to load
+        if runtime is not None:
+            runtime.close_distributed()
     if code == 130:
         fail("twml: interrupted; the MLflow run ended KILLED", 130)
     sys.exit(code if isinstance(code, int) else 0)
