@@ -84,3 +84,14 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 def test_a_folder_without_a_model_is_refused(tmp_path):
     with pytest.raises(TwmlError, match="holds no model"):
         load_model_dir(tmp_path)
+
+
+def test_a_compiled_model_is_recognised_as_one():
+    """Certification runs a compiled model's batches one after another (smoothing._counts)."""
+    from torch import nn
+
+    from twml_cli.models import compiled, is_compiled
+
+    model = nn.Linear(2, 2)
+    assert not is_compiled(model) and not is_compiled(compiled(model, None))
+    assert is_compiled(compiled(model, "default"))  # torch.compile wraps lazily: nothing compiles here

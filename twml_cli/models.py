@@ -176,6 +176,12 @@ def compiled(model: nn.Module, mode: str | None) -> nn.Module:
     return cast(nn.Module, torch.compile(model, mode=None if mode == "default" else mode))
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether `model` is what compiled() returns for a mode (torch.compile's wrapper keeps the
+    model it wraps as _orig_mod)."""
+    return hasattr(model, "_orig_mod")
+
+
 # ---------------------------------------------------------------- save / load
 
 

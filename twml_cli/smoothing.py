@@ -24,6 +24,7 @@ from torch import nn
 
 from . import runtime
 from .configs import check_certify_args
+from .models import is_compiled
 from .runtime import Progress, Timer, autocast, generator, no_progress
 
 ABSTAIN = -1
@@ -234,7 +235,7 @@ class Smooth:
 
         noisy = self._noise_batches(x, indices, phase, num, batch_size, device, skip, total or num)
         with torch.inference_mode():  # the noise, drawn on this thread
-            for batch_votes in runtime.forward_pool(votes, noisy, device, parallel=not hasattr(model, "_orig_mod")):
+            for batch_votes in runtime.forward_pool(votes, noisy, device, parallel=not is_compiled(model)):
                 counts += batch_votes  # whole numbers: the sum does not depend on the order
         return counts.view(len(x), k)
 
