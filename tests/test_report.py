@@ -4,7 +4,7 @@ import re
 
 import pandas as pd
 
-from twml_cli.report.cleanse import thin_margin
+from twml_cli.report.cleanse import describe_mask, thin_margin
 from twml_cli.report.words import change
 
 
@@ -116,6 +116,15 @@ def test_a_run_missing_a_metric_stops_the_report_with_one_line(cli):
 def test_thin_margin_only_near_the_threshold():
     assert "2.23 against a threshold of 2 is a thin margin" in thin_margin(2.23, 2.0)
     assert thin_margin(3.0, 2.0) == "" and thin_margin(5.7, 2.0) == ""
+
+
+def test_the_mask_description_agrees_in_number():
+    import numpy as np
+
+    one, two = np.zeros((8, 8)), np.zeros((8, 8))
+    one[7, 7] = two[7, 6:] = 1.0
+    assert describe_mask(one).startswith("1 of its 64 pixels exceeds 0.5, at (row, column) (7, 7) of the 8x8 image.")
+    assert describe_mask(two).startswith("2 of its 64 pixels exceed 0.5, at (row, column) (7, 6), (7, 7) of")
 
 
 def test_change_wording():

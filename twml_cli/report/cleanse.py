@@ -227,7 +227,8 @@ def describe_mask(mask: np.ndarray, backdoor_run: BackdoorRun | None = None) -> 
         else f"rows {rows.min()}-{rows.max()}, columns {cols.min()}-{cols.max()}"
     )
     text = (
-        f"{len(rows)} of its {mask.size} pixels exceed 0.5, at (row, column) {where} of the "
+        f"{len(rows)} of its {mask.size} pixels {'exceeds' if len(rows) == 1 else 'exceed'} 0.5, at (row, column) "
+        f"{where} of the "
         f"{mask.shape[0]}x{mask.shape[1]} image."
     )
     if backdoor_run is not None:
