@@ -13,6 +13,7 @@ is the class-by-class method run in parallel, not an approximation of it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,7 @@ def reverse_engineer(
     config: CleanseConfig = CleanseConfig(),
     classes: list[int] | None = None,
     progress: Progress = no_progress,
+    on_round: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> ReversedTriggers:
     """Reverse-engineer a trigger for every class in `classes` (default: all), together.
 
@@ -71,7 +73,9 @@ def reverse_engineer(
     multiplied by cost_multiplier after `patience` successful rounds in a row and divided
     by cost_multiplier ** 1.5 after `patience` failing ones. The smallest mask that reached
     the threshold is kept; a class stops once lambda has moved both ways and its best norm
-    has not improved for `early_stop_patience` rounds.
+    has not improved for `early_stop_patience` rounds. `on_round(round, norms, success, rounds)`,
+    if given, sees after each round every row's (class x start) smallest successful norm so far
+    (inf: none yet), that mask's success (none yet: the latest round's) and the rounds it has run.
     """
     classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
     device = next(model.parameters()).device
@@ -150,6 +154,8 @@ def reverse_engineer(
                 if not np.isfinite(best_norm[row]):  # nothing reached the threshold yet: keep the latest
                     best_mask[row], best_pattern[row], best_success[row] = mask[j], pattern[j], success[j]
             state.update(active, success, best_norm)
+            if on_round is not None:
+                on_round(step, best_norm.copy(), best_success.copy(), state.rounds.copy())
 
     # Per class, the start with the smallest successful mask (none succeeded: the most successful).
     reached_rows = np.isfinite(best_norm)
@@ -297,6 +303,7 @@ class OutlierTest:
     median: float
     mad: float  # 1.4826 * median(|l - median|)
     anomaly_index: np.ndarray  # |l - median| / mad
+    below: np.ndarray  # l < median: only these can be flagged
     flagged: np.ndarray  # below the median and anomaly index > threshold
 
 
@@ -311,4 +318,5 @@ def mad_outlier_test(norms, threshold: float = 2.0) -> OutlierTest:
         index = deviation / mad
     else:  # more than half the norms are equal: any other value is infinitely far out
         index = np.where(deviation > 0, np.inf, 0.0)
-    return OutlierTest(median=median, mad=mad, anomaly_index=index, flagged=(norms < median) & (index > threshold))
+    below = norms < median
+    return OutlierTest(median=median, mad=mad, anomaly_index=index, below=below, flagged=below & (index > threshold))

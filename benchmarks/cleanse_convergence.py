@@ -1,0 +1,154 @@
+"""Where Neural Cleanse's trigger search loses: run every class of a model from many random
+starts, each to the authors' convergence rule, record every start's smallest successful mask
+after every round, and read off what any schedule of those starts would have found.
+
+    python benchmarks/cleanse_convergence.py --models benchmark-logs/cleanse-matrix/models/threads1 \\
+        --cells seed2-clean,seed4-top-right-t0-s2 --starts 8 --rounds 150
+
+A schedule R/B/T is: R starts per class, each class going on from its best start after B rounds
+(0: all starts to the end), T rounds in all; 4/10/40 is the digits default. The starts are
+independent rows of one batch (Adam is elementwise, the losses separate, the image order shared),
+so a start's trajectory is the same whether the others run or not, and the replay gives what the
+search itself would (on a CPU, equal to every digit: the first schedule printed is the default,
+compare it with a `twml cleanse` of the model). Models are those of benchmarks/cleanse_matrix.py
+(its --out/models/threads1/<cell>); trajectories are cached in --out as one JSON line per model
+and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SCHEDULES = "4/10/40,1/0/60,8/5/40,4/10/60,4/30/150,8/30/150,8/0/150"
+
+
+def record(folder: Path, seed: int, starts: int, rounds: int, overrides: dict) -> dict:
+    """Every row's best norm after every round, and the rounds it ran, for one model."""
+    import torch
+
+    from twml_cli import cleanse, config
+    from twml_cli.studies import cleanse as study
+
+    torch.set_num_threads(1)
+    s = config.resolve_one(
+        "cleanse", config.load_preset(), {"seed": seed, "model_runs": [str(folder)], "dataset": "digits", **overrides}
+    )
+    inputs = study.prepare(s)
+    search = dataclasses.replace(s.cleanse_config(), restarts=starts, steps=rounds, keep_best_after=0)
+    best, success, ran = [], [], []
+    began = time.perf_counter()
+    model = inputs.models[0]
+    cleanse.reverse_engineer(
+        model,
+        inputs.x_clean,
+        model.spec.num_classes,
+        search,
+        on_round=lambda step, norms, rate, rows: (
+            best.append(norms.tolist()),
+            success.append(rate.round(6).tolist()),
+            ran.append(rows.tolist()),
+        ),
+    )
+    return {"best": best, "success": success, "rounds": ran, "seconds": round(time.perf_counter() - began, 1)}
+
+
+def replay(trace: dict, starts: int, r: int, b: int, t: int) -> tuple[np.ndarray, int]:
+    """Per class, the norm schedule r/b/t would have kept, and the row-rounds it would have cost:
+    the search's own choice of the best start (its smallest successful mask, else its most
+    successful), from the first r starts."""
+    from twml_cli.cleanse import _all_but_best
+
+    best = np.array(trace["best"], dtype=float).reshape(len(trace["best"]), -1, starts)  # (rounds, K, starts)
+    rate = np.array(trace["success"]).reshape(best.shape)
+    ran = np.array(trace["rounds"]).reshape(len(trace["rounds"]), -1, starts)
+    active = np.diff(np.concatenate([np.zeros_like(ran[:1]), ran]), axis=0) > 0
+    last = len(best)
+
+    def at(j: int, values: np.ndarray = best) -> np.ndarray:
+        return values[min(j, last) - 1]
+
+    norms, cost = np.zeros(best.shape[1]), 0
+    for c in range(best.shape[1]):
+        if b and r > 1 and b < t:
+            keep = int(np.flatnonzero(~_all_but_best(at(b)[c, :r], at(b, rate)[c, :r], r))[0])
+            cost += int(active[:b, c, :r].sum() + active[b:t, c, keep].sum())
+            norms[c] = at(t)[c, keep]
+        else:
+            cost += int(active[:t, c, :r].sum())
+            norms[c] = at(t)[c, :r].min()
+    return norms, cost
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", required=True, help="a folder of model folders named as cleanse_matrix's cells")
+    parser.add_argument("--cells", required=True, help="comma-separated cell names, e.g. seed0-bottom-right-t0-s1")
+    parser.add_argument("--starts", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=150)
+    parser.add_argument("--schedules", default=SCHEDULES, help="R/B/T,... (R <= --starts, T <= --rounds)")
+    parser.add_argument("--search", default=None, help="other search settings as JSON, e.g. '{\"init_cost\": 0.003}'")
+    parser.add_argument("--out", default="benchmark-logs/cleanse-convergence")
+    args = parser.parse_args()
+    from twml_cli.cleanse import mad_outlier_test
+
+    overrides = json.loads(args.search) if args.search else {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "traces.jsonl"
+    traces = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            traces[entry["key"]] = entry["trace"]
+    cells = args.cells.split(",")
+    for cell in cells:
+        k = json.dumps([cell, args.starts, args.rounds, overrides], sort_keys=True)
+        if k not in traces:
+            seed = int(re.match(r"seed(\d+)", cell).group(1))
+            traces[k] = record(Path(args.models) / cell, seed, args.starts, args.rounds, overrides)
+            with log.open("a") as sink:
+                sink.write(json.dumps({"key": k, "trace": traces[k]}) + "\n")
+            print(f"{cell}: {traces[k]['seconds']} s", flush=True)
+    traced = {c: traces[json.dumps([c, args.starts, args.rounds, overrides], sort_keys=True)] for c in cells}
+    default_cost = np.mean([replay(tr, args.starts, 4, 10, 40)[1] for tr in traced.values()])
+    print(
+        "| schedule | planted detected | target's index (median) | reversed / planted (median) | clean: largest index "
+        "| stamped images, against 4/10/40 |"
+    )
+    print("|---|---|---|---|---|---|")
+    for schedule in args.schedules.split(","):
+        r, b, t = (int(v) for v in schedule.split("/"))
+        found, planted, index, ratio, clean, cost = 0, 0, [], [], [], []
+        for cell, trace in traced.items():
+            norms, rows = replay(trace, args.starts, r, b, t)
+            cost.append(rows)
+            test = mad_outlier_test(norms)
+            flagged = np.flatnonzero(test.flagged).tolist()
+            m = re.search(r"-t(\d+)-s(\d+)", cell)
+            if m:
+                target, size = int(m.group(1)), int(m.group(2))
+                planted += 1
+                found += flagged == [target]
+                index.append(test.anomaly_index[target])
+                ratio.append(norms[target] / size**2)
+            else:
+                below = norms < test.median
+                clean.append(f"{test.anomaly_index[below].max():.2f}{' flagged' if flagged else ''}")
+        print(
+            f"| {schedule} | {found} / {planted} | {np.median(index) if index else float('nan'):.2f} | "
+            f"{np.median(ratio) if ratio else float('nan'):.2f} | {', '.join(clean) or '-'} | "
+            f"{np.mean(cost) / default_cost:.2f}x |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
