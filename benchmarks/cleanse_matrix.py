@@ -123,8 +123,12 @@ def train_cell(out: Path, cell: Cell, threads: int) -> dict:
     return {"cell": cell.name, **_model(out, cell, threads)[1]}
 
 
-def run_cell(out: Path, cell: Cell, threads: int, search: dict, name: str, model_threads: int) -> dict:
-    """Neural Cleanse on the cell's model; its reversed triggers are kept in out/triggers/NAME.npz."""
+def run_cell(
+    out: Path, cell: Cell, threads: int, search: dict, name: str, model_threads: int, seed_offset: int = 0
+) -> dict:
+    """Neural Cleanse on the cell's model, its search seeded with the training seed plus
+    `seed_offset` (which clean images and which random starts); its reversed triggers are kept
+    in out/triggers/NAME.npz."""
     import torch
 
     from twml_cli.backdoor import Trigger
@@ -133,7 +137,7 @@ def run_cell(out: Path, cell: Cell, threads: int, search: dict, name: str, model
     torch.set_num_threads(model_threads)
     path, facts = _model(out, cell, model_threads)
     torch.set_num_threads(threads)
-    s = _settings("cleanse", seed=cell.seed, model_runs=[path], dataset="digits", **search)
+    s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset="digits", **search)
     began = time.perf_counter()
     outcome = cleanse.compute(cleanse.prepare(s))
     seconds = time.perf_counter() - began
@@ -155,6 +159,7 @@ def run_cell(out: Path, cell: Cell, threads: int, search: dict, name: str, model
         "size": cell.size,
         "threads": threads,
         "model_threads": model_threads,
+        "search_seed": cell.seed + seed_offset,
         **{k: round(v, 4) for k, v in facts.items()},
         "flagged": flagged,
         "largest_index": round(ins.anomaly_index, 3),
@@ -304,6 +309,32 @@ def table(rows: list[dict]) -> list[str]:
     return head + body
 
 
+def agreement(runs: list[list[dict]], agree: int) -> list[dict]:
+    """One row per cell from several independent searches of it: a class is flagged when at least
+    `agree` searches flag it; the target's index and the norm ratio are their medians, with the
+    lowest and highest index kept."""
+    rows = []
+    for each in zip(*runs):
+        votes = np.bincount([c for r in each for c in r["flagged"]], minlength=len(each[0]["norms"]))
+        row = {
+            **each[0],
+            "flagged": [int(c) for c in np.flatnonzero(votes >= agree)],
+            "largest_index": float(np.median([r["largest_index"] for r in each])),
+            "cleanse_s": round(sum(r["cleanse_s"] for r in each), 1),
+            "searches": len(each),
+        }
+        if row["position"] is not None:
+            index = [r["target_index"] for r in each]
+            row.update(
+                detected=row["flagged"] == [row["target"]],
+                target_index=float(np.median(index)),
+                target_index_range=[min(index), max(index)],
+                norm_ratio=float(np.median([r["norm_ratio"] for r in each])),
+            )
+        rows.append(row)
+    return rows
+
+
 def _run(log: Path, todo: dict, jobs: int, submit, what: str) -> dict:
     """Results by key: those `log` holds, and the rest computed (`submit(pool, cell, key)`) and
     appended to it as they finish."""
@@ -344,6 +375,19 @@ def main() -> int:
     parser.add_argument(
         "--search", default=None, help="trigger-search settings as JSON, e.g. '{\"search_restarts\": 1}'"
     )
+    parser.add_argument(
+        "--search-seeds",
+        default="0",
+        help="offsets added to the training seed to seed the search (its clean images and starts); several: "
+        "independent searches per model, and the verdict of --agree of them",
+    )
+    parser.add_argument(
+        "--agree",
+        type=int,
+        default=None,
+        help="with several search seeds: a class is flagged when at least this "
+        "many searches flag it (default: a majority)",
+    )
     parser.add_argument("--mitigate", action="store_true", help="repair every detected cell by unlearning")
     parser.add_argument("--unlearn", default=None, help="unlearning settings as JSON, e.g. '{\"unlearn_lr\": 0.002}'")
     parser.add_argument("--train-only", action="store_true", help="only train (and keep) the models")
@@ -376,19 +420,28 @@ def main() -> int:
                 print(f"[{k}/{len(cells)}] {json.dumps(future.result())}", flush=True)
         return 0
     searched = _resolved("cleanse", dataset="digits", **search)
-    search_key = {
-        c: key(c.name, threads, searched) if model_threads == threads else key(c.name, threads, model_threads, searched)
-        for c in cells
-    }
-    done = _run(
-        out / "cells.jsonl",
-        {search_key[c]: c for c in cells},
-        args.jobs,
-        lambda pool, c, k: pool.submit(run_cell, out, c, threads, search, k, model_threads),
-        f"{args.jobs} job(s) of {threads} thread(s), models trained with {model_threads}; search "
-        f"{search or 'as the preset'}",
-    )
-    rows = [done[search_key[c]] for c in cells]
+    offsets = parse_ints(args.search_seeds)
+    runs = []  # per search seed: the cells' keys and rows
+    for offset in offsets:
+        keyed = (searched, offset) if offset else (searched,)  # offset 0: the keys single searches always had
+        search_key = {
+            c: key(c.name, threads, *keyed) if model_threads == threads else key(c.name, threads, model_threads, *keyed)
+            for c in cells
+        }
+        done = _run(
+            out / "cells.jsonl",
+            {search_key[c]: c for c in cells},
+            args.jobs,
+            lambda pool, c, k, offset=offset: pool.submit(run_cell, out, c, threads, search, k, model_threads, offset),
+            f"{args.jobs} job(s) of {threads} thread(s), models trained with {model_threads}; search "
+            f"{search or 'as the preset'}, seeded with the training seed + {offset}",
+        )
+        runs.append((search_key, [done[search_key[c]] for c in cells]))
+    search_key, rows = runs[0]
+    if len(runs) > 1:
+        for offset, (_, each) in zip(offsets, runs):
+            print(f"search seed = training seed + {offset}: " + "; ".join(summary(each)[:1]))
+        rows = agreement([each for _, each in runs], args.agree or len(runs) // 2 + 1)
     if args.mitigate:
         unlearned = _resolved("mitigate", dataset="digits", **unlearn)
         detected = {key(search_key[c], unlearned): c for c, r in zip(cells, rows) if r.get("detected")}

@@ -1,4 +1,7 @@
 import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +122,60 @@ def test_successive_halving_goes_on_from_the_best_start_alone(backdoored):
     rev = reverse_engineer(model, x, 10, cfg, classes=[2])
     assert rev.images == (4 * 3 + 7) * 128  # four starts for 3 rounds, then one for the remaining 7
     assert rev.rounds.tolist() == [10] and rev.norms[0] == rev.start_norms[0].min()
+
+
+def _benchmark(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_schedule_replayed_from_a_wide_trace_is_the_search_with_that_schedule(backdoored):
+    """benchmarks/cleanse_convergence.py reads schedules off one wide search's trace: the
+    starts are independent rows, so a schedule replayed from the trace must give the norms and
+    the cost of the search run with it."""
+    model, x = backdoored
+    cfg = CleanseConfig(steps=12, batch_size=32, seed=3, patience=2, early_stop_patience=4)
+    best, success, ran = [], [], []
+    reverse_engineer(
+        model,
+        x,
+        10,
+        dataclasses.replace(cfg, restarts=4, keep_best_after=0),
+        classes=[0, 6],
+        on_round=lambda step, norms, rate, rounds: (best.append(norms), success.append(rate), ran.append(rounds)),
+    )
+    assert len(best) == 12 and np.isfinite(best[-1]).all() and not np.isfinite(best[2]).all()  # a start without success
+    replay = _benchmark("cleanse_convergence").replay
+    for restarts, keep_after in ((4, 3), (2, 5), (4, 0), (1, 0)):
+        run = reverse_engineer(
+            model, x, 10, dataclasses.replace(cfg, restarts=restarts, keep_best_after=keep_after), classes=[0, 6]
+        )
+        norms, rows = replay({"best": best, "success": success, "rounds": ran}, 4, restarts, keep_after, 12)
+        assert np.allclose(norms, run.norms, rtol=1e-6), (restarts, keep_after)
+        assert rows * len(x) == run.images, (restarts, keep_after)
+
+
+def test_searches_agree_by_majority():
+    """benchmarks/cleanse_matrix.py's verdict of several searches: a class is flagged when at
+    least `agree` of them flag it; the target's index is their median."""
+    agreement = _benchmark("cleanse_matrix").agreement
+
+    def row(flagged, index):
+        return {"position": "top-left", "target": 3, "norms": [1.0] * 10, "flagged": flagged, "largest_index": index,
+                "target_index": index, "norm_ratio": 1.0, "cleanse_s": 1.0}  # fmt: skip
+
+    searches = [[row([3, 8], 4.0)], [row([3], 2.5)], [row([8], 1.0)]]
+    (majority,) = agreement(searches, 2)
+    assert majority["flagged"] == [3, 8] and not majority["detected"] and majority["target_index"] == 2.5
+    (all_three,) = agreement(searches, 3)
+    assert all_three["flagged"] == [] and not all_three["detected"]
+    (two,) = agreement(searches[:2], 2)
+    assert two["flagged"] == [3] and two["detected"] and two["target_index_range"] == [2.5, 4.0]
+    assert two["cleanse_s"] == 2.0 and two["searches"] == 2
 
 
 def test_lambda_schedule_stops_a_class_early(backdoored):
