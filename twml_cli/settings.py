@@ -528,6 +528,12 @@ class Cleanse(Common, Settings):
         2.0, "Trigger search: lambda's factor after `patience` successful rounds (the authors' 1.5 to 2)."
     )
     anomaly_threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
+    searches: int = setting(
+        1,
+        "Independent trigger searches per model, each on other clean images from other starts; a class "
+        "is flagged when more than half of them flag it (1: the paper's single search).",
+        applies=lambda s: s.searches > 1,  # logged when several: a single search's params stay as they were
+    )
 
     def check(self) -> None:
         self.cleanse_config()
@@ -535,6 +541,8 @@ class Cleanse(Common, Settings):
             raise ValueError(f"anomaly threshold must be > 0, got {self.anomaly_threshold}")
         if self.search_images < 1:
             raise ValueError(f"search images must be >= 1, got {self.search_images}")
+        if self.searches < 1:
+            raise ValueError(f"searches must be >= 1, got {self.searches}")
 
     def cleanse_config(self):
         return CleanseConfig(

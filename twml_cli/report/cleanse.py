@@ -38,6 +38,13 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
             f"{s.search_steps} rounds{_starts(s)}, all classes of a model in one batch), then applied the MAD outlier "
             "test to the L1 norms of the masks: anomaly index |l - median| / (1.4826 · MAD), classes below the "
             f"median with an index above {s.anomaly_threshold:g} are flagged."
+            + (
+                f" It ran {s.searches} independent searches per model, each on other clean images from other "
+                "starts, and flagged a class when more than half of them did; a class's anomaly index below is the "
+                "one more than half of the searches reach, its norm the first search's."
+                if s.searches > 1
+                else ""
+            )
         )
     )
     doc.add(Heading("Which model is backdoored? Which class is the backdoor targeting?", 2))

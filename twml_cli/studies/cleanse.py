@@ -16,6 +16,7 @@ from ..runtime import Timer
 from .common import Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_data, load_model, model_source
 
 COMMAND = "cleanse"
+SEARCH_SEED_STRIDE = 1000  # search i is seeded with seed + 1000 i: its own clean images and random starts
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Inputs:
     models: list[models.Classifier]
     sources: list[str]  # each model's run id or folder
     x_clean: torch.Tensor  # the clean training images the trigger search uses
+    x_more: list[torch.Tensor] = field(default_factory=list)  # those of the further searches (--searches)
 
 
 @dataclass
@@ -37,20 +39,56 @@ class Finding:
 
 
 @dataclass
+class Search:
+    """One further independent trigger search of a model (--searches)."""
+
+    reversed: cleanse.ReversedTriggers
+    test: cleanse.OutlierTest
+
+
+@dataclass
 class Inspection:
-    """Neural Cleanse on one model."""
+    """Neural Cleanse on one model: its first search (whose triggers are kept) and any further
+    independent ones, which vote."""
 
     source: str
     accuracy: float
     reversed: cleanse.ReversedTriggers
     test: cleanse.OutlierTest
     seconds: float
+    more: list[Search] = field(default_factory=list)
+
+    @property
+    def tests(self) -> list[cleanse.OutlierTest]:
+        return [self.test] + [m.test for m in self.more]
+
+    @property
+    def signed_indices(self) -> np.ndarray:
+        """(searches, classes): each search's anomaly index of each class, negative above its median."""
+        return np.stack([np.where(t.below, t.anomaly_index, -t.anomaly_index) for t in self.tests])
+
+    @property
+    def agreed_index(self) -> np.ndarray:
+        """Per class, the signed index that more than half of the searches reach (one search: its
+        own; three: the median), so that a class is flagged exactly when it lies above the threshold."""
+        ranked = -np.sort(-self.signed_indices, axis=0)
+        return ranked[len(self.tests) // 2]
+
+    @property
+    def votes(self) -> np.ndarray:
+        """Per class, how many searches flag it."""
+        return np.sum([t.flagged for t in self.tests], axis=0)
+
+    @property
+    def flagged(self) -> np.ndarray:
+        """The verdict: classes flagged by more than half of the searches (one: the paper's test)."""
+        return 2 * self.votes > len(self.tests)
 
     @property
     def anomaly_index(self) -> float:
-        """The largest anomaly index among classes below the median norm (0 when none)."""
-        below = self.reversed.norms < self.test.median
-        return float(self.test.anomaly_index[below].max()) if below.any() else 0.0
+        """The largest anomaly index among classes below the median norm (0 when none); with
+        several searches, of the agreed indices."""
+        return float(max(self.agreed_index.max(), 0.0))
 
 
 @dataclass
@@ -80,10 +118,18 @@ def prepare(s: config.Cleanse) -> Inputs:
     for uri, model in zip(s.model_runs, loaded):
         check_fits(model, data.info, f"model {uri}")
     x_train = data.train.x.cpu()
-    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(s.seed))[: s.search_images]
-    s = dataclasses.replace(s, dataset=data.info.name, search_images=len(pick))
+    picks = [
+        torch.randperm(len(x_train), generator=torch.Generator().manual_seed(search_seed(s, i)))[: s.search_images]
+        for i in range(s.searches)
+    ]
+    s = dataclasses.replace(s, dataset=data.info.name, search_images=len(picks[0]))
     sources = [next(iter(model_source(r).values())) for r in s.model_runs]
-    return Inputs(s, dev, data, loaded, sources, x_train[pick])
+    return Inputs(s, dev, data, loaded, sources, x_train[picks[0]], [x_train[p] for p in picks[1:]])
+
+
+def search_seed(s: config.Cleanse, i: int) -> int:
+    """The seed of search i: the run's for the first (the paper's single search), then apart."""
+    return s.seed + SEARCH_SEED_STRIDE * i
 
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
@@ -92,15 +138,20 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     outcome = Outcome(s, [])
     for i, (model, source) in enumerate(zip(inputs.models, inputs.sources)):
         accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
+        searches = []
         with Timer(inputs.device) as timer:
-            rev = cleanse.reverse_engineer_all(
-                model, inputs.x_clean, model.spec.num_classes, s.cleanse_config(), progress=hooks.progress
-            )
-        test = cleanse.mad_outlier_test(rev.norms, s.anomaly_threshold)
-        outcome.inspections.append(Inspection(source, accuracy, rev, test, timer.seconds))
-        for c in np.flatnonzero(test.flagged):
-            rate = cleanse.reversed_trigger_success(model, rev, int(c), x_test, y_test)
-            outcome.findings.append(Finding(i, int(c), float(test.anomaly_index[c]), rate))
+            for k, x_clean in enumerate([inputs.x_clean, *inputs.x_more]):
+                search = dataclasses.replace(s.cleanse_config(), seed=search_seed(s, k))
+                rev = cleanse.reverse_engineer_all(
+                    model, x_clean, model.spec.num_classes, search, progress=hooks.progress
+                )
+                searches.append(Search(rev, cleanse.mad_outlier_test(rev.norms, s.anomaly_threshold)))
+        first, *more = searches
+        ins = Inspection(source, accuracy, first.reversed, first.test, timer.seconds, more)
+        outcome.inspections.append(ins)
+        for c in np.flatnonzero(ins.flagged):
+            rate = cleanse.reversed_trigger_success(model, ins.reversed, int(c), x_test, y_test)
+            outcome.findings.append(Finding(i, int(c), float(ins.agreed_index[c]), rate))
     return outcome
 
 
@@ -109,23 +160,33 @@ def extra_params(inputs: Inputs) -> dict[str, str]:
 
 
 def norms_table(outcome: Outcome) -> pd.DataFrame:
-    """One row per (model, class): the schema of norms.csv."""
+    """One row per (model, class): the schema of norms.csv. The norm, the rounds and whether the
+    threshold was reached are the first search's (whose triggers are kept); with several
+    searches, the anomaly index is the agreed one (see Inspection.agreed_index), and the row also
+    gives how many searches flagged the class and the lowest and highest of their indices
+    (negative: above that search's median)."""
     rows = []
     for i, ins in enumerate(outcome.inspections):
-        rev, test = ins.reversed, ins.test
+        rev, signed = ins.reversed, ins.signed_indices
         for j, c in enumerate(rev.classes):
-            rows.append(
-                {
-                    "model": i,
-                    "run_id": ins.source,
-                    "class": c,
-                    "norm": rev.norms[j],
-                    "anomaly_index": test.anomaly_index[j],
-                    "flagged": bool(test.flagged[j]),
-                    "reached_threshold": bool(rev.reached[j]),
-                    "rounds": int(rev.rounds[j]),
-                }
-            )
+            row = {
+                "model": i,
+                "run_id": ins.source,
+                "class": c,
+                "norm": rev.norms[j],
+                "anomaly_index": abs(ins.agreed_index[j]),
+                "flagged": bool(ins.flagged[j]),
+                "reached_threshold": bool(rev.reached[j]),
+                "rounds": int(rev.rounds[j]),
+            }
+            if ins.more:
+                row.update(
+                    flagged_by=int(ins.votes[j]),
+                    searches=len(ins.tests),
+                    anomaly_index_lowest=signed[:, j].min(),
+                    anomaly_index_highest=signed[:, j].max(),
+                )
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -156,7 +217,7 @@ def record(run: Run, outcome: Outcome) -> None:
                     "median": ins.test.median,
                     "mad": ins.test.mad,
                     "threshold": outcome.settings.anomaly_threshold,
-                    "flagged": ins.test.flagged,
+                    "flagged": ins.flagged,
                     "masks": rev.masks,
                     "patterns": rev.patterns,
                 }
@@ -187,9 +248,22 @@ def summarize(outcome: Outcome) -> list[str]:
             f"Norm of trigger targeting class {c} in model {i}: {n:.4f}"
             for c, n in zip(ins.reversed.classes, ins.reversed.norms)
         ]
-    for f in outcome.findings:
+    for i, ins in enumerate(outcome.inspections):
+        split = np.flatnonzero((ins.votes > 0) & ~ins.flagged)
         lines += [
-            f"Backdoor is at model {f.model} class {f.target} (anomaly index {f.anomaly_index:.2f})",
+            f"Class {c} of model {i}: flagged by {ins.votes[c]} of {len(ins.tests)} searches, not by more than half"
+            for c in split
+        ]
+    for f in outcome.findings:
+        ins = outcome.inspections[f.model]
+        agreed = (
+            f"; flagged by {ins.votes[f.target]} of {len(ins.tests)} searches, their indices "
+            f"{ins.signed_indices[:, f.target].min():.2f} to {ins.signed_indices[:, f.target].max():.2f}"
+            if ins.more
+            else ""
+        )
+        lines += [
+            f"Backdoor is at model {f.model} class {f.target} (anomaly index {f.anomaly_index:.2f}{agreed})",
             f"Backdoor success rate: {f.success_rate:.4f}",
         ]
     if not outcome.findings:
