@@ -166,24 +166,32 @@ def _outlier_tests(*norms):
     return [mad_outlier_test(n) for n in norms]
 
 
-def test_several_searches_flag_a_class_when_more_than_half_do():
-    """--searches: the verdict is a majority of independent searches, and a class's agreed index
-    (the index more than half of them reach) lies above the threshold exactly when it is flagged."""
+def test_several_searches_flag_a_class_when_enough_of_them_do():
+    """--searches: the verdict is a vote of independent searches (all of them, or more than half),
+    and a class's agreed index (the one that many searches reach) lies above the threshold exactly
+    when it is flagged."""
     base = np.array([10.0, 11, 12, 9, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2])
     low3, low3_and_8 = base.copy(), base.copy()
     low3[3] = 2.0  # class 3 far below the others
     low3_and_8[3], low3_and_8[8] = 2.0, 6.0  # and class 8 too, in one search only
     tests = _outlier_tests(low3_and_8, low3, base)
-    ins = cleanse.Inspection("m", 1.0, None, tests[0], 0.0, [cleanse.Search(None, t) for t in tests[1:]])
-    assert ins.votes.tolist() == [0, 0, 0, 2, 0, 0, 0, 0, 1, 0]
-    assert np.flatnonzero(ins.flagged).tolist() == [3]  # 2 of 3; class 8: 1 of 3
-    assert (ins.flagged == (ins.agreed_index > 2.0)).all()
-    assert ins.agreed_index[3] == sorted(t.anomaly_index[3] for t in tests)[1]  # the median of three
-    assert ins.anomaly_index == ins.agreed_index[3]
-    two = cleanse.Inspection("m", 1.0, None, tests[1], 0.0, [cleanse.Search(None, tests[2])])
-    assert not two.flagged.any() and two.votes[3] == 1  # two searches: both must flag
-    one = cleanse.Inspection("m", 1.0, None, tests[0], 0.0)  # a single search: the paper's test as it is
+
+    def inspection(first, *more, needed=1):
+        return cleanse.Inspection("m", 1.0, None, first, 0.0, [cleanse.Search(None, t) for t in more], needed)
+
+    majority = inspection(*tests, needed=2)
+    assert majority.votes.tolist() == [0, 0, 0, 2, 0, 0, 0, 0, 1, 0]
+    assert np.flatnonzero(majority.flagged).tolist() == [3]  # 2 of 3; class 8: 1 of 3
+    assert majority.agreed_index[3] == sorted(t.anomaly_index[3] for t in tests)[1]  # the median of three
+    assert majority.anomaly_index == majority.agreed_index[3]
+    unanimous = inspection(*tests, needed=3)
+    assert not unanimous.flagged.any() and unanimous.anomaly_index < 2.0  # the third search does not flag 3
+    for ins in (majority, unanimous, inspection(tests[1], tests[0], needed=2)):
+        assert (ins.flagged == (ins.agreed_index > 2.0)).all()
+    one = inspection(tests[0])  # a single search: the paper's test as it is
     assert (one.flagged == tests[0].flagged).all() and one.anomaly_index == tests[0].anomaly_index[3]
+    settings = config.resolve_one("cleanse", PRESET, {"searches": 3})
+    assert settings.votes_needed == 3 and dataclasses.replace(settings, agreement="majority").votes_needed == 2
 
 
 def test_cleanse_with_several_searches(tmp_path):
@@ -193,7 +201,7 @@ def test_cleanse_with_several_searches(tmp_path):
     folder = models.save_model(poisoned.model, tmp_path / "bad")
     small = {"model_runs": [str(folder)], "search_steps": 3, "search_images": 64}
     single = cleanse.compute(cleanse.prepare(config.resolve_one("cleanse", PRESET, small)))
-    inputs = cleanse.prepare(config.resolve_one("cleanse", PRESET, {**small, "searches": 3}))
+    inputs = cleanse.prepare(config.resolve_one("cleanse", PRESET, {**small, "searches": 3, "agreement": "majority"}))
     assert len(inputs.x_more) == 2 and not torch.equal(inputs.x_more[0], inputs.x_clean)
     outcome = cleanse.compute(inputs)
     (ins,) = outcome.inspections
@@ -202,7 +210,7 @@ def test_cleanse_with_several_searches(tmp_path):
     table = cleanse.norms_table(outcome)
     assert table["searches"].eq(3).all() and table["flagged_by"].tolist() == ins.votes.tolist()
     assert (table["anomaly_index_lowest"] <= table["anomaly_index_highest"]).all()
-    assert table["flagged"].tolist() == (2 * ins.votes > 3).tolist()
+    assert ins.needed == 2 and table["flagged"].tolist() == (ins.votes >= 2).tolist()
     assert "flagged_by" not in cleanse.norms_table(single)  # a single search's norms.csv as it was
 
 

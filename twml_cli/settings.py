@@ -530,10 +530,21 @@ class Cleanse(Common, Settings):
     anomaly_threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
     searches: int = setting(
         1,
-        "Independent trigger searches per model, each on other clean images from other starts; a class "
-        "is flagged when more than half of them flag it (1: the paper's single search).",
+        "Independent trigger searches per model, each on other clean images from other starts; a class is "
+        "flagged when --agreement of them flag it (1: the paper's single search).",
         applies=lambda s: s.searches > 1,  # logged when several: a single search's params stay as they were
     )
+    agreement: str = setting(
+        "all",
+        "With several searches: how many must flag a class, all of them or more than half.",
+        choices=("all", "majority"),
+        applies=lambda s: s.searches > 1,
+    )
+
+    @property
+    def votes_needed(self) -> int:
+        """The searches that must flag a class."""
+        return self.searches if self.agreement == "all" else self.searches // 2 + 1
 
     def check(self) -> None:
         self.cleanse_config()

@@ -40,8 +40,8 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
             f"median with an index above {s.anomaly_threshold:g} are flagged."
             + (
                 f" It ran {s.searches} independent searches per model, each on other clean images from other "
-                "starts, and flagged a class when more than half of them did; a class's anomaly index below is the "
-                "one more than half of the searches reach, its norm the first search's."
+                f"starts, and flagged a class when {_agreement(s)} of them did; a class's anomaly index below is the "
+                f"one {_agreement(s)} of the searches reach, its norm the first search's."
                 if s.searches > 1
                 else ""
             )
@@ -357,3 +357,7 @@ def agreement(doc: Document, runs: list, backdoor_runs: list) -> None:
                 f"seed when several were run), Neural Cleanse named the true target in {sum(judged)}."
             )
         )
+
+
+def _agreement(s) -> str:
+    return "all" if s.agreement == "all" else "more than half"

@@ -49,7 +49,7 @@ class Search:
 @dataclass
 class Inspection:
     """Neural Cleanse on one model: its first search (whose triggers are kept) and any further
-    independent ones, which vote."""
+    independent ones, which vote: a class is flagged when `needed` of the searches flag it."""
 
     source: str
     accuracy: float
@@ -57,6 +57,7 @@ class Inspection:
     test: cleanse.OutlierTest
     seconds: float
     more: list[Search] = field(default_factory=list)
+    needed: int = 1
 
     @property
     def tests(self) -> list[cleanse.OutlierTest]:
@@ -69,10 +70,11 @@ class Inspection:
 
     @property
     def agreed_index(self) -> np.ndarray:
-        """Per class, the signed index that more than half of the searches reach (one search: its
-        own; three: the median), so that a class is flagged exactly when it lies above the threshold."""
+        """Per class, the signed index that `needed` of the searches reach (one search: its own; all
+        of them: the lowest; more than half of three: the median), so that a class is flagged
+        exactly when it lies above the threshold."""
         ranked = -np.sort(-self.signed_indices, axis=0)
-        return ranked[len(self.tests) // 2]
+        return ranked[self.needed - 1]
 
     @property
     def votes(self) -> np.ndarray:
@@ -81,8 +83,8 @@ class Inspection:
 
     @property
     def flagged(self) -> np.ndarray:
-        """The verdict: classes flagged by more than half of the searches (one: the paper's test)."""
-        return 2 * self.votes > len(self.tests)
+        """The verdict: classes flagged by `needed` of the searches (one: the paper's test)."""
+        return self.votes >= self.needed
 
     @property
     def anomaly_index(self) -> float:
@@ -147,7 +149,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
                 )
                 searches.append(Search(rev, cleanse.mad_outlier_test(rev.norms, s.anomaly_threshold)))
         first, *more = searches
-        ins = Inspection(source, accuracy, first.reversed, first.test, timer.seconds, more)
+        ins = Inspection(source, accuracy, first.reversed, first.test, timer.seconds, more, s.votes_needed)
         outcome.inspections.append(ins)
         for c in np.flatnonzero(ins.flagged):
             rate = cleanse.reversed_trigger_success(model, ins.reversed, int(c), x_test, y_test)
@@ -251,7 +253,8 @@ def summarize(outcome: Outcome) -> list[str]:
     for i, ins in enumerate(outcome.inspections):
         split = np.flatnonzero((ins.votes > 0) & ~ins.flagged)
         lines += [
-            f"Class {c} of model {i}: flagged by {ins.votes[c]} of {len(ins.tests)} searches, not by more than half"
+            f"Class {c} of model {i}: flagged by {ins.votes[c]} of {len(ins.tests)} searches, fewer than the "
+            f"{ins.needed} needed"
             for c in split
         ]
     for f in outcome.findings:
