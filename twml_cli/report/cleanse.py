@@ -40,8 +40,8 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
             f"median with an index above {s.anomaly_threshold:g} are flagged."
             + (
                 f" It ran {s.searches} independent searches per model, each on other clean images from other "
-                f"starts, and flagged a class when {_agreement(s)} of them did; a class's anomaly index below is the "
-                f"one {_agreement(s)} of the searches reach, its norm the first search's."
+                f"starts, and flagged a class when {_how_many_agree(s)} of them did; a class's anomaly index below is "
+                f"the one {_how_many_agree(s)} of the searches reach, its norm the first search's."
                 if s.searches > 1
                 else ""
             )
@@ -359,5 +359,5 @@ def agreement(doc: Document, runs: list, backdoor_runs: list) -> None:
         )
 
 
-def _agreement(s) -> str:
+def _how_many_agree(s) -> str:
     return "all" if s.agreement == "all" else "more than half"
