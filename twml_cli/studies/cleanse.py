@@ -151,9 +151,10 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
         first, *more = searches
         ins = Inspection(source, accuracy, first.reversed, first.test, timer.seconds, more, s.votes_needed)
         outcome.inspections.append(ins)
+        agreed = ins.agreed_index
         for c in np.flatnonzero(ins.flagged):
             rate = cleanse.reversed_trigger_success(model, ins.reversed, int(c), x_test, y_test)
-            outcome.findings.append(Finding(i, int(c), float(ins.agreed_index[c]), rate))
+            outcome.findings.append(Finding(i, int(c), float(agreed[c]), rate))
     return outcome
 
 
@@ -169,21 +170,21 @@ def norms_table(outcome: Outcome) -> pd.DataFrame:
     (negative: above that search's median)."""
     rows = []
     for i, ins in enumerate(outcome.inspections):
-        rev, signed = ins.reversed, ins.signed_indices
+        rev, signed, agreed, flagged, votes = ins.reversed, ins.signed_indices, ins.agreed_index, ins.flagged, ins.votes
         for j, c in enumerate(rev.classes):
             row = {
                 "model": i,
                 "run_id": ins.source,
                 "class": c,
                 "norm": rev.norms[j],
-                "anomaly_index": abs(ins.agreed_index[j]),
-                "flagged": bool(ins.flagged[j]),
+                "anomaly_index": abs(agreed[j]),
+                "flagged": bool(flagged[j]),
                 "reached_threshold": bool(rev.reached[j]),
                 "rounds": int(rev.rounds[j]),
             }
             if ins.more:
                 row.update(
-                    flagged_by=int(ins.votes[j]),
+                    flagged_by=int(votes[j]),
                     searches=len(ins.tests),
                     anomaly_index_lowest=signed[:, j].min(),
                     anomaly_index_highest=signed[:, j].max(),
