@@ -305,13 +305,7 @@ def open_runs() -> set[str]:
 def _terminating(run_id: str) -> Iterator[None]:
     c = client()
     _open_runs.add(run_id)
-    monitor = None
-    if _system_metrics["on"]:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10))
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True)
-        monitor.start()
+    monitor = _system_monitor(run_id) if _system_metrics["on"] else None
     try:
         yield
     except KeyboardInterrupt:
@@ -328,6 +322,38 @@ def _terminating(run_id: str) -> Iterator[None]:
         _open_runs.discard(run_id)
         if monitor is not None:
             monitor.finish()
+
+
+def _system_monitor(run_id: str):
+    """MLflow's system-metrics monitor for `run_id`, started. MLflow's own logs a sample only
+    once a sampling interval (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, 10 s) has passed, so a
+    shorter run would get none; this one logs, at the end of such a run, one sample covering
+    the whole run (psutil's CPU use since the sample taken at the start)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class Monitor(SystemMetricsMonitor):
+        published = False
+
+        def publish_metrics(self, metrics):
+            super().publish_metrics(metrics)
+            self.published = True
+
+        def finish(self):
+            super().finish()  # stops and joins the sampling thread
+            if self.published:
+                return
+            try:
+                for m in self.monitors:
+                    m.clear_metrics()
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+            except Exception as err:  # as MLflow's own: a lost sample never fails the run
+                logging.getLogger(__name__).warning("system metrics not logged: %s", err)
+
+    monitor = Monitor(run_id, resume_logging=True)
+    monitor.start()
+    return monitor
 
 
 # ---------------------------------------------------------------- reading runs back
