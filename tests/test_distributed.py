@@ -2,11 +2,45 @@
 compared with one process: the same certificates, the same Neural Cleanse norms, the same
 SGD steps and the embedded default's findings, one MLflow run per command."""
 
+import os
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 from conftest import twml_run
 
 from twml_cli import findings, results
+
+GROUP_AT_EXIT = """
+import os, sys, torch
+from twml_cli import runtime
+runtime.init_distributed()
+import timm  # imports torch._dynamo, as every twml command that loads a model does
+runtime.all_reduce_sum(torch.ones(2))
+runtime.close_distributed()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {os.environ['RANK']} gloo threads after close:", sorted(n for n in names if "gloo" in n))
+"""
+
+
+@pytest.mark.e2e  # a launch of two processes
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
+def test_closing_the_group_stops_its_gloo_threads_even_after_timm_is_imported(tmp_path):
+    """A group whose threads outlive destroy_process_group ends a finished process, now and then,
+    with std::terminate at interpreter exit."""
+    script = tmp_path / "group.py"
+    script.write_text(GROUP_AT_EXIT)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = sorted(line for line in done.stdout.splitlines() if "gloo threads" in line)
+    assert lines == [f"rank {r} gloo threads after close: []" for r in (0, 1)], done.stdout
 
 
 def run_both(reproduced, tmp_path, *args):

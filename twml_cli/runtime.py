@@ -293,6 +293,12 @@ def init_distributed() -> None:
     """Join the process group torchrun set up: NCCL on CUDA, gloo on CPU. A no-op in one process."""
     if not launched() or distributed():
         return
+    # torch._dynamo (imported by timm and torch.compile) imported after the group exists keeps
+    # references to it that destroy_process_group cannot drop: the group's gloo threads then live
+    # on into interpreter exit, which now and then ends a finished process with std::terminate.
+    # Imported first, it holds none.
+    import torch._dynamo  # noqa: F401
+
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
         torch.distributed.init_process_group("nccl")
@@ -303,7 +309,8 @@ def init_distributed() -> None:
 def close_distributed() -> None:
     """Leave the process group before the interpreter exits: a gloo group still alive at exit
     can end the process with std::terminate ("terminate called without an active exception")
-    after its work is done (pytorch/pytorch#190489). A no-op in one process."""
+    after its work is done (pytorch/pytorch#190489; see also init_distributed). A no-op in one
+    process."""
     if distributed():
         torch.distributed.destroy_process_group()
 
