@@ -335,6 +335,36 @@ def agreement(runs: list[list[dict]], agree: int) -> list[dict]:
     return rows
 
 
+def pooled(runs: list[list[dict]], how: str) -> list[dict]:
+    """One row per cell from several independent searches of it, their norms pooled class by class
+    (`how`: "min", the smallest trigger any search found, or "mean") and the paper's MAD test run
+    once on the pooled norms."""
+    from twml_cli.backdoor import Trigger
+    from twml_cli.cleanse import mad_outlier_test
+
+    rows = []
+    for each in zip(*runs):
+        norms = getattr(np, how)([r["norms"] for r in each], axis=0)
+        test = mad_outlier_test(norms)
+        row = {
+            **each[0],
+            "flagged": [int(c) for c in np.flatnonzero(test.flagged)],
+            "largest_index": float(max(np.max(np.where(test.below, test.anomaly_index, 0.0)), 0.0)),
+            "norms": [round(float(v), 3) for v in norms],
+            "cleanse_s": round(sum(r["cleanse_s"] for r in each), 1),
+            "searches": len(each),
+        }
+        if row["position"] is not None:
+            t = row["target"]
+            row.update(
+                detected=row["flagged"] == [t],
+                target_index=float(test.anomaly_index[t]),
+                norm_ratio=float(norms[t]) / Trigger(row["size"], row["position"]).size ** 2,
+            )
+        rows.append(row)
+    return rows
+
+
 def _run(log: Path, todo: dict, jobs: int, submit, what: str) -> dict:
     """Results by key: those `log` holds, and the rest computed (`submit(pool, cell, key)`) and
     appended to it as they finish."""
@@ -387,6 +417,12 @@ def main() -> int:
         default=None,
         help="with several search seeds: a class is flagged when at least this "
         "many searches flag it (default: a majority)",
+    )
+    parser.add_argument(
+        "--pool",
+        choices=("min", "mean"),
+        help="with several search seeds: instead of a vote, one MAD test on each class's smallest (min) or "
+        "mean norm over the searches",
     )
     parser.add_argument("--mitigate", action="store_true", help="repair every detected cell by unlearning")
     parser.add_argument("--unlearn", default=None, help="unlearning settings as JSON, e.g. '{\"unlearn_lr\": 0.002}'")
@@ -441,7 +477,8 @@ def main() -> int:
     if len(runs) > 1:
         for offset, (_, each) in zip(offsets, runs):
             print(f"search seed = training seed + {offset}: " + "; ".join(summary(each)[:1]))
-        rows = agreement([each for _, each in runs], args.agree or len(runs) // 2 + 1)
+        each = [rows for _, rows in runs]
+        rows = pooled(each, args.pool) if args.pool else agreement(each, args.agree or len(runs) // 2 + 1)
     if args.mitigate:
         unlearned = _resolved("mitigate", dataset="digits", **unlearn)
         detected = {key(search_key[c], unlearned): c for c, r in zip(cells, rows) if r.get("detected")}

@@ -178,6 +178,25 @@ def test_searches_agree_by_majority():
     assert two["cleanse_s"] == 2.0 and two["searches"] == 2
 
 
+def test_searches_pooled_by_their_smallest_or_mean_norm():
+    """benchmarks/cleanse_matrix.py --pool: the paper's MAD test on each class's smallest (or mean)
+    norm over the searches."""
+    pooled = _benchmark("cleanse_matrix").pooled
+    base = [10.0, 11.0, 12.0, None, 10.0, 11.0, 12.0, 10.0, 11.0, 12.0]
+
+    def row(target_norm):
+        norms = [target_norm if v is None else v for v in base]
+        return {"position": "top-left", "target": 3, "size": 1, "norms": norms, "flagged": [], "cleanse_s": 1.0}
+
+    searches = [[row(2.0)], [row(20.0)]]  # class 3 small in one search only
+    (smallest,) = pooled(searches, "min")
+    assert smallest["flagged"] == [3] and smallest["detected"] and smallest["norm_ratio"] == 2.0
+    assert smallest["target_index"] == pytest.approx(9 / 1.4826)  # median 11, MAD 1: (11 - 2) / 1.4826
+    (mean,) = pooled(searches, "mean")
+    assert mean["flagged"] == [] and not mean["detected"] and mean["norms"][3] == 11.0
+    assert mean["cleanse_s"] == 2.0 and mean["searches"] == 2
+
+
 def test_lambda_schedule_stops_a_class_early(backdoored):
     model, x = backdoored
     rev = reverse_engineer(
