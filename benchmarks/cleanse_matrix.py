@@ -477,8 +477,8 @@ def main() -> int:
     if len(runs) > 1:
         for offset, (_, each) in zip(offsets, runs):
             print(f"search seed = training seed + {offset}: " + "; ".join(summary(each)[:1]))
-        each = [rows for _, rows in runs]
-        rows = pooled(each, args.pool) if args.pool else agreement(each, args.agree or len(runs) // 2 + 1)
+        searches = [r for _, r in runs]
+        rows = pooled(searches, args.pool) if args.pool else agreement(searches, args.agree or len(runs) // 2 + 1)
     if args.mitigate:
         unlearned = _resolved("mitigate", dataset="digits", **unlearn)
         detected = {key(search_key[c], unlearned): c for c, r in zip(cells, rows) if r.get("detected")}

@@ -13,7 +13,7 @@ from conftest import twml_run
 from twml_cli import findings, results
 
 GROUP_AT_EXIT = """
-import os, sys, torch
+import os, torch
 from twml_cli import runtime
 runtime.init_distributed()
 import timm  # imports torch._dynamo, as every twml command that loads a model does
