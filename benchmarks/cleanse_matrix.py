@@ -10,6 +10,7 @@ and `twml mitigate` would run.
     python benchmarks/cleanse_matrix.py --cells 0:30              # a slice of the matrix
     python benchmarks/cleanse_matrix.py --clean-seeds 0-9,100-109 --positions none   # clean models only
     python benchmarks/cleanse_matrix.py --mitigate                # unlearning on every detected cell
+    python benchmarks/cleanse_matrix.py --mitigate --unlearn-seed 1000   # ... with other images stamped
 
 A cell is (seed, position, target, trigger size). Trained models are kept in --out and reused
 by later runs (and across cells: one clean model per seed); each cell's result is one JSON
@@ -177,8 +178,12 @@ def run_cell(
     return row
 
 
-def repair_cell(out: Path, cell: Cell, threads: int, name: str, unlearn: dict, model_threads: int) -> dict:
-    """`twml mitigate` (unlearning) with the detected class's reversed trigger, the real trigger measured."""
+def repair_cell(
+    out: Path, cell: Cell, threads: int, name: str, unlearn: dict, model_threads: int, seed_offset: int = 0
+) -> dict:
+    """`twml mitigate` (unlearning) with the detected class's reversed trigger, the real trigger
+    measured; seeded with the training seed plus `seed_offset` (which images are stamped, and
+    their order)."""
     import torch
 
     from twml_cli.backdoor import Trigger
@@ -189,7 +194,7 @@ def repair_cell(out: Path, cell: Cell, threads: int, name: str, unlearn: dict, m
     with np.load(out / "triggers" / f"{name}.npz", allow_pickle=False) as z:
         mask, pattern = torch.from_numpy(z["masks"][cell.target]), torch.from_numpy(z["patterns"][cell.target])
     finding = mitigate.Finding(path, 0, cell.target, 0.0, mask, pattern, Trigger(cell.size, cell.position), cell.target)
-    s = _settings("mitigate", seed=cell.seed, dataset="digits", **unlearn)
+    s = _settings("mitigate", seed=cell.seed + seed_offset, dataset="digits", **unlearn)
     began = time.perf_counter()
     repaired = mitigate.compute(mitigate.prepare(s, finding))
     m, real = repaired.metrics, repaired.real
@@ -426,6 +431,12 @@ def main() -> int:
     )
     parser.add_argument("--mitigate", action="store_true", help="repair every detected cell by unlearning")
     parser.add_argument("--unlearn", default=None, help="unlearning settings as JSON, e.g. '{\"unlearn_lr\": 0.002}'")
+    parser.add_argument(
+        "--unlearn-seed",
+        type=int,
+        default=0,
+        help="an offset added to the training seed to seed unlearning (which images are stamped, and their order)",
+    )
     parser.add_argument("--train-only", action="store_true", help="only train (and keep) the models")
     parser.add_argument("--out", default="benchmark-logs/cleanse-matrix")
     args = parser.parse_args()
@@ -481,12 +492,16 @@ def main() -> int:
         rows = pooled(searches, args.pool) if args.pool else agreement(searches, args.agree or len(runs) // 2 + 1)
     if args.mitigate:
         unlearned = _resolved("mitigate", dataset="digits", **unlearn)
+        if args.unlearn_seed:  # offset 0: the keys repairs always had
+            unlearned = {**unlearned, "seed_offset": args.unlearn_seed}
         detected = {key(search_key[c], unlearned): c for c, r in zip(cells, rows) if r.get("detected")}
         repairs = _run(
             out / "repairs.jsonl",
             detected,
             args.jobs,
-            lambda pool, c, k: pool.submit(repair_cell, out, c, threads, search_key[c], unlearn, model_threads),
+            lambda pool, c, k: pool.submit(
+                repair_cell, out, c, threads, search_key[c], unlearn, model_threads, args.unlearn_seed
+            ),
             f"unlearning {unlearn or 'as the preset'}",
         )
         rows = [{**r, **repairs.get(key(search_key[c], unlearned), {})} for c, r in zip(cells, rows)]
