@@ -354,7 +354,7 @@ def pooled(runs: list[list[dict]], how: str) -> list[dict]:
         row = {
             **each[0],
             "flagged": [int(c) for c in np.flatnonzero(test.flagged)],
-            "largest_index": float(max(np.max(np.where(test.below, test.anomaly_index, 0.0)), 0.0)),
+            "largest_index": float(np.where(test.below, test.anomaly_index, 0.0).max()),  # below the median only
             "norms": [round(float(v), 3) for v in norms],
             "cleanse_s": round(sum(r["cleanse_s"] for r in each), 1),
             "searches": len(each),
