@@ -11,6 +11,7 @@ and `twml mitigate` would run.
     python benchmarks/cleanse_matrix.py --clean-seeds 0-9,100-109 --positions none   # clean models only
     python benchmarks/cleanse_matrix.py --mitigate                # unlearning on every detected cell
     python benchmarks/cleanse_matrix.py --mitigate --unlearn-seed 1000   # ... with other images stamped
+    python benchmarks/cleanse_matrix.py --dataset digits16 --jobs 2     # the same digits at 16x16
 
 A cell is (seed, position, target, trigger size). Trained models are kept in --out and reused
 by later runs (and across cells: one clean model per seed); each cell's result is one JSON
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 POSITIONS = ("bottom-right", "bottom-left", "top-left", "top-right", "centre")
+DATASET = "digits"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +88,26 @@ def _resolved(command: str, **overrides) -> dict:
     return {k: v for k, v in params.items() if k not in (*config.RUNTIME_ONLY, "model_runs")}
 
 
-def _model(out: Path, cell: Cell, threads: int) -> tuple[str, dict]:
-    """The cell's model trained with `threads` intra-op threads (trained now unless --out
-    already holds it: a CPU's numbers depend on the thread count) and its figures."""
+def _model(out: Path, cell: Cell, threads: int, dataset: str = DATASET) -> tuple[str, dict]:
+    """The cell's model trained on `dataset` with `threads` intra-op threads (trained now unless
+    --out already holds it: a CPU's numbers depend on the thread count) and its figures."""
     from twml_cli.models import save_model
     from twml_cli.studies import backdoor, train
 
-    folder = out / "models" / f"threads{threads}" / cell.name
+    kind = f"threads{threads}" if dataset == DATASET else f"{dataset}-threads{threads}"
+    folder = out / "models" / kind / cell.name
     facts = folder / "facts.json"
     if cell.position is None:
-        command, overrides = "train", {"seed": cell.seed, "pgd_steps": 1}
+        command, overrides = "train", {"seed": cell.seed, "pgd_steps": 1, "dataset": dataset}
     else:
         command = "backdoor"
-        overrides = {"seed": cell.seed, "target": cell.target, "position": cell.position, "trigger_size": cell.size}
+        overrides = {
+            "seed": cell.seed,
+            "target": cell.target,
+            "position": cell.position,
+            "trigger_size": cell.size,
+            "dataset": dataset,
+        }
     settings = key(_resolved(command, **overrides))
     if facts.is_file():
         info = json.loads(facts.read_text())
@@ -117,15 +126,22 @@ def _model(out: Path, cell: Cell, threads: int) -> tuple[str, dict]:
     return str(folder), info
 
 
-def train_cell(out: Path, cell: Cell, threads: int) -> dict:
+def train_cell(out: Path, cell: Cell, threads: int, dataset: str = DATASET) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    return {"cell": cell.name, **_model(out, cell, threads)[1]}
+    return {"cell": cell.name, **_model(out, cell, threads, dataset)[1]}
 
 
 def run_cell(
-    out: Path, cell: Cell, threads: int, search: dict, name: str, model_threads: int, seed_offset: int = 0
+    out: Path,
+    cell: Cell,
+    threads: int,
+    search: dict,
+    name: str,
+    model_threads: int,
+    seed_offset: int = 0,
+    dataset: str = DATASET,
 ) -> dict:
     """Neural Cleanse on the cell's model, its search seeded with the training seed plus
     `seed_offset` (which clean images and which random starts); its reversed triggers are kept
@@ -136,9 +152,9 @@ def run_cell(
     from twml_cli.studies import cleanse
 
     torch.set_num_threads(model_threads)
-    path, facts = _model(out, cell, model_threads)
+    path, facts = _model(out, cell, model_threads, dataset)
     torch.set_num_threads(threads)
-    s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset="digits", **search)
+    s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset=dataset, **search)
     began = time.perf_counter()
     outcome = cleanse.compute(cleanse.prepare(s))
     seconds = time.perf_counter() - began
@@ -179,7 +195,14 @@ def run_cell(
 
 
 def repair_cell(
-    out: Path, cell: Cell, threads: int, name: str, unlearn: dict, model_threads: int, seed_offset: int = 0
+    out: Path,
+    cell: Cell,
+    threads: int,
+    name: str,
+    unlearn: dict,
+    model_threads: int,
+    seed_offset: int = 0,
+    dataset: str = DATASET,
 ) -> dict:
     """`twml mitigate` (unlearning) with the detected class's reversed trigger, the real trigger
     measured; seeded with the training seed plus `seed_offset` (which images are stamped, and
@@ -190,11 +213,11 @@ def repair_cell(
     from twml_cli.studies import mitigate
 
     torch.set_num_threads(threads)
-    path, _ = _model(out, cell, model_threads)
+    path, _ = _model(out, cell, model_threads, dataset)
     with np.load(out / "triggers" / f"{name}.npz", allow_pickle=False) as z:
         mask, pattern = torch.from_numpy(z["masks"][cell.target]), torch.from_numpy(z["patterns"][cell.target])
     finding = mitigate.Finding(path, 0, cell.target, 0.0, mask, pattern, Trigger(cell.size, cell.position), cell.target)
-    s = _settings("mitigate", seed=cell.seed + seed_offset, dataset="digits", **unlearn)
+    s = _settings("mitigate", seed=cell.seed + seed_offset, dataset=dataset, **unlearn)
     began = time.perf_counter()
     repaired = mitigate.compute(mitigate.prepare(s, finding))
     m, real = repaired.metrics, repaired.real
@@ -437,6 +460,12 @@ def main() -> int:
         default=0,
         help="an offset added to the training seed to seed unlearning (which images are stamped, and their order)",
     )
+    parser.add_argument(
+        "--dataset",
+        default=DATASET,
+        choices=(DATASET, "digits16"),
+        help="the embedded 8x8 digits, or the same images at 16x16 (models kept apart in --out)",
+    )
     parser.add_argument("--train-only", action="store_true", help="only train (and keep) the models")
     parser.add_argument("--out", default="benchmark-logs/cleanse-matrix")
     args = parser.parse_args()
@@ -462,11 +491,11 @@ def main() -> int:
     if args.train_only:
         with ProcessPoolExecutor(args.jobs) as pool:
             for k, future in enumerate(
-                as_completed([pool.submit(train_cell, out, c, model_threads) for c in cells]), 1
+                as_completed([pool.submit(train_cell, out, c, model_threads, args.dataset) for c in cells]), 1
             ):
                 print(f"[{k}/{len(cells)}] {json.dumps(future.result())}", flush=True)
         return 0
-    searched = _resolved("cleanse", dataset="digits", **search)
+    searched = _resolved("cleanse", dataset=args.dataset, **search)
     offsets = parse_ints(args.search_seeds)
     runs = []  # per search seed: the cells' keys and rows
     for offset in offsets:
@@ -479,7 +508,9 @@ def main() -> int:
             out / "cells.jsonl",
             {search_key[c]: c for c in cells},
             args.jobs,
-            lambda pool, c, k, offset=offset: pool.submit(run_cell, out, c, threads, search, k, model_threads, offset),
+            lambda pool, c, k, offset=offset: pool.submit(
+                run_cell, out, c, threads, search, k, model_threads, offset, args.dataset
+            ),
             f"{args.jobs} job(s) of {threads} thread(s), models trained with {model_threads}; search "
             f"{search or 'as the preset'}, seeded with the training seed + {offset}",
         )
@@ -491,7 +522,7 @@ def main() -> int:
         searches = [r for _, r in runs]
         rows = pooled(searches, args.pool) if args.pool else agreement(searches, args.agree or len(runs) // 2 + 1)
     if args.mitigate:
-        unlearned = _resolved("mitigate", dataset="digits", **unlearn)
+        unlearned = _resolved("mitigate", dataset=args.dataset, **unlearn)
         if args.unlearn_seed:  # offset 0: the keys repairs always had
             unlearned = {**unlearned, "seed_offset": args.unlearn_seed}
         detected = {key(search_key[c], unlearned): c for c, r in zip(cells, rows) if r.get("detected")}
@@ -500,7 +531,7 @@ def main() -> int:
             detected,
             args.jobs,
             lambda pool, c, k: pool.submit(
-                repair_cell, out, c, threads, search_key[c], unlearn, model_threads, args.unlearn_seed
+                repair_cell, out, c, threads, search_key[c], unlearn, model_threads, args.unlearn_seed, args.dataset
             ),
             f"unlearning {unlearn or 'as the preset'}",
         )
@@ -510,7 +541,7 @@ def main() -> int:
     (out / "matrix.md").write_text(
         "\n".join(
             [
-                f"search: {search or 'as the preset'}; {threads} thread(s) per job",
+                f"{args.dataset}; search: {search or 'as the preset'}; {threads} thread(s) per job",
                 "",
                 *lines,
                 "",
