@@ -2,8 +2,8 @@
 
 - ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 grayscale images,
   10 classes), split once, stratified, with a fixed seed. Offline, no download.
-- ``digits16``: the same images and split at 16x16 (bilinear upsampling): Neural Cleanse's
-  default, where a small trigger is small next to what a digit's strokes need.
+- ``digits16``: the same images and split at 16x16 (bilinear upsampling): four times the
+  pixels, no more detail; a 1-pixel or 2x2 trigger covers a quarter of the share it covers at 8x8.
 - torchvision data sets by name, downloaded under ``data_dir`` on first use.
 - a user's ``.npz`` with ``x_train, y_train, x_test, y_test``, loaded with
   ``allow_pickle=False``: uint8 images as (N, H, W, C) or (N, H, W), or float images in
