@@ -22,6 +22,21 @@ def test_mad_outlier_test_on_known_norms():
     assert test.flagged.tolist() == [True, False, False, False, False, False]
 
 
+def test_the_index_has_a_ceiling_the_index_of_a_norm_of_zero():
+    """No class can score above median / MAD: with norms this spread, not even a trigger of norm 0
+    is flagged."""
+    assert mad_outlier_test([1.0, 8.0, 9.0, 10.0, 11.0, 12.0]).ceiling == pytest.approx(9.5 / 2.2239)
+    wide = mad_outlier_test([0.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0])
+    # median 11; deviations 11 7 5 3 1 1 3 5 7 9, whose median is 5; MAD = 1.4826 * 5
+    assert wide.ceiling == pytest.approx(11 / 7.413) and wide.anomaly_index[0] == pytest.approx(wide.ceiling)
+    assert wide.ceiling < 2 and not wide.flagged.any()
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        test = mad_outlier_test(rng.uniform(0, 20, size=10))
+        assert (test.anomaly_index[test.below] <= test.ceiling + 1e-12).all()
+    assert np.isinf(mad_outlier_test([4.0, 4.0, 4.0, 4.0, 1.0]).ceiling)
+
+
 def test_a_class_above_the_median_is_never_flagged():
     test = mad_outlier_test([30.0, 8.0, 9.0, 10.0, 11.0, 12.0])  # 30 is far out, but large
     assert test.anomaly_index[0] > 2 and not test.flagged.any()

@@ -214,6 +214,31 @@ def test_cleanse_with_several_searches(tmp_path):
     assert "flagged_by" not in cleanse.norms_table(single)  # a single search's norms.csv as it was
 
 
+def test_cleanse_says_when_no_class_could_have_been_flagged():
+    """A model whose norms spread so widely that even a norm of 0 stays under the threshold (the
+    index's ceiling, median / MAD) is named in the summary; one that could have been flagged is not."""
+    from types import SimpleNamespace
+
+    wide = np.array([4.0, 6, 8, 10, 12, 14, 16, 18, 20, 3])  # median 11, MAD 1.4826 * 5: ceiling 1.48
+    narrow = np.array([10.0, 11, 12, 9, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2])  # ceiling about 10
+    wide_test, narrow_test = _outlier_tests(wide, narrow)
+
+    def inspection(norms, first, *more, needed=1):
+        rev = SimpleNamespace(classes=list(range(10)), norms=norms)
+        return cleanse.Inspection("m", 1.0, rev, first, 0.0, [cleanse.Search(rev, t) for t in more], needed)
+
+    assert inspection(wide, wide_test).blind(2.0) and not inspection(narrow, narrow_test).blind(2.0)
+    assert inspection(narrow, narrow_test, wide_test, needed=2).blind(2.0)  # both searches must be able to flag
+    assert not inspection(narrow, narrow_test, wide_test, needed=1).blind(2.0)
+    s = config.resolve_one("cleanse", PRESET, {"model_runs": ["a", "b"]})
+    lines = cleanse.summarize(cleanse.Outcome(s, [inspection(narrow, narrow_test), inspection(wide, wide_test)]))
+    assert [line for line in lines if "could have been flagged" in line] == [
+        "No class of model 1 could have been flagged: a trigger of norm 0 would have an anomaly index of 1.48 "
+        "(median norm / MAD), not above 2"
+    ]
+    assert lines[-1].startswith("No backdoor found")
+
+
 @pytest.mark.e2e  # a whole backdoor study and trigger search
 def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
     """`twml backdoor --target 3 --position top-left` with the default search: the verdict names

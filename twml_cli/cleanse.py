@@ -306,6 +306,12 @@ class OutlierTest:
     below: np.ndarray  # l < median: only these can be flagged
     flagged: np.ndarray  # below the median and anomaly index > threshold
 
+    @property
+    def ceiling(self) -> float:
+        """The largest index a class below the median can reach under this median and MAD: that
+        of a norm of 0. When it is at most the threshold, no trigger, however small, is flagged."""
+        return self.median / self.mad if self.mad > 0 else math.inf
+
 
 def mad_outlier_test(norms, threshold: float = 2.0) -> OutlierTest:
     """Median absolute deviation test on trigger norms. Only classes whose norm is BELOW the

@@ -92,6 +92,11 @@ class Inspection:
         several searches, of the agreed indices."""
         return float(max(self.agreed_index.max(), 0.0))
 
+    def blind(self, threshold: float) -> bool:
+        """Whether no class could have been flagged, whatever its norm: fewer than `needed` of the
+        searches have a ceiling (the index of a norm of 0) above the threshold."""
+        return sum(t.ceiling > threshold for t in self.tests) < self.needed
+
 
 @dataclass
 class Outcome:
@@ -258,6 +263,14 @@ def summarize(outcome: Outcome) -> list[str]:
             f"{ins.needed} needed"
             for c in split
         ]
+    threshold = outcome.settings.anomaly_threshold
+    for i, ins in enumerate(outcome.inspections):
+        if ins.blind(threshold):
+            ceilings = ", ".join(f"{t.ceiling:.2f}" for t in ins.tests)
+            lines.append(
+                f"No class of model {i} could have been flagged: a trigger of norm 0 would have an anomaly index "
+                f"of {ceilings} (median norm / MAD), not above {threshold:g}"
+            )
     for f in outcome.findings:
         ins = outcome.inspections[f.model]
         agreed = (
@@ -271,10 +284,7 @@ def summarize(outcome: Outcome) -> list[str]:
             f"Backdoor success rate: {f.success_rate:.4f}",
         ]
     if not outcome.findings:
-        lines.append(
-            f"No backdoor found: no class has an anomaly index above {outcome.settings.anomaly_threshold:g} below the "
-            "median norm"
-        )
+        lines.append(f"No backdoor found: no class has an anomaly index above {threshold:g} below the median norm")
     return lines
 
 
