@@ -3,8 +3,13 @@
 import re
 
 import pandas as pd
+import pytest
 
+from twml_cli import config, results
+from twml_cli.report import cleanse as report_cleanse
 from twml_cli.report.cleanse import describe_mask, thin_margin
+from twml_cli.report.document import Document, Para
+from twml_cli.report.runs import CleanseRun
 from twml_cli.report.words import change
 
 
@@ -57,6 +62,11 @@ def test_report_states_the_logged_numbers(reproduced):
     assert "**Backdoor is at model 1 class 0**" in md
     assert f"sends {cleanse.data.metrics['backdoor_success_rate']:.4f} of them to class 0" in md
     assert "The verdict names that model and class." in md
+    for i in (0, 1):  # the index a norm of 0 would reach, median / MAD of that model's logged norms
+        own = norms[norms["model"] == i]["norm"]
+        mad = 1.4826 * (own - own.median()).abs().median()
+        assert cleanse.data.metrics[f"model{i}_anomaly_ceiling"] == pytest.approx(own.median() / mad, rel=1e-6)
+    assert "could have been flagged" not in md  # both well above 2 on the default
     index = cleanse.data.metrics["model1_anomaly_index"]
     assert ("is a thin margin" in md) == (index < 3.0)  # 1.5 x the threshold of 2
     for r in cli.runs():
@@ -113,6 +123,40 @@ def test_a_run_missing_a_metric_stops_the_report_with_one_line(cli):
     assert f"run {other.info.run_id[:8]} (train) has no metric 'pgd_success_rate'" in result.err
 
 
+def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path):
+    """A model whose logged ceiling (the index of a norm of 0) is not above the threshold gets its
+    own sentence: its "no backdoor" means nothing. One above the threshold does not."""
+    wide = [4.0, 6, 8, 10, 12, 14, 16, 18, 20, 3]  # median 11, MAD 7.41: ceiling 1.48
+    narrow = [10.0, 11, 12, 9, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2]
+    norms = pd.DataFrame(
+        [
+            {"model": i, "run_id": f"{i}" * 32, "class": c, "norm": n, "anomaly_index": 0.5, "flagged": False}
+            for i, model in enumerate((narrow, wide))
+            for c, n in enumerate(model)
+        ]
+    )
+    run = CleanseRun(
+        id="c" * 32,
+        name="cleanse",
+        command="cleanse",
+        start_time=0,
+        params={},
+        settings=config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"]}),
+        norms=norms,
+        models={i: results.CleanseModelMetrics(0.98, 0.5, 1.0) for i in (0, 1)},
+        ceilings={0: 10.3, 1: 11 / (1.4826 * 5)},
+    )
+    doc = Document("twml")
+    report_cleanse.section(doc, [run], [], tmp_path)
+    blind = [b.text for b in doc.blocks if isinstance(b, Para) and "could have been flagged" in b.text]
+    assert blind == [
+        "**No class of model 1 could have been flagged**: its classes' norms spread so widely that a trigger of norm 0 "
+        "would have had an anomaly index of 1.48 (median norm / (1.4826 · MAD)), not above the threshold of 2. The MAD "
+        "test cannot see a backdoor in this model, however small its trigger, so the verdict says nothing about it "
+        "either way."
+    ]
+
+
 def test_thin_margin_only_near_the_threshold():
     assert "2.23 against a threshold of 2 is a thin margin" in thin_margin(2.23, 2.0)
     assert thin_margin(3.0, 2.0) == "" and thin_margin(5.7, 2.0) == ""
@@ -132,6 +176,7 @@ def test_change_wording():
     assert change(0.75, 0.5) == "fell from 0.7500 to 0.5000 (-25.00 points)"
     assert change(0.5, 0.5) == "stayed at 0.5000"
     assert change(2.0, 3.0, points=False) == "rose from 2.0000 to 3.0000 (x1.50)"
+
 
 
 def test_wide_tables_never_break_a_word_in_the_pdf(tmp_path):

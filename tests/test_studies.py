@@ -153,6 +153,7 @@ def test_backdoor_and_cleanse_compute(tmp_path):
         "masks/model0_class9_mask.png",
     } <= run.files
     assert run.metrics["model0_accuracy"] == poisoned.accuracy
+    assert run.metrics["model0_anomaly_ceiling"] == ins.test.median / ins.test.mad  # one search: its own
     table = cleanse.norms_table(outcome)
     assert table["class"].tolist() == list(range(10)) and table["norm"].tolist() == ins.reversed.norms.tolist()
     assert (
@@ -230,6 +231,9 @@ def test_cleanse_says_when_no_class_could_have_been_flagged():
     assert inspection(wide, wide_test).blind(2.0) and not inspection(narrow, narrow_test).blind(2.0)
     assert inspection(narrow, narrow_test, wide_test, needed=2).blind(2.0)  # both searches must be able to flag
     assert not inspection(narrow, narrow_test, wide_test, needed=1).blind(2.0)
+    # the ceiling logged: the index `needed` of the searches could reach, the narrow one's alone when one suffices
+    assert inspection(narrow, narrow_test, wide_test, needed=2).ceiling == wide_test.ceiling
+    assert inspection(wide, wide_test, narrow_test, needed=1).ceiling == narrow_test.ceiling > 2
     s = config.resolve_one("cleanse", PRESET, {"model_runs": ["a", "b"]})
     lines = cleanse.summarize(cleanse.Outcome(s, [inspection(narrow, narrow_test), inspection(wide, wide_test)]))
     assert [line for line in lines if "could have been flagged" in line] == [

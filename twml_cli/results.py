@@ -138,6 +138,11 @@ def model_key(i: int, name: str) -> str:
 
 
 BACKDOOR_SUCCESS = "backdoor_success_rate"  # reversed trigger of the most anomalous flagged class
+# per model, as model{i}_anomaly_ceiling: the largest anomaly index any class of it could have
+# reached (median / MAD, the index of a norm of 0; with several searches, the one `needed` of them
+# reach). At most the threshold: no class could have been flagged. Read as optional, since runs
+# logged by earlier twml versions lack it.
+ANOMALY_CEILING = "anomaly_ceiling"
 
 
 # ---------------------------------------------------------------- reading back

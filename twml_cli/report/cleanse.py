@@ -91,6 +91,7 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
                 + thin_margin(f["anomaly_index"], s.anomaly_threshold)
             )
         )
+    _blind(doc, run)
     truth = {i: b for i in models for b in backdoor_runs if b.id == model_runs[i]}
     for i, b in truth.items():
         size, target = b.settings.trigger_size, b.settings.target
@@ -113,6 +114,23 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
     agreement(doc, runs, backdoor_runs)
     _looks(doc, run, flagged, truth, fig_dir)
     _benign(doc, models, flagged, accuracy)
+
+
+def _blind(doc: Document, run: CleanseRun) -> None:
+    """Models none of whose classes could have been flagged: for them the verdict says nothing."""
+    s = run.settings
+    for i, ceiling in sorted(run.ceilings.items()):
+        if ceiling > s.anomaly_threshold:
+            continue
+        searches = f" in {_how_many_agree(s)} of its searches" if s.searches > 1 else ""
+        doc.add(
+            Para(
+                f"**No class of model {i} could have been flagged**: its classes' norms spread so widely that a "
+                f"trigger of norm 0 would have had an anomaly index of {ceiling:.2f}{searches} (median norm / "
+                f"(1.4826 · MAD)), not above the threshold of {s.anomaly_threshold:g}. The MAD test cannot see a "
+                "backdoor in this model, however small its trigger, so the verdict says nothing about it either way."
+            )
+        )
 
 
 def _looks(doc: Document, run: CleanseRun, flagged: pd.DataFrame, truth: dict, fig_dir: Path) -> None:

@@ -80,6 +80,7 @@ class CleanseRun(Logged):
     norms: pd.DataFrame = field(default=None, repr=False)  # norms.csv
     models: dict[int, results.CleanseModelMetrics] = field(default_factory=dict)
     backdoor_success_rate: float | None = None
+    ceilings: dict[int, float] = field(default_factory=dict)  # model{i}_anomaly_ceiling, where logged
     files: dict[str, Path] = field(default_factory=dict)  # figures and arrays, downloaded
     verdict: str = "none"  # the run's twml.verdict tag
 
@@ -186,6 +187,11 @@ def load(experiment: str) -> Runs:
             for i in sorted(c.norms["model"].unique())
         }
         c.backdoor_success_rate = r.data.metrics.get(results.BACKDOOR_SUCCESS)
+        c.ceilings = {
+            i: r.data.metrics[f"model{i}_{results.ANOMALY_CEILING}"]
+            for i in c.models
+            if f"model{i}_{results.ANOMALY_CEILING}" in r.data.metrics
+        }
         for name in (
             results.TRIGGER_PNG,
             results.MASK_PNG,

@@ -92,10 +92,16 @@ class Inspection:
         several searches, of the agreed indices."""
         return float(max(self.agreed_index.max(), 0.0))
 
+    @property
+    def ceiling(self) -> float:
+        """The largest index `needed` of the searches could agree on, whatever the norms: the
+        `needed`-th largest of their ceilings (each the index of a norm of 0, median / MAD)."""
+        return sorted((t.ceiling for t in self.tests), reverse=True)[self.needed - 1]
+
     def blind(self, threshold: float) -> bool:
         """Whether no class could have been flagged, whatever its norm: fewer than `needed` of the
-        searches have a ceiling (the index of a norm of 0) above the threshold."""
-        return sum(t.ceiling > threshold for t in self.tests) < self.needed
+        searches have a ceiling above the threshold."""
+        return self.ceiling <= threshold
 
 
 @dataclass
@@ -204,6 +210,7 @@ def record(run: Run, outcome: Outcome) -> None:
         metrics.update(
             results.metrics(results.CleanseModelMetrics(ins.accuracy, ins.anomaly_index, ins.seconds), f"model{i}_")
         )
+        metrics[f"model{i}_{results.ANOMALY_CEILING}"] = ins.ceiling
     if outcome.strongest is not None:
         metrics[results.BACKDOOR_SUCCESS] = outcome.strongest.success_rate
     run.log_metrics(metrics)
