@@ -10,7 +10,7 @@ from twml_cli.report import cleanse as report_cleanse
 from twml_cli.report.cleanse import describe_mask, thin_margin
 from twml_cli.report.document import Document, Para
 from twml_cli.report.runs import CleanseRun
-from twml_cli.report.words import change
+from twml_cli.report.words import change, model_name
 
 
 def test_reproduce_logs_every_step_as_its_own_run(reproduced):
@@ -59,6 +59,10 @@ def test_report_states_the_logged_numbers(reproduced):
     norms = pd.read_csv(cli.download(cleanse, "norms.csv"))
     for value in norms["norm"]:
         assert f"{value:.4f}" in md
+    assert (
+        f"inspected 2 models: model 0 = run {reproduced.standard.info.run_id[:8]}; "
+        f"model 1 = run {reproduced.backdoor.info.run_id[:8]}." in md
+    )
     assert "**Backdoor is at model 1 class 0**" in md
     assert f"sends {cleanse.data.metrics['backdoor_success_rate']:.4f} of them to class 0" in md
     assert "The verdict names that model and class." in md
@@ -177,6 +181,12 @@ def test_change_wording():
     assert change(0.5, 0.5) == "stayed at 0.5000"
     assert change(2.0, 3.0, points=False) == "rose from 2.0000 to 3.0000 (x1.50)"
 
+
+def test_a_model_is_named_by_its_run_or_its_folder():
+    run = "be5a1e18" + "0" * 24
+    assert model_name(run) == model_name(f"runs:/{run}/model") == "run be5a1e18"
+    assert model_name("models:/twml-digits/3") == "models:/twml-digits/3"
+    assert model_name("/tmp/m16/seed2-bottom-right-t3-s1") == "folder seed2-bottom-right-t3-s1"  # not '/tmp/m16'
 
 
 def test_wide_tables_never_break_a_word_in_the_pdf(tmp_path):

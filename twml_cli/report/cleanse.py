@@ -12,7 +12,7 @@ from .. import results
 from ..backdoor import Trigger
 from .document import Bullets, Document, Figure, FigureRow, Heading, Para, Table
 from .runs import BackdoorRun, CleanseRun
-from .words import f4, short
+from .words import f4, model_name, short
 
 
 def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorRun], fig_dir: Path) -> None:
@@ -31,8 +31,8 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
     model_runs = {i: str(norms[norms["model"] == i]["run_id"].iloc[0]) for i in models}
     doc.add(
         Para(
-            f"The newest cleanse run ({short(run.id)}) inspected {len(models)} models: "
-            + "; ".join(f"model {i} = run {short(model_runs[i])}" for i in models)
+            f"The newest cleanse run ({short(run.id)}) inspected {_count(len(models), 'model')}: "
+            + "; ".join(f"model {i} = {model_name(model_runs[i])}" for i in models)
             + ". For every class t it searched the smallest mask m and pattern p with (1 - m)·x + m·p classified "
             f"as t on {s.search_images} clean training images (attack success at least {s.search_threshold:g}, up to "
             f"{s.search_steps} rounds{_starts(s)}, all classes of a model in one batch), then applied the MAD outlier "
@@ -326,11 +326,11 @@ def mitigation_section(doc: Document, runs: list) -> None:
             + ". The real trigger's attack success is measured on clean test images of the other classes."
         ),
         Table(
-            ["method", "model run", "class", "accuracy", "real trigger's success", "reversed trigger's success", "run"],
+            ["method", "model", "class", "accuracy", "real trigger's success", "reversed trigger's success", "run"],
             [
                 [
                     r.settings.mitigation,
-                    short(r.param("model_run") or r.param("model_path")),
+                    model_name(r.param("model_run") or r.param("model_path")),
                     r.param("target"),
                     f"{f4(r.mitigation.accuracy_before)} → {f4(r.mitigation.accuracy)}",
                     f"{f4(r.real.attack_success_rate_before)} → {f4(r.real.attack_success_rate)}" if r.real else "–",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def f4(v: float) -> str:
     return f"{v:.4f}"
@@ -22,3 +24,14 @@ def change(before: float, after: float, fmt=f4, points: bool = True) -> str:
 
 def short(run_id: str) -> str:
     return run_id[:8]
+
+
+def model_name(source: str) -> str:
+    """How the write-up names a model a study read: 'run be5a1e18' for a run id (or a runs:/ URI),
+    a registered model's models:/ URI as given, else 'folder <its name>'."""
+    run = source.removeprefix("runs:/").split("/")[0]
+    if len(run) == 32 and all(c in "0123456789abcdef" for c in run):
+        return f"run {run[:8]}"
+    if source.startswith("models:/"):
+        return source
+    return f"folder {Path(source).name}"
