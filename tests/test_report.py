@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 
 from twml_cli import config, results
+from twml_cli.report import adversarial as report_adversarial
 from twml_cli.report import cleanse as report_cleanse
 from twml_cli.report.cleanse import describe_mask, thin_margin
-from twml_cli.report.document import Document, Para
-from twml_cli.report.runs import CleanseRun
+from twml_cli.report.document import Document, Para, Table
+from twml_cli.report.runs import AttackRun, CleanseRun
 from twml_cli.report.words import change, model_name
 
 
@@ -158,6 +159,36 @@ def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path
         "would have had an anomaly index of 1.48 (median norm / (1.4826 · MAD)), not above the threshold of 2. The MAD "
         "test cannot see a backdoor in this model, however small its trigger, so the verdict says nothing about it "
         "either way."
+    ]
+
+
+def test_attacks_on_a_folder_model_are_reported_without_any_train_run(tmp_path):
+    """`twml attack` on a model folder, in an experiment with no `twml train` run: the write-up
+    still has its table, and names the model by its folder."""
+    attack = AttackRun(
+        id="a" * 32,
+        name="attack",
+        command="attack",
+        start_time=0,
+        params={"model_path": "/data/models/seed2-bottom-right-t3-s1"},
+        settings=config.resolve_one("attack", config.load_preset(), {"model_run": "x"}),
+        robustness=results.RobustnessMetrics(0.9917, 0.9333, 0.0667, 1.0),
+    )
+    doc = Document("twml")
+    report_adversarial.section(doc, [], [attack], tmp_path)
+    (table,) = [b for b in doc.blocks if isinstance(b, Table)]
+    assert table.rows == [
+        [
+            "folder seed2-bottom-right-t3-s1",
+            f"{attack.settings.eps:.4g}",
+            "10x1",
+            "0.9917",
+            "0.9333",
+            "0.0667",
+            "–",
+            "–",
+            "aaaaaaaa",
+        ]
     ]
 
 

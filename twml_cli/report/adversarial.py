@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import figures
 from .document import Bullets, Document, Figure, Heading, Para, Table
 from .runs import AttackRun, TrainRun
-from .words import change, f4, secs, short
+from .words import change, f4, model_name, secs, short
 
 
 def replays(r: TrainRun) -> int:
@@ -45,6 +45,7 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
                 "`twml train --free --m 7`."
             )
         )
+        _attacks(doc, attack_runs)
         return
     later: dict = {}
     for a in attack_runs:  # newest first
@@ -129,29 +130,35 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
     _times(doc, standard, free)
     _effect(doc, standard, free)
     _increasing_m(doc, free)
-    if attack_runs:
-        doc.add(
-            Heading("Stronger attacks on logged models", 2),
-            Para("`twml attack` re-evaluations; a robustness claim should survive more steps and restarts."),
-            Table(
-                ["model run", "eps", "PGD", "accuracy", "PGD success", "robust acc.", "AutoAttack", "worst", "run"],
-                [
-                    [
-                        short(r.model),
-                        f"{r.settings.eps:.4g}",
-                        f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}",
-                        f4(r.robustness.accuracy),
-                        f4(r.robustness.pgd_success_rate),
-                        f4(r.robustness.robust_accuracy),
-                        aa(r),
-                        worst(r),
-                        short(r.id),
-                    ]
-                    for r in attack_runs
-                ],
-            ),
-        )
+    _attacks(doc, attack_runs)
     _fast(doc, runs, free)
+
+
+def _attacks(doc: Document, attack_runs: list[AttackRun]) -> None:
+    """`twml attack` runs, whatever trained their models (a logged run or a folder)."""
+    if not attack_runs:
+        return
+    doc.add(
+        Heading("Stronger attacks on logged models", 2),
+        Para("`twml attack` re-evaluations; a robustness claim should survive more steps and restarts."),
+        Table(
+            ["model", "eps", "PGD", "accuracy", "PGD success", "robust acc.", "AutoAttack", "worst", "run"],
+            [
+                [
+                    model_name(r.model),
+                    f"{r.settings.eps:.4g}",
+                    f"{r.settings.pgd_steps}x{r.settings.pgd_restarts}",
+                    f4(r.robustness.accuracy),
+                    f4(r.robustness.pgd_success_rate),
+                    f4(r.robustness.robust_accuracy),
+                    aa(r),
+                    worst(r),
+                    short(r.id),
+                ]
+                for r in attack_runs
+            ],
+        ),
+    )
 
 
 def _times(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) -> None:

@@ -14,7 +14,7 @@ from ..studies import attack, smooth, sweep
 from .document import Document, Figure, Heading, Para, Table
 from .runs import Runs, SweepRun, TrainRun
 from .smoothing import gaussian
-from .words import short
+from .words import model_name, short
 
 M_METRICS = ("accuracy", "robust_accuracy", "autoattack_robust_accuracy", "train_time_s", "images_per_s")
 
@@ -147,7 +147,7 @@ def robustness_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
         made = trains.get(model)
         points.append(
             {
-                "curve": model_label(made) if made else short(model),
+                "curve": model_label(made) if made else model_name(model),
                 "replicate": f"{model}-{row.get('seed', 0)}",
                 "eps": row["eps"],
                 "accuracy": row["accuracy"],
