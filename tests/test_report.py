@@ -160,6 +160,13 @@ def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path
         "test cannot see a backdoor in this model, however small its trigger, so the verdict says nothing about it "
         "either way."
     ]
+    run.settings = config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"], "searches": 3})
+    doc = Document("twml")
+    report_cleanse.section(doc, [run], [], tmp_path)
+    (blind,) = [b.text for b in doc.blocks if isinstance(b, Para) and "could have been flagged" in b.text]
+    assert (
+        "the largest anomaly index all of its 3 searches could agree on, that of a trigger of norm 0, is 1.48" in blind
+    )
 
 
 def test_attacks_on_a_folder_model_are_reported_without_any_train_run(tmp_path):

@@ -122,13 +122,18 @@ def _blind(doc: Document, run: CleanseRun) -> None:
     for i, ceiling in sorted(run.ceilings.items()):
         if ceiling > s.anomaly_threshold:
             continue
-        searches = f" in {_how_many_agree(s)} of its searches" if s.searches > 1 else ""
+        index = (
+            f"the largest anomaly index {_how_many_agree(s)} of its {s.searches} searches could agree on, that of a "
+            "trigger of norm 0, is"
+            if s.searches > 1
+            else "a trigger of norm 0 would have had an anomaly index of"
+        )
         doc.add(
             Para(
-                f"**No class of model {i} could have been flagged**: its classes' norms spread so widely that a "
-                f"trigger of norm 0 would have had an anomaly index of {ceiling:.2f}{searches} (median norm / "
-                f"(1.4826 · MAD)), not above the threshold of {s.anomaly_threshold:g}. The MAD test cannot see a "
-                "backdoor in this model, however small its trigger, so the verdict says nothing about it either way."
+                f"**No class of model {i} could have been flagged**: its classes' norms spread so widely that {index} "
+                f"{ceiling:.2f} (median norm / (1.4826 · MAD)), not above the threshold of {s.anomaly_threshold:g}. "
+                "The MAD test cannot see a backdoor in this model, however small its trigger, so the verdict says "
+                "nothing about it either way."
             )
         )
 
