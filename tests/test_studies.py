@@ -241,6 +241,11 @@ def test_cleanse_says_when_no_class_could_have_been_flagged():
         "(median norm / MAD), not above 2"
     ]
     assert lines[-1].startswith("No backdoor found")
+    lines = cleanse.summarize(cleanse.Outcome(s, [inspection(narrow, narrow_test, wide_test, needed=2)]))
+    assert [line for line in lines if "could have been flagged" in line] == [
+        f"No class of model 0 could have been flagged: a trigger of norm 0 would have an anomaly index of "
+        f"{narrow_test.ceiling:.2f}, 1.48 in its 2 searches (median norm / MAD), above 2 in 1, fewer than the 2 needed"
+    ]
 
 
 @pytest.mark.e2e  # a whole backdoor study and trigger search

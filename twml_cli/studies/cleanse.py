@@ -274,9 +274,15 @@ def summarize(outcome: Outcome) -> list[str]:
     for i, ins in enumerate(outcome.inspections):
         if ins.blind(threshold):
             ceilings = ", ".join(f"{t.ceiling:.2f}" for t in ins.tests)
+            above = sum(t.ceiling > threshold for t in ins.tests)
             lines.append(
                 f"No class of model {i} could have been flagged: a trigger of norm 0 would have an anomaly index "
-                f"of {ceilings} (median norm / MAD), not above {threshold:g}"
+                + (
+                    f"of {ceilings} in its {len(ins.tests)} searches (median norm / MAD), above {threshold:g} in "
+                    f"{above}, fewer than the {ins.needed} needed"
+                    if ins.more
+                    else f"of {ceilings} (median norm / MAD), not above {threshold:g}"
+                )
             )
     for f in outcome.findings:
         ins = outcome.inspections[f.model]
