@@ -281,6 +281,31 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def bound(rows: list[dict], threshold: float) -> list[str]:
+    """What a better search for the target alone could reach on these models: the paper's MAD test
+    rerun with the target's norm put to the planted mask's L1 norm (a search that finds exactly the
+    planted trigger), then to 0, the other nine classes' norms as searched."""
+    from twml_cli.cleanse import mad_outlier_test
+
+    planted = [r for r in rows if r["position"] is not None]
+    if not planted:
+        return []
+    counts = []
+    for norm in ("planted", 0.0):
+        detected = second = 0
+        for r in planted:
+            norms = np.array(r["norms"], dtype=float)
+            norms[r["target"]] = r["size"] ** 2 if norm == "planted" else norm
+            flagged = mad_outlier_test(norms, threshold).flagged
+            detected += bool(flagged[r["target"]]) and flagged.sum() == 1
+            second += bool(flagged.sum() - flagged[r["target"]])
+        counts.append(f"{detected} ({100 * detected / len(planted):.1f}%), a second class in {second}")
+    return [
+        f"with the target's norm put to the planted mask's (a search that finds exactly the planted trigger), "
+        f"the other classes' as searched: detected {counts[0]}; put to 0: detected {counts[1]}"
+    ]
+
+
 def breakdown(rows: list[dict]) -> list[str]:
     """One row per trigger (position and size) over its targets and seeds: how often detected,
     the medians of attack success, the target's index and the norm ratio."""
@@ -537,6 +562,8 @@ def main() -> int:
         )
         rows = [{**r, **repairs.get(key(search_key[c], unlearned), {})} for c, r in zip(cells, rows)]
     lines = summary(rows)
+    if len(runs) == 1 or args.pool:  # the norms the verdict was computed on
+        lines += bound(rows, searched["anomaly_threshold"])
     print("\n".join(lines))
     (out / "matrix.md").write_text(
         "\n".join(

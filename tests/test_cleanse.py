@@ -212,6 +212,27 @@ def test_searches_pooled_by_their_smallest_or_mean_norm():
     assert mean["cleanse_s"] == 2.0 and mean["searches"] == 2
 
 
+def test_the_matrix_bound_puts_the_target_at_the_planted_norm_then_at_zero():
+    """benchmarks/cleanse_matrix.py's bound: the MAD test with the target's norm replaced, the other
+    classes' kept. A narrow model is detected at the planted norm though its search found 8; a wide
+    one is not, even at 0 (its ceiling, 1.48); a second class stays flagged whatever the target's norm."""
+    bound = _benchmark("cleanse_matrix").bound
+
+    def row(target, size, norms):
+        return {"position": "top-left", "target": target, "size": size, "norms": norms}
+
+    narrow = row(3, 2, [10.0, 11, 12, 8, 10, 11, 12, 10, 11, 12])  # the search stopped at 8; planted 4: index 4.72
+    wide = row(9, 1, [4.0, 6, 8, 10, 12, 14, 16, 18, 20, 3])  # median 11, MAD 7.41
+    second = row(3, 1, [10.0, 11, 12, 5, 10, 11, 12, 10, 11, 2])  # class 9 as anomalous as the target
+    assert bound([narrow, wide, second, {"position": None}], 2.0) == [
+        "with the target's norm put to the planted mask's (a search that finds exactly the planted trigger), the other "
+        "classes' as searched: detected 1 (33.3%), a second class in 1; put to 0: detected 1 (33.3%), a second class "
+        "in 1"
+    ]
+    assert bound([narrow], 5.0)[0].endswith("detected 0 (0.0%), a second class in 0; put to 0: detected 1 (100.0%), "
+                                             "a second class in 0")  # fmt: skip
+
+
 def test_lambda_schedule_stops_a_class_early(backdoored):
     model, x = backdoored
     rev = reverse_engineer(
