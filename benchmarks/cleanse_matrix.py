@@ -237,7 +237,7 @@ def key(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def summary(rows: list[dict]) -> list[str]:
+def summary(rows: list[dict], repair: str = "unlearning") -> list[str]:
     planted = [r for r in rows if r["position"] is not None]
     clean = [r for r in rows if r["position"] is None]
     lines = []
@@ -266,7 +266,7 @@ def summary(rows: list[dict]) -> list[str]:
             ok = [r for r in repaired if r["repair_attack_success"] <= 0.05 and r["repair_accuracy_change"] >= -0.01]
             changes = [r["repair_accuracy_change"] for r in repaired]
             lines.append(
-                f"unlearning: {len(ok)} of {len(repaired)} repaired (attack success <= 0.05, accuracy within 1 point); "
+                f"{repair}: {len(ok)} of {len(repaired)} repaired (attack success <= 0.05, accuracy within 1 point); "
                 f"attack success after: largest {max(r['repair_attack_success'] for r in repaired):.4f}; "
                 f"accuracy change {min(changes):+.4f} to {max(changes):+.4f} (median {np.median(changes):+.4f})"
             )
@@ -477,8 +477,12 @@ def main() -> int:
         help="with several search seeds: instead of a vote, one MAD test on each class's smallest (min) or "
         "mean norm over the searches",
     )
-    parser.add_argument("--mitigate", action="store_true", help="repair every detected cell by unlearning")
-    parser.add_argument("--unlearn", default=None, help="unlearning settings as JSON, e.g. '{\"unlearn_lr\": 0.002}'")
+    parser.add_argument(
+        "--mitigate",
+        action="store_true",
+        help='repair every detected cell (unlearning, or --unlearn \'{"mitigation": "prune"}\')',
+    )
+    parser.add_argument("--unlearn", default=None, help="mitigate settings as JSON, e.g. '{\"unlearn_lr\": 0.002}'")
     parser.add_argument(
         "--unlearn-seed",
         type=int,
@@ -546,8 +550,10 @@ def main() -> int:
             print(f"search seed = training seed + {offset}: " + "; ".join(summary(each)[:1]))
         searches = [r for _, r in runs]
         rows = pooled(searches, args.pool) if args.pool else agreement(searches, args.agree or len(runs) // 2 + 1)
+    repair = "unlearning"
     if args.mitigate:
         unlearned = _resolved("mitigate", dataset=args.dataset, **unlearn)
+        repair = "pruning" if unlearned["mitigation"] == "prune" else repair
         if args.unlearn_seed:  # offset 0: the keys repairs always had
             unlearned = {**unlearned, "seed_offset": args.unlearn_seed}
         detected = {key(search_key[c], unlearned): c for c, r in zip(cells, rows) if r.get("detected")}
@@ -561,7 +567,7 @@ def main() -> int:
             f"unlearning {unlearn or 'as the preset'}",
         )
         rows = [{**r, **repairs.get(key(search_key[c], unlearned), {})} for c, r in zip(cells, rows)]
-    lines = summary(rows)
+    lines = summary(rows, repair)
     if len(runs) == 1 or args.pool:  # the norms the verdict was computed on
         lines += bound(rows, searched["anomaly_threshold"])
     print("\n".join(lines))
