@@ -564,7 +564,7 @@ def main() -> int:
             lambda pool, c, k: pool.submit(
                 repair_cell, out, c, threads, search_key[c], unlearn, model_threads, args.unlearn_seed, args.dataset
             ),
-            f"unlearning {unlearn or 'as the preset'}",
+            f"{repair} {unlearn or 'as the preset'}",
         )
         rows = [{**r, **repairs.get(key(search_key[c], unlearned), {})} for c, r in zip(cells, rows)]
     lines = summary(rows, repair)
