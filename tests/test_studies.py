@@ -248,6 +248,31 @@ def test_cleanse_says_when_no_class_could_have_been_flagged():
     ]
 
 
+def test_the_norms_figure_names_its_model_and_says_when_its_threshold_is_below_zero():
+    """A model read from a folder is titled by the folder's name, a run by its id's first 8
+    characters; a model whose threshold (median - 2 x 1.4826 MAD) is below 0 says so in its legend,
+    where the line it cannot draw would be."""
+    from twml_cli import figures
+
+    run = "be5a1e18" + "0" * 24
+    assert (
+        cleanse._panel(run) == "be5a1e18" and cleanse._panel("/data/m16/seed2-top-left-t3-s1") == "seed2-top-left-t3-s1"
+    )
+    assert cleanse._panel("models:/twml-digits/3") == "models:/twml-digits/3"
+    wide = np.array([4.0, 6, 8, 10, 12, 14, 16, 18, 20, 3])
+    narrow = np.array([10.0, 11, 12, 9, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2])
+    panels = [
+        {"name": n, "norms": v, "median": t.median, "mad": t.mad, "threshold": 2.0, "flagged": t.flagged}
+        for n, v, t in zip(("wide", "narrow"), (wide, narrow), _outlier_tests(wide, narrow))
+    ]
+    fig = figures.norms_figure(panels)
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    assert legends == [
+        ["median", "threshold < 0: no class can be flagged"],
+        ["median", "median - 2 x 1.4826 MAD"],
+    ]
+
+
 @pytest.mark.e2e  # a whole backdoor study and trigger search
 def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
     """`twml backdoor --target 3 --position top-left` with the default search: the verdict names

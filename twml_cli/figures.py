@@ -122,6 +122,8 @@ def norms_figure(models: list[dict]):
             ax.axhline(
                 cut, color="tab:red", linestyle=":", linewidth=1.5, label=f"median - {m['threshold']:g} x 1.4826 MAD"
             )
+        else:  # the threshold lies below a norm of 0: the plot cannot show it, so it says so
+            ax.plot([], [], " ", label="threshold < 0: no class can be flagged")
         ax.set_xticks(np.arange(len(norms)))
         ax.set_xlabel("target class")
         ax.set_ylabel("L1 norm of mask")

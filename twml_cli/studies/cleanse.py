@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -227,7 +228,7 @@ def record(run: Run, outcome: Outcome) -> None:
             arrays[f"model{i}_masks"], arrays[f"model{i}_patterns"] = rev.masks.numpy(), rev.patterns.numpy()
             panels.append(
                 {
-                    "name": f"model {i} ({ins.source[:8]})",
+                    "name": f"model {i} ({_panel(ins.source)})",
                     "norms": rev.norms,
                     "median": ins.test.median,
                     "mad": ins.test.mad,
@@ -307,6 +308,15 @@ def _short(source: str) -> str:
     if len(run) == 32 and all(c in "0123456789abcdef" for c in run):
         return f"run {run[:8]}"
     return source
+
+
+def _panel(source: str) -> str:
+    """A model's name in a figure: its run id's first 8 characters, a models:/ URI, or its folder's
+    name (not the path's first 8 characters)."""
+    short = _short(source)
+    if short != source or source.startswith("models:/"):
+        return short.removeprefix("run ")
+    return Path(source).name
 
 
 def _mkdir(path):
