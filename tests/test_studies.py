@@ -248,7 +248,7 @@ def test_cleanse_says_when_no_class_could_have_been_flagged():
     ]
 
 
-def test_the_norms_figure_names_its_model_and_says_when_its_threshold_is_below_zero():
+def test_the_norms_figure_names_its_model_and_says_when_its_threshold_is_below_zero(tmp_path):
     """A model read from a folder is titled by the folder's name, a run by its id's first 8
     characters; a model whose threshold (median - 2 x 1.4826 MAD) is below 0 says so in its legend,
     where the line it cannot draw would be."""
@@ -271,6 +271,7 @@ def test_the_norms_figure_names_its_model_and_says_when_its_threshold_is_below_z
         ["median", "threshold < 0: no class can be flagged"],
         ["median", "median - 2 x 1.4826 MAD"],
     ]
+    assert figures.save(fig, tmp_path / "norms.png").stat().st_size > 0  # and closed
 
 
 @pytest.mark.e2e  # a whole backdoor study and trigger search
