@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import results
+
 
 def f4(v: float) -> str:
     return f"{v:.4f}"
@@ -29,8 +31,8 @@ def short(run_id: str) -> str:
 def model_name(source: str) -> str:
     """How the write-up names a model a study read: 'run be5a1e18' for a run id (or a runs:/ URI),
     a registered model's models:/ URI as given, else 'folder <its name>'."""
-    run = source.removeprefix("runs:/").split("/")[0]
-    if len(run) == 32 and all(c in "0123456789abcdef" for c in run):
+    run = results.run_in(source)
+    if run:
         return f"run {run[:8]}"
     if source.startswith("models:/"):
         return source

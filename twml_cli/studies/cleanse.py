@@ -304,10 +304,8 @@ def summarize(outcome: Outcome) -> list[str]:
 
 def _short(source: str) -> str:
     """'run be5a1e18' for a run id (as the report prints it), else the model as given."""
-    run = source.removeprefix("runs:/").split("/")[0]
-    if len(run) == 32 and all(c in "0123456789abcdef" for c in run):
-        return f"run {run[:8]}"
-    return source
+    run = results.run_in(source)
+    return f"run {run[:8]}" if run else source
 
 
 def _panel(source: str) -> str:
