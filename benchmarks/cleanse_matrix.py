@@ -148,7 +148,6 @@ def run_cell(
     in out/triggers/NAME.npz."""
     import torch
 
-    from twml_cli.backdoor import Trigger
     from twml_cli.studies import cleanse
 
     torch.set_num_threads(model_threads)
@@ -185,11 +184,10 @@ def run_cell(
         "search_images": rev.images,
     }
     if cell.position is not None:
-        planted = float(Trigger(cell.size, cell.position).size ** 2)
         row.update(
             detected=flagged == [cell.target],
             target_index=round(float(ins.test.anomaly_index[cell.target]), 3),
-            norm_ratio=round(float(rev.norms[cell.target]) / planted, 3),
+            norm_ratio=round(float(rev.norms[cell.target]) / planted_norm(cell.size, cell.position), 3),
         )
     return row
 
@@ -235,6 +233,13 @@ def repair_cell(
 
 def key(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def planted_norm(size: int, position: str) -> float:
+    """The L1 norm of the planted trigger's mask: a size x size square of ones."""
+    from twml_cli.backdoor import Trigger
+
+    return float(Trigger(size, position).size ** 2)
 
 
 def summary(rows: list[dict], repair: str = "unlearning") -> list[str]:
@@ -291,11 +296,11 @@ def bound(rows: list[dict], threshold: float) -> list[str]:
     if not planted:
         return []
     counts = []
-    for norm in ("planted", 0.0):
+    for at_zero in (False, True):
         detected = second = 0
         for r in planted:
             norms = np.array(r["norms"], dtype=float)
-            norms[r["target"]] = r["size"] ** 2 if norm == "planted" else norm
+            norms[r["target"]] = 0.0 if at_zero else planted_norm(r["size"], r["position"])
             flagged = mad_outlier_test(norms, threshold).flagged
             detected += bool(flagged[r["target"]]) and flagged.sum() == 1
             second += bool(flagged.sum() - flagged[r["target"]])
@@ -392,7 +397,6 @@ def pooled(runs: list[list[dict]], how: str) -> list[dict]:
     """One row per cell from several independent searches of it, their norms pooled class by class
     (`how`: "min", the smallest trigger any search found, or "mean") and the paper's MAD test run
     once on the pooled norms."""
-    from twml_cli.backdoor import Trigger
     from twml_cli.cleanse import mad_outlier_test
 
     rows = []
@@ -412,7 +416,7 @@ def pooled(runs: list[list[dict]], how: str) -> list[dict]:
             row.update(
                 detected=row["flagged"] == [t],
                 target_index=float(test.anomaly_index[t]),
-                norm_ratio=float(norms[t]) / Trigger(row["size"], row["position"]).size ** 2,
+                norm_ratio=float(norms[t]) / planted_norm(row["size"], row["position"]),
             )
         rows.append(row)
     return rows
