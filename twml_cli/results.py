@@ -145,10 +145,15 @@ BACKDOOR_SUCCESS = "backdoor_success_rate"  # reversed trigger of the most anoma
 ANOMALY_CEILING = "anomaly_ceiling"
 
 
+def run_id_of(uri: str) -> str:
+    """The run id in a run id or a runs:/<id>/... URI."""
+    return uri.removeprefix("runs:/").split("/")[0] if uri.startswith("runs:/") else uri
+
+
 def run_in(source: str) -> str | None:
-    """The run id a model source names (a run id, or a runs:/<id>/... URI); None for a folder or a
-    models:/ URI. How a study's console and the write-up tell a logged model from a folder."""
-    run = source.removeprefix("runs:/").split("/")[0]
+    """The run id a model source names (a whole run id, or a runs:/<id>/... URI); None for a folder
+    or a models:/ URI. How a study's console and the write-up tell a logged model from a folder."""
+    run = run_id_of(source)
     return run if len(run) == 32 and all(c in "0123456789abcdef" for c in run) else None
 
 

@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from . import models, tracking_server
 from .config import param_text
 from .errors import TwmlError
-from .results import COMMAND_TAG, MODEL_DIR
+from .results import COMMAND_TAG, MODEL_DIR, run_id_of
 from .tracking_server import (
     SERVER_WAIT_S,
     is_server,
@@ -393,11 +393,6 @@ def find_runs(experiment: str, command: str, status: str = "FINISHED") -> list:
         order_by=["attributes.start_time DESC"],
         max_results=10_000,
     )
-
-
-def run_id_of(uri: str) -> str:
-    """The run id in a run id or a runs:/<id>/... URI."""
-    return uri.removeprefix("runs:/").split("/")[0] if uri.startswith("runs:/") else uri
 
 
 def download_model(uri: str) -> str:
