@@ -2,6 +2,9 @@
 logged param."""
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +23,20 @@ def test_defaults_are_the_embedded_default():
         "standard",
     )
     assert [x.sigma for x in config.resolve("smooth", config.load_preset())] == [0.05, 0.2]  # one run each
+
+
+def test_presets_load_from_a_source_checkout_that_is_not_installed(tmp_path):
+    """benchmarks/run_all.sh runs on a bare GPU machine with only the checkout on PYTHONPATH,
+    where twml_cli.experiments (a package only an install maps) does not exist."""
+    root = Path(config.__file__).resolve().parent.parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(root)!r}); from twml_cli import config; "
+        "print(config.preset_names(), config.load_preset('cifar10').raw['dataset'])"
+    )
+    # -S: no site-packages, so no installed (or editable) twml_cli to fall back on
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["['cifar10',", "'digits',", "'imagenet']", "cifar10"]
 
 
 def test_layers_apply_in_order_preset_sections_then_flags():

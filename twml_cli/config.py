@@ -97,9 +97,16 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
 # ---------------------------------------------------------------- presets
 
 
+def _shipped_presets():
+    try:
+        return resources.files("twml_cli.experiments")
+    except ModuleNotFoundError:  # a source checkout on the path, not installed (benchmarks on a bare GPU machine)
+        return Path(__file__).resolve().parent.parent / "experiments"
+
+
 def _preset_dirs() -> list:
     """./experiments first (a user's own presets), then the ones shipped with twml."""
-    shipped = resources.files("twml_cli.experiments")
+    shipped = _shipped_presets()
     local = Path.cwd() / "experiments"
     return [local, shipped] if local.is_dir() else [shipped]
 
