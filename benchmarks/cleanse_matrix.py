@@ -12,6 +12,7 @@ and `twml mitigate` would run.
     python benchmarks/cleanse_matrix.py --mitigate                # unlearning on every detected cell
     python benchmarks/cleanse_matrix.py --mitigate --unlearn-seed 1000   # ... with other images stamped
     python benchmarks/cleanse_matrix.py --dataset digits16 --jobs 2     # the same digits at 16x16
+    python benchmarks/cleanse_matrix.py --cpu-bf16 --jobs 2       # the search in bf16, as on a GPU
 
 A cell is (seed, position, target, trigger size). Trained models are kept in --out and reused
 by later runs (and across cells: one clean model per seed); each cell's result is one JSON
@@ -422,9 +423,20 @@ def pooled(runs: list[list[dict]], how: str) -> list[dict]:
     return rows
 
 
-def _run(log: Path, todo: dict, jobs: int, submit, what: str) -> dict:
-    """Results by key: those `log` holds, and the rest computed (`submit(pool, cell, key)`) and
-    appended to it as they finish."""
+def bf16_on_cpu() -> None:
+    """(In a worker.) The trigger search's forward passes in bf16 autocast on a CPU too, as
+    runtime.autocast runs them on CUDA: what a GPU's precision does to the verdicts, measured on
+    the CPU's models."""
+    import torch
+
+    from twml_cli import cleanse
+
+    cleanse.autocast = lambda device: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _run(log: Path, todo: dict, jobs: int, submit, what: str, initializer=None) -> dict:
+    """Results by key: those `log` holds, and the rest computed (`submit(pool, cell, key)`, in
+    processes started with `initializer`) and appended to it as they finish."""
     done = {}
     if log.is_file():
         for line in log.read_text().splitlines():
@@ -433,7 +445,7 @@ def _run(log: Path, todo: dict, jobs: int, submit, what: str) -> dict:
     left = {k: c for k, c in todo.items() if k not in done}
     print(f"{len(todo)} to do, {len(todo) - len(left)} already in {log}; {what}", flush=True)
     began = time.perf_counter()
-    with ProcessPoolExecutor(jobs) as pool, log.open("a") as sink:
+    with ProcessPoolExecutor(jobs, initializer=initializer) as pool, log.open("a") as sink:
         futures = {submit(pool, c, k): k for k, c in left.items()}
         for n, future in enumerate(as_completed(futures), 1):
             k, row = futures[future], future.result()
@@ -499,6 +511,12 @@ def main() -> int:
         choices=(DATASET, "digits16"),
         help="the embedded 8x8 digits, or the same images at 16x16 (models kept apart in --out)",
     )
+    parser.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="on a CPU, run the trigger search's forward passes in bf16 autocast, as twml does on CUDA "
+        "(kept apart in --out)",
+    )
     parser.add_argument("--train-only", action="store_true", help="only train (and keep) the models")
     parser.add_argument("--out", default="benchmark-logs/cleanse-matrix")
     args = parser.parse_args()
@@ -533,6 +551,7 @@ def main() -> int:
     runs = []  # per search seed: the cells' keys and rows
     for offset in offsets:
         keyed = (searched, offset) if offset else (searched,)  # offset 0: the keys single searches always had
+        keyed += ("cpu-bf16",) if args.cpu_bf16 else ()
         search_key = {
             c: key(c.name, threads, *keyed) if model_threads == threads else key(c.name, threads, model_threads, *keyed)
             for c in cells
@@ -545,7 +564,9 @@ def main() -> int:
                 run_cell, out, c, threads, search, k, model_threads, offset, args.dataset
             ),
             f"{args.jobs} job(s) of {threads} thread(s), models trained with {model_threads}; search "
-            f"{search or 'as the preset'}, seeded with the training seed + {offset}",
+            f"{search or 'as the preset'}{' in bf16' if args.cpu_bf16 else ''}, "
+            f"seeded with the training seed + {offset}",
+            bf16_on_cpu if args.cpu_bf16 else None,
         )
         runs.append((search_key, [done[search_key[c]] for c in cells]))
     search_key, rows = runs[0]

@@ -174,6 +174,24 @@ def test_a_schedule_replayed_from_a_wide_trace_is_the_search_with_that_schedule(
         assert rows * len(x) == run.images, (restarts, keep_after)
 
 
+def test_the_matrix_can_search_in_bf16_on_a_cpu_as_on_cuda(backdoored, monkeypatch):
+    """benchmarks/cleanse_matrix.py --cpu-bf16: the search's forward passes under bf16 autocast
+    on the CPU, which moves the norms a little (a GPU's precision), not the search."""
+    from twml_cli import cleanse
+
+    model, x = backdoored
+    cfg = CleanseConfig(steps=20, batch_size=32, seed=1)
+    fp32 = reverse_engineer(model, x, 10, cfg, classes=[0, 5])
+    monkeypatch.setattr(cleanse, "autocast", cleanse.autocast)  # put back after the test
+    _benchmark("cleanse_matrix").bf16_on_cpu()
+    with cleanse.autocast(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    bf16 = reverse_engineer(model, x, 10, cfg, classes=[0, 5])
+    assert not np.array_equal(bf16.norms, fp32.norms)
+    assert np.allclose(bf16.norms, fp32.norms, rtol=0.2), (bf16.norms, fp32.norms)
+    assert bf16.norms[0] < bf16.norms[1] / 2  # the backdoor's target still has the far smaller trigger
+
+
 def test_searches_agree_by_majority():
     """benchmarks/cleanse_matrix.py's verdict of several searches: a class is flagged when at
     least `agree` of them flag it; the target's index is their median."""
