@@ -189,7 +189,7 @@ def test_the_matrix_can_search_in_bf16_on_a_cpu_as_on_cuda(backdoored, monkeypat
     bf16 = reverse_engineer(model, x, 10, cfg, classes=[0, 5])
     assert not np.array_equal(bf16.norms, fp32.norms)
     assert np.allclose(bf16.norms, fp32.norms, rtol=0.2), (bf16.norms, fp32.norms)
-    assert np.argmin(bf16.norms) == np.argmin(fp32.norms)  # the same class keeps the smaller trigger
+    assert np.argmin(fp32.norms) == np.argmin(bf16.norms) == 0  # the backdoor's target keeps the smaller trigger
 
 
 def test_searches_agree_by_majority():
