@@ -67,6 +67,7 @@ def test_report_states_the_logged_numbers(reproduced):
     assert "**Backdoor is at model 1 class 0**" in md
     assert f"sends {cleanse.data.metrics['backdoor_success_rate']:.4f} of them to class 0" in md
     assert "The verdict names that model and class." in md
+    assert "This verdict rests on one trigger search per model" in md and "`twml cleanse --searches 3`" in md
     for i in (0, 1):  # the index a norm of 0 would reach, median / MAD of that model's logged norms
         own = norms[norms["model"] == i]["norm"]
         mad = 1.4826 * (own - own.median()).abs().median()
@@ -160,6 +161,7 @@ def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path
         "test cannot see a backdoor in this model, however small its trigger, so the verdict says nothing about it "
         "either way."
     ]
+    assert not [b for b in doc.blocks if isinstance(b, Para) and "--searches 3" in b.text]  # nothing was flagged
     run.settings = config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"], "searches": 3})
     doc = Document("twml")
     report_cleanse.section(doc, [run], [], tmp_path)

@@ -289,3 +289,26 @@ def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
     assert outcome.verdict == "model 0 class 3"
     assert ins.reversed.norms[3] <= 1.5 * 1.0  # converged: within 1.5x of the planted 1-pixel mask's L1 norm
     assert ins.reversed.start_norms.shape == (10, 4) and ins.reversed.norms[3] == ins.reversed.start_norms[3].min()
+
+
+def test_a_single_search_that_flags_a_class_says_to_confirm_it_with_three():
+    """A flag from the paper's single search ends with the advice to run --searches 3 (single searches
+    flag classes of some clean models); several searches, or no flag, do not print it."""
+    from types import SimpleNamespace
+
+    norms = np.array([10.0, 11, 12, 2.0, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2])
+    (test,) = _outlier_tests(norms)
+    rev = SimpleNamespace(classes=list(range(10)), norms=norms)
+    found = [cleanse.Finding(0, 3, float(test.anomaly_index[3]), 0.99)]
+    single = config.resolve_one("cleanse", PRESET, {"model_runs": ["a"]})
+    three = config.resolve_one("cleanse", PRESET, {"model_runs": ["a"], "searches": 3})
+
+    def summary(s, findings, more=0):
+        ins = cleanse.Inspection("m", 1.0, rev, test, 0.0, [cleanse.Search(rev, test)] * more, 1 + more)
+        return cleanse.summarize(cleanse.Outcome(s, [ins], findings))
+
+    lines = summary(single, found)
+    assert lines[-2:] == ["Backdoor success rate: 0.9900", cleanse.SINGLE_SEARCH_CAUTION]
+    assert "--searches 3" in lines[-1]
+    assert cleanse.SINGLE_SEARCH_CAUTION not in summary(three, found, more=2)
+    assert cleanse.SINGLE_SEARCH_CAUTION not in summary(single, [])

@@ -91,6 +91,15 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
                 + thin_margin(f["anomaly_index"], s.anomaly_threshold)
             )
         )
+    if s.searches == 1 and not flagged.empty:
+        doc.add(
+            Para(
+                "This verdict rests on one trigger search per model, the paper's. On twml's detection matrix (8x8 "
+                "digits), single searches flagged a class of 1 to 5 of 20 clean models, depending on the search's "
+                "seed, and three searches that all had to agree flagged none. Before acting on a flagged class, run "
+                "`twml cleanse --searches 3`."
+            )
+        )
     _blind(doc, run)
     truth = {i: b for i in models for b in backdoor_runs if b.id == model_runs[i]}
     for i, b in truth.items():

@@ -299,7 +299,17 @@ def summarize(outcome: Outcome) -> list[str]:
         ]
     if not outcome.findings:
         lines.append(f"No backdoor found: no class has an anomaly index above {threshold:g} below the median norm")
+    elif outcome.settings.searches == 1:
+        lines.append(SINGLE_SEARCH_CAUTION)
     return lines
+
+
+# A single search flags classes of some clean models (docs/neural-cleanse.md: 1 to 5 of 20 on the digits,
+# depending on its seed); three that must agree flagged none there.
+SINGLE_SEARCH_CAUTION = (
+    "One search per model; before acting on a flag, confirm it with twml cleanse --searches 3 "
+    "(three independent searches must agree)"
+)
 
 
 def _short(source: str) -> str:
