@@ -95,9 +95,9 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
         doc.add(
             Para(
                 "This verdict rests on one trigger search per model, the paper's. On twml's detection matrix (8x8 "
-                "digits), single searches flagged a class of 1 to 5 of 20 clean models, depending on the search's "
-                "seed, and three searches that all had to agree flagged none. Before acting on a flagged class, run "
-                "`twml cleanse --searches 3`."
+                "digits), single searches flagged a class of 0 to 5 of 20 clean models, depending on the machine and "
+                "the search's seed, and three searches that all had to agree flagged none. Before acting on a flagged "
+                "class, run `twml cleanse --searches 3`."
             )
         )
     _blind(doc, run)

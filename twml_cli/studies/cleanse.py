@@ -304,8 +304,8 @@ def summarize(outcome: Outcome) -> list[str]:
     return lines
 
 
-# A single search flags classes of some clean models (docs/neural-cleanse.md: 1 to 5 of 20 on the digits,
-# depending on its seed); three that must agree flagged none there.
+# A single search flags classes of some clean models (docs/neural-cleanse.md: 0 to 5 of 20 on the 8x8 digits,
+# 4 to 7 at 16x16, depending on the machine and the search's seed); three that must agree flagged none there.
 SINGLE_SEARCH_CAUTION = (
     "One search per model; before acting on a flag, confirm it with twml cleanse --searches 3 "
     "(three independent searches must agree)"
