@@ -18,6 +18,12 @@ from .common import Hooks, Run, artifacts, check_fits, data_name, device, in_mem
 
 COMMAND = "cleanse"
 SEARCH_SEED_STRIDE = 1000  # search i is seeded with seed + 1000 i: its own clean images and random starts
+# A single search flags classes of some clean models (docs/neural-cleanse.md: 0 to 5 of 20 on the 8x8 digits,
+# 4 to 7 at 16x16, depending on the machine and the search's seed); three that must agree flagged none there.
+SINGLE_SEARCH_CAUTION = (
+    "One search per model; before acting on a flag, confirm it with twml cleanse --searches 3 "
+    "(three independent searches must agree)"
+)
 
 
 @dataclass
@@ -302,14 +308,6 @@ def summarize(outcome: Outcome) -> list[str]:
     elif outcome.settings.searches == 1:
         lines.append(SINGLE_SEARCH_CAUTION)
     return lines
-
-
-# A single search flags classes of some clean models (docs/neural-cleanse.md: 0 to 5 of 20 on the 8x8 digits,
-# 4 to 7 at 16x16, depending on the machine and the search's seed); three that must agree flagged none there.
-SINGLE_SEARCH_CAUTION = (
-    "One search per model; before acting on a flag, confirm it with twml cleanse --searches 3 "
-    "(three independent searches must agree)"
-)
 
 
 def _short(source: str) -> str:
