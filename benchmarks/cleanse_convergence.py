@@ -4,6 +4,8 @@ after every round, and read off what any schedule of those starts would have fou
 
     python benchmarks/cleanse_convergence.py --models benchmark-logs/cleanse-matrix/models/threads1 \\
         --cells seed2-clean,seed4-top-right-t0-s2 --starts 8 --rounds 150
+    python benchmarks/cleanse_convergence.py --models benchmark-logs/cleanse-matrix/models/threads1 \\
+        --cells all --starts 4 --rounds 50 --jobs 2        # every model of the matrix: about 50 minutes on 2 cores
 
 A schedule R/B/T is: R starts per class, each class going on from its best start after B rounds
 (0: all starts to the end), T rounds in all; 4/10/40 is the digits default. The starts are
@@ -12,17 +14,21 @@ so a start's trajectory is the same whether the others run or not, and the repla
 search itself would (on a CPU, equal to every digit: the first schedule printed is the default,
 compare it with a `twml cleanse` of the model). Models are those of benchmarks/cleanse_matrix.py
 (its --out/models/threads1/<cell>); trajectories are cached in --out as one JSON line per model
-and settings.
+and settings. Each model's search is seeded with its training seed plus --seed-offset, as
+cleanse_matrix.py --search-seeds seeds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -90,11 +96,17 @@ def replay(trace: dict, starts: int, r: int, b: int, t: int) -> tuple[np.ndarray
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", required=True, help="a folder of model folders named as cleanse_matrix's cells")
-    parser.add_argument("--cells", required=True, help="comma-separated cell names, e.g. seed0-bottom-right-t0-s1")
+    parser.add_argument(
+        "--cells", required=True, help="comma-separated cell names, e.g. seed0-bottom-right-t0-s1, or all of --models"
+    )
     parser.add_argument("--starts", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--schedules", default=SCHEDULES, help="R/B/T,... (R <= --starts, T <= --rounds)")
     parser.add_argument("--search", default=None, help="other search settings as JSON, e.g. '{\"init_cost\": 0.003}'")
+    parser.add_argument(
+        "--seed-offset", type=int, default=0, help="added to each model's training seed to seed its search"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="models searched at a time, one thread each")
     parser.add_argument("--out", default="benchmark-logs/cleanse-convergence")
     args = parser.parse_args()
     from twml_cli.cleanse import mad_outlier_test
@@ -108,25 +120,42 @@ def main() -> int:
         for line in log.read_text().splitlines():
             entry = json.loads(line)
             traces[entry["key"]] = entry["trace"]
-    cells = args.cells.split(",")
-    for cell in cells:
-        k = json.dumps([cell, args.starts, args.rounds, overrides], sort_keys=True)
-        if k not in traces:
-            seed = int(re.match(r"seed(\d+)", cell).group(1))
-            traces[k] = record(Path(args.models) / cell, seed, args.starts, args.rounds, overrides)
-            with log.open("a") as sink:
-                sink.write(json.dumps({"key": k, "trace": traces[k]}) + "\n")
-            print(f"{cell}: {traces[k]['seconds']} s", flush=True)
-    traced = {c: traces[json.dumps([c, args.starts, args.rounds, overrides], sort_keys=True)] for c in cells}
+    cells = (
+        sorted(p.name for p in Path(args.models).iterdir() if p.is_dir())
+        if args.cells == "all"
+        else args.cells.split(",")
+    )
+
+    def key(cell: str) -> str:  # offset 0: the keys traces always had
+        return json.dumps(
+            [cell, args.starts, args.rounds, overrides, *([args.seed_offset] if args.seed_offset else [])],
+            sort_keys=True,
+        )
+
+    left = [c for c in cells if key(c) not in traces]
+    seeds = [int(re.match(r"seed(\d+)", c).group(1)) + args.seed_offset for c in left]
+    pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
+    with pool or contextlib.nullcontext(), log.open("a") as sink:
+        run = pool.map if pool else map  # one job: in this process
+        folders = [Path(args.models) / c for c in left]
+        for c, trace in zip(
+            left, run(record, folders, seeds, *(repeat(v) for v in (args.starts, args.rounds, overrides)))
+        ):
+            traces[key(c)] = trace
+            sink.write(json.dumps({"key": key(c), "trace": trace}) + "\n")
+            sink.flush()
+            print(f"{c}: {trace['seconds']} s", flush=True)
+    traced = {c: traces[key(c)] for c in cells}
     default_cost = np.mean([replay(tr, args.starts, 4, 10, 40)[1] for tr in traced.values()])
     print(
-        "| schedule | planted detected | target's index (median) | reversed / planted (median) | clean: largest index "
+        "| schedule | planted detected | a second class flagged | target's index (median) "
+        "| reversed / planted (median) | clean models flagged | clean: largest index "
         "| stamped images, against 4/10/40 |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for schedule in args.schedules.split(","):
         r, b, t = (int(v) for v in schedule.split("/"))
-        found, planted, index, ratio, clean, cost = 0, 0, [], [], [], []
+        found, planted, second, index, ratio, clean, accused, cost = 0, 0, 0, [], [], [], 0, []
         for cell, trace in traced.items():
             norms, rows = replay(trace, args.starts, r, b, t)
             cost.append(rows)
@@ -137,15 +166,17 @@ def main() -> int:
                 target, size = int(m.group(1)), int(m.group(2))
                 planted += 1
                 found += flagged == [target]
+                second += any(c != target for c in flagged)
                 index.append(test.anomaly_index[target])
                 ratio.append(norms[target] / size**2)
             else:
                 below = norms < test.median
+                accused += bool(flagged)
                 clean.append(f"{test.anomaly_index[below].max():.2f}{' flagged' if flagged else ''}")
         print(
-            f"| {schedule} | {found} / {planted} | {np.median(index) if index else float('nan'):.2f} | "
-            f"{np.median(ratio) if ratio else float('nan'):.2f} | {', '.join(clean) or '-'} | "
-            f"{np.mean(cost) / default_cost:.2f}x |"
+            f"| {schedule} | {found} / {planted} | {second} | {np.median(index) if index else float('nan'):.2f} | "
+            f"{np.median(ratio) if ratio else float('nan'):.2f} | {accused} / {len(clean)} | "
+            f"{', '.join(clean) if 0 < len(clean) <= 5 else ''} | {np.mean(cost) / default_cost:.2f}x |"
         )
     return 0
 

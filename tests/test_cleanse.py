@@ -174,6 +174,39 @@ def test_a_schedule_replayed_from_a_wide_trace_is_the_search_with_that_schedule(
         assert rows * len(x) == run.images, (restarts, keep_after)
 
 
+# three rounds leave some classes with no successful mask (norm inf), and the table's MAD of them warns
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+def test_the_convergence_trace_of_every_model_seeds_each_search_with_the_offset(backdoored, tmp_path, monkeypatch):
+    """cleanse_convergence.py --cells all --seed-offset N traces every model folder, each searched
+    with its training seed plus N (as cleanse_matrix.py --search-seeds seeds it), keyed apart from
+    the offset-0 traces."""
+    import json
+
+    from twml_cli.models import save_model
+
+    model, _ = backdoored
+    save_model(model, tmp_path / "models" / "seed3-clean")
+    bench = _benchmark("cleanse_convergence")
+    search = {"search_images": 64}
+    threads = torch.get_num_threads()
+    try:
+        for offset in (0, 1000):
+            argv = ["--models", str(tmp_path / "models"), "--cells", "all", "--starts", "4", "--rounds", "3"]
+            argv += ["--seed-offset", str(offset), "--search", json.dumps(search), "--out", str(tmp_path / "out")]
+            monkeypatch.setattr(sys, "argv", ["cleanse_convergence.py", *argv, "--schedules", "4/0/3"])
+            assert bench.main() == 0
+        folder = tmp_path / "models" / "seed3-clean"
+        expected = {offset: bench.record(folder, 3 + offset, 4, 3, search)["best"] for offset in (0, 1000)}
+    finally:
+        torch.set_num_threads(threads)
+    traces = [json.loads(line) for line in (tmp_path / "out" / "traces.jsonl").read_text().splitlines()]
+    assert [json.loads(t["key"])[0] for t in traces] == ["seed3-clean", "seed3-clean"]
+    assert [len(json.loads(t["key"])) for t in traces] == [4, 5]  # offset 0 keeps the keys traces always had
+    for trace, offset in zip(traces, (0, 1000)):
+        assert trace["trace"]["best"] == expected[offset]
+    assert expected[0] != expected[1000]
+
+
 def test_the_matrix_can_search_in_bf16_on_a_cpu_as_on_cuda(backdoored, monkeypatch):
     """benchmarks/cleanse_matrix.py --cpu-bf16: the search's forward passes under bf16 autocast
     on the CPU, which moves the norms a little (a GPU's precision), not the search."""
