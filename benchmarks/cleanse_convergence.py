@@ -8,14 +8,21 @@ after every round, and read off what any schedule of those starts would have fou
         --cells all --starts 4 --rounds 50 --jobs 2        # every model of the matrix: about 50 minutes on 2 cores
 
 A schedule R/B/T is: R starts per class, each class going on from its best start after B rounds
-(0: all starts to the end), T rounds in all; 4/10/40 is the digits default. The starts are
+(0: all starts to the end), T rounds in all; 1/0/40 is each of the digits default's two searches,
+4/10/40 the single search it had before. The starts are
 independent rows of one batch (Adam is elementwise, the losses separate, the image order shared),
 so a start's trajectory is the same whether the others run or not, and the replay gives what the
-search itself would (on a CPU, equal to every digit: the first schedule printed is the default,
-compare it with a `twml cleanse` of the model). Models are those of benchmarks/cleanse_matrix.py
+search itself would (on a CPU, equal to every digit: compare a schedule with a `twml cleanse
+--searches 1` of the model). Models are those of benchmarks/cleanse_matrix.py
 (its --out/models/threads1/<cell>); trajectories are cached in --out as one JSON line per model
 and settings. Each model's search is seeded with its training seed plus --seed-offset, as
-cleanse_matrix.py --search-seeds seeds it.
+cleanse_matrix.py --search-seeds seeds it. With --searches N, each schedule is replayed as N
+independent searches that must all flag a class, as `twml cleanse --searches N` votes: from the
+traces of seed offsets 0, 1000, ... (added to --seed-offset), which earlier runs with --seed-offset
+must have recorded.
+
+    python benchmarks/cleanse_convergence.py ... --seed-offset 1000    # the second search's traces
+    python benchmarks/cleanse_convergence.py ... --searches 2 --schedules 1/0/40,4/10/40
 """
 
 from __future__ import annotations
@@ -107,9 +114,16 @@ def main() -> int:
         "--seed-offset", type=int, default=0, help="added to each model's training seed to seed its search"
     )
     parser.add_argument("--jobs", type=int, default=1, help="models searched at a time, one thread each")
+    parser.add_argument(
+        "--searches",
+        type=int,
+        default=1,
+        help="replay each schedule as this many searches (seed offsets 0, 1000, ...) that must all flag a class",
+    )
     parser.add_argument("--out", default="benchmark-logs/cleanse-convergence")
     args = parser.parse_args()
     from twml_cli.cleanse import mad_outlier_test
+    from twml_cli.studies.cleanse import SEARCH_SEED_STRIDE
 
     overrides = json.loads(args.search) if args.search else {}
     out = Path(args.out)
@@ -126,11 +140,8 @@ def main() -> int:
         else args.cells.split(",")
     )
 
-    def key(cell: str) -> str:  # offset 0: the keys traces always had
-        return json.dumps(
-            [cell, args.starts, args.rounds, overrides, *([args.seed_offset] if args.seed_offset else [])],
-            sort_keys=True,
-        )
+    def key(cell: str, offset: int = args.seed_offset) -> str:  # offset 0: the keys traces always had
+        return json.dumps([cell, args.starts, args.rounds, overrides, *([offset] if offset else [])], sort_keys=True)
 
     left = [c for c in cells if key(c) not in traces]
     seeds = [int(re.match(r"seed(\d+)", c).group(1)) + args.seed_offset for c in left]
@@ -145,34 +156,39 @@ def main() -> int:
             sink.write(json.dumps({"key": key(c), "trace": trace}) + "\n")
             sink.flush()
             print(f"{c}: {trace['seconds']} s", flush=True)
-    traced = {c: traces[key(c)] for c in cells}
-    default_cost = np.mean([replay(tr, args.starts, 4, 10, 40)[1] for tr in traced.values()])
+    offsets = [args.seed_offset + SEARCH_SEED_STRIDE * i for i in range(args.searches)]
+    missing = [o for o in offsets if any(key(c, o) not in traces for c in cells)]
+    if missing:
+        raise SystemExit(f"--searches {args.searches}: first trace these models with --seed-offset {missing[0]}")
+    traced = {c: [traces[key(c, o)] for o in offsets] for c in cells}
+    default_cost = np.mean([replay(tr[0], args.starts, 4, 10, 40)[1] for tr in traced.values()])
     print(
         "| schedule | planted detected | a second class flagged | target's index (median) "
         "| reversed / planted (median) | clean models flagged | clean: largest index "
-        "| stamped images, against 4/10/40 |"
+        "| stamped images, against one 4/10/40 search |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for schedule in args.schedules.split(","):
         r, b, t = (int(v) for v in schedule.split("/"))
         found, planted, second, index, ratio, clean, accused, cost = 0, 0, 0, [], [], [], 0, []
-        for cell, trace in traced.items():
-            norms, rows = replay(trace, args.starts, r, b, t)
-            cost.append(rows)
-            test = mad_outlier_test(norms)
-            flagged = np.flatnonzero(test.flagged).tolist()
+        for cell, each in traced.items():
+            replayed = [replay(trace, args.starts, r, b, t) for trace in each]
+            cost.append(sum(rows for _, rows in replayed))
+            tests = [mad_outlier_test(norms) for norms, _ in replayed]
+            signed = np.min([np.where(s.below, s.anomaly_index, -s.anomaly_index) for s in tests], axis=0)
+            flagged = np.flatnonzero(np.all([s.flagged for s in tests], axis=0)).tolist()
+            norms = replayed[0][0]  # the first search's, as twml cleanse reports them
             m = re.search(r"-t(\d+)-s(\d+)", cell)
             if m:
                 target, size = int(m.group(1)), int(m.group(2))
                 planted += 1
                 found += flagged == [target]
                 second += any(c != target for c in flagged)
-                index.append(test.anomaly_index[target])
+                index.append(abs(signed[target]))  # one search: its anomaly index
                 ratio.append(norms[target] / size**2)
             else:
-                below = norms < test.median
                 accused += bool(flagged)
-                clean.append(f"{test.anomaly_index[below].max():.2f}{' flagged' if flagged else ''}")
+                clean.append(f"{max(signed.max(), 0.0):.2f}{' flagged' if flagged else ''}")
         print(
             f"| {schedule} | {found} / {planted} | {second} | {np.median(index) if index else float('nan'):.2f} | "
             f"{np.median(ratio) if ratio else float('nan'):.2f} | {accused} / {len(clean)} | "

@@ -18,7 +18,10 @@ A cell is (seed, position, target, trigger size). Trained models are kept in --o
 by later runs (and across cells: one clean model per seed); each cell's result is one JSON
 line in --out/cells.jsonl, keyed by the cell and the search settings (the preset's defaults
 with the overrides; a model is retrained when its training settings changed), so an
-interrupted matrix resumes where it stopped. The summary (detection rate, false alarms, norm ratios,
+interrupted matrix resumes where it stopped. Each line is one search; a model gets as many
+independent searches as the preset's `searches` (two on the digits, seeded with the training seed
+plus 0 and 1000, as twml cleanse seeds them) and the verdict of its `agreement` (both must flag a
+class), unless --search-seeds and --agree say otherwise. The summary (detection rate, false alarms, norm ratios,
 repairs) and the Markdown table are printed at the end and written to --out/matrix.md.
 """
 
@@ -154,7 +157,7 @@ def run_cell(
     torch.set_num_threads(model_threads)
     path, facts = _model(out, cell, model_threads, dataset)
     torch.set_num_threads(threads)
-    s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset=dataset, **search)
+    s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset=dataset, **search, searches=1)
     began = time.perf_counter()
     outcome = cleanse.compute(cleanse.prepare(s))
     seconds = time.perf_counter() - began
@@ -476,16 +479,17 @@ def main() -> int:
     )
     parser.add_argument(
         "--search-seeds",
-        default="0",
+        default=None,
         help="offsets added to the training seed to seed the search (its clean images and starts); several: "
-        "independent searches per model, and the verdict of --agree of them",
+        "independent searches per model, and the verdict of --agree of them (default: as twml cleanse, the "
+        "preset's searches, 0,1000 on the digits)",
     )
     parser.add_argument(
         "--agree",
         type=int,
         default=None,
         help="with several search seeds: a class is flagged when at least this "
-        "many searches flag it (default: a majority)",
+        "many searches flag it (default: as the preset's agreement, all of them)",
     )
     parser.add_argument(
         "--pool",
@@ -546,8 +550,18 @@ def main() -> int:
             ):
                 print(f"[{k}/{len(cells)}] {json.dumps(future.result())}", flush=True)
         return 0
-    searched = _resolved("cleanse", dataset=args.dataset, **search)
-    offsets = parse_ints(args.search_seeds)
+    from twml_cli.studies.cleanse import SEARCH_SEED_STRIDE
+
+    preset = _settings("cleanse", dataset=args.dataset, **search)
+    search.pop("searches", None)
+    search.pop("agreement", None)
+    searched = _resolved("cleanse", dataset=args.dataset, **search, searches=1)  # each search's own settings
+    offsets = (
+        parse_ints(args.search_seeds)
+        if args.search_seeds is not None
+        else [SEARCH_SEED_STRIDE * i for i in range(preset.searches)]
+    )
+    agree = args.agree or dataclasses.replace(preset, searches=len(offsets)).votes_needed
     runs = []  # per search seed: the cells' keys and rows
     for offset in offsets:
         keyed = (searched, offset) if offset else (searched,)  # offset 0: the keys single searches always had
@@ -574,7 +588,7 @@ def main() -> int:
         for offset, (_, each) in zip(offsets, runs):
             print(f"search seed = training seed + {offset}: " + "; ".join(summary(each)[:1]))
         searches = [r for _, r in runs]
-        rows = pooled(searches, args.pool) if args.pool else agreement(searches, args.agree or len(runs) // 2 + 1)
+        rows = pooled(searches, args.pool) if args.pool else agreement(searches, agree)
     repair = "unlearning"
     if args.mitigate:
         unlearned = _resolved("mitigate", dataset=args.dataset, **unlearn)

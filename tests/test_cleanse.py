@@ -176,10 +176,12 @@ def test_a_schedule_replayed_from_a_wide_trace_is_the_search_with_that_schedule(
 
 # three rounds leave some classes with no successful mask (norm inf), and the table's MAD of them warns
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
-def test_the_convergence_trace_of_every_model_seeds_each_search_with_the_offset(backdoored, tmp_path, monkeypatch):
+def test_the_convergence_trace_of_every_model_seeds_each_search_with_the_offset(
+    backdoored, tmp_path, monkeypatch, capsys
+):
     """cleanse_convergence.py --cells all --seed-offset N traces every model folder, each searched
     with its training seed plus N (as cleanse_matrix.py --search-seeds seeds it), keyed apart from
-    the offset-0 traces."""
+    the offset-0 traces; --searches 2 replays the two as twml cleanse's two searches that must agree."""
     import json
 
     from twml_cli.models import save_model
@@ -188,15 +190,16 @@ def test_the_convergence_trace_of_every_model_seeds_each_search_with_the_offset(
     save_model(model, tmp_path / "models" / "seed3-clean")
     bench = _benchmark("cleanse_convergence")
     search = {"search_images": 64}
+    ROUNDS = "10"  # enough for every class's trigger to succeed: a class without one has no norm to replay
     threads = torch.get_num_threads()
     try:
         for offset in (0, 1000):
-            argv = ["--models", str(tmp_path / "models"), "--cells", "all", "--starts", "4", "--rounds", "3"]
+            argv = ["--models", str(tmp_path / "models"), "--cells", "all", "--starts", "4", "--rounds", ROUNDS]
             argv += ["--seed-offset", str(offset), "--search", json.dumps(search), "--out", str(tmp_path / "out")]
-            monkeypatch.setattr(sys, "argv", ["cleanse_convergence.py", *argv, "--schedules", "4/0/3"])
+            monkeypatch.setattr(sys, "argv", ["cleanse_convergence.py", *argv, "--schedules", f"4/0/{ROUNDS}"])
             assert bench.main() == 0
         folder = tmp_path / "models" / "seed3-clean"
-        expected = {offset: bench.record(folder, 3 + offset, 4, 3, search)["best"] for offset in (0, 1000)}
+        expected = {offset: bench.record(folder, 3 + offset, 4, int(ROUNDS), search)["best"] for offset in (0, 1000)}
     finally:
         torch.set_num_threads(threads)
     traces = [json.loads(line) for line in (tmp_path / "out" / "traces.jsonl").read_text().splitlines()]
@@ -205,6 +208,31 @@ def test_the_convergence_trace_of_every_model_seeds_each_search_with_the_offset(
     for trace, offset in zip(traces, (0, 1000)):
         assert trace["trace"]["best"] == expected[offset]
     assert expected[0] != expected[1000]
+
+    # --searches 2: the two traces replayed as twml cleanse's two searches that must agree
+    def agree(out: str) -> int:
+        argv = ["--models", str(tmp_path / "models"), "--cells", "all", "--starts", "4", "--rounds", ROUNDS]
+        argv += ["--search", json.dumps(search), "--out", str(tmp_path / out), "--schedules", f"4/0/{ROUNDS}"]
+        monkeypatch.setattr(sys, "argv", ["cleanse_convergence.py", *argv, "--searches", "2"])
+        return bench.main()
+
+    capsys.readouterr()
+    assert agree("out") == 0
+    row = capsys.readouterr().out.splitlines()[-1].split(" | ")
+    from twml_cli import config
+    from twml_cli.studies import cleanse as study
+
+    own = {**search, "search_restarts": 4, "search_keep_best_after": 0, "search_steps": int(ROUNDS), "searches": 2}
+    s = config.resolve_one("cleanse", config.load_preset(), {"seed": 3, "model_runs": [str(folder)], **own})
+    try:
+        torch.set_num_threads(1)
+        (ins,) = study.compute(study.prepare(s)).inspections
+    finally:
+        torch.set_num_threads(threads)
+    assert np.isfinite(ins.anomaly_index) and ins.anomaly_index > 0
+    assert row[6] == f"{ins.anomaly_index:.2f}{' flagged' if ins.flagged.any() else ''}"  # the clean model's index
+    with pytest.raises(SystemExit, match="first trace these models with --seed-offset 1000"):
+        agree("fresh")  # traces offset 0 there, then needs the second search's recorded first
 
 
 def test_the_matrix_can_search_in_bf16_on_a_cpu_as_on_cuda(backdoored, monkeypatch):
