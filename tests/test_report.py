@@ -3,7 +3,6 @@
 import re
 
 import pandas as pd
-import pytest
 
 from twml_cli import config, results
 from twml_cli.report import adversarial as report_adversarial
@@ -67,11 +66,14 @@ def test_report_states_the_logged_numbers(reproduced):
     assert "**Backdoor is at model 1 class 0**" in md
     assert f"sends {cleanse.data.metrics['backdoor_success_rate']:.4f} of them to class 0" in md
     assert "The verdict names that model and class." in md
-    assert "This verdict rests on one trigger search per model" in md and "`twml cleanse --searches 3`" in md
-    for i in (0, 1):  # the index a norm of 0 would reach, median / MAD of that model's logged norms
-        own = norms[norms["model"] == i]["norm"]
-        mad = 1.4826 * (own - own.median()).abs().median()
-        assert cleanse.data.metrics[f"model{i}_anomaly_ceiling"] == pytest.approx(own.median() / mad, rel=1e-6)
+    assert "It ran 2 independent searches per model" in md and "flagged a class when both of them did" in md
+    assert "This verdict rests on one trigger search per model" not in md
+    for i in (0, 1):  # the index a norm of 0 would reach: with two searches, the lower of their two
+        own = norms[norms["model"] == i]
+        mad = 1.4826 * (own["norm"] - own["norm"].median()).abs().median()
+        ceiling = cleanse.data.metrics[f"model{i}_anomaly_ceiling"]
+        assert ceiling <= own["norm"].median() / mad * (1 + 1e-6)  # the logged norms are the first search's
+        assert (own[own["flagged"]]["anomaly_index"] <= ceiling).all() and ceiling > 2
     assert "could have been flagged" not in md  # both well above 2 on the default
     index = cleanse.data.metrics["model1_anomaly_index"]
     assert ("is a thin margin" in md) == (index < 3.0)  # 1.5 x the threshold of 2
@@ -147,7 +149,7 @@ def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path
         command="cleanse",
         start_time=0,
         params={},
-        settings=config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"]}),
+        settings=config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"], "searches": 1}),
         norms=norms,
         models={i: results.CleanseModelMetrics(0.98, 0.5, 1.0) for i in (0, 1)},
         ceilings={0: 10.3, 1: 11 / (1.4826 * 5)},
@@ -169,6 +171,11 @@ def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path
     assert (
         "the largest anomaly index all of its 3 searches could agree on, that of a trigger of norm 0, is 1.48" in blind
     )
+    run.settings = config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"]})  # the default: 2
+    doc = Document("twml")
+    report_cleanse.section(doc, [run], [], tmp_path)
+    (blind,) = [b.text for b in doc.blocks if isinstance(b, Para) and "could have been flagged" in b.text]
+    assert "the largest anomaly index both of its 2 searches could agree on" in blind
 
 
 def test_attacks_on_a_folder_model_are_reported_without_any_train_run(tmp_path):

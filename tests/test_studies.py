@@ -153,7 +153,8 @@ def test_backdoor_and_cleanse_compute(tmp_path):
         "masks/model0_class9_mask.png",
     } <= run.files
     assert run.metrics["model0_accuracy"] == poisoned.accuracy
-    assert run.metrics["model0_anomaly_ceiling"] == ins.test.median / ins.test.mad  # one search: its own
+    # two searches by default, both of which must flag a class: the lower of their ceilings
+    assert len(ins.tests) == 2 and run.metrics["model0_anomaly_ceiling"] == min(t.median / t.mad for t in ins.tests)
     table = cleanse.norms_table(outcome)
     assert table["class"].tolist() == list(range(10)) and table["norm"].tolist() == ins.reversed.norms.tolist()
     assert (
@@ -201,7 +202,7 @@ def test_cleanse_with_several_searches(tmp_path):
     poisoned = backdoor.compute(backdoor.prepare(settings("backdoor", epochs=2)))
     folder = models.save_model(poisoned.model, tmp_path / "bad")
     small = {"model_runs": [str(folder)], "search_steps": 3, "search_images": 64}
-    single = cleanse.compute(cleanse.prepare(config.resolve_one("cleanse", PRESET, small)))
+    single = cleanse.compute(cleanse.prepare(config.resolve_one("cleanse", PRESET, {**small, "searches": 1})))
     inputs = cleanse.prepare(config.resolve_one("cleanse", PRESET, {**small, "searches": 3, "agreement": "majority"}))
     assert len(inputs.x_more) == 2 and not torch.equal(inputs.x_more[0], inputs.x_clean)
     outcome = cleanse.compute(inputs)
@@ -276,8 +277,8 @@ def test_the_norms_figure_names_its_model_and_says_when_its_threshold_is_below_z
 
 @pytest.mark.e2e  # a whole backdoor study and trigger search
 def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
-    """`twml backdoor --target 3 --position top-left` with the default search: the verdict names
-    that model and that class (the issue's other-target, other-position case)."""
+    """`twml backdoor --target 3 --position top-left` with the default search (two that must agree):
+    the verdict names that model and that class (the issue's other-target, other-position case)."""
     poisoned = backdoor.compute(backdoor.prepare(settings("backdoor", target=3, position="top-left")))
     clean, stamped, _ = poisoned.example
     assert stamped[0, 0, 0] == 1.0 and torch.equal(stamped[..., 1:, :], clean[..., 1:, :])  # one pixel, top-left
@@ -285,10 +286,10 @@ def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
     folder = models.save_model(poisoned.model, tmp_path / "bad")
     outcome = cleanse.compute(cleanse.prepare(config.resolve_one("cleanse", PRESET, {"model_runs": [str(folder)]})))
     (ins,) = outcome.inspections
-    assert ins.test.flagged.nonzero()[0].tolist() == [3], ins.test.anomaly_index
-    assert outcome.verdict == "model 0 class 3"
-    assert ins.reversed.norms[3] <= 1.5 * 1.0  # converged: within 1.5x of the planted 1-pixel mask's L1 norm
-    assert ins.reversed.start_norms.shape == (10, 4) and ins.reversed.norms[3] == ins.reversed.start_norms[3].min()
+    assert len(ins.tests) == 2 and ins.votes.tolist() == [0, 0, 0, 2, 0, 0, 0, 0, 0, 0], ins.signed_indices
+    assert outcome.verdict == "model 0 class 3"  # both independent searches flag class 3, and only it
+    for search in (ins.reversed, ins.more[0].reversed):  # within 1.5x of the planted 1-pixel mask's L1 norm
+        assert search.norms[3] <= 1.5 * 1.0 and search.start_norms.shape == (10, 1)
 
 
 def test_a_single_search_that_flags_a_class_says_to_confirm_it_with_three():
@@ -300,7 +301,7 @@ def test_a_single_search_that_flags_a_class_says_to_confirm_it_with_three():
     (test,) = _outlier_tests(norms)
     rev = SimpleNamespace(classes=list(range(10)), norms=norms)
     found = [cleanse.Finding(0, 3, float(test.anomaly_index[3]), 0.99)]
-    single = config.resolve_one("cleanse", PRESET, {"model_runs": ["a"]})
+    single = config.resolve_one("cleanse", PRESET, {"model_runs": ["a"], "searches": 1})
     three = config.resolve_one("cleanse", PRESET, {"model_runs": ["a"], "searches": 3})
 
     def summary(s, findings, more=0):

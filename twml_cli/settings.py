@@ -507,7 +507,7 @@ class Cleanse(Common, Settings):
     search_lr: float = setting(0.1, "Trigger search: Adam learning rate.")
     search_threshold: float = setting(0.99, "Trigger search: attack success a reversed trigger must reach.")
     search_restarts: int = setting(
-        4, "Trigger search: independent random starts per class; each class keeps its smallest successful mask."
+        1, "Trigger search: independent random starts per class; each class keeps its smallest successful mask."
     )
     search_keep_best_after: int = setting(
         10,
@@ -529,7 +529,7 @@ class Cleanse(Common, Settings):
     )
     anomaly_threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
     searches: int = setting(
-        1,
+        2,
         "Independent trigger searches per model, each on other clean images from other starts; a class is "
         "flagged when --agreement of them flag it (1: the paper's single search).",
         applies=lambda s: s.searches > 1,  # logged when several: a single search's params stay as they were

@@ -392,4 +392,6 @@ def agreement(doc: Document, runs: list, backdoor_runs: list) -> None:
 
 
 def _how_many_agree(s) -> str:
-    return "all" if s.agreement == "all" else "more than half"
+    if s.agreement != "all":
+        return "more than half"
+    return "both" if s.searches == 2 else "all"
