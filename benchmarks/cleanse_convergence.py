@@ -123,7 +123,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmark-logs/cleanse-convergence")
     args = parser.parse_args()
     from twml_cli.cleanse import mad_outlier_test
-    from twml_cli.studies.cleanse import SEARCH_SEED_STRIDE
+    from twml_cli.studies.cleanse import SEARCH_SEED_STRIDE, Inspection, Search
 
     overrides = json.loads(args.search) if args.search else {}
     out = Path(args.out)
@@ -174,9 +174,10 @@ def main() -> int:
         for cell, each in traced.items():
             replayed = [replay(trace, args.starts, r, b, t) for trace in each]
             cost.append(sum(rows for _, rows in replayed))
-            tests = [mad_outlier_test(norms) for norms, _ in replayed]
-            signed = np.min([np.where(s.below, s.anomaly_index, -s.anomaly_index) for s in tests], axis=0)
-            flagged = np.flatnonzero(np.all([s.flagged for s in tests], axis=0)).tolist()
+            first, *more = [mad_outlier_test(norms) for norms, _ in replayed]
+            # twml cleanse's own vote: a class is flagged when every search flags it
+            voted = Inspection(cell, 0.0, None, first, 0.0, [Search(None, s) for s in more], len(replayed))
+            signed, flagged = voted.agreed_index, np.flatnonzero(voted.flagged).tolist()
             norms = replayed[0][0]  # the first search's, as twml cleanse reports them
             m = re.search(r"-t(\d+)-s(\d+)", cell)
             if m:
