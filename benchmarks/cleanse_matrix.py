@@ -200,15 +200,15 @@ def repair_cell(
     out: Path,
     cell: Cell,
     threads: int,
-    name: str,
+    names: list[str],
     unlearn: dict,
     model_threads: int,
     seed_offset: int = 0,
     dataset: str = DATASET,
 ) -> dict:
-    """`twml mitigate` (unlearning) with the detected class's reversed trigger, the real trigger
-    measured; seeded with the training seed plus `seed_offset` (which images are stamped, and
-    their order)."""
+    """`twml mitigate` with the detected class's reversed triggers, one per search (`names`: their
+    files in out/triggers, the first search's first), the real trigger measured; seeded with the
+    training seed plus `seed_offset` (which images are stamped, and their order)."""
     import torch
 
     from twml_cli.backdoor import Trigger
@@ -216,9 +216,14 @@ def repair_cell(
 
     torch.set_num_threads(threads)
     path, _ = _model(out, cell, model_threads, dataset)
-    with np.load(out / "triggers" / f"{name}.npz", allow_pickle=False) as z:
-        mask, pattern = torch.from_numpy(z["masks"][cell.target]), torch.from_numpy(z["patterns"][cell.target])
-    finding = mitigate.Finding(path, 0, cell.target, 0.0, mask, pattern, Trigger(cell.size, cell.position), cell.target)
+    triggers = []
+    for name in names:
+        with np.load(out / "triggers" / f"{name}.npz", allow_pickle=False) as z:
+            triggers.append((torch.from_numpy(z["masks"][cell.target]), torch.from_numpy(z["patterns"][cell.target])))
+    (mask, pattern), *more = triggers
+    finding = mitigate.Finding(
+        path, 0, cell.target, 0.0, mask, pattern, Trigger(cell.size, cell.position), cell.target, more
+    )
     s = _settings("mitigate", seed=cell.seed + seed_offset, dataset=dataset, **unlearn)
     began = time.perf_counter()
     repaired = mitigate.compute(mitigate.prepare(s, finding))
@@ -504,6 +509,11 @@ def main() -> int:
     )
     parser.add_argument("--unlearn", default=None, help="mitigate settings as JSON, e.g. '{\"unlearn_lr\": 0.002}'")
     parser.add_argument(
+        "--first-trigger",
+        action="store_true",
+        help="repair with the first search's reversed trigger alone (twml mitigate stamps every search's)",
+    )
+    parser.add_argument(
         "--unlearn-seed",
         type=int,
         default=0,
@@ -595,17 +605,18 @@ def main() -> int:
         repair = "pruning" if unlearned["mitigation"] == "prune" else repair
         if args.unlearn_seed:  # offset 0: the keys repairs always had
             unlearned = {**unlearned, "seed_offset": args.unlearn_seed}
-        detected = {key(search_key[c], unlearned): c for c, r in zip(cells, rows) if r.get("detected")}
+        names = {c: [keys[c] for keys, _ in runs][: 1 if args.first_trigger else None] for c in cells}
+        repair_key = {c: key(*names[c], unlearned) for c in cells}  # one search: the keys repairs always had
         repairs = _run(
             out / "repairs.jsonl",
-            detected,
+            {repair_key[c]: c for c, r in zip(cells, rows) if r.get("detected")},
             args.jobs,
             lambda pool, c, k: pool.submit(
-                repair_cell, out, c, threads, search_key[c], unlearn, model_threads, args.unlearn_seed, args.dataset
+                repair_cell, out, c, threads, names[c], unlearn, model_threads, args.unlearn_seed, args.dataset
             ),
             f"{repair} {unlearn or 'as the preset'}",
         )
-        rows = [{**r, **repairs.get(key(search_key[c], unlearned), {})} for c, r in zip(cells, rows)]
+        rows = [{**r, **repairs.get(repair_key[c], {})} for c, r in zip(cells, rows)]
     lines = summary(rows, repair)
     if len(runs) == 1 or args.pool:  # the norms the verdict was computed on
         lines += bound(rows, searched["anomaly_threshold"])

@@ -172,6 +172,9 @@ def test_cleanse_logs_every_image(reproduced):
         assert min(img.size) >= 160  # an 8x8 mask upscaled so it can be seen
     with np.load(cli.download(run, "reversed-triggers.npz"), allow_pickle=False) as z:
         assert z["model1_masks"].shape == (10, 8, 8) and z["model1_patterns"].shape == (10, 1, 8, 8)
+        # the second search's triggers too (twml mitigate stamps both), found apart from the first's
+        assert z["model1_search1_masks"].shape == (10, 8, 8) and z["model1_search1_patterns"].shape == (10, 1, 8, 8)
+        assert not np.array_equal(z["model1_search1_masks"], z["model1_masks"]) and "model1_search2_masks" not in z
 
 
 def test_cleanse_takes_models_in_the_order_given(reproduced):

@@ -68,6 +68,7 @@ def test_report_states_the_logged_numbers(reproduced):
     assert "The verdict names that model and class." in md
     assert "It ran 2 independent searches per model" in md and "flagged a class when both of them did" in md
     assert "This verdict rests on one trigger search per model" not in md
+    assert "carry one of the 2 searches' reversed triggers, in turn, under their true labels" in md  # unlearning
     for i in (0, 1):  # the index a norm of 0 would reach: with two searches, the lower of their two
         own = norms[norms["model"] == i]
         mad = 1.4826 * (own["norm"] - own["norm"].median()).abs().median()

@@ -12,6 +12,7 @@ with the trigger Neural Cleanse reversed, without knowing the real one.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -29,18 +30,21 @@ UNLEARN_STREAM = 10
 
 
 def unlearn(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, config: UnlearnConfig
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    triggers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    config: UnlearnConfig,
 ) -> None:
-    """Fine-tune `model` in place on (x, y) with config.fraction of the images stamped with
-    (mask, pattern), labels unchanged. SGD with momentum at config.lr, constant or warmed up,
-    with the normalization layers' statistics frozen when config.freeze_norm."""
+    """Fine-tune `model` in place on (x, y) with config.fraction of the images stamped with a
+    reversed trigger (mask, pattern), labels unchanged; with several triggers (one per search
+    of the cleanse run) the stamped images take them in turn. SGD with momentum at
+    config.lr, constant or warmed up, with the normalization layers' statistics frozen when
+    config.freeze_norm."""
     device = next(model.parameters()).device
     x, y = to_device_layout(x, device), y.to(device)
-    mask, pattern = mask.to(device), pattern.to(device)
     g = generator(torch.device("cpu"), config.seed, UNLEARN_STREAM)
-    chosen = torch.zeros(len(x), dtype=torch.bool)
-    chosen[torch.randperm(len(x), generator=g)[: math.ceil(config.fraction * len(x))]] = True
-    x = torch.where(chosen.to(device).view(-1, 1, 1, 1), stamp(x, mask, pattern), x)
+    x = stamp_some(x, triggers, config.fraction, g)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     per_epoch = math.ceil(len(x) / config.batch_size)
     rates = _rates(config, per_epoch)
@@ -61,6 +65,21 @@ def unlearn(
             loss.backward()
             optimizer.step()
     model.eval()
+
+
+def stamp_some(
+    x: torch.Tensor, triggers: Sequence[tuple[torch.Tensor, torch.Tensor]], fraction: float, g: torch.Generator
+) -> torch.Tensor:
+    """A copy of x with ceil(fraction * N) images, drawn with g, stamped: the first drawn with the
+    first trigger, the second with the second, and so on in turn."""
+    if not triggers:
+        raise ValueError("unlearning needs at least one reversed trigger")
+    chosen = torch.randperm(len(x), generator=g)[: math.ceil(fraction * len(x))].to(x.device)
+    x = x.clone()
+    for k, (mask, pattern) in enumerate(triggers):
+        some = chosen[k :: len(triggers)]
+        x[some] = stamp(x[some], mask.to(x.device), pattern.to(x.device))
+    return x
 
 
 def _rates(config: UnlearnConfig, per_epoch: int) -> list[float]:

@@ -296,8 +296,9 @@ def _starts(s) -> str:
     return f" from {s.search_restarts} random starts per class{best}"
 
 
-def _how(s) -> str:
-    """What a mitigation run's settings did, in words."""
+def _how(s, triggers: int = 1) -> str:
+    """What a mitigation run's settings did, in words (`triggers`: the reversed triggers it stamped,
+    one per search of the cleanse run)."""
     if s.mitigation == "prune":
         return (
             f"pruning removes the penultimate-layer neurons the reversed trigger excites most, {s.prune_step:.0%} at "
@@ -307,7 +308,9 @@ def _how(s) -> str:
     frozen = ", normalization statistics frozen" if s.unlearn_freeze_norm else ""
     return (
         f"unlearning fine-tunes for {_count(s.unlearn_epochs, 'epoch')} on clean training images of which "
-        f"{s.unlearn_fraction:.0%} carry the reversed trigger under their true labels (SGD, lr {s.unlearn_lr:g} {rate}"
+        f"{s.unlearn_fraction:.0%} carry "
+        + ("the reversed trigger" if triggers == 1 else f"one of the {triggers} searches' reversed triggers, in turn,")
+        + f" under their true labels (SGD, lr {s.unlearn_lr:g} {rate}"
         f"{frozen})"
     )
 
@@ -336,7 +339,7 @@ def mitigation_section(doc: Document, runs: list) -> None:
         Para(
             "`twml mitigate` repairs each model a cleanse run flagged, with the trigger Neural Cleanse reversed (the "
             "real one stays unknown to it): "
-            + "; ".join(dict.fromkeys(_how(r.settings) for r in runs))
+            + "; ".join(dict.fromkeys(_how(r.settings, int(r.param("reversed_triggers") or 1)) for r in runs))
             + ". The real trigger's attack success is measured on clean test images of the other classes."
         ),
         Table(

@@ -232,6 +232,9 @@ def record(run: Run, outcome: Outcome) -> None:
                     rev.masks[j] * rev.patterns[j], _mkdir(folder / "triggers") / f"model{i}_class{c}_trigger.png"
                 )
             arrays[f"model{i}_masks"], arrays[f"model{i}_patterns"] = rev.masks.numpy(), rev.patterns.numpy()
+            for k, more in enumerate(ins.more, 1):  # the other searches' triggers: twml mitigate stamps them too
+                arrays[f"model{i}_search{k}_masks"] = more.reversed.masks.numpy()
+                arrays[f"model{i}_search{k}_patterns"] = more.reversed.patterns.numpy()
             panels.append(
                 {
                     "name": f"model {i} ({_panel(ins.source)})",

@@ -33,6 +33,12 @@ class Finding:
     pattern: torch.Tensor
     trigger: backdoor.Trigger | None = None  # the real one, from the backdoor run that made the model
     trigger_target: int | None = None
+    more: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)  # other searches'
+
+    @property
+    def triggers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every reversed trigger of the class, one per search: unlearning stamps them all."""
+        return [(self.mask, self.pattern), *self.more]
 
 
 @dataclass
@@ -81,6 +87,7 @@ def findings(cleanse_run: str) -> list[Finding]:
                 float(row["anomaly_index"]),
                 torch.from_numpy(z[f"model{i}_masks"][c]),
                 torch.from_numpy(z[f"model{i}_patterns"][c]),
+                more=_more_triggers(z, i, c),
             )
             if not Path(f.model_uri).is_dir():
                 made = tracking.get_run(f.model_uri)
@@ -93,6 +100,20 @@ def findings(cleanse_run: str) -> list[Finding]:
             out.append(f)
     if not out:
         raise TwmlError(f"cleanse run '{cleanse_run}' flagged no model: there is nothing to mitigate")
+    return out
+
+
+def _more_triggers(z, i: int, c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Class c's reversed triggers in model i from the cleanse run's other searches, in order."""
+    out, k = [], 1
+    while f"model{i}_search{k}_masks" in z:
+        out.append(
+            (
+                torch.from_numpy(z[f"model{i}_search{k}_masks"][c]),
+                torch.from_numpy(z[f"model{i}_search{k}_patterns"][c]),
+            )
+        )
+        k += 1
     return out
 
 
@@ -131,7 +152,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     x, y = inputs.data.train.x.cpu(), inputs.data.train.y.cpu()
     if s.mitigation == "unlearn":
         with runtime.phase("train"):
-            mitigation.unlearn(repaired, x, y, f.mask, f.pattern, s.unlearn_config())
+            mitigation.unlearn(repaired, x, y, f.triggers, s.unlearn_config())
     else:
         with runtime.phase("evaluate"):  # pruning updates no weights by gradient
             pruned = mitigation.prune(repaired, x, y, f.target, f.mask, f.pattern, s.prune_step, s.prune_stop)
@@ -145,7 +166,13 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
 def extra_params(inputs: Inputs) -> dict:
     f = inputs.finding
     source = {"model_path": f.model_uri} if Path(f.model_uri).is_dir() else {"model_run": f.model_uri}
-    return {**source, "model": inputs.model.spec.arch, "target": f.target, "anomaly_index": round(f.anomaly_index, 4)}
+    return {
+        **source,
+        "model": inputs.model.spec.arch,
+        "target": f.target,
+        "anomaly_index": round(f.anomaly_index, 4),
+        "reversed_triggers": len(f.triggers) if inputs.settings.mitigation == "unlearn" else 1,  # pruning: the first
+    }
 
 
 def tags(s: config.Mitigate) -> dict[str, str]:
@@ -163,7 +190,12 @@ def record(run: Run, outcome: Outcome) -> None:
 
 def summarize(o: Outcome) -> list[str]:
     m, f = o.metrics, o.finding
-    how = "unlearning" if o.pruned is None else f"pruning {o.pruned.pruned} of {o.pruned.neurons} penultimate neurons"
+    n = len(f.triggers)
+    how = (
+        f"pruning {o.pruned.pruned} of {o.pruned.neurons} penultimate neurons"
+        if o.pruned is not None
+        else "unlearning" + (f" with the {n} searches' reversed triggers" if n > 1 else "")
+    )
     lines = [
         f"Model {f.model_index} (class {f.target} flagged, anomaly index {f.anomaly_index:.2f}), repaired by {how}:",
         f"  Clean accuracy: {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
