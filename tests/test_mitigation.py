@@ -130,7 +130,8 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert m["attack_success_rate_before"] == reproduced.backdoor.data.metrics["attack_success_rate"]
     assert m["attack_success_rate"] <= 0.05  # as on every detected cell of the matrix, in every draw
     # a repair's accuracy change is a draw with a spread of 0.6 points (docs/neural-cleanse.md, "Both
-    # searches' triggers"): this model loses 1.1 points with this draw, the worst of 315 matrix repairs 1.9
+    # searches' triggers"): this model loses 1.1 points with this draw; the worst over the matrix's 105 cells
+    # and three draws, 1.7 (the first search's trigger alone: 1.9)
     assert m["accuracy"] >= m["accuracy_before"] - 0.02
     assert m["reversed_success"] < m["reversed_success_before"]
     assert cli.model_files(unlearned) == {"model.safetensors", "spec.json"}  # the repaired model
