@@ -137,6 +137,13 @@ def model_key(i: int, name: str) -> str:
     return f"model{i}_{name}"
 
 
+def reversed_keys(i: int, search: int = 0) -> tuple[str, str]:
+    """The names of model i's reversed masks and patterns in REVERSED_NPZ, one row per class:
+    model{i}_masks for the first search, model{i}_search{k}_masks for the k-th of the others."""
+    prefix = model_key(i, f"search{search}_" if search else "")
+    return prefix + "masks", prefix + "patterns"
+
+
 BACKDOOR_SUCCESS = "backdoor_success_rate"  # reversed trigger of the most anomalous flagged class
 # per model, as model{i}_anomaly_ceiling: the largest anomaly index any class of it could have
 # reached (median / MAD, the index of a norm of 0; with several searches, the one `needed` of them

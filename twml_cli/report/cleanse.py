@@ -157,7 +157,7 @@ def _looks(doc: Document, run: CleanseRun, flagged: pd.DataFrame, truth: dict, f
         i, c = int(f["model"]), int(f["class"])
         if results.REVERSED_NPZ in run.files:
             with np.load(run.files[results.REVERSED_NPZ], allow_pickle=False) as z:
-                mask = z[f"model{i}_masks"][c]
+                mask = z[results.reversed_keys(i)[0]][c]
             doc.add(
                 Para(
                     f"The reversed mask of model {i} class {c} has L1 norm {f['norm']:.4f}. "

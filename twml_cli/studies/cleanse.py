@@ -231,10 +231,10 @@ def record(run: Run, outcome: Outcome) -> None:
                 figures.save_image(
                     rev.masks[j] * rev.patterns[j], _mkdir(folder / "triggers") / f"model{i}_class{c}_trigger.png"
                 )
-            arrays[f"model{i}_masks"], arrays[f"model{i}_patterns"] = rev.masks.numpy(), rev.patterns.numpy()
-            for k, more in enumerate(ins.more, 1):  # the other searches' triggers: twml mitigate stamps them too
-                arrays[f"model{i}_search{k}_masks"] = more.reversed.masks.numpy()
-                arrays[f"model{i}_search{k}_patterns"] = more.reversed.patterns.numpy()
+            # every search's triggers (twml mitigate stamps them all), the first's under the keys they always had
+            for k, search in enumerate([rev, *(m.reversed for m in ins.more)]):
+                masks, patterns = results.reversed_keys(i, k)
+                arrays[masks], arrays[patterns] = search.masks.numpy(), search.patterns.numpy()
             panels.append(
                 {
                     "name": f"model {i} ({_panel(ins.source)})",

@@ -80,15 +80,8 @@ def findings(cleanse_run: str) -> list[Finding]:
     with np.load(arrays, allow_pickle=False) as z:
         for _, row in norms[norms["flagged"].astype(bool)].iterrows():
             i, c = int(row["model"]), int(row["class"])
-            f = Finding(
-                str(row["run_id"]),
-                i,
-                c,
-                float(row["anomaly_index"]),
-                torch.from_numpy(z[f"model{i}_masks"][c]),
-                torch.from_numpy(z[f"model{i}_patterns"][c]),
-                more=_more_triggers(z, i, c),
-            )
+            (mask, pattern), *more = _triggers(z, i, c)
+            f = Finding(str(row["run_id"]), i, c, float(row["anomaly_index"]), mask, pattern, more=more)
             if not Path(f.model_uri).is_dir():
                 made = tracking.get_run(f.model_uri)
                 if made.data.tags.get(results.COMMAND_TAG) == "backdoor":
@@ -103,17 +96,12 @@ def findings(cleanse_run: str) -> list[Finding]:
     return out
 
 
-def _more_triggers(z, i: int, c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Class c's reversed triggers in model i from the cleanse run's other searches, in order."""
-    out, k = [], 1
-    while f"model{i}_search{k}_masks" in z:
-        out.append(
-            (
-                torch.from_numpy(z[f"model{i}_search{k}_masks"][c]),
-                torch.from_numpy(z[f"model{i}_search{k}_patterns"][c]),
-            )
-        )
-        k += 1
+def _triggers(z, i: int, c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Class c's reversed (mask, pattern) in model i, one per search of the cleanse run, the first's first."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    while results.reversed_keys(i, len(out))[0] in z:
+        masks, patterns = results.reversed_keys(i, len(out))
+        out.append((torch.from_numpy(z[masks][c]), torch.from_numpy(z[patterns][c])))
     return out
 
 
