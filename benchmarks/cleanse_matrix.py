@@ -22,7 +22,8 @@ interrupted matrix resumes where it stopped. Each line is one search; a model ge
 independent searches as the preset's `searches` (two on the digits, seeded with the training seed
 plus 0 and 1000, as twml cleanse seeds them) and the verdict of its `agreement` (both must flag a
 class), unless --search-seeds and --agree say otherwise. The summary (detection rate, false alarms, norm ratios,
-repairs) and the Markdown table are printed at the end and written to --out/matrix.md.
+repairs, why each missed cell was missed) is printed at the end and written to --out/matrix.md with
+the Markdown tables.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def run_cell(
     torch.set_num_threads(threads)
     s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset=dataset, **search, searches=1)
     began = time.perf_counter()
-    outcome = cleanse.compute(cleanse.prepare(s))
+    inputs = cleanse.prepare(s)
+    outcome = cleanse.compute(inputs)
     seconds = time.perf_counter() - began
     (ins,) = outcome.inspections
     rev = ins.reversed
@@ -192,8 +194,34 @@ def run_cell(
             detected=flagged == [cell.target],
             target_index=round(float(ins.test.anomaly_index[cell.target]), 3),
             norm_ratio=round(float(rev.norms[cell.target]) / planted_norm(cell.size, cell.position), 3),
+            planted_search_success=_planted_success(inputs, cell),
         )
     return row
+
+
+def _planted_success(inputs, cell: Cell) -> float:
+    """The planted trigger's success on the clean images the search used, counted as the search
+    counts its own (every image, the target's class too): below the search's threshold, the search
+    cannot return the planted trigger itself."""
+    from twml_cli.backdoor import Trigger, stamped_success_rate
+
+    assert cell.position is not None  # a planted cell
+    trigger = Trigger(cell.size, cell.position)
+    return round(stamped_success_rate(inputs.models[0], inputs.x_clean, cell.target, trigger.apply), 4)
+
+
+def planted_success(
+    out: Path, cell: Cell, threads: int, model_threads: int, search: dict, seed_offset: int, dataset: str
+) -> float:
+    """_planted_success for a cell searched before its rows kept it."""
+    import torch
+
+    from twml_cli.studies import cleanse
+
+    torch.set_num_threads(threads)
+    path, _ = _model(out, cell, model_threads, dataset)
+    s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset=dataset, **search, searches=1)
+    return _planted_success(cleanse.prepare(s), cell)
 
 
 def repair_cell(
@@ -318,6 +346,83 @@ def bound(rows: list[dict], threshold: float) -> list[str]:
         f"with the target's norm put to the planted mask's (a search that finds exactly the planted trigger), "
         f"the other classes' as searched: detected {counts[0]}; put to 0: detected {counts[1]}"
     ]
+
+
+MISSES = {  # why a planted cell was missed (see misses), and how the summary says it
+    "second class": "another class flagged",
+    "MAD": "under the threshold even at the planted norm",
+    "unreachable": "the planted trigger short of the search's threshold, and nothing as small found",
+    "search": "the search's (at the planted norm, which the planted trigger reaches, it would be flagged)",
+}
+
+
+def reachable(each: list[dict], agree: int, success: float) -> bool:
+    """Whether a trigger as small as the planted one was within reach of enough of a cell's
+    searches (`agree`): the planted trigger reaches a search's threshold `success` on its own images
+    (`planted_search_success`), or the search found a trigger no larger that does."""
+    return sum(r["planted_search_success"] >= success or r["norm_ratio"] <= 1 for r in each) >= agree
+
+
+def misses(runs: list[list[dict]], rows: list[dict], agree: int, success: float, anomaly: float) -> list[dict]:
+    """Why each missed planted cell was missed (MISSES), the first that holds: the verdict flags
+    another class; the paper's MAD test (threshold `anomaly`), rerun with the target's norm put to
+    the planted mask's in every search and the other classes' as searched, still flags it in fewer
+    than `agree` searches; no trigger as small as the planted one was within reach of enough
+    searches (`reachable`); or else the search, which missed a trigger that would have been flagged."""
+    from twml_cli.cleanse import mad_outlier_test
+
+    out = []
+    for row, each in zip(rows, zip(*runs)):
+        if row["position"] is None or row["detected"]:
+            continue
+        t, norm = row["target"], planted_norm(row["size"], row["position"])
+        at_planted = 0
+        for r in each:
+            norms = np.array(r["norms"], dtype=float)
+            norms[t] = norm
+            at_planted += bool(mad_outlier_test(norms, anomaly).flagged[t])
+        if set(row["flagged"]) - {t}:
+            why = "second class"
+        elif at_planted < agree:
+            why = "MAD"
+        elif not reachable(each, agree, success):
+            why = "unreachable"
+        else:
+            why = "search"
+        out.append(
+            {
+                "cell": row["cell"],
+                "why": why,
+                "planted_success": [r["planted_search_success"] for r in each],
+                "index": [r["target_index"] for r in each],
+                "ratio": [r["norm_ratio"] for r in each],
+                "flagged": row["flagged"],
+            }
+        )
+    return out
+
+
+def why_missed(runs: list[list[dict]], rows: list[dict], agree: int, success: float, anomaly: float) -> list[str]:
+    """The summary line and the table of `misses`."""
+    missed = misses(runs, rows, agree, success, anomaly)
+    if not missed:
+        return []
+    planted = sum(r["position"] is not None for r in rows)
+    lines = [
+        f"missed: {len(missed)} of {planted}; "
+        + "; ".join(f"{text}: {sum(m['why'] == k for m in missed)}" for k, text in MISSES.items()),
+        "",
+        "| cell | why | planted trigger's success on each search's images | target's index in each search | "
+        "reversed / planted norm in each search | flagged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in missed:
+        lines.append(
+            f"| {m['cell']} | {m['why']} | {', '.join(f'{s:.4f}' for s in m['planted_success'])} | "
+            f"{', '.join(f'{v:.2f}' for v in m['index'])} | {', '.join(f'{v:.2f}' for v in m['ratio'])} | "
+            f"{m['flagged'] or '-'} |"
+        )
+    return lines
 
 
 def breakdown(rows: list[dict]) -> list[str]:
@@ -620,6 +725,17 @@ def main() -> int:
     lines = summary(rows, repair)
     if len(runs) == 1 or args.pool:  # the norms the verdict was computed on
         lines += bound(rows, searched["anomaly_threshold"])
+    why = []
+    if not args.pool:  # why each missed cell was missed, by each search's norms
+        searches = [r for _, r in runs]
+        for offset, each in zip(offsets, searches):
+            for c, r in zip(cells, each):
+                if c.position is not None and "planted_search_success" not in r:  # searched before rows kept it
+                    r["planted_search_success"] = planted_success(
+                        out, c, threads, model_threads, search, offset, args.dataset
+                    )
+        why = why_missed(searches, rows, agree, searched["search_threshold"], searched["anomaly_threshold"])
+        lines += why[:1]
     print("\n".join(lines))
     (out / "matrix.md").write_text(
         "\n".join(
@@ -629,6 +745,8 @@ def main() -> int:
                 *lines,
                 "",
                 *breakdown(rows),
+                "",
+                *why[2:],
                 "",
                 *table(rows),
             ]

@@ -312,6 +312,84 @@ def test_the_matrix_bound_puts_the_target_at_the_planted_norm_then_at_zero():
                                              "a second class in 0")  # fmt: skip
 
 
+def test_the_matrix_says_why_each_missed_cell_was_missed():
+    """benchmarks/cleanse_matrix.py's misses, for two searches that must agree: a second class
+    flagged; the target under the threshold even at the planted norm; flagged there, but neither
+    the planted trigger (short of the search's threshold) nor the search reached that norm; or
+    flagged there and reachable, so the search's. A detected cell is not a miss."""
+    cm = _benchmark("cleanse_matrix")
+    narrow = [10.0, 11, 12, 8, 10, 11, 12, 10, 11, 12]  # class 3 at 8; at the planted 4 its index is 4.72
+    wide = [4.0, 6, 8, 8, 12, 14, 16, 18, 20, 3]  # at the planted 4 class 3's index is 0.67
+
+    def search(cell, norms, flagged, success=1.0, size=2):
+        return {"cell": cell, "position": "top-left", "target": 3, "size": size, "norms": norms, "flagged": flagged,
+                "largest_index": 1.0, "target_index": 1.0, "norm_ratio": norms[3] / size**2,
+                "planted_search_success": success, "cleanse_s": 1.0}  # fmt: skip
+
+    first = [
+        search("found", narrow, [3]),
+        search("second", narrow, [3, 8]),
+        search("mad", wide, []),
+        search("short", narrow, [], success=0.98),
+        search("search", narrow, []),
+        search("found smaller", [*narrow[:3], 3.0, *narrow[4:]], [3], success=0.98),  # ratio 0.75: within reach
+    ]
+    second = [
+        search("found", narrow, [3]),
+        search("second", narrow, [3, 8]),
+        search("mad", narrow, [3]),  # one search flags it, the other cannot even at 4
+        search("short", narrow, [3]),
+        search("search", narrow, [3]),
+        search("found smaller", narrow, []),
+    ]
+    runs = [first, second]
+    rows = cm.agreement(runs, 2)
+    missed = cm.misses(runs, rows, 2, 0.99, 2.0)
+    assert {m["cell"]: m["why"] for m in missed} == {
+        "second": "second class",
+        "mad": "MAD",
+        "short": "unreachable",
+        "search": "search",
+        "found smaller": "search",
+    }
+    assert missed[2]["planted_success"] == [0.98, 1.0] and missed[2]["ratio"] == [2.0, 2.0]
+    lines = cm.why_missed(runs, rows, 2, 0.99, 2.0)
+    assert lines[0] == (
+        "missed: 5 of 6; another class flagged: 1; under the threshold even at the planted norm: 1; the planted "
+        "trigger short of the search's threshold, and nothing as small found: 1; the search's (at the planted norm, "
+        "which the planted trigger reaches, it would be flagged): 2"
+    )
+    assert "| short | unreachable | 0.9800, 1.0000 | 1.00, 1.00 | 2.00, 2.00 | - |" in lines
+    assert cm.why_missed(runs[:1], cm.agreement(runs[:1], 1)[:1], 1, 0.99, 2.0) == []  # nothing missed
+
+
+@pytest.mark.e2e  # trains two models and searches them twice: about 20 s
+def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_missed(tmp_path):
+    """cleanse_matrix.py end to end on one planted cell, with a short search: each of its two
+    searches keeps the planted trigger's success on its own images, which planted_success (for
+    rows searched before they kept it) gives again; a missed cell gets a reason in the summary."""
+    import json
+    import subprocess
+
+    cm = _benchmark("cleanse_matrix")
+    search = {"search_steps": 8}
+    out = subprocess.run(
+        [sys.executable, cm.__file__, "--positions", "top-left", "--targets", "3", "--sizes", "1", "--seeds", "0",
+         "--threads", "2", "--out", str(tmp_path), "--search", json.dumps(search)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = (tmp_path / "cells.jsonl").read_text().splitlines()
+    rows = [json.loads(line)["row"] for line in lines if '"position": "top-left"' in line]
+    assert [r["search_seed"] for r in rows] == [0, 1000]
+    cell = cm.Cell(0, "top-left", 3, 1)
+    for r, offset in zip(rows, (0, 1000)):
+        assert 0 <= r["planted_search_success"] <= 1
+        assert cm.planted_success(tmp_path, cell, 2, 2, search, offset, "digits") == r["planted_search_success"]
+    detected = set(rows[0]["flagged"]) & set(rows[1]["flagged"]) == {3}  # both searches must flag the target
+    reasons = [line for line in out.splitlines() if line.startswith("missed: 1 of 1; ")]
+    assert len(reasons) == (0 if detected else 1), out
+
+
 def test_lambda_schedule_stops_a_class_early(backdoored):
     model, x = backdoored
     rev = reverse_engineer(
