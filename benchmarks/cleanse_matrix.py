@@ -194,6 +194,7 @@ def run_cell(
             detected=flagged == [cell.target],
             target_index=round(float(ins.test.anomaly_index[cell.target]), 3),
             norm_ratio=round(float(rev.norms[cell.target]) / planted_norm(cell.size, cell.position), 3),
+            target_reached=bool(rev.reached[cell.target]),
             planted_search_success=_planted_success(inputs, cell),
         )
     return row
@@ -213,7 +214,7 @@ def _planted_success(inputs, cell: Cell) -> float:
 def planted_success(
     out: Path, cell: Cell, threads: int, model_threads: int, search: dict, seed_offset: int, dataset: str
 ) -> float:
-    """_planted_success for a cell searched before its rows kept it."""
+    """_planted_success for a cell searched before its rows kept it (see main)."""
     import torch
 
     from twml_cli.studies import cleanse
@@ -359,8 +360,10 @@ MISSES = {  # why a planted cell was missed (see misses), and how the summary sa
 def reachable(each: list[dict], agree: int, success: float) -> bool:
     """Whether a trigger as small as the planted one was within reach of enough of a cell's
     searches (`agree`): the planted trigger reaches a search's threshold `success` on its own images
-    (`planted_search_success`), or the search found a trigger no larger that does."""
-    return sum(r["planted_search_success"] >= success or r["norm_ratio"] <= 1 for r in each) >= agree
+    (`planted_search_success`), or the search found a trigger no larger that does (`target_reached`:
+    the target's mask reached the threshold; else its norm is the last mask's)."""
+    found = [r["planted_search_success"] >= success or (r["norm_ratio"] <= 1 and r["target_reached"]) for r in each]
+    return sum(found) >= agree
 
 
 def misses(runs: list[list[dict]], rows: list[dict], agree: int, success: float, anomaly: float) -> list[dict]:
@@ -728,12 +731,14 @@ def main() -> int:
     why = []
     if not args.pool:  # why each missed cell was missed, by each search's norms
         searches = [r for _, r in runs]
-        for offset, each in zip(offsets, searches):
+        for offset, (keys, each) in zip(offsets, runs):
             for c, r in zip(cells, each):
                 if c.position is not None and "planted_search_success" not in r:  # searched before rows kept it
                     r["planted_search_success"] = planted_success(
                         out, c, threads, model_threads, search, offset, args.dataset
                     )
+                    with np.load(out / "triggers" / f"{keys[c]}.npz", allow_pickle=False) as z:
+                        r["target_reached"] = bool(np.isfinite(z["start_norms"][c.target]).any())
         why = why_missed(searches, rows, agree, searched["search_threshold"], searched["anomaly_threshold"])
         lines += why[:1]
     print("\n".join(lines))

@@ -315,15 +315,16 @@ def test_the_matrix_bound_puts_the_target_at_the_planted_norm_then_at_zero():
 def test_the_matrix_says_why_each_missed_cell_was_missed():
     """benchmarks/cleanse_matrix.py's misses, for two searches that must agree: a second class
     flagged; the target under the threshold even at the planted norm; flagged there, but neither
-    the planted trigger (short of the search's threshold) nor the search reached that norm; or
-    flagged there and reachable, so the search's. A detected cell is not a miss."""
+    the planted trigger (short of the search's threshold) nor the search reached that norm (a mask
+    that never reached the threshold does not count, however small); or flagged there and
+    reachable, so the search's. A detected cell is not a miss."""
     cm = _benchmark("cleanse_matrix")
     narrow = [10.0, 11, 12, 8, 10, 11, 12, 10, 11, 12]  # class 3 at 8; at the planted 4 its index is 4.72
     wide = [4.0, 6, 8, 8, 12, 14, 16, 18, 20, 3]  # at the planted 4 class 3's index is 0.67
 
-    def search(cell, norms, flagged, success=1.0, size=2):
+    def search(cell, norms, flagged, success=1.0, size=2, reached=True):
         return {"cell": cell, "position": "top-left", "target": 3, "size": size, "norms": norms, "flagged": flagged,
-                "largest_index": 1.0, "target_index": 1.0, "norm_ratio": norms[3] / size**2,
+                "largest_index": 1.0, "target_index": 1.0, "norm_ratio": norms[3] / size**2, "target_reached": reached,
                 "planted_search_success": success, "cleanse_s": 1.0}  # fmt: skip
 
     first = [
@@ -333,6 +334,7 @@ def test_the_matrix_says_why_each_missed_cell_was_missed():
         search("short", narrow, [], success=0.98),
         search("search", narrow, []),
         search("found smaller", [*narrow[:3], 3.0, *narrow[4:]], [3], success=0.98),  # ratio 0.75: within reach
+        search("never reached", [*narrow[:3], 3.0, *narrow[4:]], [], success=0.98, reached=False),
     ]
     second = [
         search("found", narrow, [3]),
@@ -341,6 +343,7 @@ def test_the_matrix_says_why_each_missed_cell_was_missed():
         search("short", narrow, [3]),
         search("search", narrow, [3]),
         search("found smaller", narrow, []),
+        search("never reached", narrow, [3]),
     ]
     runs = [first, second]
     rows = cm.agreement(runs, 2)
@@ -351,12 +354,13 @@ def test_the_matrix_says_why_each_missed_cell_was_missed():
         "short": "unreachable",
         "search": "search",
         "found smaller": "search",
+        "never reached": "unreachable",
     }
     assert missed[2]["planted_success"] == [0.98, 1.0] and missed[2]["ratio"] == [2.0, 2.0]
     lines = cm.why_missed(runs, rows, 2, 0.99, 2.0)
     assert lines[0] == (
-        "missed: 5 of 6; another class flagged: 1; under the threshold even at the planted norm: 1; the planted "
-        "trigger short of the search's threshold, and nothing as small found: 1; the search's (at the planted norm, "
+        "missed: 6 of 7; another class flagged: 1; under the threshold even at the planted norm: 1; the planted "
+        "trigger short of the search's threshold, and nothing as small found: 2; the search's (at the planted norm, "
         "which the planted trigger reaches, it would be flagged): 2"
     )
     assert "| short | unreachable | 0.9800, 1.0000 | 1.00, 1.00 | 2.00, 2.00 | - |" in lines
@@ -385,7 +389,7 @@ def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_m
     threads = torch.get_num_threads()
     try:  # planted_success sets the thread count, as in a worker of the matrix
         for r, offset in zip(rows, (0, 1000)):
-            assert 0 <= r["planted_search_success"] <= 1
+            assert 0 <= r["planted_search_success"] <= 1 and isinstance(r["target_reached"], bool)
             assert cm.planted_success(tmp_path, cell, 2, 2, search, offset, "digits") == r["planted_search_success"]
     finally:
         torch.set_num_threads(threads)
