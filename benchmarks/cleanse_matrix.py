@@ -138,6 +138,21 @@ def train_cell(out: Path, cell: Cell, threads: int, dataset: str = DATASET) -> d
     return {"cell": cell.name, **_model(out, cell, threads, dataset)[1]}
 
 
+def _search_settings(
+    out: Path, cell: Cell, threads: int, model_threads: int, search: dict, seed_offset: int, dataset: str
+):
+    """The settings of one search of the cell's model, seeded with the training seed plus
+    `seed_offset`, and the model's figures; the model is trained with `model_threads` when --out
+    lacks it, and the search gets `threads`."""
+    import torch
+
+    torch.set_num_threads(model_threads)
+    path, facts = _model(out, cell, model_threads, dataset)
+    torch.set_num_threads(threads)
+    s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset=dataset, **search, searches=1)
+    return s, facts
+
+
 def run_cell(
     out: Path,
     cell: Cell,
@@ -151,14 +166,9 @@ def run_cell(
     """Neural Cleanse on the cell's model, its search seeded with the training seed plus
     `seed_offset` (which clean images and which random starts); its reversed triggers are kept
     in out/triggers/NAME.npz."""
-    import torch
-
     from twml_cli.studies import cleanse
 
-    torch.set_num_threads(model_threads)
-    path, facts = _model(out, cell, model_threads, dataset)
-    torch.set_num_threads(threads)
-    s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset=dataset, **search, searches=1)
+    s, facts = _search_settings(out, cell, threads, model_threads, search, seed_offset, dataset)
     began = time.perf_counter()
     inputs = cleanse.prepare(s)
     outcome = cleanse.compute(inputs)
@@ -215,13 +225,9 @@ def planted_success(
     out: Path, cell: Cell, threads: int, model_threads: int, search: dict, seed_offset: int, dataset: str
 ) -> float:
     """_planted_success for a cell searched before its rows kept it (see main)."""
-    import torch
-
     from twml_cli.studies import cleanse
 
-    torch.set_num_threads(threads)
-    path, _ = _model(out, cell, model_threads, dataset)
-    s = _settings("cleanse", seed=cell.seed + seed_offset, model_runs=[path], dataset=dataset, **search, searches=1)
+    s, _ = _search_settings(out, cell, threads, model_threads, search, seed_offset, dataset)
     return _planted_success(cleanse.prepare(s), cell)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +99,8 @@ def findings(cleanse_run: str) -> list[Finding]:
 
 def _triggers(z, i: int, c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Class c's reversed (mask, pattern) in model i, one per search of the cleanse run, the first's first."""
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    while results.reversed_keys(i, len(out))[0] in z:
-        masks, patterns = results.reversed_keys(i, len(out))
-        out.append((torch.from_numpy(z[masks][c]), torch.from_numpy(z[patterns][c])))
-    return out
+    keys = itertools.takewhile(lambda k: k[0] in z, (results.reversed_keys(i, k) for k in itertools.count()))
+    return [(torch.from_numpy(z[masks][c]), torch.from_numpy(z[patterns][c])) for masks, patterns in keys]
 
 
 def run_name(s: config.Mitigate) -> str:
