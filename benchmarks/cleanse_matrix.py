@@ -231,6 +231,17 @@ def planted_success(
     return _planted_success(cleanse.prepare(s), cell)
 
 
+def planted_trigger(cell: Cell, shape: tuple[int, ...]):
+    """The planted trigger as a reversed one, (mask (H, W), pattern `shape` (C, H, W)): what a
+    perfect search would return. Stamped, it gives the planted trigger's images."""
+    import torch
+
+    from twml_cli.backdoor import Trigger
+
+    trigger = Trigger(cell.size, cell.position)
+    return trigger.apply(torch.zeros(1, 1, *shape[-2:]))[0, 0], torch.full(shape, trigger.value)
+
+
 def repair_cell(
     out: Path,
     cell: Cell,
@@ -240,10 +251,12 @@ def repair_cell(
     model_threads: int,
     seed_offset: int = 0,
     dataset: str = DATASET,
+    planted: bool = False,
 ) -> dict:
     """`twml mitigate` with the detected class's reversed triggers, one per search (`names`: their
     files in out/triggers, the first search's first), the real trigger measured; seeded with the
-    training seed plus `seed_offset` (which images are stamped, and their order)."""
+    training seed plus `seed_offset` (which images are stamped, and their order). `planted`: with
+    the planted trigger instead (a control: what the best reversed trigger would give)."""
     import torch
 
     from twml_cli.backdoor import Trigger
@@ -255,6 +268,8 @@ def repair_cell(
     for name in names:
         with np.load(out / "triggers" / f"{name}.npz", allow_pickle=False) as z:
             triggers.append((torch.from_numpy(z["masks"][cell.target]), torch.from_numpy(z["patterns"][cell.target])))
+    if planted:
+        triggers = [planted_trigger(cell, triggers[0][1].shape)]
     (mask, pattern), *more = triggers
     finding = mitigate.Finding(
         path, 0, cell.target, 0.0, mask, pattern, Trigger(cell.size, cell.position), cell.target, more
@@ -628,6 +643,11 @@ def main() -> int:
         help="repair with the first search's reversed trigger alone (twml mitigate stamps every search's)",
     )
     parser.add_argument(
+        "--planted-trigger",
+        action="store_true",
+        help="a control: repair every detected cell with its planted trigger, not the reversed ones",
+    )
+    parser.add_argument(
         "--unlearn-seed",
         type=int,
         default=0,
@@ -720,13 +740,25 @@ def main() -> int:
         if args.unlearn_seed:  # offset 0: the keys repairs always had
             unlearned = {**unlearned, "seed_offset": args.unlearn_seed}
         names = {c: [keys[c] for keys, _ in runs][: 1 if args.first_trigger else None] for c in cells}
+        if args.planted_trigger:
+            names = {c: n[:1] for c, n in names.items()}  # its shape only
+            unlearned = {**unlearned, "trigger": "planted"}
         repair_key = {c: key(*names[c], unlearned) for c in cells}  # one search: the keys repairs always had
         repairs = _run(
             out / "repairs.jsonl",
             {repair_key[c]: c for c, r in zip(cells, rows) if r.get("detected")},
             args.jobs,
             lambda pool, c, k: pool.submit(
-                repair_cell, out, c, threads, names[c], unlearn, model_threads, args.unlearn_seed, args.dataset
+                repair_cell,
+                out,
+                c,
+                threads,
+                names[c],
+                unlearn,
+                model_threads,
+                args.unlearn_seed,
+                args.dataset,
+                args.planted_trigger,
             ),
             f"{repair} {unlearn or 'as the preset'}",
         )

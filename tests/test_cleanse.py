@@ -1,5 +1,6 @@
 import dataclasses
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -233,6 +234,20 @@ def test_the_convergence_trace_of_every_model_seeds_each_search_with_the_offset(
     assert row[6] == f"{ins.anomaly_index:.2f}{' flagged' if ins.flagged.any() else ''}"  # the clean model's index
     with pytest.raises(SystemExit, match="first trace these models with --seed-offset 1000"):
         agree("fresh")  # traces offset 0 there, then needs the second search's recorded first
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_matrix_s_planted_trigger_control_stamps_as_the_backdoor_does(channels):
+    """cleanse_matrix.py --planted-trigger repairs with the planted trigger in the reversed ones'
+    (mask, pattern) form: stamped, it must give exactly the backdoor's images, its mask's L1 norm
+    the planted norm the ratios divide by."""
+    cm = _benchmark("cleanse_matrix")
+    x = torch.rand(4, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    for position, size in itertools.product(cm.POSITIONS, (1, 2)):
+        mask, pattern = cm.planted_trigger(cm.Cell(0, position, 3, size), (channels, 8, 8))
+        assert mask.shape == (8, 8) and pattern.shape == (channels, 8, 8)
+        assert torch.equal(stamp(x, mask, pattern), Trigger(size, position).apply(x)), (position, size)
+        assert mask.sum().item() == cm.planted_norm(size, position)
 
 
 def test_the_matrix_can_search_in_bf16_on_a_cpu_as_on_cuda(backdoored, monkeypatch):
