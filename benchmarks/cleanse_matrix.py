@@ -76,6 +76,11 @@ def parse_ints(text: str) -> list[int]:
 # ---------------------------------------------------------------- one cell (runs in a worker)
 
 
+# Settings added after results were cached, at the value that gives the results as before: left
+# out of the keys there, so that those results are read back rather than recomputed.
+ADDED = {"mitigate": {"unlearn_distill": 0.0}}
+
+
 def _settings(command: str, **overrides):
     from twml_cli import config
 
@@ -90,7 +95,12 @@ def _resolved(command: str, **overrides) -> dict:
     from twml_cli import config
 
     params = config.params(_settings(command, **overrides))
-    return {k: v for k, v in params.items() if k not in (*config.RUNTIME_ONLY, "model_runs")}
+    added = ADDED.get(command, {})
+    return {
+        k: v
+        for k, v in params.items()
+        if k not in (*config.RUNTIME_ONLY, "model_runs") and not (k in added and added[k] == v)
+    }
 
 
 def _model(out: Path, cell: Cell, threads: int, dataset: str = DATASET) -> tuple[str, dict]:

@@ -58,6 +58,32 @@ def test_unlearning_with_frozen_norm_keeps_batchnorm_statistics(planted, digits)
         assert not repaired.training
 
 
+def test_unlearning_with_distillation_holds_the_clean_images_features(planted, digits):
+    """--unlearn-distill: the unstamped images' features (the classifier's input) stay nearer to
+    the model's before than plain unlearning leaves them, the trigger still goes, and no hook is
+    left on the model."""
+    import copy
+
+    from twml_cli.attacks import accuracy
+
+    model, trigger, mask, pattern = planted
+    x, y = digits.train.tensors
+    x_test, y_test = digits.test.tensors
+    before = penultimate(model, x)
+    moved = {}
+    for weight in (0.0, 1.0):
+        repaired = copy.deepcopy(model)
+        unlearn(repaired, x, y, [(mask, pattern)], UnlearnConfig(epochs=6, distill=weight))
+        moved[weight] = float(((penultimate(repaired, x) - before) ** 2).sum(1).mean() / (before**2).sum(1).mean())
+        assert attack_success_rate(repaired, x_test, y_test, 0, trigger) <= 0.05
+        assert accuracy(repaired, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.02
+        head = repaired.backbone.get_classifier()
+        assert not head._forward_hooks and not repaired.training
+    assert moved[1.0] < 0.5 * moved[0.0], moved
+    with pytest.raises(ValueError, match="distillation weight must be >= 0"):
+        UnlearnConfig(distill=-0.1)
+
+
 def test_several_reversed_triggers_share_the_stamped_images_in_turn():
     from twml_cli.mitigation import stamp_some
 

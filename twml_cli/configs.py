@@ -244,7 +244,8 @@ class CleanseConfig:
 @dataclass(frozen=True)
 class UnlearnConfig:
     """Unlearning: fine-tuning epochs, the stamped fraction, SGD learning rate, schedule and batch,
-    and whether normalization statistics stay as trained."""
+    whether normalization statistics stay as trained, and how strongly the unstamped images'
+    features are held where they were."""
 
     epochs: int = 20
     fraction: float = 0.15  # of the clean images that carry the reversed trigger (the paper: 0.2)
@@ -257,6 +258,7 @@ class UnlearnConfig:
         True  # keep the normalization layers' statistics as trained (eval-mode BatchNorm while fine-tuning)
     )
     seed: int = 0
+    distill: float = 0.0  # weight of the pull of the unstamped images' features toward the model's before (0: off)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -267,6 +269,8 @@ class UnlearnConfig:
             raise ValueError(f"unlearning lr must be > 0, got {self.lr}")
         if self.schedule not in ("constant", "warmup"):
             raise ValueError(f"unknown unlearning schedule '{self.schedule}': use constant or warmup")
+        if not self.distill >= 0:
+            raise ValueError(f"unlearning distillation weight must be >= 0, got {self.distill}")
 
 
 # ---------------------------------------------------------------- models

@@ -11,6 +11,7 @@ with the trigger Neural Cleanse reversed, without knowing the real one.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,11 +41,18 @@ def unlearn(
     reversed trigger (mask, pattern), labels unchanged; with several triggers (one per search
     of the cleanse run) the stamped images take them in turn. SGD with momentum at
     config.lr, constant or warmed up, with the normalization layers' statistics frozen when
-    config.freeze_norm."""
+    config.freeze_norm.
+
+    With config.distill > 0, each batch's unstamped images also pull the features the classifier
+    reads toward the model's own before unlearning (their squared distance relative to the
+    features' squared norm, times config.distill): the stamped images learn to ignore the trigger
+    while the clean ones keep what the model made of them."""
     device = next(model.parameters()).device
     x, y = to_device_layout(x, device), y.to(device)
     g = generator(torch.device("cpu"), config.seed, UNLEARN_STREAM)
-    x = stamp_some(x, triggers, config.fraction, g)
+    chosen = draw(len(x), config.fraction, g)
+    x = stamped_at(x, triggers, chosen.to(device))
+    kept = _FeaturePull(model, chosen, len(x)) if config.distill > 0 else None
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     per_epoch = math.ceil(len(x) / config.batch_size)
     rates = _rates(config, per_epoch)
@@ -61,25 +69,72 @@ def unlearn(
                 group["lr"] = rates[epoch * per_epoch + k]
             with autocast(device):
                 loss = F.cross_entropy(model(x[idx]), y[idx])
+                if kept is not None:
+                    loss = loss + config.distill * kept.distance(x[idx], idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    if kept is not None:
+        kept.close()
     model.eval()
 
 
-def stamp_some(
-    x: torch.Tensor, triggers: Sequence[tuple[torch.Tensor, torch.Tensor]], fraction: float, g: torch.Generator
+class _FeaturePull:
+    """The features the classifier reads (its input), of the model being unlearned and of a frozen
+    copy of it as it was: distance(xb, idx) compares them on the batch's unstamped images, after
+    the model's forward on xb (which records its features)."""
+
+    def __init__(self, model: nn.Module, chosen: torch.Tensor, n: int):
+        self.before = copy.deepcopy(model).eval().requires_grad_(False)
+        self.unstamped = torch.ones(n, dtype=torch.bool)
+        self.unstamped[chosen] = False
+        self.unstamped = self.unstamped.to(next(model.parameters()).device)
+        self.seen: list[torch.Tensor] = []
+        head = cast(Any, model).backbone.get_classifier()
+        self.hooks = [head.register_forward_hook(lambda _m, args, _out: self.seen.append(args[0]))]
+        head = cast(Any, self.before).backbone.get_classifier()
+        self.hooks.append(head.register_forward_hook(lambda _m, args, _out: self.seen.append(args[0])))
+
+    def distance(self, xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        (now,) = self.seen
+        clean = self.unstamped[idx]
+        with torch.no_grad():
+            self.before(xb[clean])
+        now, then = now[clean].float(), self.seen[1].float()
+        self.seen.clear()
+        if len(then) == 0:
+            return now.sum() * 0
+        return ((now - then) ** 2).sum(1).mean() / (then**2).sum(1).mean().clamp_min(1e-12)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def draw(n: int, fraction: float, g: torch.Generator) -> torch.Tensor:
+    """Which of n images unlearning stamps: ceil(fraction * n) of them, drawn with g."""
+    return torch.randperm(n, generator=g)[: math.ceil(fraction * n)]
+
+
+def stamped_at(
+    x: torch.Tensor, triggers: Sequence[tuple[torch.Tensor, torch.Tensor]], chosen: torch.Tensor
 ) -> torch.Tensor:
-    """A copy of x with ceil(fraction * N) images, drawn with g, stamped: the first drawn with the
-    first trigger, the second with the second, and so on in turn."""
+    """A copy of x with the images `chosen` stamped: the first with the first trigger, the second
+    with the second, and so on in turn."""
     if not triggers:
         raise ValueError("unlearning needs at least one reversed trigger")
-    chosen = torch.randperm(len(x), generator=g)[: math.ceil(fraction * len(x))].to(x.device)
     x = x.clone()
     for k, (mask, pattern) in enumerate(triggers):
         some = chosen[k :: len(triggers)]
         x[some] = stamp(x[some], mask.to(x.device), pattern.to(x.device))
     return x
+
+
+def stamp_some(
+    x: torch.Tensor, triggers: Sequence[tuple[torch.Tensor, torch.Tensor]], fraction: float, g: torch.Generator
+) -> torch.Tensor:
+    """A copy of x with ceil(fraction * N) images, drawn with g, stamped with the triggers in turn."""
+    return stamped_at(x, triggers, draw(len(x), fraction, g).to(x.device))
 
 
 def _rates(config: UnlearnConfig, per_epoch: int) -> list[float]:

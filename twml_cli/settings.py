@@ -602,6 +602,11 @@ class Mitigate(Common, Settings):
         "Unlearning: keep the normalization layers' statistics as trained.",
         applies=lambda s: s.mitigation == "unlearn",
     )
+    unlearn_distill: float = setting(
+        0.0,
+        "Unlearning: weight of the pull holding the unstamped images' features where they were (0: off, the paper's).",
+        applies=lambda s: s.mitigation == "unlearn",
+    )
     prune_step: float = setting(
         0.05,
         "Pruning: fraction of the penultimate neurons removed per step.",
@@ -626,6 +631,7 @@ class Mitigate(Common, Settings):
             schedule=self.unlearn_schedule,
             freeze_norm=self.unlearn_freeze_norm,
             seed=self.seed,
+            distill=self.unlearn_distill,
         )
 
 
