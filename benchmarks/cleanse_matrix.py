@@ -76,11 +76,6 @@ def parse_ints(text: str) -> list[int]:
 # ---------------------------------------------------------------- one cell (runs in a worker)
 
 
-# Settings added after results were cached, at the value that gives the results as before: left
-# out of the keys there, so that those results are read back rather than recomputed.
-ADDED = {"mitigate": {"unlearn_distill": 0.0}}
-
-
 def _settings(command: str, **overrides):
     from twml_cli import config
 
@@ -94,12 +89,14 @@ def _resolved(command: str, **overrides) -> dict:
     rather than read back."""
     from twml_cli import config
 
-    params = config.params(_settings(command, **overrides))
-    added = ADDED.get(command, {})
+    settings = _settings(command, **overrides)
+    # a setting added since results were cached, at the value they ran with: left out of the key,
+    # so that those results are read back rather than recomputed
+    before = {f.name: f.metadata["before"] for f in config.settings_fields(type(settings)) if "before" in f.metadata}
     return {
         k: v
-        for k, v in params.items()
-        if k not in (*config.RUNTIME_ONLY, "model_runs") and not (k in added and added[k] == v)
+        for k, v in config.params(settings).items()
+        if k not in (*config.RUNTIME_ONLY, "model_runs") and not (k in before and before[k] == v)
     }
 
 

@@ -62,6 +62,19 @@ def test_every_setting_is_a_toml_key_a_flag_and_a_param():
         assert config.from_params(cls, {k: config.param_text(v) for k, v in logged.items()}) == s  # read back as logged
 
 
+def test_a_run_logged_before_a_setting_existed_reads_back_with_what_it_ran():
+    """A mitigate run logged before --unlearn-distill existed unlearned without the pull: read back,
+    its settings say 0, not today's default; the report describes each as it ran."""
+    from twml_cli.report.cleanse import _how
+
+    s = config.resolve("mitigate", config.load_preset())[0]
+    logged = {k: config.param_text(v) for k, v in config.params(s).items()}
+    assert s.unlearn_distill == 0.3 and config.from_params(config.Mitigate, logged).unlearn_distill == 0.3
+    older = config.from_params(config.Mitigate, {k: v for k, v in logged.items() if k != "unlearn_distill"})
+    assert older.unlearn_distill == 0.0 and older == dataclasses.replace(s, unlearn_distill=0.0)
+    assert "features held, weight 0.3)" in _how(s, 2) and "features held" not in _how(older, 2)
+
+
 def test_one_name_one_meaning():
     """A field name means the same thing in every study that has it (same help text)."""
     seen = {}

@@ -152,12 +152,14 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert unlearned.data.tags["twml.cleanse_run"] == cleanse.info.run_id == p["cleanse_run"]
     assert p["model_run"] == reproduced.backdoor.info.run_id and p["target"] == "0"
     assert p["reversed_triggers"] == "2"  # both searches' reversed triggers stamped
+    assert p["unlearn_distill"] == "0.3"  # the clean images' features held
     assert "unlearning with the 2 searches' reversed triggers" in results[0].out
     assert m["attack_success_rate_before"] == reproduced.backdoor.data.metrics["attack_success_rate"]
-    assert m["attack_success_rate"] <= 0.05  # as on every detected cell of the matrix, in every draw
-    # a repair's accuracy change is a draw with a spread of 0.6 points (docs/neural-cleanse.md, "Both
-    # searches' triggers"): this model loses 1.1 points with this draw; the worst over the matrix's 105 cells
-    # and three draws, 1.7 (the first search's trigger alone: 1.9)
+    # at most 0.05 on 102 or 103 of the matrix's 105 detected cells in each of three draws (at most 0.0619)
+    assert m["attack_success_rate"] <= 0.05
+    # a repair's accuracy change is a draw (docs/neural-cleanse.md, "Holding the clean images' features"):
+    # this model loses 0.3 points with this draw, 1.1 without the pull; the worst over the matrix's 105 cells
+    # and three draws, 1.7
     assert m["accuracy"] >= m["accuracy_before"] - 0.02
     assert m["reversed_success"] < m["reversed_success_before"]
     assert cli.model_files(unlearned) == {"model.safetensors", "spec.json"}  # the repaired model

@@ -275,10 +275,13 @@ def to_dict(settings) -> dict[str, Any]:
 
 
 def from_params(cls: type, logged: dict[str, str]):
-    """Settings rebuilt from a run's params (strings); fields not logged keep their defaults."""
+    """Settings rebuilt from a run's params (strings); fields not logged keep their defaults, or
+    for a setting added since (settings.setting's `before`), the value runs ran with before it."""
     values = {}
     for f in settings_fields(cls):
         if f.name not in logged:
+            if "before" in f.metadata:
+                values[f.name] = f.metadata["before"]
             continue
         text, kind = logged[f.name], field_type(cls, f)
         try:

@@ -258,7 +258,7 @@ class UnlearnConfig:
         True  # keep the normalization layers' statistics as trained (eval-mode BatchNorm while fine-tuning)
     )
     seed: int = 0
-    distill: float = 0.0  # weight of the pull of the unstamped images' features toward the model's before (0: off)
+    distill: float = 0.3  # weight of the pull of the unstamped images' features toward the model's before (0: off)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:

@@ -50,12 +50,17 @@ def setting(
     applies: Callable[[Any], bool] | None = None,
     log: bool = True,
     item: type = str,
+    before: Any = None,
 ) -> Any:
     """A settings field. `flag` overrides the flag name (default `--field-name`); `choices`
     lists the allowed values; `applies(settings)` says whether the value matters (only then is
     it logged); `log=False`: it changes where or how a run runs, not its result; `item` is a
-    list field's element type. A scalar field that is logged can be swept (see sweepable)."""
+    list field's element type. A scalar field that is logged can be swept (see sweepable).
+    `before`, for a setting added after runs were logged: the value those runs ran with, which
+    they are read back with (config.from_params)."""
     meta = {"help": help, "flag": flag, "choices": tuple(choices), "applies": applies, "log": log, "item": item}
+    if before is not None:
+        meta["before"] = before
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -603,9 +608,10 @@ class Mitigate(Common, Settings):
         applies=lambda s: s.mitigation == "unlearn",
     )
     unlearn_distill: float = setting(
-        0.0,
+        0.3,
         "Unlearning: weight of the pull holding the unstamped images' features where they were (0: off, the paper's).",
         applies=lambda s: s.mitigation == "unlearn",
+        before=0.0,
     )
     prune_step: float = setting(
         0.05,

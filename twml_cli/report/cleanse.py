@@ -306,12 +306,13 @@ def _how(s, triggers: int = 1) -> str:
         )
     rate = "warmed up for an epoch, then a cosine to 0" if s.unlearn_schedule == "warmup" else "constant"
     frozen = ", normalization statistics frozen" if s.unlearn_freeze_norm else ""
+    held = f"; the other images' features held, weight {s.unlearn_distill:g}" if s.unlearn_distill else ""
     return (
         f"unlearning fine-tunes for {_count(s.unlearn_epochs, 'epoch')} on clean training images of which "
         f"{s.unlearn_fraction:.0%} carry "
         + ("the reversed trigger" if triggers == 1 else f"one of the {triggers} searches' reversed triggers, in turn,")
         + f" under their true labels (SGD, lr {s.unlearn_lr:g} {rate}"
-        f"{frozen})"
+        f"{frozen}{held})"
     )
 
 
