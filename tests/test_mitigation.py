@@ -82,6 +82,13 @@ def test_unlearning_with_distillation_holds_the_clean_images_features(planted, d
     assert moved[1.0] < 0.5 * moved[0.0], moved
     with pytest.raises(ValueError, match="distillation weight must be >= 0"):
         UnlearnConfig(distill=-0.1)
+    from twml_cli.mitigation import _FeaturePull
+
+    repaired = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="mid-way"), _FeaturePull(repaired, torch.arange(3), len(x)):
+        assert repaired.backbone.get_classifier()._forward_hooks
+        raise RuntimeError("stopped mid-way")
+    assert not repaired.backbone.get_classifier()._forward_hooks  # gone, though unlearning raised
 
 
 def test_several_reversed_triggers_share_the_stamped_images_in_turn():

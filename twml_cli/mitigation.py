@@ -11,6 +11,7 @@ with the trigger Neural Cleanse reversed, without knowing the real one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Sequence
@@ -52,37 +53,36 @@ def unlearn(
     g = generator(torch.device("cpu"), config.seed, UNLEARN_STREAM)
     chosen = draw(len(x), config.fraction, g)
     x = stamped_at(x, triggers, chosen.to(device))
-    kept = _FeaturePull(model, chosen, len(x)) if config.distill > 0 else None
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     per_epoch = math.ceil(len(x) / config.batch_size)
     rates = _rates(config, per_epoch)
-    for epoch in range(config.epochs):
-        model.train()
-        if config.freeze_norm:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        order = torch.randperm(len(x), generator=g).to(device)
-        for k, s in enumerate(batches(len(x), config.batch_size)):
-            idx = order[s]
-            for group in optimizer.param_groups:
-                group["lr"] = rates[epoch * per_epoch + k]
-            with autocast(device):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                if kept is not None:
-                    loss = loss + config.distill * kept.distance(x[idx], idx)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    if kept is not None:
-        kept.close()
+    held = _FeaturePull(model, chosen, len(x)) if config.distill > 0 else contextlib.nullcontext()
+    with held as kept:
+        for epoch in range(config.epochs):
+            model.train()
+            if config.freeze_norm:
+                for module in model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
+            order = torch.randperm(len(x), generator=g).to(device)
+            for k, s in enumerate(batches(len(x), config.batch_size)):
+                idx = order[s]
+                for group in optimizer.param_groups:
+                    group["lr"] = rates[epoch * per_epoch + k]
+                with autocast(device):
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                    if kept is not None:
+                        loss = loss + config.distill * kept.distance(x[idx], idx)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     model.eval()
 
 
 class _FeaturePull:
     """The features the classifier reads (its input), of the model being unlearned and of a frozen
     copy of it as it was: distance(xb, idx) compares them on the batch's unstamped images, after
-    the model's forward on xb (which records its features)."""
+    the model's forward on xb (which records its features). A context: its hooks go on exit."""
 
     def __init__(self, model: nn.Module, chosen: torch.Tensor, n: int):
         self.before = copy.deepcopy(model).eval().requires_grad_(False)
@@ -106,7 +106,10 @@ class _FeaturePull:
             return now.sum() * 0
         return ((now - then) ** 2).sum(1).mean() / (then**2).sum(1).mean().clamp_min(1e-12)
 
-    def close(self) -> None:
+    def __enter__(self) -> _FeaturePull:
+        return self
+
+    def __exit__(self, *_) -> None:  # the hooks go, whether unlearning ended or raised
         for hook in self.hooks:
             hook.remove()
 
