@@ -92,7 +92,10 @@ def test_unlearning_with_distillation_holds_the_clean_images_features(planted, d
 
 
 def test_several_reversed_triggers_share_the_stamped_images_in_turn():
-    from twml_cli.mitigation import stamp_some
+    from twml_cli.mitigation import draw, stamped_at
+
+    def stamp_some(x, triggers, fraction, g):  # as unlearning draws and stamps
+        return stamped_at(x, triggers, draw(len(x), fraction, g))
 
     x = torch.zeros(101, 1, 8, 8)
     corner = []

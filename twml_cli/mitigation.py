@@ -82,36 +82,31 @@ def unlearn(
 class _FeaturePull:
     """The features the classifier reads (its input), of the model being unlearned and of a frozen
     copy of it as it was: distance(xb, idx) compares them on the batch's unstamped images, after
-    the model's forward on xb (which records its features). A context: its hooks go on exit."""
+    the model's forward on xb (which records its features). A context: its hook goes on exit."""
 
     def __init__(self, model: nn.Module, chosen: torch.Tensor, n: int):
-        self.before = copy.deepcopy(model).eval().requires_grad_(False)
+        self.before = cast(Classifier, copy.deepcopy(model).requires_grad_(False))
         self.unstamped = torch.ones(n, dtype=torch.bool)
         self.unstamped[chosen] = False
         self.unstamped = self.unstamped.to(next(model.parameters()).device)
         self.seen: list[torch.Tensor] = []
         head = cast(Any, model).backbone.get_classifier()
-        self.hooks = [head.register_forward_hook(lambda _m, args, _out: self.seen.append(args[0]))]
-        head = cast(Any, self.before).backbone.get_classifier()
-        self.hooks.append(head.register_forward_hook(lambda _m, args, _out: self.seen.append(args[0])))
+        self.hook = head.register_forward_hook(lambda _m, args, _out: self.seen.append(args[0]))
 
     def distance(self, xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         (now,) = self.seen
-        clean = self.unstamped[idx]
-        with torch.no_grad():
-            self.before(xb[clean])
-        now, then = now[clean].float(), self.seen[1].float()
         self.seen.clear()
-        if len(then) == 0:
+        clean = self.unstamped[idx]
+        if not clean.any():
             return now.sum() * 0
+        now, then = now[clean].float(), penultimate(self.before, xb[clean])
         return ((now - then) ** 2).sum(1).mean() / (then**2).sum(1).mean().clamp_min(1e-12)
 
     def __enter__(self) -> _FeaturePull:
         return self
 
-    def __exit__(self, *_) -> None:  # the hooks go, whether unlearning ended or raised
-        for hook in self.hooks:
-            hook.remove()
+    def __exit__(self, *_) -> None:  # the hook goes, whether unlearning ended or raised
+        self.hook.remove()
 
 
 def draw(n: int, fraction: float, g: torch.Generator) -> torch.Tensor:
@@ -131,13 +126,6 @@ def stamped_at(
         some = chosen[k :: len(triggers)]
         x[some] = stamp(x[some], mask.to(x.device), pattern.to(x.device))
     return x
-
-
-def stamp_some(
-    x: torch.Tensor, triggers: Sequence[tuple[torch.Tensor, torch.Tensor]], fraction: float, g: torch.Generator
-) -> torch.Tensor:
-    """A copy of x with ceil(fraction * N) images, drawn with g, stamped with the triggers in turn."""
-    return stamped_at(x, triggers, draw(len(x), fraction, g).to(x.device))
 
 
 def _rates(config: UnlearnConfig, per_epoch: int) -> list[float]:
