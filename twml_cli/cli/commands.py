@@ -124,8 +124,9 @@ def cleanse(settings_list, session) -> None:
 def mitigate(settings_list, session) -> None:
     """Neural Cleanse's mitigation: repair the models a cleanse run flagged.
 
-    Unlearning (the default) fine-tunes on clean data, a fifth of it stamped with the reversed
-    trigger under true labels; --mitigation prune removes the penultimate neurons the reversed
+    Unlearning (the default) fine-tunes on clean data, some of it stamped with the reversed
+    trigger under true labels (--unlearn-fraction), the other images' features held where they
+    were (--unlearn-distill); --mitigation prune removes the penultimate neurons the reversed
     trigger excites. Logs accuracy and attack success (the real trigger, when the model came
     from twml backdoor) before and after, and the repaired model."""
     from ..studies import runner
