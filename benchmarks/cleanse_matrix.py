@@ -92,7 +92,7 @@ def _resolved(command: str, **overrides) -> dict:
     settings = _settings(command, **overrides)
     # a setting added since results were cached, at the value they ran with: left out of the key,
     # so that those results are read back rather than recomputed
-    before = {f.name: f.metadata["before"] for f in config.settings_fields(type(settings)) if "before" in f.metadata}
+    before = config.logged_before(type(settings))
     return {
         k: v
         for k, v in config.params(settings).items()

@@ -36,6 +36,7 @@ from .settings import (  # noqa: F401 - callers name the settings classes config
     field_of,
     field_type,
     flag_of,
+    logged_before,
     panel_of,
     settings_fields,
     sweepable,
@@ -277,11 +278,9 @@ def to_dict(settings) -> dict[str, Any]:
 def from_params(cls: type, logged: dict[str, str]):
     """Settings rebuilt from a run's params (strings); fields not logged keep their defaults, or
     for a setting added since (settings.setting's `before`), the value runs ran with before it."""
-    values = {}
+    values = {k: v for k, v in logged_before(cls).items() if k not in logged}
     for f in settings_fields(cls):
         if f.name not in logged:
-            if "before" in f.metadata:
-                values[f.name] = f.metadata["before"]
             continue
         text, kind = logged[f.name], field_type(cls, f)
         try:

@@ -67,12 +67,13 @@ def unlearn(
             order = torch.randperm(len(x), generator=g).to(device)
             for k, s in enumerate(batches(len(x), config.batch_size)):
                 idx = order[s]
+                xb = x[idx]
                 for group in optimizer.param_groups:
                     group["lr"] = rates[epoch * per_epoch + k]
                 with autocast(device):
-                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                    loss = F.cross_entropy(model(xb), y[idx])
                     if kept is not None:
-                        loss = loss + config.distill * kept.distance(x[idx], idx)
+                        loss = loss + config.distill * kept.distance(xb, idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

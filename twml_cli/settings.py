@@ -669,6 +669,12 @@ def settings_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in fields(cls) if "help" in f.metadata]
 
 
+def logged_before(cls: type) -> dict[str, Any]:
+    """The settings added after runs were logged (setting's `before`), each with the value those
+    runs ran with."""
+    return {f.name: f.metadata["before"] for f in settings_fields(cls) if "before" in f.metadata}
+
+
 def field_of(cls: type, name: str) -> dataclasses.Field:
     return next(f for f in settings_fields(cls) if f.name == name)
 
