@@ -133,6 +133,7 @@ BAD = [
     (["cleanse", "--run", "empty"], "'empty' holds no model (need spec.json and model.safetensors)"),
     (["cleanse", "--search-steps", "0"], "cleanse steps must be >= 1, got 0"),
     (["cleanse", "--search-images", "0"], "search images must be >= 1, got 0"),
+    (["cleanse", "--search-split", "val"], "unknown search split 'val': use one of train, test"),
     (["cleanse", "--search-batch-size", "0"], "cleanse batch size must be >= 1, got 0"),
     (["cleanse", "--search-lr", "0"], "cleanse lr must be > 0"),
     (["cleanse", "--search-threshold", "1.5"], "success threshold must lie in (0, 1], got 1.5"),

@@ -216,6 +216,23 @@ def test_cleanse_with_several_searches(tmp_path):
     assert "flagged_by" not in cleanse.norms_table(single)  # a single search's norms.csv as it was
 
 
+def test_cleanse_searches_the_split_it_is_told(digits, tmp_path):
+    """--search-split test draws every search's clean images from the held-out split, as the
+    authors' code does; the default, train, from the training images."""
+    model = models.create_model(models.ModelSpec.for_data("test_byobnet", digits.info))
+    folder = models.save_model(model, tmp_path / "m")
+    small = {"model_runs": [str(folder)], "search_images": 64, "searches": 2}
+
+    def rows(split: str) -> list[set[bytes]]:
+        inputs = cleanse.prepare(config.resolve_one("cleanse", PRESET, {**small, "search_split": split}))
+        return [{row.numpy().tobytes() for row in x} for x in (inputs.x_clean, *inputs.x_more)]
+
+    train_rows, test_rows = ({row.numpy().tobytes() for row in d.x} for d in (digits.train, digits.test))
+    for split, pool, other in (("train", train_rows, test_rows), ("test", test_rows, train_rows)):
+        for drawn in rows(split):
+            assert len(drawn) == 64 and drawn <= pool and not drawn & other, split
+
+
 def test_cleanse_says_when_no_class_could_have_been_flagged():
     """A model whose norms spread so widely that even a norm of 0 stays under the threshold (the
     index's ceiling, median / MAD) is named in the summary; one that could have been flagged is not."""

@@ -507,7 +507,13 @@ class Cleanse(Common, Settings):
         flag="run",
     )
     search_steps: int = setting(40, "Trigger search: optimization rounds (passes over the clean images).")
-    search_images: int = setting(256, "Trigger search: clean training images used.")
+    search_images: int = setting(256, "Trigger search: clean images used.")
+    search_split: str = setting(
+        "train",
+        "Trigger search: the split its clean images are drawn from (test: held-out images, as the authors' code).",
+        choices=("train", "test"),
+        before="train",
+    )
     search_batch_size: int = setting(32, "Trigger search: clean images per class in one step.")
     search_lr: float = setting(0.1, "Trigger search: Adam learning rate.")
     search_threshold: float = setting(0.99, "Trigger search: attack success a reversed trigger must reach.")
@@ -535,7 +541,7 @@ class Cleanse(Common, Settings):
     anomaly_threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
     searches: int = setting(
         2,
-        "Independent trigger searches per model, each on other clean images from other starts; a class is "
+        "Independent trigger searches per model, each on its own draw of clean images, from other starts; a class is "
         "flagged when --agreement of them flag it (1: the paper's single search).",
         applies=lambda s: s.searches > 1,  # logged when several: a single search's params stay as they were
     )

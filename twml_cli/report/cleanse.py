@@ -14,6 +14,8 @@ from .document import Bullets, Document, Figure, FigureRow, Heading, Para, Table
 from .runs import BackdoorRun, CleanseRun
 from .words import f4, model_name, short
 
+SPLIT_WORDS = {"train": "training", "test": "held-out test"}  # the split the trigger search drew from
+
 
 def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorRun], fig_dir: Path) -> None:
     doc.add(Heading("3 Neural Cleanse"))
@@ -34,14 +36,15 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
             f"The newest cleanse run ({short(run.id)}) inspected {_count(len(models), 'model')}: "
             + "; ".join(f"model {i} = {model_name(model_runs[i])}" for i in models)
             + ". For every class t it searched the smallest mask m and pattern p with (1 - m)·x + m·p classified "
-            f"as t on {s.search_images} clean training images (attack success at least {s.search_threshold:g}, up to "
+            f"as t on {s.search_images} clean {SPLIT_WORDS[s.search_split]} images "
+            f"(attack success at least {s.search_threshold:g}, up to "
             f"{s.search_steps} rounds{_starts(s)}, all classes of a model in one batch), then applied the MAD outlier "
             "test to the L1 norms of the masks: anomaly index |l - median| / (1.4826 · MAD), classes below the "
             f"median with an index above {s.anomaly_threshold:g} are flagged."
             + (
-                f" It ran {s.searches} independent searches per model, each on other clean images from other "
-                f"starts, and flagged a class when {_how_many_agree(s)} of them did; a class's anomaly index below is "
-                f"the one {_how_many_agree(s)} of the searches reach, its norm the first search's."
+                f" It ran {s.searches} independent searches per model, each on its own draw of clean images, "
+                f"from other starts, and flagged a class when {_how_many_agree(s)} of them did; a class's anomaly "
+                f"index below is the one {_how_many_agree(s)} of the searches reach, its norm the first search's."
                 if s.searches > 1
                 else ""
             )

@@ -33,7 +33,7 @@ class Inputs:
     data: MemoryDataSet
     models: list[models.Classifier]
     sources: list[str]  # each model's run id or folder
-    x_clean: torch.Tensor  # the clean training images the trigger search uses
+    x_clean: torch.Tensor  # the clean images the trigger search uses (of the split search_split names)
     x_more: list[torch.Tensor] = field(default_factory=list)  # those of the further searches (--searches)
 
 
@@ -137,14 +137,14 @@ def prepare(s: config.Cleanse) -> Inputs:
     data = in_memory(load_data(data_name(s.dataset, loaded[0], "digits"), s, loaded[0]), COMMAND)
     for uri, model in zip(s.model_runs, loaded):
         check_fits(model, data.info, f"model {uri}")
-    x_train = data.train.x.cpu()
+    pool = (data.train if s.search_split == "train" else data.test).x.cpu()
     picks = [
-        torch.randperm(len(x_train), generator=torch.Generator().manual_seed(search_seed(s, i)))[: s.search_images]
+        torch.randperm(len(pool), generator=torch.Generator().manual_seed(search_seed(s, i)))[: s.search_images]
         for i in range(s.searches)
     ]
     s = dataclasses.replace(s, dataset=data.info.name, search_images=len(picks[0]))
     sources = [next(iter(model_source(r).values())) for r in s.model_runs]
-    return Inputs(s, dev, data, loaded, sources, x_train[picks[0]], [x_train[p] for p in picks[1:]])
+    return Inputs(s, dev, data, loaded, sources, pool[picks[0]], [pool[p] for p in picks[1:]])
 
 
 def search_seed(s: config.Cleanse, i: int) -> int:
