@@ -249,6 +249,44 @@ def planted_trigger(cell: Cell, shape: tuple[int, ...]):
     return trigger.apply(torch.zeros(1, 1, *shape[-2:]))[0, 0], torch.full(shape, trigger.value)
 
 
+def planted_share(mask: np.ndarray, cell: Cell) -> float:
+    """The share of a reversed mask's L1 weight on the planted trigger's pixels: 1 when the search
+    found the planted trigger, near 0 when it found another trigger of the target class."""
+    inside = planted_trigger(cell, (1, *mask.shape))[0].numpy() > 0
+    return float(mask[inside].sum() / max(mask.sum(), 1e-12))
+
+
+def where_found(shares: dict[Cell, list[float]], rows: list[dict]) -> list[str]:
+    """Where the searches put the target's trigger, over the corner cells (`shares`: each search's
+    planted_share, by cell; `rows`: the cells' verdicts, with their repairs when --mitigate), and
+    how unlearning fared on detected cells whose every search found another trigger."""
+    corner = {c: s for c, s in shares.items() if c.position != "centre"}
+    if not corner:
+        return []
+    each = [v for s in corner.values() for v in s]
+    elsewhere = {c for c, s in corner.items() if max(s) < 0.1}
+    lines = [
+        f"the target's reversed mask on the planted pixels (corner cells, each search): median share of its weight "
+        f"{np.median(each):.2f}; under 10%, another trigger of the target, in {sum(v < 0.1 for v in each)} of "
+        f"{len(each)} searches, and in every search of {len(elsewhere)} of {len(corner)} cells"
+    ]
+    names = {c.name for c in elsewhere}
+    repaired = [r for r in rows if r.get("detected") and "repair_attack_success" in r and r["position"] != "centre"]
+    if repaired:
+        kept = {
+            group: (sum(r["repair_attack_success"] > 0.05 for r in rs), len(rs))
+            for group, rs in (
+                ("another trigger in every search", [r for r in repaired if r["cell"] in names]),
+                ("the others", [r for r in repaired if r["cell"] not in names]),
+            )
+        }
+        lines.append(
+            "detected corner cells keeping attack success above 0.05 after repair: "
+            + "; ".join(f"{group}: {k} of {n}" for group, (k, n) in kept.items())
+        )
+    return lines
+
+
 def repair_cell(
     out: Path,
     cell: Cell,
@@ -786,6 +824,13 @@ def main() -> int:
                         r["target_reached"] = bool(np.isfinite(z["start_norms"][c.target]).any())
         why = why_missed(searches, rows, agree, searched["search_threshold"], searched["anomaly_threshold"])
         lines += why[:1]
+        shares: dict[Cell, list[float]] = {}
+        for keys, _ in runs:
+            for c in cells:
+                if c.position is not None:
+                    with np.load(out / "triggers" / f"{keys[c]}.npz", allow_pickle=False) as z:
+                        shares.setdefault(c, []).append(planted_share(z["masks"][c.target], c))
+        lines += where_found(shares, rows)
     print("\n".join(lines))
     (out / "matrix.md").write_text(
         "\n".join(

@@ -250,6 +250,30 @@ def test_the_matrix_s_planted_trigger_control_stamps_as_the_backdoor_does(channe
         assert mask.sum().item() == cm.planted_norm(size, position)
 
 
+def test_the_matrix_says_whether_the_search_found_the_planted_trigger_or_another():
+    """cleanse_matrix.py's planted_share: the share of a reversed mask's weight on the planted
+    pixels (1 for the planted trigger itself, 0 for a trigger elsewhere); where_found counts, over
+    the corner cells, the searches that found another trigger and how their repairs fared."""
+    cm = _benchmark("cleanse_matrix")
+    corner, two, centre = cm.Cell(0, "top-right", 3, 1), cm.Cell(1, "bottom-left", 7, 2), cm.Cell(2, "centre", 0, 1)
+    planted = cm.planted_trigger(corner, (1, 8, 8))[0].numpy()
+    elsewhere = np.zeros((8, 8), dtype=np.float32)
+    elsewhere[3, 3] = 0.8
+    assert cm.planted_share(planted, corner) == 1.0 and cm.planted_share(elsewhere, corner) == 0.0
+    assert cm.planted_share(planted + elsewhere / 0.8 * 3, corner) == pytest.approx(0.25)
+    assert cm.planted_share(cm.planted_trigger(two, (1, 8, 8))[0].numpy(), two) == 1.0
+    assert cm.planted_share(planted, two) == 0.0  # the top-right pixel is not the bottom-left square
+    rows = [
+        {"cell": corner.name, "position": "top-right", "detected": True, "repair_attack_success": 0.12},
+        {"cell": two.name, "position": "bottom-left", "detected": True, "repair_attack_success": 0.01},
+        {"cell": centre.name, "position": "centre", "detected": True, "repair_attack_success": 0.5},
+    ]
+    lines = cm.where_found({corner: [0.0, 0.05], two: [1.0, 0.0], centre: [0.0, 0.0]}, rows)
+    assert "median share of its weight 0.03; under 10%, another trigger of the target, in 3 of 4 searches" in lines[0]
+    assert lines[0].endswith("in every search of 1 of 2 cells")  # the centre is left out
+    assert lines[1].endswith("another trigger in every search: 1 of 1; the others: 0 of 1")
+
+
 def test_the_matrix_can_search_in_bf16_on_a_cpu_as_on_cuda(backdoored, monkeypatch):
     """benchmarks/cleanse_matrix.py --cpu-bf16: the search's forward passes under bf16 autocast
     on the CPU, which moves the norms a little (a GPU's precision), not the search."""
