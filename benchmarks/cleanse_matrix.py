@@ -252,8 +252,10 @@ def planted_trigger(cell: Cell, shape: tuple[int, ...]):
 def planted_share(mask: np.ndarray, cell: Cell) -> float:
     """The share of a reversed mask's L1 weight on the planted trigger's pixels: 1 when the search
     found the planted trigger, near 0 when it found another trigger of the target class."""
-    inside = planted_trigger(cell, (1, *mask.shape))[0].numpy() > 0
-    return float(mask[inside].sum() / max(mask.sum(), 1e-12))
+    from twml_cli.backdoor import Trigger
+
+    assert cell.position is not None  # a planted cell
+    return Trigger(cell.size, cell.position).weight_share(mask)
 
 
 def where_found(shares: dict[Cell, list[float]], rows: list[dict]) -> list[str]:

@@ -183,6 +183,12 @@ class Trigger:
             width, self.position.endswith("right"), centre
         )
 
+    def weight_share(self, mask) -> float:
+        """The share of a mask's (H, W) L1 weight that lies on this trigger's pixels: 1 for a
+        reversed trigger that is this one, near 0 for one elsewhere."""
+        rows, cols = self.region(*mask.shape)
+        return float(mask[rows, cols].sum() / max(float(mask.sum()), 1e-12))
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """A stamped copy of images x (N, C, H, W)."""
         rows, cols = self.region(*x.shape[-2:])

@@ -274,7 +274,8 @@ def describe_mask(mask: np.ndarray, backdoor_run: BackdoorRun | None = None) -> 
         f"{mask.shape[0]}x{mask.shape[1]} image."
     )
     if backdoor_run is not None:
-        r, c = Trigger(backdoor_run.settings.trigger_size, backdoor_run.settings.position).region(*mask.shape)
+        trigger = Trigger(backdoor_run.settings.trigger_size, backdoor_run.settings.position)
+        r, c = trigger.region(*mask.shape)
         inside = np.zeros(mask.shape, dtype=bool)
         inside[r, c] = True
         hits = int((inside & (mask > 0.5)).sum())
@@ -285,7 +286,7 @@ def describe_mask(mask: np.ndarray, backdoor_run: BackdoorRun | None = None) -> 
                 if len(rows) == 1
                 else f"{hits} of the {len(rows)} strong pixels lie inside it"
             )
-            + f", and the mask puts {mask[inside].sum() / mask.sum():.0%} of its weight there "
+            + f", and the mask puts {trigger.weight_share(mask):.0%} of its weight there "
             f"({inside.sum() / mask.size:.0%} of the image)."
         )
     return text
