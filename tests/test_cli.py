@@ -182,9 +182,94 @@ def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    assert err.strip() == "twml: interrupted; the MLflow run ended KILLED"
     (run,) = cli.runs()
     assert run.info.status == "KILLED"
+
+
+def test_ctrl_c_while_a_store_query_reads_rows_still_ends_the_run_killed(cli):
+    """A Ctrl-C that lands while a store query's rows are read leaves the query open, and on an
+    sqlite store it holds a read lock while the interrupted frames live: the run must still end
+    KILLED at once, not wait for the lock, fail and stay RUNNING."""
+    import sqlite3
+
+    from twml_cli import tracking
+
+    cli.use()
+
+    def reading_rows_when_interrupted():
+        rows = sqlite3.connect(cli.path / "mlflow.db").execute("SELECT name FROM sqlite_master")
+        rows.fetchone()  # more rows to come: the statement keeps its read lock
+        raise KeyboardInterrupt
+
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt), tracking.start_run("twml", "train") as run:
+        reading_rows_when_interrupted()
+    assert tracking.end_interrupted() == 1  # as the CLI does, once the interrupt is handled
+    assert cli.client().get_run(run.id).info.status == "KILLED"
+    assert time.time() - started < 15  # the store waits 20 s for a lock before it gives up
+
+
+def test_a_ctrl_c_that_the_store_turns_into_its_own_error_still_ends_the_run_killed(cli, monkeypatch):
+    """Interrupted inside its commit, SQLAlchemy fails an assertion of its own and MLflow raises
+    that as an MlflowException: still a Ctrl-C (exit 130, the run KILLED), not a store error."""
+    from mlflow.exceptions import MlflowException
+
+    from twml_cli import tracking
+
+    def interrupted_in_a_commit(*args, **kwargs):
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise AssertionError  # noqa: B904 - SQLAlchemy checking its transaction as the interrupt unwinds
+        except AssertionError as err:
+            raise MlflowException("") from err
+
+    monkeypatch.setattr(tracking.Run, "log_model", interrupted_in_a_commit)
+    result = cli("train", "--epochs", "1", "--pgd-steps", "1")
+    assert result.code == 130 and result.err.strip() == "twml: interrupted; the MLflow run ended KILLED"
+    (run,) = cli.runs()
+    assert run.info.status == "KILLED"
+
+
+def test_an_interrupted_run_the_store_cannot_end_is_one_line_saying_so(cli, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from twml_cli import tracking
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    ending = MlflowClient.set_terminated
+
+    def locked_when_killed(self, run_id, status=None, end_time=None):
+        if status == "KILLED":
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return ending(self, run_id, status, end_time)
+
+    monkeypatch.setattr(tracking.Run, "log_model", interrupted)
+    monkeypatch.setattr(MlflowClient, "set_terminated", locked_when_killed)
+    result = cli("train", "--epochs", "1", "--pgd-steps", "1")
+    assert result.code == 2, result.err
+    (line,) = result.err.strip().splitlines()
+    assert line.startswith("twml: error: interrupted, and the run could not be ended: tracking store sqlite:")
+    assert line.endswith("database is locked (`twml runs` lists it)")
+    (run,) = cli.runs()
+    assert run.info.status == "RUNNING"
+
+
+def test_interrupted_before_a_run_is_open_says_there_was_nothing_to_end(cli, monkeypatch):
+    from twml_cli import tracking
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, "start_run", interrupted)
+    result = cli("train", "--epochs", "1")
+    assert result.code == 130 and result.err.strip() == "twml: interrupted before a run was open; nothing to end"
+    assert cli.runs() == []
 
 
 @pytest.mark.slow  # test_mlflow starts four at once in an empty folder, the harder case

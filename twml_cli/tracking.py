@@ -3,8 +3,8 @@ finding runs and loading their models back.
 
 The store is MLflow's default, `sqlite:///mlflow.db` in the working directory with
 artifacts under ./mlruns, unless MLFLOW_TRACKING_URI or --tracking-uri says otherwise.
-A run that raises ends FAILED, one interrupted (Ctrl-C, SIGTERM) ends KILLED; none is left
-RUNNING while the store can be reached.
+A run that raises ends FAILED, one interrupted (Ctrl-C, SIGTERM) ends KILLED once the CLI has
+handled the interrupt (end_interrupted); none is left RUNNING while the store can be reached.
 
 A tracking server (http, https) is waited for and its refusals explained by tracking_server.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from . import models, tracking_server
 from .config import param_text
-from .errors import TwmlError
+from .errors import TwmlError, interrupted
 from .results import COMMAND_TAG, MODEL_DIR, run_id_of
 from .tracking_server import (
     SERVER_WAIT_S,
@@ -50,6 +51,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 _system_metrics = {"on": False}
 _open_runs: set[str] = set()  # runs this process has started or reopened and not yet ended
+_interrupted_runs: list[str] = []  # runs an interrupt stopped, not yet ended KILLED (innermost first)
 
 
 def configure(
@@ -271,8 +273,8 @@ class Run:
 def start_run(
     experiment: str, command: str, run_name: str | None = None, tags: dict | None = None, parent: str | None = None
 ) -> Iterator[Run]:
-    """A run tagged twml.command=<command>. It ends FINISHED, or FAILED if the block raises,
-    or KILLED on KeyboardInterrupt (Ctrl-C; the CLI turns SIGTERM into one too)."""
+    """A run tagged twml.command=<command>. It ends FINISHED, or FAILED if the block raises;
+    interrupted (Ctrl-C; the CLI turns SIGTERM into one too), end_interrupted() ends it KILLED."""
     c = client()
     life = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
     nested = {"mlflow.parentRunId": parent} if parent else {}
@@ -308,13 +310,11 @@ def _terminating(run_id: str) -> Iterator[None]:
     monitor = _system_monitor(run_id) if _system_metrics["on"] else None
     try:
         yield
-    except KeyboardInterrupt:
-        c.set_terminated(run_id, "KILLED")
-        raise
     except BaseException as err:
-        # a server that stopped answering cannot be told; `twml runs` shows the run stale
-        if not unreachable(err, tracking_uri()):
-            c.set_terminated(run_id, "FAILED")
+        if interrupted(err):
+            _interrupted_runs.append(run_id)  # ended by end_interrupted(), once the interrupt is gone
+        elif not unreachable(err, tracking_uri()):  # a server that stopped answering cannot be told;
+            c.set_terminated(run_id, "FAILED")  # `twml runs` shows the run stale
         raise
     else:
         c.set_terminated(run_id, "FINISHED")
@@ -322,6 +322,30 @@ def _terminating(run_id: str) -> Iterator[None]:
         _open_runs.discard(run_id)
         if monitor is not None:
             monitor.finish()
+
+
+def end_interrupted() -> int:
+    """End KILLED the runs an interrupt (Ctrl-C, SIGTERM) stopped; how many there were.
+
+    Called once the interrupt has been handled, not while it unwinds: a Ctrl-C that lands while
+    a store query's rows are read leaves the query's statement open, and on an sqlite store an
+    open statement keeps its read lock, even once its connection is closed, for as long as the
+    interrupt's traceback keeps the frames that hold it. Ending the run there waited for the
+    lock, failed ("database is locked") and left the run RUNNING. Once the traceback is gone,
+    collecting its reference cycles finalizes the statement."""
+    gc.collect()
+    ended = 0
+    while _interrupted_runs:
+        run_id = _interrupted_runs.pop(0)  # a child before its parent
+        try:
+            client().set_terminated(run_id, "KILLED")
+        except Exception as err:
+            store = store_error(err)
+            if store is None:
+                raise
+            raise TwmlError(f"interrupted, and the run could not be ended: {store} (`twml runs` lists it)") from None
+        ended += 1
+    return ended
 
 
 def _system_monitor(run_id: str):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import signal
 import sys
 
-from ..errors import TwmlError
+from ..errors import TwmlError, interrupted
 from . import commands  # noqa: F401 - registers the commands on the app
-from .app import app
+from .app import STOP, app
 
 try:  # typer >= 0.24 vendors click
     from typer._click.exceptions import UsageError
@@ -44,17 +44,14 @@ def _interrupt(signum, frame):
         import os
 
         os._exit(130)
-    from .app import STOP
-
     STOP["requested"] = True  # if the KeyboardInterrupt below is swallowed, the next step raises it
     raise KeyboardInterrupt
 
 
 def _unraisable(unraisable) -> None:
     """SIGTERM's KeyboardInterrupt can land in a weakref callback or __del__, where Python only
-    prints it ("Exception ignored"): stay quiet, the next step of the work raises it again."""
-    from .app import STOP
-
+    prints it ("Exception ignored"): stay quiet, the next step of the work raises it again.
+    (STOP is imported with this module: an import here fails while Python shuts down.)"""
     if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP["requested"]:
         return
     sys.__unraisablehook__(unraisable)
@@ -64,6 +61,19 @@ def fail(message: str, code: int = 2) -> None:
     if _rank() == 0:  # under torchrun every process fails alike; one says so
         print(message, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def _end_interrupted() -> None:
+    """Ctrl-C or SIGTERM stopped the command: end its runs KILLED, now that the interrupt is
+    handled (tracking.end_interrupted says why not before), and exit 130."""
+    tracking = sys.modules.get("twml_cli.tracking")
+    try:
+        ended = tracking.end_interrupted() if tracking else 0
+    except TwmlError as err:
+        fail(f"twml: error: {err}")
+    if ended == 0:
+        fail("twml: interrupted before a run was open; nothing to end", 130)
+    fail(f"twml: interrupted; {'the MLflow run' if ended == 1 else f'its {ended} MLflow runs'} ended KILLED", 130)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,8 +94,6 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"twml: error: {err}")
     if launched is not None:
         sys.exit(launched)
-    from .app import STOP
-
     STOP["requested"] = False  # a new command (tests run several in one process)
     signal.signal(signal.SIGTERM, _interrupt)
     sys.unraisablehook = _unraisable
@@ -101,18 +109,20 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         command = err.ctx.command_path if err.ctx else "twml"
         fail(f"{command}: error: {err.format_message()} (see '{command} --help')")
-    except TwmlError as err:
-        fail(f"twml: error: {err}")
     except Exception as err:
         tracking = sys.modules.get("twml_cli.tracking")
-        store = tracking.store_error(err) if tracking else None
-        if store is None:
+        if interrupted(err):  # a Ctrl-C that a library turned into an error of its own
+            code = 130
+        elif isinstance(err, TwmlError):
+            fail(f"twml: error: {err}")
+        elif (store := tracking.store_error(err) if tracking else None) is not None:
+            fail(f"twml: error: {store}")
+        else:
             raise
-        fail(f"twml: error: {store}")
     finally:
         runtime = sys.modules.get("twml_cli.runtime")  # not imported for a bad value: no torch to load
         if runtime is not None:
             runtime.close_distributed()
     if code == 130:
-        fail("twml: interrupted; the MLflow run ended KILLED", 130)
+        _end_interrupted()
     sys.exit(code if isinstance(code, int) else 0)
