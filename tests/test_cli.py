@@ -187,6 +187,35 @@ def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
     assert run.info.status == "KILLED"
 
 
+def test_a_background_job_that_ignores_ctrl_c_goes_on_and_sigterm_still_ends_it(cli, tmp_path):
+    """A shell starts a background job with SIGINT ignored, so that Ctrl-C at the terminal
+    does not reach it: twml keeps it ignored."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cli.uri}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twml_cli", "train", "--epochs", "2000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        deadline = time.time() + 120
+        while not cli.runs() and time.time() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(2.0)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip() == "twml: interrupted; the MLflow run ended KILLED", err
+    (run,) = cli.runs()
+    assert run.info.status == "KILLED"
+
+
 def test_ctrl_c_while_a_store_query_reads_rows_still_ends_the_run_killed(cli):
     """A Ctrl-C that lands while a store query's rows are read leaves the query open, and on an
     sqlite store it holds a read lock while the interrupted frames live: the run must still end
@@ -258,6 +287,12 @@ def test_an_interrupted_run_the_store_cannot_end_is_one_line_saying_so(cli, monk
     assert line.endswith("database is locked (`twml runs` lists it)")
     (run,) = cli.runs()
     assert run.info.status == "RUNNING"
+
+
+def test_a_process_that_calls_main_gets_its_signal_handlers_back(cli):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert cli("config", "train").code == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_interrupted_before_a_run_is_open_says_there_was_nothing_to_end(cli, monkeypatch):

@@ -34,9 +34,9 @@ def _rank() -> int:
 
 
 def _interrupt(signum, frame):
-    """SIGTERM: end the open MLflow run KILLED (through KeyboardInterrupt); with none open there
-    is nothing to end, so leave at once (an exception raised here could land in an import's
-    callback, where Python only prints it)."""
+    """Ctrl-C (SIGINT) or SIGTERM: stop the open MLflow run, which ends KILLED (through
+    KeyboardInterrupt); with none open there is nothing to end, so leave at once (an exception
+    raised here could land in an import's callback, where Python only prints it)."""
     open_runs = getattr(sys.modules.get("twml_cli.tracking"), "open_runs", None)  # None while it imports
     if open_runs is None or not open_runs():
         if _rank() == 0:
@@ -49,8 +49,8 @@ def _interrupt(signum, frame):
 
 
 def _unraisable(unraisable) -> None:
-    """SIGTERM's KeyboardInterrupt can land in a weakref callback or __del__, where Python only
-    prints it ("Exception ignored"): stay quiet, the next step of the work raises it again.
+    """An interrupt's KeyboardInterrupt can land in a weakref callback or __del__, where Python
+    only prints it ("Exception ignored"): stay quiet, the next step of the work raises it again.
     (STOP is imported with this module: an import here fails while Python shuts down.)"""
     if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP["requested"]:
         return
@@ -95,8 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     if launched is not None:
         sys.exit(launched)
     STOP["requested"] = False  # a new command (tests run several in one process)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C as SIGTERM, unless SIGINT is ignored, as a shell leaves it for a background job
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signals = (signal.SIGTERM,) if ignored else (signal.SIGINT, signal.SIGTERM)
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in signals}
     sys.unraisablehook = _unraisable
+    try:
+        _run(argv)
+    finally:  # a process that called main (a test) gets its own handlers back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str]) -> None:
+    """The command, its errors as one line, its exit code."""
     try:
         if "WORLD_SIZE" in __import__("os").environ:
             from ..runtime import init_distributed

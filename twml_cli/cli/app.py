@@ -24,11 +24,11 @@ def echo(text: str) -> None:
     print(text, flush=True)
 
 
-STOP = {"requested": False}  # SIGTERM arrived (cli._interrupt): the next step of long work stops
+STOP = {"requested": False}  # Ctrl-C or SIGTERM arrived (cli._interrupt): the next step of long work stops
 
 
 def _steps(items: Iterable) -> Iterable:
-    """The items, raising KeyboardInterrupt between two once SIGTERM has asked to stop: the
+    """The items, raising KeyboardInterrupt between two once an interrupt has asked to stop: the
     handler's own KeyboardInterrupt is lost when it lands in a weakref callback or __del__."""
     for item in items:
         if STOP["requested"]:
@@ -38,7 +38,7 @@ def _steps(items: Iterable) -> Iterable:
 
 def progress(items: Iterable, total: int, desc: str) -> Iterable:
     """A progress bar on stderr when it is a terminal; nothing otherwise. Long work stops at
-    its next step once SIGTERM asked it to."""
+    its next step once an interrupt asked it to."""
     items = _steps(items)
     from rich.console import Console
     from rich.progress import (
