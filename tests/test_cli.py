@@ -234,7 +234,7 @@ def test_ctrl_c_while_a_store_query_reads_rows_still_ends_the_run_killed(cli):
     started = time.time()
     with pytest.raises(KeyboardInterrupt), tracking.start_run("twml", "train") as run:
         reading_rows_when_interrupted()
-    assert tracking.end_interrupted() == 1  # as the CLI does, once the interrupt is handled
+    assert tracking.end_interrupted() == ["KILLED"]  # as the CLI does, once the interrupt is handled
     assert cli.client().get_run(run.id).info.status == "KILLED"
     assert time.time() - started < 15  # the store waits 20 s for a lock before it gives up
 
@@ -293,6 +293,25 @@ def test_a_process_that_calls_main_gets_its_signal_handlers_back(cli):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert cli("config", "train").code == 0
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_ctrl_c_while_a_finished_run_is_being_ended_leaves_it_finished(cli, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    ending, calls = MlflowClient.set_terminated, []
+
+    def interrupted_once_when_finished(self, run_id, status=None, end_time=None):
+        calls.append(status)
+        if calls == ["FINISHED"]:
+            raise KeyboardInterrupt
+        return ending(self, run_id, status, end_time)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", interrupted_once_when_finished)
+    result = cli("train", "--epochs", "1", "--pgd-steps", "1")
+    assert result.code == 130 and result.err.strip() == "twml: interrupted; the MLflow run ended FINISHED"
+    assert calls == ["FINISHED", "FINISHED"]
+    (run,) = cli.runs()
+    assert run.info.status == "FINISHED"
 
 
 def test_interrupted_before_a_run_is_open_says_there_was_nothing_to_end(cli, monkeypatch):

@@ -51,7 +51,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 _system_metrics = {"on": False}
 _open_runs: set[str] = set()  # runs this process has started or reopened and not yet ended
-_interrupted_runs: list[str] = []  # runs an interrupt stopped, not yet ended KILLED (innermost first)
+_interrupted_runs: list[tuple[str, str]] = []  # (run, end state) an interrupt stopped, not yet ended
 
 
 def configure(
@@ -308,24 +308,26 @@ def _terminating(run_id: str) -> Iterator[None]:
     c = client()
     _open_runs.add(run_id)
     monitor = _system_monitor(run_id) if _system_metrics["on"] else None
+    finished = False
     try:
         yield
-    except BaseException as err:
-        if interrupted(err):
-            _interrupted_runs.append(run_id)  # ended by end_interrupted(), once the interrupt is gone
-        elif not unreachable(err, tracking_uri()):  # a server that stopped answering cannot be told;
-            c.set_terminated(run_id, "FAILED")  # `twml runs` shows the run stale
-        raise
-    else:
+        finished = True
         c.set_terminated(run_id, "FINISHED")
+    except BaseException as err:
+        if interrupted(err):  # ended by end_interrupted(), once the interrupt is gone; FINISHED
+            _interrupted_runs.append((run_id, "FINISHED" if finished else "KILLED"))  # if its work was done
+        elif not finished and not unreachable(err, tracking_uri()):  # a server that stopped answering
+            c.set_terminated(run_id, "FAILED")  # cannot be told; `twml runs` shows the run stale
+        raise
     finally:
         _open_runs.discard(run_id)
         if monitor is not None:
             monitor.finish()
 
 
-def end_interrupted() -> int:
-    """End KILLED the runs an interrupt (Ctrl-C, SIGTERM) stopped; how many there were.
+def end_interrupted() -> list[str]:
+    """End the runs an interrupt (Ctrl-C, SIGTERM) stopped: KILLED, or FINISHED where only the
+    writing of their end was interrupted. Their end states, innermost run first.
 
     Called once the interrupt has been handled, not while it unwinds: a Ctrl-C that lands while
     a store query's rows are read leaves the query's statement open, and on an sqlite store an
@@ -334,17 +336,17 @@ def end_interrupted() -> int:
     lock, failed ("database is locked") and left the run RUNNING. Once the traceback is gone,
     collecting its reference cycles finalizes the statement."""
     gc.collect()
-    ended = 0
+    ended = []
     while _interrupted_runs:
-        run_id = _interrupted_runs.pop(0)  # a child before its parent
+        run_id, status = _interrupted_runs.pop(0)  # a child before its parent
         try:
-            client().set_terminated(run_id, "KILLED")
+            client().set_terminated(run_id, status)
         except Exception as err:
             store = store_error(err)
             if store is None:
                 raise
             raise TwmlError(f"interrupted, and the run could not be ended: {store} (`twml runs` lists it)") from None
-        ended += 1
+        ended.append(status)
     return ended
 
 

@@ -68,12 +68,14 @@ def _end_interrupted() -> None:
     handled (tracking.end_interrupted says why not before), and exit 130."""
     tracking = sys.modules.get("twml_cli.tracking")
     try:
-        ended = tracking.end_interrupted() if tracking else 0
+        ended = tracking.end_interrupted() if tracking else []
     except TwmlError as err:
         fail(f"twml: error: {err}")
-    if ended == 0:
+    if not ended:
         fail("twml: interrupted before a run was open; nothing to end", 130)
-    fail(f"twml: interrupted; {'the MLflow run' if ended == 1 else f'its {ended} MLflow runs'} ended KILLED", 130)
+    states = {state: ended.count(state) for state in ("KILLED", "FINISHED") if state in ended}
+    runs = " and ".join(f"{'the MLflow run' if n == 1 else f'{n} MLflow runs'} ended {s}" for s, n in states.items())
+    fail(f"twml: interrupted; {runs}", 130)
 
 
 def main(argv: list[str] | None = None) -> None:
