@@ -314,10 +314,12 @@ def _terminating(run_id: str) -> Iterator[None]:
         finished = True
         c.set_terminated(run_id, "FINISHED")
     except BaseException as err:
-        if interrupted(err):  # ended by end_interrupted(), once the interrupt is gone; FINISHED
-            _interrupted_runs.append((run_id, "FINISHED" if finished else "KILLED"))  # if its work was done
-        elif not finished and not unreachable(err, tracking_uri()):  # a server that stopped answering
-            c.set_terminated(run_id, "FAILED")  # cannot be told; `twml runs` shows the run stale
+        if interrupted(err):
+            # ended by end_interrupted(), once the interrupt is gone; FINISHED if its work was done
+            _interrupted_runs.append((run_id, "FINISHED" if finished else "KILLED"))
+        elif not finished and not unreachable(err, tracking_uri()):
+            # (a server that stopped answering cannot be told; `twml runs` shows the run stale)
+            c.set_terminated(run_id, "FAILED")
         raise
     finally:
         _open_runs.discard(run_id)

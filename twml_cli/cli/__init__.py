@@ -64,8 +64,9 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _end_interrupted() -> None:
-    """Ctrl-C or SIGTERM stopped the command: end its runs KILLED, now that the interrupt is
-    handled (tracking.end_interrupted says why not before), and exit 130."""
+    """Ctrl-C or SIGTERM stopped the command: end its runs, KILLED (FINISHED where only their
+    end was being written), now that the interrupt is handled (tracking.end_interrupted says
+    why not before), and exit 130."""
     tracking = sys.modules.get("twml_cli.tracking")
     try:
         ended = tracking.end_interrupted() if tracking else []
