@@ -174,8 +174,10 @@ def reproduced(tmp_path_factory) -> Reproduced:
     )
 
 
-def twml_process(*args: str, cwd: Path, uri: str, **env):
-    """`python -m twml_cli ARGS` as a child process logging to the store `uri`."""
+def twml_process(*args: str, cwd: Path, uri: str, sigint=None, **env):
+    """`python -m twml_cli ARGS` as a child process logging to the store `uri`; `sigint`: the
+    child's SIGINT handler to start with (signal.SIG_DFL, signal.SIG_IGN), else this process's."""
+    import signal
     import subprocess
     import sys
 
@@ -187,6 +189,7 @@ def twml_process(*args: str, cwd: Path, uri: str, **env):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=None if sigint is None else lambda: signal.signal(signal.SIGINT, sigint),
     )
 
 

@@ -150,27 +150,20 @@ def test_tracking_uri_flag_picks_the_store(cli, tmp_path):
     assert MlflowClient(f"sqlite:///{other}").get_experiment_by_name("mine") is not None
 
 
-def _sigint_as_in_a_terminal():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _training_with_its_run(cli, tmp_path, sigint):
+    """A long `twml train` started with SIGINT handled by `sigint`, once its run exists."""
+    proc = twml_process("train", "--epochs", "2000", cwd=tmp_path, uri=cli.uri, sigint=sigint, PYTHONFAULTHANDLER="1")
+    deadline = time.time() + 120
+    while not cli.runs() and time.time() < deadline:
+        time.sleep(0.5)
+    return proc
 
 
 def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cli.uri, "PYTHONFAULTHANDLER": "1"}
     # A child inherits an ignored SIGINT, and pytest started in the background (`nohup pytest &`) has one;
     # Ctrl-C in a terminal is what this test is about, so the child starts with the default.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "twml_cli", "train", "--epochs", "2000"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_sigint_as_in_a_terminal,
-    )
+    proc = _training_with_its_run(cli, tmp_path, signal.SIG_DFL)
     try:
-        deadline = time.time() + 120
-        while not cli.runs() and time.time() < deadline:
-            time.sleep(0.5)
         time.sleep(1.0)  # inside the training loop
         proc.send_signal(signal.SIGINT)
         try:
@@ -190,20 +183,8 @@ def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
 def test_a_background_job_that_ignores_ctrl_c_goes_on_and_sigterm_still_ends_it(cli, tmp_path):
     """A shell starts a background job with SIGINT ignored, so that Ctrl-C at the terminal
     does not reach it: twml keeps it ignored."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cli.uri}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "twml_cli", "train", "--epochs", "2000"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )
+    proc = _training_with_its_run(cli, tmp_path, signal.SIG_IGN)
     try:
-        deadline = time.time() + 120
-        while not cli.runs() and time.time() < deadline:
-            time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         time.sleep(2.0)
         assert proc.poll() is None, proc.communicate()[1]
