@@ -332,10 +332,12 @@ def test_help_lists_every_command_and_the_new_flag_names():
     ).stdout
     for command in ("train", "attack", "smooth", "backdoor", "cleanse", "report", "reproduce", "config"):
         assert command in out
+    assert "--version" in out and "<bool>" not in out  # a flag takes no value: no type beside it
     attack = subprocess.run(
         [sys.executable, "-m", "twml_cli", "attack", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--pgd-steps" in attack and "--pgd-alpha" in attack and "--run" in attack
+    assert "--autoattack" in attack and "<int>" in attack and "<bool>" not in attack
     wide = {**os.environ, "COLUMNS": "200"}  # a default that wraps at 80 columns is still the same default
     smooth = subprocess.run(
         [sys.executable, "-m", "twml_cli", "smooth", "--help"], capture_output=True, text=True, check=True, env=wide

@@ -5,8 +5,28 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import typer
+from typer.core import TyperGroup
+
+
+def _untyped_flags(command, ctx):  # click's types; Typer 0.29 carries its own copy of click
+    """A flag takes no value, so its help shows no type (Typer 0.29 prints `<bool>` beside `--help`)."""
+    for param in command.get_params(ctx) if command is not None else ():
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return command
+
+
+class _Group(TyperGroup):
+    def get_command(self, ctx, cmd_name):
+        return _untyped_flags(super().get_command(ctx, cmd_name), ctx)
+
+    def format_help(self, ctx, formatter):
+        _untyped_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
 
 app = typer.Typer(
+    cls=_Group,
     name="twml",
     help="Trustworthy-ML studies on timm models, tracked in MLflow: free adversarial training, "
     "randomized smoothing, Neural Cleanse.\n\nEvery command runs on the embedded digits data set "
