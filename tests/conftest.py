@@ -209,10 +209,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, port: int | None = None, auth: dict | None = None):
+def mlflow_server(folder: Path, port: int | None = None, auth: dict | None = None, started: list | None = None):
     """A real `mlflow server` on 127.0.0.1 (a free port unless given), its store and proxied
     artifacts in `folder`; yields its URI. auth: {"admin": password} starts MLflow's basic-auth
-    app (every user may read every experiment, as its default configuration says)."""
+    app (every user may read every experiment, as its default configuration says). started:
+    a list the server's process is appended to (its group is the server's, to signal)."""
     import socket
     import subprocess
     import sys
@@ -247,6 +248,8 @@ def mlflow_server(folder: Path, port: int | None = None, auth: dict | None = Non
         text=True,
         start_new_session=True,  # mlflow server runs uvicorn as a child: stop the whole group
     )
+    if started is not None:
+        started.append(proc)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:

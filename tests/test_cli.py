@@ -180,6 +180,29 @@ def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
     assert run.info.status == "KILLED"
 
 
+def test_a_double_ctrl_c_still_ends_the_run_killed(cli, tmp_path):
+    """A second Ctrl-C while the first ends the run (a double press) is not raised: raised there,
+    it left the run RUNNING and said there had been no run to end."""
+    proc = _training_with_its_run(cli, tmp_path, signal.SIG_DFL)
+    try:
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)  # ending the run takes a few tenths of a second
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    # 130, or killed by the second SIGINT (a shell shows 130 too) if it came after the run's end
+    assert proc.returncode in (130, -signal.SIGINT), err
+    lines = err.strip().splitlines()
+    assert lines[-1] == "twml: interrupted; the MLflow run ended KILLED", err
+    assert set(lines[:-1]) <= {
+        "twml: stopping: ending the MLflow run; Ctrl-C again quits at once and leaves it RUNNING (`twml runs` lists it)"
+    }, err
+    (run,) = cli.runs()
+    assert run.info.status == "KILLED"
+
+
 def test_a_background_job_that_ignores_ctrl_c_goes_on_and_sigterm_still_ends_it(cli, tmp_path):
     """A shell starts a background job with SIGINT ignored, so that Ctrl-C at the terminal
     does not reach it: twml keeps it ignored."""

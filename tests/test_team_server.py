@@ -3,6 +3,8 @@ does not answer, and one that goes away in the middle of a run. Real servers on 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -219,3 +221,40 @@ def test_a_server_that_goes_away_mid_run_loses_no_work(tmp_path):
         for key in ("accuracy", "pgd_success_rate", "train_loss"):
             assert run.data.metrics[key] == reference.data.metrics[key], key
     assert not kept.exists()  # finished: nothing left behind
+
+
+def test_a_third_ctrl_c_quits_while_a_frozen_server_holds_the_runs_end(tmp_path):
+    """A server that accepts connections and never answers (stopped, overloaded) holds the
+    interrupted run's end for minutes: a second Ctrl-C says so, a third quits at once."""
+    folder, work = tmp_path / "server", tmp_path / "work"
+    folder.mkdir(), work.mkdir()
+    started: list = []
+    with mlflow_server(folder, started=started) as uri:
+        proc = twml_process("train", "--epochs", "2000", cwd=work, uri=uri, sigint=signal.SIG_DFL)
+        cli = Cli(work)
+        cli.uri = uri
+        deadline = time.time() + 120
+        while not cli.runs() and time.time() < deadline:
+            time.sleep(0.5)
+        (server,) = started
+        os.killpg(server.pid, signal.SIGSTOP)
+        try:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            assert proc.poll() is None, proc.communicate()[1]  # still waiting for the server
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            os.killpg(server.pid, signal.SIGCONT)
+            proc.kill()
+        assert proc.returncode == -signal.SIGINT, err  # as a shell sees it: 130
+        assert err.strip() == (
+            "twml: stopping: ending the MLflow run; Ctrl-C again quits at once and leaves it RUNNING "
+            "(`twml runs` lists it)"
+        )
+        (run,) = cli.runs()
+        assert run.info.status == "RUNNING"
+        listed = cli("runs", "--tracking-uri", uri)
+        assert "interrupted  train" in listed.out and f"resume: twml train --resume {run.info.run_id}" in listed.out

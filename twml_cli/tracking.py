@@ -303,6 +303,11 @@ def open_runs() -> set[str]:
     return set(_open_runs)
 
 
+def pending_runs() -> set[str]:
+    """The runs not yet ended: open, or stopped by an interrupt and waiting for end_interrupted()."""
+    return set(_open_runs) | {run_id for run_id, _ in _interrupted_runs}
+
+
 @contextlib.contextmanager
 def _terminating(run_id: str) -> Iterator[None]:
     c = client()
@@ -340,7 +345,7 @@ def end_interrupted() -> list[str]:
     gc.collect()
     ended = []
     while _interrupted_runs:
-        run_id, status = _interrupted_runs.pop(0)  # a child before its parent
+        run_id, status = _interrupted_runs[0]  # a child before its parent; pending until ended
         try:
             client().set_terminated(run_id, status)
         except Exception as err:
@@ -348,6 +353,7 @@ def end_interrupted() -> list[str]:
             if store is None:
                 raise
             raise TwmlError(f"interrupted, and the run could not be ended: {store} (`twml runs` lists it)") from None
+        _interrupted_runs.pop(0)
         ended.append(status)
     return ended
 

@@ -37,6 +37,9 @@ def _interrupt(signum, frame):
     """Ctrl-C (SIGINT) or SIGTERM: stop the open MLflow run, which ends KILLED (through
     KeyboardInterrupt); with none open there is nothing to end, so leave at once (an exception
     raised here could land in an import's callback, where Python only prints it)."""
+    if STOP["requested"]:
+        _interrupt_again(signum)
+        return
     open_runs = getattr(sys.modules.get("twml_cli.tracking"), "open_runs", None)  # None while it imports
     if open_runs is None or not open_runs():
         if _rank() == 0:
@@ -46,6 +49,22 @@ def _interrupt(signum, frame):
         os._exit(130)
     STOP["requested"] = True  # if the KeyboardInterrupt below is swallowed, the next step raises it
     raise KeyboardInterrupt
+
+
+def _interrupt_again(signum: int) -> None:
+    """A second interrupt while the first stops the command (a double press of Ctrl-C) is not
+    raised: raised inside the run's ending, it left the run RUNNING. It says what is under way,
+    and gives the signal its default action back, so that a third ends the process at once,
+    wherever it waits (an ending that hangs on a team server that stopped answering)."""
+    signal.signal(signum, signal.SIG_DFL)
+    tracking = sys.modules.get("twml_cli.tracking")
+    if _rank() == 0 and tracking and tracking.pending_runs():
+        print(
+            "twml: stopping: ending the MLflow run; Ctrl-C again quits at once and leaves it RUNNING "
+            "(`twml runs` lists it)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _unraisable(unraisable) -> None:
