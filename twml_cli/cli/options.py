@@ -48,7 +48,8 @@ TrackingUriOption = Annotated[
 ServerWaitOption = Annotated[
     float,
     typer.Option(
-        help="Seconds a tracking server that does not answer is waited for, at the start and on each request.",
+        help="Seconds a tracking server that does not answer is waited for, at the start and on each request "
+        "(one that accepts connections and never answers: longer, see the team-server docs).",
         rich_help_panel=TRACK,
         metavar="<float>",
     ),
