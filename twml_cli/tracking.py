@@ -349,6 +349,7 @@ def end_interrupted() -> list[str]:
         try:
             client().set_terminated(run_id, status)
         except Exception as err:
+            _interrupted_runs.clear()  # left to `twml runs`; the next command starts afresh
             store = store_error(err)
             if store is None:
                 raise
