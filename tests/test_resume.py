@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -135,6 +136,17 @@ def test_runs_ends_what_cannot_be_resumed_and_resume_refuses_a_live_run(cli):
     assert refused.code == 2 and f"run '{live}' is still running (process {os.getpid()} on" in refused.err
     refused = cli("train", "--resume", early)
     assert refused.code == 2 and "was stopped before it logged its settings" in refused.err
+    # listing, resumable runs among them, loads no torch (it took 1.6 s of the command's 4)
+    listed = "import sys\nfrom twml_cli.cli import main\ntry:\n    main(['runs'])\nexcept SystemExit:\n    pass\n"
+    probe = subprocess.run(
+        [sys.executable, "-c", listed + "print('torch' in sys.modules)"],
+        cwd=cli.path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": cli.uri},
+        capture_output=True,
+        text=True,
+    )
+    assert f"resume: twml train --resume {stopped}" in probe.stdout, probe.stderr
+    assert probe.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_a_checkpoint_torn_between_its_two_files_is_refused(tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 import tomllib
 
 from .errors import TwmlError
+from .results import COMMAND_TAG
 from .settings import (  # noqa: F401 - callers name the settings classes config.Training etc.
     COMMANDS,
     RESUMABLE,
@@ -290,6 +291,24 @@ def from_params(cls: type, logged: dict[str, str]):
         except ValueError:
             raise TwmlError(f"param {f.name}={text!r} is not a {kind.__name__}") from None
     return cls(**values)
+
+
+def logged_settings(run) -> bool:
+    """Whether the run logged all its params (the environment's come last, see studies/runner._run)."""
+    return "twml_version" in run.data.params
+
+
+def resumable(run) -> bool:
+    """Whether `twml COMMAND --resume` can take this run: a command that checkpoints, and the
+    settings it logged before it was stopped, readable as that command's settings."""
+    command = run.data.tags.get(COMMAND_TAG)
+    if command not in RESUMABLE or run.info.status == "FINISHED" or not logged_settings(run):
+        return False
+    try:
+        from_params(COMMANDS[command][0], run.data.params)
+    except (TwmlError, KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def to_toml(command: str, settings_list: list, source: str = "") -> str:

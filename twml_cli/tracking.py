@@ -24,14 +24,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import models, tracking_server
+from . import tracking_server
 from .config import param_text
 from .errors import TwmlError, interrupted
 from .results import COMMAND_TAG, MODEL_DIR, run_id_of
@@ -45,6 +45,9 @@ from .tracking_server import (
     without_credentials,
 )
 from .version import __version__
+
+if TYPE_CHECKING:  # torch loads with models: `twml runs` and the report's reading need neither
+    from . import models
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -244,6 +247,8 @@ class Run:
             model_type="twml-safetensors",
             params={k: str(v) for k, v in params.items()},
         )
+        from . import models
+
         with tempfile.TemporaryDirectory() as tmp:
             models.save_model(model, tmp)
             self._client.log_model_artifacts(logged.model_id, tmp)
@@ -467,6 +472,8 @@ def logged_model_of(run, name: str = MODEL_DIR) -> str | None:
 
 def load_model(uri: str, device="cpu") -> models.Classifier:
     """The model a run logged (a run id or runs:/<id>/model), in eval mode."""
+    from . import models
+
     return models.load_model_dir(download_model(uri), device)
 
 

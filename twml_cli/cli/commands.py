@@ -219,7 +219,6 @@ def runs(
     and that cannot be resumed (a report, a cleanse, a run killed before it logged its settings)
     is ended KILLED here, since nothing else ever will."""
     from .. import results, tracking
-    from ..studies.resume import resumable
 
     tracking.configure(tracking_uri, server_wait=server_wait)
     listed = tracking.list_runs(experiment)
@@ -233,7 +232,7 @@ def runs(
         command = r.data.tags.get(results.COMMAND_TAG, "")
         started = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         line = f"{status:<12} {command:<9} {(r.info.run_name or '')[:22]:<22} {started:<20} {r.info.run_id}"
-        if status in ("interrupted", "stale", "KILLED", "FAILED") and resumable(r):
+        if status in ("interrupted", "stale", "KILLED", "FAILED") and config.resumable(r):
             line += f"   resume: twml {command} --resume {r.info.run_id}"
         elif status == "interrupted":
             tracking.client().set_terminated(r.info.run_id, "KILLED")

@@ -134,24 +134,6 @@ def _whole_rows(path) -> pd.DataFrame | None:
     return None if frame.isna().any().any() else frame
 
 
-def resumable(run) -> bool:
-    """Whether `twml COMMAND --resume` can take this run: a command that checkpoints, and the
-    settings it logged before it was stopped."""
-    command = run.data.tags.get(results.COMMAND_TAG)
-    if command not in RESUMABLE or run.info.status == "FINISHED" or not _logged_settings(run):
-        return False
-    try:
-        config.from_params(config.COMMANDS[command][0], run.data.params)
-    except (TwmlError, KeyError, TypeError, ValueError):
-        return False
-    return True
-
-
-def _logged_settings(run) -> bool:
-    """Whether the run logged all its params (the environment's come last, see _run)."""
-    return "twml_version" in run.data.params
-
-
 def resume_settings(command: str, run_id: str, overrides: dict):
     """The settings an interrupted run was started with, from its params; only where and how
     to run (device, compile, workers, data_dir, threads, eval_threads) may change."""
@@ -172,7 +154,7 @@ def resume_settings(command: str, run_id: str, overrides: dict):
         )
     if run.info.status == "FINISHED":
         raise TwmlError(f"run '{run_id}' already finished; there is nothing to resume")
-    if not _logged_settings(run):
+    if not config.logged_settings(run):
         raise TwmlError(f"run '{run_id}' was stopped before it logged its settings; run the command again")
     if tracking.status_of(run) == "running":
         tags = run.data.tags
