@@ -82,7 +82,10 @@ def logged(run):
 
 def test_free_training_trades_a_little_accuracy_for_much_robustness(reproduced):
     checks = findings.free_training(logged(reproduced.standard), logged(reproduced.free4))
-    assert all(c.ok for c in checks), [str(c) for c in checks]
+    # not the time ratio: other work on the machine slows one training and not the other (a
+    # fresh clone's run failed it beside an `mlflow ui` starting); benchmarks/study.py checks it
+    checks = [c for c in checks if "time" not in c.what]
+    assert len(checks) == 4 and all(c.ok for c in checks), [str(c) for c in checks]
     for run in (reproduced.standard, reproduced.free4, reproduced.free7):
         m = run.data.metrics
         assert m["robust_accuracy"] == pytest.approx(1 - m["pgd_success_rate"])
