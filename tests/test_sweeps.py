@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from twml_cli import config
+from twml_cli import config, figures
 from twml_cli.studies import attack, sweep
 
 PRESET = config.load_preset()
@@ -127,6 +127,29 @@ def test_curves_start_at_clean_accuracy_and_average_replicates():
     assert table["auc"].iloc[0] == pytest.approx(np.mean(aucs)) and table["auc_sd"].iloc[0] == pytest.approx(
         np.std(aucs, ddof=1)
     )
+
+
+def test_the_robustness_figure_tells_pgd_from_autoattack_by_line_and_marker():
+    """Each attack's curve has its own line style and marker, so their legend entries differ
+    (dashes alone did not show in a legend handle of two ems)."""
+    points = [
+        {
+            "curve": "m1",
+            "replicate": 0,
+            "eps": eps,
+            "accuracy": 0.9,
+            "robust_accuracy": r,
+            "autoattack_robust_accuracy": a,
+        }
+        for eps, r, a in [(0.05, 0.6, 0.5), (0.1, 0.2, 0.1)]
+    ]
+    fig = figures.robustness_curves_figure(attack.curves(points))
+    (ax,) = fig.axes
+    styles = {c.get_label().split(", ")[1].split(" ")[0]: c.lines[0] for c in ax.containers}  # errorbar: data line
+    pgd, autoattack = styles["PGD"], styles["AutoAttack"]
+    assert pgd.get_linestyle() != autoattack.get_linestyle() and pgd.get_marker() != autoattack.get_marker()
+    assert ax.get_legend().handlelength >= 3
+    figures.plt.close(fig)
 
 
 # ---------------------------------------------------------------- through the CLI

@@ -257,9 +257,10 @@ def certified_accuracy_bands_figure(radii: np.ndarray, curves: dict, envelope: n
 
 
 def robustness_curves_figure(table):
-    """Robust accuracy against eps, one colour per model (curve), PGD solid and AutoAttack
-    dashed, with the standard deviation over replicates (seeds) as error bars and each curve's
-    normalized area in the legend. `table`: studies.attack.curves' rows."""
+    """Robust accuracy against eps, one colour per model (curve), PGD solid with circles and
+    AutoAttack dashed with squares (a short legend handle hides the dashes), with the standard
+    deviation over replicates (seeds) as error bars and each curve's normalized area in the
+    legend. `table`: studies.attack.curves' rows."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colours = {}
     for (curve, attack), part in table.groupby(["curve", "attack"], sort=False):
@@ -269,7 +270,7 @@ def robustness_curves_figure(table):
             part["robust_accuracy_mean"],
             yerr=part["robust_accuracy_sd"],
             color=colour,
-            marker="o",
+            marker="o" if attack == "pgd" else "s",
             markersize=4,
             capsize=3,
             linestyle="-" if attack == "pgd" else "--",
@@ -277,7 +278,7 @@ def robustness_curves_figure(table):
         )
     seeds = int(table["replicates"].max())
     _accuracy_axes(ax, "eps (L-inf, pixels in [0, 1])", "robust accuracy")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper right", handlelength=3.5)
     ax.set_title(
         f"Robust accuracy vs eps ({f'mean ± sd over {seeds} replicates' if seeds > 1 else 'one seed'}; eps 0: clean "
         "accuracy)",
