@@ -193,6 +193,18 @@ def twml_process(*args: str, cwd: Path, uri: str, sigint=None, **env):
     )
 
 
+def training_with_its_run(cli: Cli, cwd: Path, sigint):
+    """A long `twml train` in its own process, started with SIGINT handled by `sigint`, once
+    its run exists in `cli`'s store."""
+    import time
+
+    proc = twml_process("train", "--epochs", "2000", cwd=cwd, uri=cli.uri, sigint=sigint, PYTHONFAULTHANDLER="1")
+    deadline = time.time() + 120
+    while not cli.runs() and time.time() < deadline:
+        time.sleep(0.5)
+    return proc
+
+
 def twml_run(*args: str, cwd: Path, uri: str, timeout: float = 600) -> Result:
     """`python -m twml_cli ARGS` to completion."""
     proc = twml_process(*args, cwd=cwd, uri=uri)

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import twml_process
+from conftest import training_with_its_run, twml_process
 
 from twml_cli import findings, load_dataset, load_model, results
 from twml_cli.attacks import accuracy
@@ -153,19 +153,10 @@ def test_tracking_uri_flag_picks_the_store(cli, tmp_path):
     assert MlflowClient(f"sqlite:///{other}").get_experiment_by_name("mine") is not None
 
 
-def _training_with_its_run(cli, tmp_path, sigint):
-    """A long `twml train` started with SIGINT handled by `sigint`, once its run exists."""
-    proc = twml_process("train", "--epochs", "2000", cwd=tmp_path, uri=cli.uri, sigint=sigint, PYTHONFAULTHANDLER="1")
-    deadline = time.time() + 120
-    while not cli.runs() and time.time() < deadline:
-        time.sleep(0.5)
-    return proc
-
-
 def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
     # A child inherits an ignored SIGINT, and pytest started in the background (`nohup pytest &`) has one;
     # Ctrl-C in a terminal is what this test is about, so the child starts with the default.
-    proc = _training_with_its_run(cli, tmp_path, signal.SIG_DFL)
+    proc = training_with_its_run(cli, tmp_path, signal.SIG_DFL)
     try:
         time.sleep(1.0)  # inside the training loop
         proc.send_signal(signal.SIGINT)
@@ -186,7 +177,7 @@ def test_ctrl_c_ends_the_run_killed(cli, tmp_path):
 def test_a_double_ctrl_c_still_ends_the_run_killed(cli, tmp_path):
     """A second Ctrl-C while the first ends the run (a double press) is not raised: raised there,
     it left the run RUNNING and said there had been no run to end."""
-    proc = _training_with_its_run(cli, tmp_path, signal.SIG_DFL)
+    proc = training_with_its_run(cli, tmp_path, signal.SIG_DFL)
     try:
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
@@ -209,7 +200,7 @@ def test_a_double_ctrl_c_still_ends_the_run_killed(cli, tmp_path):
 def test_a_background_job_that_ignores_ctrl_c_goes_on_and_sigterm_still_ends_it(cli, tmp_path):
     """A shell starts a background job with SIGINT ignored, so that Ctrl-C at the terminal
     does not reach it: twml keeps it ignored."""
-    proc = _training_with_its_run(cli, tmp_path, signal.SIG_IGN)
+    proc = training_with_its_run(cli, tmp_path, signal.SIG_IGN)
     try:
         proc.send_signal(signal.SIGINT)
         time.sleep(2.0)

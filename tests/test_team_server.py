@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Cli, free_port, mlflow_server, twml_process
+from conftest import Cli, free_port, mlflow_server, training_with_its_run, twml_process
 
 ADMIN, ALICE, BOB = "admin-password-1", "alice-password-1", "bob-password-12"  # the server wants 12+ characters
 TINY = ("--epochs", "1", "--pgd-steps", "1")
@@ -230,12 +230,9 @@ def test_a_third_ctrl_c_quits_while_a_frozen_server_holds_the_runs_end(tmp_path)
     folder.mkdir(), work.mkdir()
     started: list = []
     with mlflow_server(folder, started=started) as uri:
-        proc = twml_process("train", "--epochs", "2000", cwd=work, uri=uri, sigint=signal.SIG_DFL)
         cli = Cli(work)
         cli.uri = uri
-        deadline = time.time() + 120
-        while not cli.runs() and time.time() < deadline:
-            time.sleep(0.5)
+        proc = training_with_its_run(cli, work, signal.SIG_DFL)
         (server,) = started
         os.killpg(server.pid, signal.SIGSTOP)
         try:
