@@ -66,6 +66,36 @@ def test_names_of_children_and_parent():
     assert params["method"] == "free" and params["epochs"] == 28
 
 
+def test_a_setting_a_cell_lacks_is_left_out_of_its_name_row_summary_and_figure():
+    """`--method standard,free --m 4,7`: standard training has no m. Its runs were named 'standard
+    m=4 seed=0', its row and summary line said m=4, and the figure drew it on the m=4 line."""
+    from twml_cli.studies import train
+
+    cells = config.resolve("train", PRESET, {"method": ["standard", "free"], "m": [4, 7], "seed": [0, 1]})
+    axes = config.swept(cells)
+    names = [sweep.child_name(train.run_name(c), sweep.cell_values(c, axes)) for c in cells]
+    assert names == ["standard seed=0", "standard seed=1", "free-m4 seed=0", "free-m4 seed=1"] + [
+        "free-m7 seed=0",
+        "free-m7 seed=1",
+    ]
+    frame = sweep.table(cells, axes, list("abcdef"), [{"accuracy": 0.90 + i / 100} for i in range(6)])
+    assert list(frame.columns[:4]) == ["method", "m", "seed", "run_id"] and frame["m"].isna().tolist()[:3] == [
+        True,
+        True,
+        False,
+    ]
+    agg = sweep.aggregate(frame, axes)
+    assert [line.split(":")[0].strip() for line in sweep.summary_lines("train", agg, axes)] == [
+        "method=standard",
+        "method=free, m=4",
+        "method=free, m=7",
+    ]
+    fig = figures.sweep_figure(agg, ["method", "m"], ["accuracy"], sweep.LABELS, "t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["standard", "free m=4", "free m=7"]
+    assert [len(line.get_xdata()) for line in ax.get_lines() if line.get_marker() == "o"] == [3]  # one curve of 3
+
+
 def test_aggregate_from_known_child_metrics():
     cells = config.resolve("train", PRESET, {"method": "free", "m": [4, 7], "seed": [0, 1, 2]})
     metrics = [

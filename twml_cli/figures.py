@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -167,6 +168,8 @@ def sweep_figure(agg, groups: list[str], metrics: list[str], labels: dict[str, s
     fold = groups[2:] if len(groups) > 2 else []
     if fold:  # three or more swept settings: one categorical axis of every combination but the lines'
         x_key, line_key = None, groups[1]
+    if any(agg[k].isna().any() for k in groups):  # a setting some cells lack (standard has no m): one point each
+        x_key, line_key = None, None
     n_seeds = int(agg[f"{metrics[0]}_n"].max()) if metrics else 0
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics) + 0.6, 3.2), squeeze=False)
     lines = list(dict.fromkeys(agg[line_key])) if line_key else [None]
@@ -224,8 +227,16 @@ def sweep_figure(agg, groups: list[str], metrics: list[str], labels: dict[str, s
 
 
 def _x_label(row, groups: list[str], line_key: str | None) -> str:
-    parts = [f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in groups if k != line_key]
-    return " ".join(parts) if len(parts) != 1 else parts[0]
+    """A category's label: a lone setting's value ('free'), else each value that the cell has, a
+    number with its name ('free m=4', 'standard')."""
+    keys = [k for k in groups if k != line_key and pd.notna(row[k])]
+
+    def value(v) -> str:
+        return f"{v:g}" if isinstance(v, (float, np.floating)) else str(v)
+
+    if len(keys) == 1:
+        return value(row[keys[0]])
+    return " ".join(row[k] if isinstance(row[k], str) else f"{k}={value(row[k])}" for k in keys)
 
 
 def certified_accuracy_bands_figure(radii: np.ndarray, curves: dict, envelope: np.ndarray):

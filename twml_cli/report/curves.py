@@ -35,8 +35,8 @@ def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:
         return
     doc.add(Heading("Across m and seeds: the m-curve", 2))
     frame = sw.table
-    if "method" in frame:
-        frame = frame[frame["method"] == "free"]
+    if "method" in frame:  # standard and fast cells have no m (an empty cell of the table)
+        frame = frame[frame["method"] == "free"].astype({"m": int})
     metrics = [m for m in M_METRICS if m in frame and frame[m].notna().any()]
     ms = sorted(frame["m"].unique())
     by_m = {m: frame[frame["m"] == m] for m in ms}

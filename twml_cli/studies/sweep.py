@@ -9,6 +9,7 @@ intervals mean ± one standard deviation, and calls it within seed noise where t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,16 +56,21 @@ def label(metric: str) -> str:
 
 
 def cell_values(settings, axes: list[str]) -> dict:
-    """A cell's value of each swept setting."""
-    return {k: getattr(settings, k) for k in axes}
+    """A cell's value of each swept setting that applies to it: in `--method standard,free --m
+    4,7` the standard cell has no m (its table row leaves it empty)."""
+    applied = config.params(settings)
+    return {k: applied[k] for k in axes if k in applied}
 
 
 def child_name(base: str, values: dict) -> str:
-    """A child run's name: its study's name and the swept values it has, e.g. 'free-m4 seed=1'."""
+    """A child run's name: its study's name and the swept values it does not already say, e.g.
+    'free-m4 seed=1' (not 'free-m4 method=free m=4 seed=1')."""
 
     def shown(k, v) -> str:
         text = f"{v:g}" if isinstance(v, float) else f"{v}"
-        named = f"{k}{text}" in base or f"{k}={text}" in base or (isinstance(v, str) and text in base.split())
+        named = (
+            f"{k}{text}" in base or f"{k}={text}" in base or (isinstance(v, str) and text in re.split(r"[-\s]+", base))
+        )
         return "" if named else f"{k}={text}"
 
     return " ".join([base, *filter(None, (shown(k, v) for k, v in values.items()))])
@@ -91,7 +97,8 @@ def parent_params(command: str, settings_list: list, axes: list[str]) -> dict:
 def table(settings_list: list, axes: list[str], run_ids: list[str], metrics: list[dict[str, float]]) -> pd.DataFrame:
     """One row per child: its swept values, run id, then every metric it logged."""
     rows = [{**cell_values(s, axes), "run_id": rid, **m} for s, rid, m in zip(settings_list, run_ids, metrics)]
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return frame[[*axes, *(c for c in frame.columns if c not in axes)]]  # a setting no first cell has stays in place
 
 
 def aggregate(frame: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
@@ -129,7 +136,9 @@ def summary_lines(command: str, agg: pd.DataFrame, axes: list[str]) -> list[str]
     lines = []
     for _, row in agg.iterrows():
         where = (
-            ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in groups)
+            ", ".join(
+                f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in groups if pd.notna(row[k])
+            )
             or "all cells"
         )
         n = int(row[f"{metrics[0]}_n"]) if metrics else 0
