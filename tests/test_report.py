@@ -9,7 +9,7 @@ from twml_cli.report import adversarial as report_adversarial
 from twml_cli.report import cleanse as report_cleanse
 from twml_cli.report.cleanse import describe_mask, thin_margin
 from twml_cli.report.document import Document, Para, Table
-from twml_cli.report.runs import AttackRun, CleanseRun
+from twml_cli.report.runs import AttackRun, CleanseRun, TrainRun
 from twml_cli.report.words import change, model_name
 
 
@@ -50,6 +50,7 @@ def test_report_states_the_logged_numbers(reproduced):
     assert f"benign accuracy {change(std['accuracy'], free4['accuracy'])}" in md
     assert f"PGD {change(std['pgd_success_rate'], free4['pgd_success_rate'])}" in md
     assert "From m = 4 to m = 7" in md and f"benign accuracy {change(free4['accuracy'], free7['accuracy'])}" in md
+    assert "(seed 0 for each)" in md and "One run of a kind cannot tell a difference from the spread" in md
     assert f"standard training: **{std['train_time_s']:.1f} s**" in md
     for r in reproduced.smooth.values():
         assert f"{r.data.metrics['average_certified_radius']:.4f}" in md
@@ -291,3 +292,69 @@ def test_timing_caveat_names_overlaps_hosts_and_thread_counts():
     assert "ran at the same time" in overlap and "00000001 and 00000002" in overlap
     assert "2 different machines (a, b)" in timing_caveat([run(1, 0, 10), run(2, 10, 20, host="b")])
     assert "different CPU thread counts (1, 2)" in timing_caveat([run(1, 0, 10, threads="1"), run(2, 10, 20)])
+
+
+def _trained(i: int, pgd: float, acc: float = 0.99, **given):
+    """A finished `twml train` run made with `given` settings (the default preset's otherwise):
+    run i starts at i seconds and takes a second, so higher ids are newer."""
+    settings = config.resolve_one("train", config.load_preset(), given)
+    return TrainRun(
+        id=f"{i:08d}" + "0" * 24,
+        name="",
+        command="train",
+        start_time=1000 * i,
+        params={"threads": "1"},
+        host="h",
+        end_time=1000 * i + 900,
+        settings=settings,
+        training=results.TrainingMetrics(5.0 + i / 100, 7000.0, 336, 1, 0),
+        robustness=results.RobustnessMetrics(acc, pgd, 1 - pgd, 0.1),
+    )
+
+
+def _questions(tmp_path, runs) -> str:
+    doc = Document("twml")
+    report_adversarial.section(doc, sorted(runs, key=lambda r: -r.start_time), [], tmp_path)  # newest first
+    return "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+
+
+def test_the_questions_answer_from_every_seed_trained_alike(tmp_path):
+    """With several seeds of each kind, the report's questions answer from their means and spreads
+    (worded from the intervals, as the sweeps' curves are), not from the newest run of each kind;
+    a run with another setting is not one of the seeds, and a seed run twice counts once."""
+    import numpy as np
+
+    standard = {0: 0.86, 1: 0.90, 2: 0.83}
+    free4, free7 = {0: 0.30, 1: 0.27, 2: 0.33}, {0: 0.31, 1: 0.36, 2: 0.29}
+    runs = [_trained(s, p, seed=s) for s, p in standard.items()]
+    runs += [_trained(10 + s, p, seed=s, method="free", m=4) for s, p in free4.items()]
+    runs += [_trained(20 + s, p, seed=s, method="free", m=7) for s, p in free7.items()]
+    runs.append(_trained(30, 0.95, seed=1, method="free", m=4, lr=0.05))  # newest, but trained otherwise
+    runs.append(_trained(31, standard[2], seed=2))  # seed 2 again, as an older run of it gave
+    text = _questions(tmp_path, runs)
+    assert "(seeds 0, 1, 2 for each)" in text
+
+    def interval(values):
+        v = np.array(list(values.values()))
+        return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
+
+    # 0.8633 ± 0.0351 against 0.3000 ± 0.0300: a fall; m = 4 against m = 7 overlap: within seed noise
+    assert (
+        f"the success rate of untargeted white-box PGD fell from {interval(standard)} to {interval(free4)} "
+        "(mean ± sd over 3 seeds; the intervals do not overlap)" in text
+    )
+    assert (
+        f"the PGD success rate went from {interval(free4)} to {interval(free7)} (mean ± sd over 3 seeds): the "
+        "intervals overlap, so the difference is within seed noise" in text
+    )
+    assert "Over these seeds adversarial training removed 56.33 points of PGD success rate (means)" in text
+    assert "0.9500" not in text  # the run with another learning rate is not a seed of free m = 4
+
+
+def test_one_run_of_each_kind_says_what_one_seed_cannot_tell(tmp_path):
+    runs = [_trained(1, 0.86, seed=3), _trained(2, 0.30, seed=0, method="free", m=4)]
+    text = _questions(tmp_path, runs)
+    assert "(standard: seed 3; free m = 4: seed 0)" in text
+    assert "One run of a kind cannot tell a difference from the spread between seeds" in text
+    assert "the success rate of untargeted white-box PGD fell from 0.8600 to 0.3000 (-56.00 points)" in text
+    assert "mean ± sd" not in text

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import figures
+from ..studies.sweep import compare, direction
 from .document import Bullets, Document, Figure, Heading, Para, Table
-from .runs import AttackRun, TrainRun
+from .runs import AttackRun, Replicates, TrainRun, setup
 from .words import change, f4, model_name, secs, short
 
 
@@ -118,20 +120,53 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
         )
     )
 
-    # The questions compare the newest run of each kind trained like the newest standard run.
-    standard = next((r for r in runs if r.settings.method == "standard"), None)
-    keys = ("dataset", "model", "eps", "epochs")
-    free: dict[int, TrainRun] = {}
-    for r in runs:
-        if r.settings.method == "free" and (
-            standard is None or all(getattr(r.settings, k) == getattr(standard.settings, k) for k in keys)
-        ):
-            free.setdefault(r.settings.m, r)
+    # The questions compare kinds of training (standard, free at each m) trained alike: every setting
+    # but the method, m and the seed as the newest standard run's; the seeds of a kind are replicates.
+    anchor = next((r for r in runs if r.settings.method == "standard"), runs[0])
+    alike = [r for r in runs if setup(r, *KIND) == setup(anchor, *KIND)]
+    standards = [r for r in alike if r.settings.method == "standard"]
+    standard = Replicates.of(standards) if standards else None
+    free = {
+        m: Replicates.of([r for r in alike if r.settings.method == "free" and r.settings.m == m])
+        for m in sorted({r.settings.m for r in alike if r.settings.method == "free"})
+    }
+    if standard is not None or free:
+        doc.add(Para(_basis(standard, free)))
     _times(doc, standard, free)
     _effect(doc, standard, free)
     _increasing_m(doc, free)
     _attacks(doc, attack_runs)
-    _fast(doc, runs, free)
+    _fast(doc, runs, {m: k.newest for m, k in free.items()})
+
+
+KIND = ("method", "m", "fast_step", "eval")  # what tells kinds of training apart, or only adds to their evaluation
+
+
+def _basis(standard: Replicates | None, free: dict[int, Replicates]) -> str:
+    """What the questions below compare: which runs, how many seeds, and what one seed cannot say."""
+    kinds = ([("standard", standard)] if standard else []) + [(f"free m = {m}", k) for m, k in free.items()]
+    seeds = {k.seeds for _, k in kinds}
+    each = f"{kinds[0][1].seeds} for each" if len(seeds) == 1 else "; ".join(f"{name}: {k.seeds}" for name, k in kinds)
+    text = (
+        "The questions below compare standard and free training runs made alike (every setting but the method, m "
+        f"and the seed as in the newest {'standard' if standard else 'training'} run), over the seeds each was "
+        f"trained with ({each}). "
+    )
+    if min(k.n for _, k in kinds) > 1:
+        return text + (
+            "Values are means ± one standard deviation over seeds; a difference is called a rise or a fall only where "
+            "the two intervals do not overlap."
+        )
+    return text + (
+        "One run of a kind cannot tell a difference from the spread between seeds: `twml train --method standard,free "
+        "--m 4,7 --seed 0,1,2` trains three of each, and the report then answers from their means and spreads."
+    )
+
+
+def _value(k: Replicates, metric: Callable, fmt: str, unit: str = "") -> str:
+    """A metric of a kind: its value from one run, else 'mean ± sd' over the seeds."""
+    e = k.estimate(metric)
+    return f"{e.mean:{fmt}}{unit}" if e.n == 1 else f"{e.mean:{fmt}} ± {e.std:{fmt}}{unit}"
 
 
 def _attacks(doc: Document, attack_runs: list[AttackRun]) -> None:
@@ -161,41 +196,42 @@ def _attacks(doc: Document, attack_runs: list[AttackRun]) -> None:
     )
 
 
-def _times(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) -> None:
+def _times(doc: Document, standard: Replicates | None, free: dict[int, Replicates]) -> None:
     doc.add(Heading("How much time did it take to train each of the models?", 2))
-    items = []
-    if standard is not None:
-        items.append(
-            f"standard training: **{secs(standard.training.train_time_s)}** ({standard.training.images_per_s:,.0f} "
-            "images/s)"
-        )
-    for m, r in sorted(free.items()):
+
+    def rate(r):
+        return r.training.images_per_s
+
+    def line(name: str, k: Replicates) -> str:
         ratio = (
-            f", {r.training.train_time_s / standard.training.train_time_s:.2f}x standard"
-            if standard is not None
+            f", {k.estimate(train_time).mean / standard.estimate(train_time).mean:.2f}x standard"
+            if standard is not None and k is not standard
             else ""
         )
-        items.append(
-            f"free adversarial training, m = {m}: **{secs(r.training.train_time_s)}** ({r.training.images_per_s:,.0f} "
-            f"images/s{ratio})"
-        )
-    doc.add(Bullets(items))
-    caveat = timing_caveat([r for r in (standard, *free.values()) if r is not None])
+        over = f" over {k.n} seeds" if k.n > 1 else ""
+        return f"{name}: **{_value(k, train_time, '.1f', ' s')}**{over} ({_value(k, rate, ',.0f')} images/s{ratio})"
+
+    kinds = ([("standard training", standard)] if standard else []) + [
+        (f"free adversarial training, m = {m}", k) for m, k in free.items()
+    ]
+    doc.add(Bullets([line(name, k) for name, k in kinds]))
+    caveat = timing_caveat([r for _, k in kinds for r in k.runs])
     if caveat:
         doc.add(Para(caveat))
     if standard is not None and free:
-        steps = {m: r.training.sgd_steps for m, r in free.items()}
-        same = all(s == standard.training.sgd_steps for s in steps.values())
+        base = standard.newest.training.sgd_steps
+        steps = {m: k.newest.training.sgd_steps for m, k in free.items()}
+        same = all(s == base for s in steps.values())
         doc.add(
             Para(
                 f"Free training replays each minibatch m times and makes ceil(epochs / m) passes, so at "
-                f"{standard.settings.epochs} epochs of budget it makes "
+                f"{standard.newest.settings.epochs} epochs of budget it makes "
                 + (
                     "the same number of SGD steps as standard training"
                     if same
                     else "slightly more SGD steps than standard training (epochs not divisible by m)"
                 )
-                + f" ({standard.training.sgd_steps} for standard; "
+                + f" ({base} for standard; "
                 + ", ".join(f"{s} for m = {m}" for m, s in sorted(steps.items()))
                 + "), so the times above compare equal SGD budgets."
             )
@@ -226,7 +262,43 @@ def timing_caveat(runs: list) -> str | None:
     )
 
 
-def _effect(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun]) -> None:
+def accuracy(r) -> float:
+    return r.robustness.accuracy
+
+
+def pgd_success(r) -> float:
+    return r.robustness.pgd_success_rate
+
+
+def robust(r) -> float:
+    return r.robustness.robust_accuracy
+
+
+def train_time(r) -> float:
+    return r.training.train_time_s
+
+
+def _changes(a: Replicates, b: Replicates, parts: list[tuple[str, Callable]]) -> str:
+    """How each metric changes from kind a to kind b, in one clause: from one run each, the two
+    values; from several seeds, worded from their intervals (studies.sweep.compare)."""
+    if max(a.n, b.n) == 1:
+        said = [
+            f"{what} {change(metric(a.newest), metric(b.newest), *((secs, False) if metric is train_time else ()))}"
+            for what, metric in parts
+        ]
+        return ", ".join(said[:-1]) + " and " + said[-1] if len(said) > 1 else said[0]
+    return "; ".join(
+        compare(
+            a.estimate(metric),
+            b.estimate(metric),
+            what + (" (s)" if metric is train_time else ""),
+            1 if metric is train_time else 4,
+        )
+        for what, metric in parts
+    )
+
+
+def _effect(doc: Document, standard: Replicates | None, free: dict[int, Replicates]) -> None:
     doc.add(Heading("What was the effect of adversarial training on benign accuracy and robustness?", 2))
     if standard is None or not free:
         doc.add(
@@ -234,19 +306,29 @@ def _effect(doc: Document, standard: TrainRun | None, free: dict[int, TrainRun])
         )
         return
     m0 = 4 if 4 in free else min(free)
-    a, b = standard.robustness, free[m0].robustness
+    a, b = standard, free[m0]
+    metrics = [
+        ("benign accuracy", accuracy),
+        ("the success rate of untargeted white-box PGD", pgd_success),
+        ("robust accuracy", robust),
+    ]
+    single = max(a.n, b.n) == 1
     doc.add(
         Para(
-            f"With free adversarial training (m = {m0}, eps = {free[m0].settings.eps:.4g}) benign accuracy "
-            f"{change(a.accuracy, b.accuracy)} and the success rate of untargeted white-box PGD "
-            f"{change(a.pgd_success_rate, b.pgd_success_rate)}; robust accuracy "
-            f"{change(a.robust_accuracy, b.robust_accuracy)}."
+            f"With free adversarial training (m = {m0}, eps = {b.newest.settings.eps:.4g})"
+            + (" " if single else ", against standard training: ")
+            + _changes(a, b, metrics)
+            + "."
         ),
-        Para(tradeoff(b.accuracy - a.accuracy, a.pgd_success_rate - b.pgd_success_rate)),
+        Para(
+            tradeoff(accuracy(b.newest) - accuracy(a.newest), pgd_success(a.newest) - pgd_success(b.newest))
+            if single
+            else tradeoff_over_seeds(a, b)
+        ),
     )
 
 
-def _increasing_m(doc: Document, free: dict[int, TrainRun]) -> None:
+def _increasing_m(doc: Document, free: dict[int, Replicates]) -> None:
     doc.add(Heading("Increasing m: what is the impact on training time, benign accuracy and robustness?", 2))
     if len(free) < 2:
         doc.add(
@@ -258,20 +340,19 @@ def _increasing_m(doc: Document, free: dict[int, TrainRun]) -> None:
         return
     lo, hi = (4, 7) if {4, 7} <= set(free) else (min(free), max(free))
     a, b = free[lo], free[hi]
-    caveat = timing_caveat([a, b])
+    caveat = timing_caveat([*a.runs, *b.runs])
+    metrics = [
+        ("training time", train_time),
+        ("benign accuracy", accuracy),
+        ("the PGD success rate", pgd_success),
+        ("robust accuracy", robust),
+    ]
     doc.add(
+        Para(f"From m = {lo} to m = {hi}, {_changes(a, b, metrics)}." + (f" {caveat}" if caveat else "")),
         Para(
-            f"From m = {lo} to m = {hi}, training time "
-            f"{change(a.training.train_time_s, b.training.train_time_s, secs, points=False)}, "
-            f"benign accuracy {change(a.robustness.accuracy, b.robustness.accuracy)} and the PGD success rate "
-            f"{change(a.robustness.pgd_success_rate, b.robustness.pgd_success_rate)}; robust accuracy "
-            f"{change(a.robustness.robust_accuracy, b.robustness.robust_accuracy)}." + (f" {caveat}" if caveat else "")
-        ),
-        Para(
-            f"At an equal SGD budget, m = {hi} passes over the data {math.ceil(b.settings.epochs / hi)} times and m = "
-            f"{lo} "
-            f"{math.ceil(a.settings.epochs / lo)} times: the larger m sees each minibatch fewer times, with more "
-            "ascent steps each time."
+            f"At an equal SGD budget, m = {hi} passes over the data {math.ceil(b.newest.settings.epochs / hi)} "
+            f"times and m = {lo} {math.ceil(a.newest.settings.epochs / lo)} times: the larger m sees each minibatch "
+            "fewer times, with more ascent steps each time."
         ),
     )
 
@@ -319,4 +400,32 @@ def tradeoff(acc_delta: float, rob_delta: float) -> str:
     return (
         "Here adversarial training did not make the model more robust: the PGD success rate changed by "
         f"{-rob_delta * 100:+.2f} points."
+    )
+
+
+def tradeoff_over_seeds(standard: Replicates, free: Replicates) -> str:
+    """The trade-off in words, from the intervals over seeds: a gain or a cost is named only where
+    the intervals mean ± sd do not overlap."""
+    acc_a, acc_b = standard.estimate(accuracy), free.estimate(accuracy)
+    pgd_a, pgd_b = standard.estimate(pgd_success), free.estimate(pgd_success)
+    acc = f"{abs(acc_b.mean - acc_a.mean) * 100:.2f} points of benign accuracy"
+    rob = f"{(pgd_a.mean - pgd_b.mean) * 100:.2f} points of PGD success rate"
+    over = "Over these seeds"
+    if min(standard.n, free.n) < 2:
+        return "One of the two kinds has a single seed, so no direction can be told: train it with more seeds."
+    if direction(pgd_a, pgd_b) != "fell":
+        return (
+            f"{over} adversarial training did not make the model measurably more robust: the change in PGD success "
+            f"rate ({(pgd_b.mean - pgd_a.mean) * 100:+.2f} points, means) is not told apart from seed noise."
+            if direction(pgd_a, pgd_b) is None
+            else f"{over} adversarial training made the model less robust: the PGD success rate rose."
+        )
+    cost = direction(acc_a, acc_b)
+    if cost == "fell":
+        return f"{over} adversarial training traded {acc} for {rob} (means)."
+    if cost == "rose":
+        return f"{over} adversarial training cost no benign accuracy (it gained {acc}) and removed {rob} (means)."
+    return (
+        f"{over} adversarial training removed {rob} (means); its change in benign accuracy "
+        f"({(acc_b.mean - acc_a.mean) * 100:+.2f} points) is not told apart from seed noise."
     )

@@ -6,6 +6,8 @@ needs stops the report with one line naming it, never a NaN in the write-up."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pandas as pd
 
 from .. import config, results, tracking
 from ..errors import TwmlError
+from ..studies.sweep import Estimate
 
 
 @dataclass
@@ -108,6 +111,46 @@ class SweepRun(Logged):
     @property
     def seeds(self) -> int:
         return int(self.table["seed"].nunique()) if "seed" in self.table else 1
+
+
+def setup(run: Logged, *also: str) -> str:
+    """A run's settings but its seed, where it ran (config.RUNTIME_ONLY) and the settings named in
+    `also`: runs with one setup differ only by their seed."""
+    skip = {"seed", *config.RUNTIME_ONLY, *also}
+    kept = {k: v for k, v in config.params(run.settings).items() if k not in skip}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+@dataclass
+class Replicates:
+    """Runs of one setup, the newest of each seed, newest first: a metric over them is a mean and
+    a spread over seeds."""
+
+    runs: list
+
+    @classmethod
+    def of(cls, runs: list) -> Replicates:
+        newest: dict[int, Logged] = {}
+        for r in runs:  # newest first
+            newest.setdefault(r.settings.seed, r)
+        return cls(list(newest.values()))
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def newest(self):
+        return self.runs[0]
+
+    @property
+    def seeds(self) -> str:
+        """'seed 0' or 'seeds 0, 1, 2'."""
+        seeds = sorted(r.settings.seed for r in self.runs)
+        return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in seeds)}"
+
+    def estimate(self, value: Callable[[Logged], float]) -> Estimate:
+        return Estimate.of([value(r) for r in self.runs])
 
 
 @dataclass

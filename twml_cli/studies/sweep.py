@@ -173,7 +173,16 @@ class Estimate:
         return self.mean + self.std
 
     def text(self, digits: int = 4) -> str:
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+        """'mean ± sd', or the value alone from one seed (whose spread is unknown, not 0)."""
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}" if self.n > 1 else f"{self.mean:.{digits}f}"
+
+
+def direction(a: Estimate, b: Estimate) -> str | None:
+    """'rose' or 'fell' from a to b where both have several seeds and their intervals mean ± std
+    do not overlap; None otherwise (within seed noise, or one seed: no direction can be told)."""
+    if min(a.n, b.n) < 2:
+        return None
+    return "rose" if a.high < b.low else "fell" if b.high < a.low else None
 
 
 def compare(a: Estimate, b: Estimate, what: str, digits: int = 4) -> str:
@@ -185,11 +194,8 @@ def compare(a: Estimate, b: Estimate, what: str, digits: int = 4) -> str:
             "can be made"
         )
     n = f"{min(a.n, b.n)} seeds" if a.n == b.n else f"{a.n} and {b.n} seeds"
-    if a.high < b.low:
-        verdict = "rose"
-    elif b.high < a.low:
-        verdict = "fell"
-    else:
+    verdict = direction(a, b)
+    if verdict is None:
         return (
             f"{what} went from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}): the intervals overlap, "
             "so the difference is within seed noise"
