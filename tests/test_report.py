@@ -51,6 +51,7 @@ def test_report_states_the_logged_numbers(reproduced):
     assert f"PGD {change(std['pgd_success_rate'], free4['pgd_success_rate'])}" in md
     assert "From m = 4 to m = 7" in md and f"benign accuracy {change(free4['accuracy'], free7['accuracy'])}" in md
     assert "(seed 0 for each)" in md and "One run of a kind cannot tell a difference from the spread" in md
+    assert "This compares one run of each σ (the newest: seed 0 at both)" in md
     assert f"standard training: **{std['train_time_s']:.1f} s**" in md
     for r in reproduced.smooth.values():
         assert f"{r.data.metrics['average_certified_radius']:.4f}" in md
@@ -358,3 +359,21 @@ def test_one_run_of_each_kind_says_what_one_seed_cannot_tell(tmp_path):
     assert "One run of a kind cannot tell a difference from the spread between seeds" in text
     assert "the success rate of untargeted white-box PGD fell from 0.8600 to 0.3000 (-56.00 points)" in text
     assert "mean ± sd" not in text
+
+
+def test_the_sigma_question_says_it_reads_one_run_of_each():
+    from twml_cli.report.runs import SmoothRun
+    from twml_cli.report.smoothing import _one_run_each
+
+    def smoothed(sigma, seed):
+        settings = config.resolve_one("smooth", config.load_preset(), {"sigma": sigma, "seed": seed})
+        return SmoothRun(id="s" * 32, name="", command="smooth", start_time=0, params={}, settings=settings)
+
+    newest = [smoothed(0.12, 2), smoothed(0.5, 2)]
+    older = [smoothed(s, seed) for s in (0.12, 0.5) for seed in (0, 1)]
+    text = _one_run_each(*newest, newest + older)
+    assert "one run of each σ (the newest: seed 2 at both)" in text
+    assert "runs of seeds 0, 1, 2 are logged at these σ" in text
+    alone = _one_run_each(smoothed(0.12, 0), smoothed(0.5, 3), [])
+    assert "seed 0 at σ = 0.12, seed 3 at σ = 0.5" in alone
+    assert "`twml smooth --sigma 0.12,0.5 --seed 0,1,2` trains three of each" in alone
