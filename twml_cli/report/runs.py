@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -113,9 +114,9 @@ class SweepRun(Logged):
         return int(self.table["seed"].nunique()) if "seed" in self.table else 1
 
 
-def setup(run: Logged, *also: str) -> str:
-    """A run's settings but its seed, where it ran (config.RUNTIME_ONLY) and the settings named in
-    `also`: runs with one setup differ only by their seed."""
+def setup(run: Any, *also: str) -> str:
+    """A run record's settings but its seed, where it ran (config.RUNTIME_ONLY) and the settings
+    named in `also`: runs with one setup differ only by their seed."""
     skip = {"seed", *config.RUNTIME_ONLY, *also}
     kept = {k: v for k, v in config.params(run.settings).items() if k not in skip}
     return json.dumps(kept, sort_keys=True, default=str)
@@ -130,7 +131,7 @@ class Replicates:
 
     @classmethod
     def of(cls, runs: list) -> Replicates:
-        newest: dict[int, Logged] = {}
+        newest: dict[int, Any] = {}
         for r in runs:  # newest first
             newest.setdefault(r.settings.seed, r)
         return cls(list(newest.values()))
