@@ -136,7 +136,8 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
     _effect(doc, standard, free)
     _increasing_m(doc, free)
     _attacks(doc, attack_runs)
-    _fast(doc, runs, {m: k.newest for m, k in free.items()})
+    fasts = [r for r in alike if r.settings.method == "fast"]
+    _fast(doc, Replicates.of(fasts) if fasts else None, free)
 
 
 KIND = ("method", "m", "fast_step", "eval")  # what tells kinds of training apart, or only adds to their evaluation
@@ -357,31 +358,40 @@ def _increasing_m(doc: Document, free: dict[int, Replicates]) -> None:
     )
 
 
-def _fast(doc: Document, runs: list[TrainRun], free: dict[int, TrainRun]) -> None:
-    """Fast adversarial training (Wong et al.) beside free training, when both were run."""
-    fast = next((r for r in runs if r.settings.method == "fast"), None)
+def _fast(doc: Document, fast: Replicates | None, free: dict[int, Replicates]) -> None:
+    """Fast adversarial training (Wong et al.) beside free training made alike, when both were run;
+    over its seeds where several were."""
     if fast is None:
         return
     doc.add(Heading("The baseline users compare against: fast adversarial training", 2))
-    peers = [r for m, r in sorted(free.items()) if r.settings.epochs == fast.settings.epochs]
-    ft, fr = fast.training, fast.robustness
+    f = fast.newest
+    over = f" (over {fast.n} seeds)" if fast.n > 1 else ""
     text = (
-        f"Fast adversarial training (FGSM from a random start, step {fast.settings.fast_step:g} eps, Wong et al. 2020) "
-        f"reached benign accuracy {f4(fr.accuracy)} and PGD success {f4(fr.pgd_success_rate)} in "
-        f"{secs(ft.train_time_s)}, "
-        f"with {ft.passes_per_step} forward-backward passes per SGD step against free training's 1."
+        f"Fast adversarial training (FGSM from a random start, step {f.settings.fast_step:g} eps, Wong et al. 2020) "
+        f"reached benign accuracy {_value(fast, accuracy, '.4f')} and PGD success {_value(fast, pgd_success, '.4f')} "
+        f"in {_value(fast, train_time, '.1f', ' s')}{over}, with {f.training.passes_per_step} forward-backward passes "
+        "per SGD step against free training's 1."
     )
-    for r in peers:
+    for m, k in free.items():
+        ratio = fast.estimate(train_time).mean / k.estimate(train_time).mean
         text += (
-            f" Free training with m = {r.settings.m} at the same {r.settings.epochs} epochs of budget: "
-            f"{f4(r.robustness.accuracy)} "
-            f"and {f4(r.robustness.pgd_success_rate)} in {secs(r.training.train_time_s)} "
-            f"(fast took {ft.train_time_s / r.training.train_time_s:.2f}x as long)."
+            f" Free training with m = {m} at the same {f.settings.epochs} epochs of budget: "
+            f"{_value(k, accuracy, '.4f')} and {_value(k, pgd_success, '.4f')} in {_value(k, train_time, '.1f', ' s')} "
+            f"(fast took {ratio:.2f}x as long)."
         )
-    if ft.stopped_early:
+    if free and min(fast.n, *(k.n for k in free.values())) > 1:
+        m0 = 4 if 4 in free else min(free, key=lambda m: free[m].estimate(pgd_success).mean)
         text += (
-            " Its guard against catastrophic overfitting fired: PGD accuracy on a training batch collapsed, and "
-            "the weights of the pass before were kept."
+            f" From free training at m = {m0} to fast training, "
+            + compare(free[m0].estimate(pgd_success), fast.estimate(pgd_success), "the PGD success rate")
+            + "."
+        )
+    stopped = sum(r.training.stopped_early for r in fast.runs)
+    if stopped:
+        text += (
+            " Its guard against catastrophic overfitting fired"
+            + (f" in {stopped} of its {fast.n} runs" if fast.n > 1 else "")
+            + ": PGD accuracy on a training batch collapsed, and the weights of the pass before were kept."
         )
     doc.add(Para(text))
 
