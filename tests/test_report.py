@@ -209,6 +209,9 @@ def test_attacks_on_a_folder_model_are_reported_without_any_train_run(tmp_path):
             "aaaaaaaa",
         ]
     ]
+    drawn = Document("twml")  # a run of the robustness-curve sweep the report draws is not tabled again
+    report_adversarial.section(drawn, [], [attack], tmp_path, curves=frozenset({attack.id}))
+    assert not [b for b in drawn.blocks if isinstance(b, Table)]
 
 
 def test_thin_margin_only_near_the_threshold():

@@ -79,7 +79,10 @@ def document(experiment: str, runs: Runs, fig_dir: Path, uri: str) -> Document:
         doc.add(
             Para(f"No finished runs in experiment '{experiment}': run `twml reproduce`, or the single commands, first.")
         )
-    adversarial.section(doc, runs.train, runs.attack, fig_dir)
+    drawn = runs.sweep("attack", "eps")  # its runs are the robustness curves
+    adversarial.section(
+        doc, runs.train, runs.attack, fig_dir, frozenset(drawn.table["run_id"]) if drawn else frozenset()
+    )
     curves.m_curve(doc, runs, fig_dir)
     curves.robustness_curves(doc, runs, fig_dir)
     smoothing.section(doc, runs.smooth, fig_dir)

@@ -38,7 +38,17 @@ def worst(r, later: dict | None = None) -> str:
     return f4(found.robust_accuracy_worst) if found else "–"
 
 
-def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], fig_dir: Path) -> None:
+def section(
+    doc: Document,
+    runs: list[TrainRun],
+    attack_runs: list[AttackRun],
+    fig_dir: Path,
+    curves: frozenset[str] = frozenset(),
+) -> None:
+    """The training runs, the questions they answer, and `twml attack` runs but those in `curves`
+    (the runs of the robustness-curve sweep the report draws: one row per model and eps would
+    repeat the curves as a table of several pages)."""
+    tabled = [a for a in attack_runs if a.id not in curves]
     doc.add(Heading("1 Free adversarial training"))
     if not runs:
         doc.add(
@@ -47,7 +57,7 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
                 "`twml train --free --m 7`."
             )
         )
-        _attacks(doc, attack_runs)
+        _attacks(doc, tabled)
         return
     later: dict = {}
     for a in attack_runs:  # newest first
@@ -135,7 +145,7 @@ def section(doc: Document, runs: list[TrainRun], attack_runs: list[AttackRun], f
     _times(doc, standard, free)
     _effect(doc, standard, free)
     _increasing_m(doc, free)
-    _attacks(doc, attack_runs)
+    _attacks(doc, tabled)
     fasts = [r for r in alike if r.settings.method == "fast"]
     _fast(doc, Replicates.of(fasts) if fasts else None, free)
 
