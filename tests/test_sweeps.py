@@ -129,6 +129,34 @@ def test_comparisons_are_worded_from_the_intervals():
     assert "one seed" in sweep.compare(sweep.Estimate(0.7, 0.0, 1), sweep.Estimate(0.1, 0.0, 1), "x")
 
 
+def test_the_difference_interval_is_welchs_and_narrows_with_seeds():
+    """The verdict is Welch's two-sample t test at 5%: on random samples, direction() names a
+    direction exactly where scipy's test rejects equal means, and the interval's centre is the
+    difference. Means and spreads of free m = 4 and m = 7 over 10 seeds of the default (robust
+    accuracy 0.6883 ± 0.0336 and 0.6422 ± 0.0412): the same spreads from 3 seeds cannot tell the
+    two apart, 10 seeds can; intervals of mean ± sd overlap at any number of seeds."""
+    from scipy.stats import ttest_ind
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n1, n2 = rng.integers(2, 8, size=2)
+        x, y = rng.normal(0, 1, n1), rng.normal(rng.normal(0, 1.5), rng.uniform(0.2, 2), n2)
+        a, b = sweep.Estimate.of(x), sweep.Estimate.of(y)
+        d = sweep.difference(a, b)
+        assert d.value == pytest.approx(y.mean() - x.mean()) and d.low < d.value < d.high
+        p = ttest_ind(y, x, equal_var=False).pvalue
+        if abs(p - 0.05) > 1e-6:
+            assert (sweep.direction(a, b) is not None) == (p < 0.05)
+    m4, m7 = sweep.Estimate(0.6883, 0.0336, 3), sweep.Estimate(0.6422, 0.0412, 3)
+    assert sweep.direction(m4, m7) is None
+    m4, m7 = sweep.Estimate(0.6883, 0.0336, 10), sweep.Estimate(0.6422, 0.0412, 10)
+    assert sweep.direction(m4, m7) == "fell"
+    assert m4.mean - m4.std < m7.mean + m7.std  # the mean ± sd intervals still overlap
+    assert "(mean ± sd over 10 seeds; difference -0.0461, 95% interval -0.0815 to -0.0107)" in sweep.compare(
+        m4, m7, "robust accuracy"
+    )
+
+
 def test_area_under_a_robustness_curve():
     assert attack.area(np.array([0.0, 0.1, 0.2]), np.array([1.0, 0.5, 0.0])) == pytest.approx(0.5)
     assert attack.area(np.array([0.0, 0.05, 0.2]), np.array([0.8, 0.8, 0.8])) == pytest.approx(0.8)

@@ -166,7 +166,7 @@ def _basis(standard: Replicates | None, free: dict[int, Replicates]) -> str:
     if min(k.n for _, k in kinds) > 1:
         return text + (
             "Values are means ± one standard deviation over seeds; a difference is called a rise or a fall only where "
-            "the two intervals do not overlap."
+            "the 95% confidence interval of the difference of the means (Welch's t) excludes 0."
         )
     return text + (
         "One run of a kind cannot tell a difference from the spread between seeds: `twml train --method standard,free "
@@ -424,8 +424,8 @@ def tradeoff(acc_delta: float, rob_delta: float) -> str:
 
 
 def tradeoff_over_seeds(standard: Replicates, free: Replicates) -> str:
-    """The trade-off in words, from the intervals over seeds: a gain or a cost is named only where
-    the intervals mean ± sd do not overlap."""
+    """The trade-off in words, over seeds: a gain or a cost is named only where the 95% interval of
+    the difference excludes 0 (studies.sweep.direction)."""
     acc_a, acc_b = standard.estimate(accuracy), free.estimate(accuracy)
     pgd_a, pgd_b = standard.estimate(pgd_success), free.estimate(pgd_success)
     acc = f"{abs(acc_b.mean - acc_a.mean) * 100:.2f} points of benign accuracy"

@@ -146,8 +146,10 @@ class Replicates:
 
     @property
     def seeds(self) -> str:
-        """'seed 0' or 'seeds 0, 1, 2'."""
+        """'seed 0', 'seeds 0, 2' or 'seeds 0-9'."""
         seeds = sorted(r.settings.seed for r in self.runs)
+        if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+            return f"seeds {seeds[0]}-{seeds[-1]}"
         return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in seeds)}"
 
     def estimate(self, value: Callable[[Logged], float]) -> Estimate:
