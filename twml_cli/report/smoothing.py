@@ -213,7 +213,8 @@ def training_methods(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> Non
             "are under noise, and so the radii. Each method below trained the same architecture for the same epochs; "
             "all were certified by the same procedure on the same test images with the same noise. Curves are the "
             "mean over seeds with a band of one standard deviation; a difference in ACR is called one only where the "
-            "95% confidence interval of the difference of the means (Welch's t) excludes 0. Training time is wall-clock time on the machine named in the "
+            "95% confidence interval of the difference of the means (Welch's t) excludes 0. Training time is "
+            "wall-clock time on the machine named in the "
             "run table; passes per step count forward-backward passes of a minibatch's size per SGD step."
         ),
     )
