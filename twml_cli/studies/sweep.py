@@ -179,9 +179,9 @@ class Difference:
 
 
 def difference(a: Estimate, b: Estimate, level: float = 0.95) -> Difference | None:
-    """The difference of the means b - a with Welch's t interval (unequal spreads, few seeds),
-    the interval of Welch's two-sample t test; None with a single seed on either side, where the
-    spread is unknown. Unlike mean ± sd intervals, it narrows as seeds are added."""
+    """The difference of the means b - a with the confidence interval of Welch's two-sample t test
+    (spreads not assumed equal); None with a single seed on either side, whose spread is unknown.
+    Unlike mean ± sd intervals, it narrows as seeds are added."""
     if min(a.n, b.n) < 2:
         return None
     va, vb = a.std**2 / a.n, b.std**2 / b.n
