@@ -93,7 +93,8 @@ def test_a_setting_a_cell_lacks_is_left_out_of_its_name_row_summary_and_figure()
     fig = figures.sweep_figure(agg, ["method", "m"], ["accuracy"], sweep.LABELS, "t")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["standard", "free m=4", "free m=7"]
-    assert [len(line.get_xdata()) for line in ax.get_lines() if line.get_marker() == "o"] == [3]  # one curve of 3
+    (points,) = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert len(points.get_xdata()) == 3 and points.get_linestyle() == "None"  # categories: not joined as a trend
 
 
 def test_aggregate_from_known_child_metrics():

@@ -197,6 +197,7 @@ def sweep_figure(agg, groups: list[str], metrics: list[str], labels: dict[str, s
                 marker="o",
                 capsize=3,
                 linewidth=1.5,
+                linestyle="-" if numeric_x else "none",  # no trend between categories (standard, free m=4, ...)
                 label=None if value is None else f"{line_key}={value}",
             )
         ax.set_title(labels.get(metric, metric), fontsize=9)
