@@ -387,3 +387,35 @@ def test_the_sigma_question_says_it_reads_one_run_of_each():
     alone = _one_run_each(smoothed(0.12, 0), smoothed(0.5, 3), [])
     assert "seed 0 at σ = 0.12, seed 3 at σ = 0.5" in alone
     assert "`twml smooth --sigma 0.12,0.5 --seed 0,1,2` trains three of each" in alone
+
+
+def test_cleanse_runs_of_other_seeds_are_counted_clean_models_included():
+    """Several cleanse runs: the write-up counts the backdoored models whose target was named, those
+    with another class flagged too, and the clean models with any class flagged (false alarms)."""
+    from twml_cli.report.cleanse import across_runs
+    from twml_cli.report.runs import BackdoorRun
+
+    def rid(c: str) -> str:
+        return c * 32
+
+    backdoors = [
+        BackdoorRun(
+            rid(b), "", "backdoor", 0, {}, settings=config.resolve_one("backdoor", config.load_preset(), {"target": t})
+        )
+        for b, t in (("b", 0), ("d", 3), ("f", 7))
+    ]
+    verdicts = {"a": "model 1 class 0", "c": "model 0 class 9; model 1 class 3; model 1 class 5", "e": "none"}
+    runs = []
+    for clean, backdoored in (("a", "b"), ("c", "d"), ("e", "f")):
+        run = CleanseRun(rid("9"), "", "cleanse", 0, {"model0": rid(clean), "model1": f"runs:/{rid(backdoored)}/model"})
+        run.verdict = verdicts[clean]
+        runs.append(run)
+    doc = Document("twml")
+    across_runs(doc, runs, backdoors, frozenset(rid(c) for c in "ace"))
+    (para,) = [b.text for b in doc.blocks if isinstance(b, Para)]
+    assert "Across the 3 cleanse runs of this experiment" in para
+    assert "named the true target in 2 of 3 inspections of backdoored models (3 models)" in para
+    assert "and flagged another class in 1; it flagged a class in 1 of 3 inspections of clean models (3 models" in para
+    alone = Document("twml")
+    across_runs(alone, runs[:1], backdoors, frozenset())  # one run: its own verdict says it all
+    assert not alone.blocks

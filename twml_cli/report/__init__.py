@@ -88,7 +88,7 @@ def document(experiment: str, runs: Runs, fig_dir: Path, uri: str) -> Document:
     smoothing.section(doc, runs.smooth, fig_dir)
     smoothing.training_methods(doc, runs.smooth, fig_dir)
     curves.sigma_curves(doc, runs, fig_dir)
-    cleanse.section(doc, runs.cleanse, runs.backdoor, fig_dir)
+    cleanse.section(doc, runs.cleanse, runs.backdoor, fig_dir, frozenset(r.id for r in runs.train))
     cleanse.mitigation_section(doc, runs.mitigate)
     if runs.all:
         setting_section(doc, experiment, runs.all, uri)

@@ -17,7 +17,13 @@ from .words import f4, model_name, short
 SPLIT_WORDS = {"train": "training", "test": "held-out test"}  # the split the trigger search drew from
 
 
-def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorRun], fig_dir: Path) -> None:
+def section(
+    doc: Document,
+    runs: list[CleanseRun],
+    backdoor_runs: list[BackdoorRun],
+    fig_dir: Path,
+    clean: frozenset[str] = frozenset(),
+) -> None:
     doc.add(Heading("3 Neural Cleanse"))
     if not runs:
         doc.add(
@@ -123,7 +129,7 @@ def section(doc: Document, runs: list[CleanseRun], backdoor_runs: list[BackdoorR
                 )
             )
         )
-    agreement(doc, runs, backdoor_runs)
+    across_runs(doc, runs, backdoor_runs, clean)
     _looks(doc, run, flagged, truth, fig_dir)
     _benign(doc, models, flagged, accuracy)
 
@@ -378,24 +384,47 @@ def mitigation_section(doc: Document, runs: list) -> None:
         )
 
 
-def agreement(doc: Document, runs: list, backdoor_runs: list) -> None:
-    """How many cleanse runs of backdoored models named the true target, when there are several."""
+def across_runs(doc: Document, runs: list, backdoor_runs: list, clean: frozenset[str]) -> None:
+    """Over every cleanse run of the experiment (several: other models, or other search seeds of
+    the same): in how many inspections of a backdoored model the true target was named and another
+    class flagged, and in how many of a clean model (`clean`: twml train runs) any class was."""
+    if len(runs) < 2:
+        return
     truth = {b.id: b.settings.target for b in backdoor_runs}
-    judged = []
+    named, also, accused = 0, 0, 0
+    backdoored: list[str] = []
+    cleans: list[str] = []
     for run in runs:
-        for i in range(10):
-            model = run.param(f"model{i}")
-            if not model:
-                break
+        flagged: dict[int, set[int]] = {}
+        for item in run.verdict.split("; ") if run.verdict != "none" else []:  # "model 1 class 0; ..."
+            _, model_index, _, target = item.split()
+            flagged.setdefault(int(model_index), set()).add(int(target))
+        i = 0
+        while run.param(f"model{i}"):
+            model = results.run_in(run.param(f"model{i}")) or run.param(f"model{i}")
+            classes = flagged.get(i, set())
             if model in truth:
-                judged.append(f"model {i} class {truth[model]}" in run.verdict.split("; "))
-    if len(judged) > 1:
+                backdoored.append(model)
+                named += truth[model] in classes
+                also += bool(classes - {truth[model]})
+            elif model in clean:
+                cleans.append(model)
+                accused += bool(classes)
+            i += 1
+    parts = []
+    if backdoored:
+        parts.append(
+            f"named the true target in {named} of {len(backdoored)} inspections of backdoored models "
+            f"({_count(len(set(backdoored)), 'model')}) and flagged another class in {also}"
+        )
+    if cleans:
+        parts.append(
+            f"flagged a class in {accused} of {len(cleans)} inspections of clean models "
+            f"({_count(len(set(cleans)), 'model')}, trained by `twml train`)"
+        )
+    if parts:
         doc.add(
-            Para(
-                f"Across the {len(judged)} backdoored models that cleanse runs of this experiment inspected (one per "
-                "training "
-                f"seed when several were run), Neural Cleanse named the true target in {sum(judged)}."
-            )
+            Para(f"Across the {len(runs)} cleanse runs of this experiment, Neural Cleanse " + "; it ".join(parts) + ".")
         )
 
 
