@@ -419,3 +419,28 @@ def test_cleanse_runs_of_other_seeds_are_counted_clean_models_included():
     alone = Document("twml")
     across_runs(alone, runs[:1], backdoors, frozenset())  # one run: its own verdict says it all
     assert not alone.blocks
+
+
+def test_the_sigma_question_answers_over_seeds_where_each_sigma_has_several():
+    import numpy as np
+
+    from twml_cli.report.runs import SmoothRun
+    from twml_cli.report.smoothing import _over_seeds
+
+    def smoothed(sigma, seed, acr, correct):
+        settings = config.resolve_one("smooth", config.load_preset(), {"sigma": sigma, "seed": seed})
+        run = SmoothRun(id="s" * 32, name="", command="smooth", start_time=0, params={}, settings=settings)
+        run.certification = results.CertificationMetrics(0.99, correct / 4, 0.0, acr, 0.5, 1.0, 1.0, 1100)
+        run.table = pd.DataFrame({"radius": np.full(4, 0.1), "correct": np.arange(4) < correct})
+        return run
+
+    low = [smoothed(0.12, s, acr, 4) for s, acr in enumerate((0.27, 0.28, 0.26))]
+    high = [smoothed(0.25, s, acr, c) for (s, acr), c in zip(enumerate((0.44, 0.45, 0.43)), (4, 3, 4))]
+    text = _over_seeds(low[-1], high[-1], low + high)
+    assert "(seeds 0-2 at σ = 0.12, seeds 0-2 at σ = 0.25; runs made alike)" in text
+    assert "the average certified radius rose from 0.2700 ± 0.0100 to 0.4400 ± 0.0100 (mean ± sd over 3 seeds" in text
+    assert (
+        "certified accuracy at r = 0 went from 1.0000 ± 0.0000 to 0.9167 ± 0.1443" in text
+        and "within seed noise" in text
+    )
+    assert _over_seeds(low[-1], high[-1], low + high[-1:]) is None  # one run at σ = 0.25
