@@ -8,7 +8,7 @@ from twml_cli import config, results
 from twml_cli.report import adversarial as report_adversarial
 from twml_cli.report import cleanse as report_cleanse
 from twml_cli.report.cleanse import describe_mask, thin_margin
-from twml_cli.report.document import Document, Para, Table
+from twml_cli.report.document import Bullets, Document, Para, Table
 from twml_cli.report.runs import AttackRun, CleanseRun, TrainRun
 from twml_cli.report.words import change, model_name
 
@@ -316,10 +316,14 @@ def _trained(i: int, pgd: float, acc: float = 0.99, **given):
     )
 
 
-def _questions(tmp_path, runs) -> str:
+def _blocks(tmp_path, runs) -> list:
     doc = Document("twml")
     report_adversarial.section(doc, sorted(runs, key=lambda r: -r.start_time), [], tmp_path)  # newest first
-    return "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+    return doc.blocks
+
+
+def _questions(tmp_path, runs) -> str:
+    return "\n".join(b.text for b in _blocks(tmp_path, runs) if isinstance(b, Para))
 
 
 def test_the_questions_answer_from_every_seed_trained_alike(tmp_path):
@@ -339,6 +343,13 @@ def test_the_questions_answer_from_every_seed_trained_alike(tmp_path):
     runs.append(_trained(31, standard[2], seed=2))  # seed 2 again, as an older run of it gave
     text = _questions(tmp_path, runs)
     assert "(seeds 0-2 for each)" in text
+    bullets = [item for b in _blocks(tmp_path, runs) if isinstance(b, Bullets) for item in b.items]
+    assert [item.split(":")[0] for item in bullets] == [
+        "standard training",
+        "free adversarial training, m = 4",
+        "free adversarial training, m = 7",
+        "fast adversarial training",
+    ]
 
     def interval(values):
         v = np.array(list(values.values()))

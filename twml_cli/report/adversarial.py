@@ -142,12 +142,13 @@ def section(
     }
     if standard is not None or free:
         doc.add(Para(_basis(standard, free)))
-    _times(doc, standard, free)
+    fasts = [r for r in alike if r.settings.method == "fast"]
+    fast = Replicates.of(fasts) if fasts else None
+    _times(doc, standard, free, fast)
     _effect(doc, standard, free)
     _increasing_m(doc, free)
     _attacks(doc, tabled)
-    fasts = [r for r in alike if r.settings.method == "fast"]
-    _fast(doc, Replicates.of(fasts) if fasts else None, free)
+    _fast(doc, fast, free)
 
 
 KIND = ("method", "m", "fast_step", "eval")  # what tells kinds of training apart, or only adds to their evaluation
@@ -207,7 +208,9 @@ def _attacks(doc: Document, attack_runs: list[AttackRun]) -> None:
     )
 
 
-def _times(doc: Document, standard: Replicates | None, free: dict[int, Replicates]) -> None:
+def _times(
+    doc: Document, standard: Replicates | None, free: dict[int, Replicates], fast: Replicates | None = None
+) -> None:
     doc.add(Heading("How much time did it take to train each of the models?", 2))
 
     def rate(r):
@@ -222,9 +225,11 @@ def _times(doc: Document, standard: Replicates | None, free: dict[int, Replicate
         over = f" over {k.n} seeds" if k.n > 1 else ""
         return f"{name}: **{_value(k, train_time, '.1f', ' s')}**{over} ({_value(k, rate, ',.0f')} images/s{ratio})"
 
-    kinds = ([("standard training", standard)] if standard else []) + [
-        (f"free adversarial training, m = {m}", k) for m, k in free.items()
-    ]
+    kinds = (
+        ([("standard training", standard)] if standard else [])
+        + [(f"free adversarial training, m = {m}", k) for m, k in free.items()]
+        + ([("fast adversarial training", fast)] if fast else [])
+    )
     doc.add(Bullets([line(name, k) for name, k in kinds]))
     caveat = timing_caveat([r for _, k in kinds for r in k.runs])
     if caveat:
