@@ -133,7 +133,8 @@ def section(
     # The questions compare kinds of training (standard, free at each m) trained alike: every setting
     # but the method, m and the seed as the newest standard run's; the seeds of a kind are replicates.
     anchor = next((r for r in runs if r.settings.method == "standard"), runs[0])
-    alike = [r for r in runs if setup(r, *KIND) == setup(anchor, *KIND)]
+    kind = setup(anchor, *KIND)
+    alike = [r for r in runs if setup(r, *KIND) == kind]
     standards = [r for r in alike if r.settings.method == "standard"]
     standard = Replicates.of(standards) if standards else None
     free = {

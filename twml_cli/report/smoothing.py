@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import figures, results, smoothing
+from ..studies.sweep import compare
 from .document import Document, Figure, Heading, Para, Table
 from .runs import Replicates, SmoothRun, setup
 from .words import change, f4, short
@@ -161,12 +162,7 @@ def section(doc: Document, runs: list[SmoothRun], fig_dir: Path) -> None:
 def _over_seeds(a: SmoothRun, b: SmoothRun, runs: list[SmoothRun]) -> str | None:
     """The σ comparison over the seeds of each σ (runs made like the newest, but for the seed),
     worded from the 95% interval of each difference; None unless both σ have several seeds."""
-    from ..studies.sweep import compare
-
-    kinds = [
-        Replicates.of([r for r in runs if r.settings.sigma == x.settings.sigma and setup(r) == setup(x)])
-        for x in (a, b)
-    ]
+    kinds = [Replicates.of([r for r in runs if setup(r) == setup(x)]) for x in (a, b)]  # a setup holds its σ
     if min(k.n for k in kinds) < 2:
         return None
     lo, hi = kinds
