@@ -394,7 +394,10 @@ def test_the_sigma_question_says_it_reads_one_run_of_each():
     older = [smoothed(s, seed) for s in (0.12, 0.5) for seed in (0, 1)]
     text = _one_run_each(*newest, newest + older)
     assert "one run of each σ (the newest: seed 2 at both)" in text
-    assert "runs of seeds 0, 1, 2 are logged at these σ" in text
+    assert "runs of seeds 0-2 are logged at both σ" in text
+    only = smoothed(0.5, 0)
+    uneven = _one_run_each(newest[0], only, [newest[0], only, *older[:2]])
+    assert "runs of seeds 0-2 are logged at σ = 0.12 and of seed 0 at σ = 0.5" in uneven
     alone = _one_run_each(smoothed(0.12, 0), smoothed(0.5, 3), [])
     assert "seed 0 at σ = 0.12, seed 3 at σ = 0.5" in alone
     assert "`twml smooth --sigma 0.12,0.5 --seed 0,1,2` trains three of each" in alone

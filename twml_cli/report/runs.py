@@ -122,6 +122,14 @@ def setup(run: Any, *also: str) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
+def seed_text(seeds) -> str:
+    """'seed 0', 'seeds 0, 2' or 'seeds 0-9'."""
+    seeds = sorted(set(seeds))
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"seeds {seeds[0]}-{seeds[-1]}"
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in seeds)}"
+
+
 @dataclass
 class Replicates:
     """Runs of one setup, the newest of each seed, newest first: a metric over them is a mean and
@@ -146,11 +154,7 @@ class Replicates:
 
     @property
     def seeds(self) -> str:
-        """'seed 0', 'seeds 0, 2' or 'seeds 0-9'."""
-        seeds = sorted(r.settings.seed for r in self.runs)
-        if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
-            return f"seeds {seeds[0]}-{seeds[-1]}"
-        return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in seeds)}"
+        return seed_text(r.settings.seed for r in self.runs)
 
     def estimate(self, value: Callable[[Logged], float]) -> Estimate:
         return Estimate.of([value(r) for r in self.runs])

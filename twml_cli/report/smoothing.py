@@ -9,7 +9,7 @@ import numpy as np
 from .. import figures, results, smoothing
 from ..studies.sweep import compare
 from .document import Document, Figure, Heading, Para, Table
-from .runs import Replicates, SmoothRun, setup
+from .runs import Replicates, SmoothRun, seed_text, setup
 from .words import change, f4, short
 
 
@@ -185,19 +185,23 @@ def _over_seeds(a: SmoothRun, b: SmoothRun, runs: list[SmoothRun]) -> str | None
 def _one_run_each(a: SmoothRun, b: SmoothRun, runs: list[SmoothRun]) -> str:
     """What the comparison above rests on: one run of each σ. The radii's growth is the formula's;
     a change in accuracy or abstain rate needs seeds, and says where the report shows them."""
-    seeds = sorted(
-        {r.settings.seed for r in runs if gaussian(r) and r.settings.sigma in (a.settings.sigma, b.settings.sigma)}
-    )
+    seeds = [{r.settings.seed for r in runs if gaussian(r) and r.settings.sigma == x.settings.sigma} for x in (a, b)]
     which = (
         f"seed {a.settings.seed} at both"
         if a.settings.seed == b.settings.seed
         else f"seed {a.settings.seed} at σ = {a.settings.sigma:g}, seed {b.settings.seed} at σ = {b.settings.sigma:g}"
     )
     sweep = f"`twml smooth --sigma {a.settings.sigma:g},{b.settings.sigma:g} --seed 0,1,2`"
+    if seeds[0] == seeds[1]:
+        logged = f"runs of {seed_text(seeds[0])} are logged at both σ"
+    else:
+        logged = (
+            f"runs of {seed_text(seeds[0])} are logged at σ = {a.settings.sigma:g} and of {seed_text(seeds[1])} at "
+            f"σ = {b.settings.sigma:g}"
+        )
     more = (
-        f"; runs of seeds {', '.join(str(x) for x in seeds)} are logged at these σ, and a sweep ({sweep}) draws "
-        'each σ\'s mean curve with its spread ("Across sigmas and seeds")'
-        if len(seeds) > 1
+        f'; {logged}, and a sweep ({sweep}) draws each σ\'s mean curve with its spread ("Across sigmas and seeds")'
+        if max(len(x) for x in seeds) > 1
         else f": {sweep} trains three of each, and the report then draws each σ's mean curve with its spread"
     )
     return (
