@@ -458,3 +458,103 @@ def test_the_sigma_question_answers_over_seeds_where_each_sigma_has_several():
         and "within seed noise" in text
     )
     assert _over_seeds(low[-1], high[-1], low + high[-1:]) is None  # one run at σ = 0.25
+
+
+def _sweep_of(command: str, axes: list[str], children: list, i: int):
+    from twml_cli.report.runs import SweepRun
+
+    return SweepRun(
+        id=f"{i:08d}" + "5" * 24,
+        name="",
+        command="sweep",
+        start_time=1000 * i,
+        params={},
+        sweep_command=command,
+        axes=axes,
+        table=pd.DataFrame({"run_id": [r.id for r in children]}),
+    )
+
+
+def _runs(**given):
+    from twml_cli.report.runs import Runs
+
+    lists = {k: sorted(given.get(k, []), key=lambda r: -r.start_time) for k in ("train", "smooth", "sweeps")}
+    return Runs(
+        train=lists["train"], attack=[], smooth=lists["smooth"], backdoor=[], cleanse=[], sweeps=lists["sweeps"]
+    )
+
+
+def test_the_m_curve_pools_every_free_run_made_like_the_sweeps(tmp_path):
+    """The m-curve draws every seed made alike, not the sweep's alone, so it answers as section 1's
+    questions do: here seeds 1, 2 from a sweep and seed 0 from single runs; a run with another
+    learning rate is no seed of it, and a seed trained again counts once (the newest)."""
+    import numpy as np
+
+    from twml_cli.report import curves
+
+    free4, free7 = {0: 0.30, 1: 0.27, 2: 0.33}, {0: 0.31, 1: 0.36, 2: 0.39}
+    singles = [_trained(1, 0.50, seed=0, method="free", m=4), _trained(2, free4[0], seed=0, method="free", m=4)]
+    singles += [
+        _trained(3, free7[0], seed=0, method="free", m=7),
+        _trained(4, 0.95, seed=1, method="free", m=4, lr=0.05),
+    ]
+    swept = [_trained(10 + s, free4[s], seed=s, method="free", m=4) for s in (1, 2)]
+    swept += [_trained(20 + s, free7[s], seed=s, method="free", m=7) for s in (1, 2)]
+    standard = [_trained(30 + s, 0.85, seed=s) for s in (0, 1)]
+    sw = _sweep_of("train", ["m", "seed"], swept, 10)
+    doc = Document("twml")
+    curves.m_curve(doc, _runs(train=singles + swept + standard, sweeps=[sw]), tmp_path)
+    text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+    (table,) = [b for b in doc.blocks if isinstance(b, Table)]
+    robust = table.header.index("PGD robust accuracy")
+    for m, values in ((4, free4), (7, free7)):
+        row = next(r for r in table.rows if r[0] == str(m))
+        mean, sd = np.mean([1 - v for v in values.values()]), np.std([1 - v for v in values.values()], ddof=1)
+        assert row[robust] == f"{mean:.4f} ± {sd:.4f}" and row[-1] == "3"
+    assert "the runs of sweep 00000010 and 2 more made alike" in text
+    assert "(m = 4: seeds 0-2; m = 7: seeds 0-2)" in text
+    assert "(mean ± sd over 3 seeds; difference -0.0533, 95% interval" in text  # robust accuracy, m = 4 to 7
+    assert "0.5000" not in text and "0.0500" not in text  # the retrained seed's older run, the lr 0.05 run
+    assert any("mean ± sd over 3 seeds" in b.caption for b in doc.blocks if hasattr(b, "caption"))
+
+
+def test_the_envelope_pools_every_sigma_made_alike_and_names_each_stretch(tmp_path):
+    import numpy as np
+
+    from twml_cli.report import curves
+    from twml_cli.report.runs import SmoothRun
+    from twml_cli.studies.smooth import Band
+
+    def smoothed(i, sigma, seed, radii, **given):
+        settings = config.resolve_one("smooth", config.load_preset(), {"sigma": sigma, "seed": seed, **given})
+        table = pd.DataFrame({"radius": radii, "correct": [True] * len(radii)})
+        return SmoothRun(
+            id=f"{i:08d}" + "6" * 24,
+            name="",
+            command="smooth",
+            start_time=1000 * i,
+            params={},
+            settings=settings,
+            table=table,
+        )
+
+    swept = [smoothed(10, 0.25, 0, [0.1, 0.3, 0.5]), smoothed(11, 0.25, 1, [0.2, 0.4, 0.6])]
+    alone = smoothed(1, 0.5, 0, [0.2, 0.6, 0.9])
+    others = [smoothed(2, 0.25, 2, [0.9, 0.9, 0.9], training="consistency"), smoothed(3, 0.25, 2, [1.0] * 3, n=500)]
+    sw = _sweep_of("smooth", ["sigma", "seed"], swept, 10)
+    doc = Document("twml")
+    curves.sigma_curves(doc, _runs(smooth=[*swept, alone, *others], sweeps=[sw]), tmp_path)
+    text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+    (table,) = [b for b in doc.blocks if isinstance(b, Table)]
+    assert [r[:3] for r in table.rows] == [["σ=0.25", "0.3500 ± 0.0707", "2"], ["σ=0.5", "0.5667", "1"]]
+    assert "the runs of sweep 00000010 and 1 more made alike" in text
+    assert "(σ = 0.25: seeds 0, 1; σ = 0.5: seed 0)" in text
+
+    grid = np.linspace(0, 0.5, 6)
+    lead = {
+        "a": Band(np.array([1, 0.9, 0.5, 0.9, 0.8, 0]), np.zeros(6), 0, 0, 1),
+        "b": Band(np.array([0.9, 0.8, 0.6, 0.8, 0.9, 0]), np.zeros(6), 0, 0, 1),
+    }
+    assert curves._where_best(grid, lead, "a") == "0.000 to 0.100, at 0.300"
+    assert curves._where_best(grid, lead, "b") == "at 0.200, at 0.400"
+

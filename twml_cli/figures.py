@@ -240,12 +240,20 @@ def _x_label(row, groups: list[str], line_key: str | None) -> str:
     return " ".join(row[k] if isinstance(row[k], str) else f"{k}={value(row[k])}" for k in keys)
 
 
+def over_seeds(counts, noun: str = "seeds") -> str:
+    """'one seed', 'mean ± sd over 3 seeds', or 'mean ± sd over 1 to 3 seeds' where the points of a
+    figure rest on different numbers of seeds."""
+    lo, hi = min(counts), max(counts)
+    if hi <= 1:
+        return "one seed"
+    return f"mean ± sd over {hi if lo == hi else f'{lo} to {hi}'} {noun}"
+
+
 def certified_accuracy_bands_figure(radii: np.ndarray, curves: dict, envelope: np.ndarray):
     """Certified accuracy against radius for each cell of a smoothing sweep: the mean over seeds
     with a band of one standard deviation, each cell's ACR in the legend, and the envelope.
     `curves`: name -> studies.smooth.Band."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    seeds = max(c.seeds for c in curves.values())
     for name, c in curves.items():
         spread = f" ± {c.acr_sd:.3f}" if c.seeds > 1 else ""
         (line,) = ax.plot(radii, c.mean, linewidth=1.8, label=f"{name} (ACR {c.acr:.3f}{spread})")
@@ -262,9 +270,7 @@ def certified_accuracy_bands_figure(radii: np.ndarray, curves: dict, envelope: n
         ax.plot(radii, envelope, color="black", linestyle="--", linewidth=1.2, label="envelope (best at each radius)")
     _accuracy_axes(ax, "L2 radius (pixels in [0, 1])", "certified accuracy")
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(
-        f"Certified accuracy vs radius ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})", fontsize=10
-    )
+    ax.set_title(f"Certified accuracy vs radius ({over_seeds([c.seeds for c in curves.values()])})", fontsize=10)
     return fig
 
 
@@ -288,12 +294,10 @@ def robustness_curves_figure(table):
             linestyle="-" if attack == "pgd" else "--",
             label=f"{curve}, {'PGD' if attack == 'pgd' else 'AutoAttack'} (AUC {part['auc'].iloc[0]:.3f})",
         )
-    seeds = int(table["replicates"].max())
     _accuracy_axes(ax, "eps (L-inf, pixels in [0, 1])", "robust accuracy")
     ax.legend(fontsize=7, loc="upper right", handlelength=3.5)
     ax.set_title(
-        f"Robust accuracy vs eps ({f'mean ± sd over {seeds} replicates' if seeds > 1 else 'one seed'}; eps 0: clean "
-        "accuracy)",
+        f"Robust accuracy vs eps ({over_seeds(table['replicates'].astype(int), 'replicates')}; eps 0: clean accuracy)",
         fontsize=9,
     )
     return fig
@@ -305,10 +309,11 @@ def m_curve_figure(
     sds: dict[str, np.ndarray],
     refs: dict[str, dict[str, tuple[float, float]]],
     labels: dict[str, str],
-    seeds: int,
+    seeds: list[int],
 ):
-    """Free adversarial training against m: one panel per metric, mean ± sd over seeds, with
-    other methods (standard, fast) as horizontal references (a band of one sd)."""
+    """Free adversarial training against m: one panel per metric, mean ± sd over seeds (`seeds`:
+    how many at each m), with other methods (standard, fast) as horizontal references (a band of
+    one sd)."""
     metrics = list(means)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 0.6, 3.3), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -328,7 +333,7 @@ def m_curve_figure(
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(
-        f"Free adversarial training against m ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})",
+        f"Free adversarial training against m ({over_seeds(seeds)})",
         fontsize=10,
     )
     fig.tight_layout()

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import figures
 from ..studies.sweep import compare, direction
 from .document import Bullets, Document, Figure, Heading, Para, Table
-from .runs import AttackRun, Replicates, TrainRun, setup
+from .runs import KIND, AttackRun, Replicates, TrainRun, setup
 from .words import change, f4, model_name, secs, short
 
 
@@ -150,9 +150,6 @@ def section(
     _increasing_m(doc, free)
     _attacks(doc, tabled)
     _fast(doc, fast, free)
-
-
-KIND = ("method", "m", "fast_step", "eval")  # what tells kinds of training apart, or only adds to their evaluation
 
 
 def _basis(standard: Replicates | None, free: dict[int, Replicates]) -> str:

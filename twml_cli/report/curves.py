@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .. import figures
 from ..studies import attack, smooth, sweep
+from .adversarial import timing_caveat
 from .document import Document, Figure, Heading, Para, Table
-from .runs import Runs, SweepRun, TrainRun
+from .runs import KIND, Replicates, Runs, TrainRun, setup
 from .smoothing import gaussian
 from .words import model_name, short
 
@@ -23,57 +23,70 @@ def model_label(r: TrainRun) -> str:
     return r.settings.method + (f" m={r.settings.m}" if r.settings.method == "free" else "")
 
 
-def _cells(frame: pd.DataFrame, metric: str) -> sweep.Estimate:
-    return sweep.Estimate.of(frame[metric].dropna())
-
-
 def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:
-    """The newest train sweep over m: each metric against m (mean ± sd over seeds), standard and
-    fast training alike trained as references, and the m = 4 against m = 7 comparison."""
+    """Free training against m, drawn when a train sweep over m asked for it: every free run made
+    like the sweep's newest (every setting but m and the seed; the newest run of each seed), each
+    metric against m (mean ± sd over seeds), standard and fast training made alike as references,
+    and the m = 4 against m = 7 comparison. Runs made alike outside the sweep are seeds like its own."""
     sw = runs.sweep("train", "m")
     if sw is None:
         return
-    doc.add(Heading("Across m and seeds: the m-curve", 2))
-    frame = sw.table
-    if "method" in frame:  # standard and fast cells have no m (an empty cell of the table)
-        frame = frame[frame["method"] == "free"].astype({"m": int})
-    metrics = [m for m in M_METRICS if m in frame and frame[m].notna().any()]
-    ms = sorted(frame["m"].unique())
-    by_m = {m: frame[frame["m"] == m] for m in ms}
-    means = {k: np.array([_cells(by_m[m], k).mean for m in ms]) for k in metrics}
-    sds = {k: np.array([_cells(by_m[m], k).std for m in ms]) for k in metrics}
-    like = _alike(sw, runs.train)
+    children = set(sw.table["run_id"])
+    anchor = next((r for r in runs.train if r.id in children and r.settings.method == "free"), None)
+    if anchor is None:
+        return
+    kind = setup(anchor, *KIND)
+    alike = [r for r in runs.train if setup(r, *KIND) == kind]
+    free = [r for r in alike if r.settings.method == "free"]
+    by_m = {m: Replicates.of([r for r in free if r.settings.m == m]) for m in sorted({r.settings.m for r in free})}
+    ms = list(by_m)
+
+    def has(k: Replicates, metric: str) -> bool:  # every seed measured it (AutoAttack: --eval autoattack)
+        return all(np.isfinite(_metric(r, metric)) for r in k.runs)
+
+    def cells(k: Replicates, metric: str) -> sweep.Estimate:
+        return sweep.Estimate.of([_metric(r, metric) for r in k.runs])
+
+    metrics = [x for x in M_METRICS if all(has(k, x) for k in by_m.values())]
     refs = {}
     for method in ("standard", "fast"):
-        peers = pd.DataFrame([{k: _metric(r, k) for k in metrics} for r in like if r.settings.method == method])
-        if len(peers):
-            refs[f"{method} ({len(peers)} run{'s' if len(peers) > 1 else ''})"] = {
-                k: (_cells(peers, k).mean, _cells(peers, k).std) for k in metrics
+        peers = [r for r in alike if r.settings.method == method]
+        if peers:
+            k = Replicates.of(peers)
+            refs[f"{method} ({k.n} run{'s' if k.n > 1 else ''})"] = {
+                x: (cells(k, x).mean, cells(k, x).std) for x in metrics if has(k, x)
             }
-    png, _ = figures.save_both(
-        figures.m_curve_figure(np.array(ms, dtype=float), means, sds, refs, sweep.LABELS, sw.seeds), fig_dir / "m-curve"
+    figure = figures.m_curve_figure(
+        np.array(ms, dtype=float),
+        {k: np.array([cells(by_m[m], k).mean for m in ms]) for k in metrics},
+        {k: np.array([cells(by_m[m], k).std for m in ms]) for k in metrics},
+        refs,
+        sweep.LABELS,
+        [by_m[m].n for m in ms],
     )
-    n = sw.seeds
+    png, _ = figures.save_both(figure, fig_dir / "m-curve")
+    outside = sorted({r.id for k in by_m.values() for r in k.runs} - children)
     doc.add(
+        Heading("Across m and seeds: the m-curve", 2),
         Para(
-            f"Sweep {short(sw.id)} trained free adversarial training at m = {', '.join(str(m) for m in ms)} with {n} "
-            f"seed{'s' if n > 1 else ''} "
-            f"each, at the same {sw.param('epochs')} epochs of SGD budget and eps {float(sw.param('eps')):.4g}; every "
-            "value is the mean ± standard "
-            "deviation over seeds. Standard and fast training runs alike (same data, model, eps and budget) are drawn "
-            "as references."
+            f"Free adversarial training at m = {', '.join(str(m) for m in ms)}, at {anchor.settings.epochs} epochs of "
+            f"SGD budget and eps {anchor.settings.eps:.4g}: the runs of sweep {short(sw.id)}"
+            + _more(outside, "m")
+            + ", the newest of each seed ("
+            + "; ".join(f"m = {m}: {k.seeds}" for m, k in by_m.items())
+            + "); every value is the mean ± standard deviation over seeds. Standard and fast training runs made alike "
+            "are drawn as references."
         ),
         Figure(
             png,
-            f"Free training against m ({'mean ± sd over ' + str(n) + ' seeds' if n > 1 else 'one seed'}); dashed: "
-            "references",
+            f"Free training against m ({figures.over_seeds([k.n for k in by_m.values()])}); dashed: references",
             0.95,
         ),
         Table(
             ["m", *(sweep.label(k) for k in metrics), "seeds"],
             [
-                [str(m), *(_cells(by_m[m], k).text(1 if k.endswith("_s") else 4) for k in metrics), str(len(by_m[m]))]
-                for m in ms
+                [str(m), *(cells(k, x).text(1 if x.endswith("_s") else 4) for x in metrics), str(k.n)]
+                for m, k in by_m.items()
             ],
         ),
     )
@@ -81,12 +94,19 @@ def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:
     if lo == hi:
         return
     claims = [
-        sweep.compare(_cells(by_m[lo], k), _cells(by_m[hi], k), sweep.label(k), 1 if k.endswith("_s") else 4)
+        sweep.compare(cells(by_m[lo], k), cells(by_m[hi], k), sweep.label(k), 1 if k.endswith("_s") else 4)
         for k in metrics
     ]
     doc.add(Para(f"From m = {lo} to m = {hi}: " + "; ".join(claims) + "."))
     if "train_time_s" in metrics:
-        doc.add(Para(_timing_caveat(sw, runs)))
+        doc.add(Para(_timing_caveat([r for k in by_m.values() for r in k.runs])))
+
+
+def _more(outside: list[str], axis: str) -> str:
+    """' and 2 more made alike (...)': the runs a curve pools from outside its sweep."""
+    if not outside:
+        return ""
+    return f" and {len(outside)} more made alike (every setting but {axis} and the seed as the sweep's)"
 
 
 def _metric(r: TrainRun, key: str) -> float:
@@ -96,42 +116,22 @@ def _metric(r: TrainRun, key: str) -> float:
     return float("nan")
 
 
-def _alike(sw: SweepRun, trains: list[TrainRun]) -> list[TrainRun]:
-    keys = ("dataset", "model", "eps", "epochs")
-    return [
-        r
-        for r in trains
-        if all(
-            str(getattr(r.settings, k)) == sw.param(k) or _same_number(getattr(r.settings, k), sw.param(k))
-            for k in keys
-        )
-    ]
-
-
-def _same_number(a, b: str) -> bool:
-    try:
-        return abs(float(a) - float(b)) < 1e-12
-    except (TypeError, ValueError):
-        return False
-
-
-def _timing_caveat(sw: SweepRun, runs: Runs) -> str:
-    """What wall-clock times can support: the sweep's runs ran one after another in one process,
-    on the hosts its children name; say so, and that steps and images/s are the fairer measure."""
-    children = [r for r in runs.train if r.id in set(sw.table["run_id"])]
-    hosts = sorted({r.host for r in children if r.host})
+def _timing_caveat(runs: list[TrainRun]) -> str:
+    """What wall-clock times can support: say where they ran, that steps and images/s are the
+    fairer measure, and why they cannot be compared where they cannot (adversarial.timing_caveat)."""
+    hosts = sorted({r.host for r in runs if r.host})
     where = (
         f"on one host ({hosts[0]})"
         if len(hosts) == 1
         else f"on {len(hosts)} hosts ({', '.join(hosts)}): times compare only within a host"
     )
-    return (
-        f"Training times are wall-clock seconds of runs made one after another {where}; other work on the machine "
-        "changes "
-        "them, so the SGD steps (equal at equal budget) and the images per second are the fairer measure of cost, and "
-        "a "
-        "time difference within seed noise says nothing."
+    text = (
+        f"Training times are wall-clock seconds of runs {where}; other work on the machine changes them, so the SGD "
+        "steps (equal at equal budget) and the images per second are the fairer measure of cost, and a time "
+        "difference within seed noise says nothing."
     )
+    warning = timing_caveat(runs)
+    return text + (f" {warning}" if warning else "")
 
 
 def robustness_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
@@ -177,16 +177,17 @@ def robustness_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
     )
     rows = []
     for (curve, atk), part in table.groupby(["curve", "attack"], sort=False):
+        n = int(part["replicates"].max())
         at = {
-            e: f"{m:.4f} ± {s:.4f}" if part["replicates"].max() > 1 else f"{m:.4f}"
+            e: sweep.Estimate(m, s, n).text()
             for e, m, s in zip(part["eps"], part["robust_accuracy_mean"], part["robust_accuracy_sd"])
         }
         rows.append(
             [
                 curve,
                 "PGD" if atk == "pgd" else "AutoAttack",
-                str(int(part["replicates"].max())),
-                f"{part['auc'].iloc[0]:.4f} ± {part['auc_sd'].iloc[0]:.4f}",
+                str(n),
+                sweep.Estimate(part["auc"].iloc[0], part["auc_sd"].iloc[0], n).text(),
                 *(at.get(e, "–") for e in eps),
             ]
         )
@@ -206,47 +207,48 @@ def robustness_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
 
 
 def sigma_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
-    """The newest smoothing sweep over sigma: certified accuracy against radius per sigma (mean
-    over seeds, a band of one sd), their envelope, and ACR per sigma."""
+    """Certified accuracy against radius per σ, drawn when a smoothing sweep over σ asked for it:
+    every run made like the sweep's newest Gaussian-trained one (every setting but σ and the seed;
+    the newest of each seed), the mean over seeds with a band of one sd, their envelope, and the
+    ACR per σ. Runs made alike outside the sweep are seeds like its own."""
     sw = runs.sweep("smooth", "sigma")
     if sw is None:
         return
-    by_id = {r.id: r for r in runs.smooth}
-    named = [
-        (
-            smooth.cell_label(by_id[i].settings, ["sigma"]),
-            by_id[i].table["radius"].to_numpy(),
-            by_id[i].table["correct"].to_numpy(),
-        )
-        for i in sw.table["run_id"]
-        if i in by_id and gaussian(by_id[i])  # other training methods have their own figures
-    ]
-    if not named:
+    children = set(sw.table["run_id"])
+    anchor = next((r for r in runs.smooth if r.id in children and gaussian(r)), None)
+    if anchor is None:  # other training methods have their own figures
         return
+    kind = setup(anchor, "sigma")
+    alike = [r for r in runs.smooth if setup(r, "sigma") == kind]
+    by_sigma = {
+        sigma: Replicates.of([r for r in alike if r.settings.sigma == sigma])
+        for sigma in sorted({r.settings.sigma for r in alike})
+    }
+    named = [
+        (smooth.cell_label(r.settings, ["sigma"]), r.table["radius"].to_numpy(), r.table["correct"].to_numpy())
+        for k in by_sigma.values()
+        for r in k.runs
+    ]
     grid, curves, envelope = smooth.bands(named)
     png, _ = figures.save_both(
         figures.certified_accuracy_bands_figure(grid, curves, envelope), fig_dir / "certified-accuracy-by-sigma"
     )
-    seeds = max(c.seeds for c in curves.values())
+    outside = sorted({r.id for k in by_sigma.values() for r in k.runs} - children)
     doc.add(
         Heading("Across sigmas and seeds: the envelope", 2),
         Para(
-            f"Sweep {short(sw.id)} trained and certified at each σ with {seeds} seed{'s' if seeds > 1 else ''}; the "
-            "curves are the mean "
-            "certified accuracy over seeds with a band of one standard deviation, and the envelope is the best σ at "
-            "each radius, as "
-            "Cohen et al. plot it."
+            f"Trained and certified at σ = {', '.join(f'{x:g}' for x in by_sigma)}: the runs of sweep {short(sw.id)}"
+            + _more(outside, "σ")
+            + ", the newest of each seed ("
+            + "; ".join(f"σ = {x:g}: {k.seeds}" for x, k in by_sigma.items())
+            + "); the curves are the mean certified accuracy over seeds with a band of one standard deviation, and the "
+            "envelope is the best σ at each radius, as Cohen et al. plot it."
         ),
         Figure(png, "Certified accuracy against L2 radius per σ, with the envelope", 0.7),
         Table(
             ["σ", "ACR", "seeds", "best σ between radii"],
             [
-                [
-                    name,
-                    f"{c.acr:.4f} ± {c.acr_sd:.4f}" if c.seeds > 1 else f"{c.acr:.4f}",
-                    str(c.seeds),
-                    _where_best(grid, curves, name),
-                ]
+                [name, sweep.Estimate(c.acr, c.acr_sd, c.seeds).text(), str(c.seeds), _where_best(grid, curves, name)]
                 for name, c in curves.items()
             ],
         ),
@@ -254,12 +256,15 @@ def sigma_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
 
 
 def _where_best(grid: np.ndarray, curves: dict, name: str) -> str:
-    """The radii where `name` is the envelope (ties to the smaller σ), as 'a to b'."""
+    """The radii where `name` is the envelope (ties to the smaller σ): 'a to b', one stretch per
+    stretch of the grid where it leads ('0.000 to 0.046, 0.059 to 0.079'), 'at a' for one point."""
     names = list(curves)
     stack = np.stack([curves[n].mean for n in names])
-    live = stack.max(0) > 0
-    best = (stack.argmax(0) == names.index(name)) & live
-    if not best.any():
-        return "–"
+    best = (stack.argmax(0) == names.index(name)) & (stack.max(0) > 0)
     idx = np.flatnonzero(best)
-    return f"{grid[idx[0]]:.3f} to {grid[idx[-1]]:.3f}"
+    if not len(idx):
+        return "–"
+    stretches = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
+    return ", ".join(
+        f"at {grid[s[0]]:.3f}" if len(s) == 1 else f"{grid[s[0]]:.3f} to {grid[s[-1]]:.3f}" for s in stretches
+    )

@@ -114,6 +114,9 @@ class SweepRun(Logged):
         return int(self.table["seed"].nunique()) if "seed" in self.table else 1
 
 
+KIND = ("method", "m", "fast_step", "eval")  # what tells kinds of training apart, or only adds to their evaluation
+
+
 def setup(run: Any, *also: str) -> str:
     """A run record's settings but its seed, where it ran (config.RUNTIME_ONLY) and the settings
     named in `also`: runs with one setup differ only by their seed."""
