@@ -558,3 +558,40 @@ def test_the_envelope_pools_every_sigma_made_alike_and_names_each_stretch(tmp_pa
     assert curves._where_best(grid, lead, "a") == "0.000 to 0.100, at 0.300"
     assert curves._where_best(grid, lead, "b") == "at 0.200, at 0.400"
 
+
+def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
+    from twml_cli.report.runs import MitigateRun
+
+    def repair(i, cleanse_run):
+        settings = config.resolve_one("mitigate", config.load_preset(), {"cleanse_run": cleanse_run})
+        return MitigateRun(
+            id=f"{i:08d}" + "7" * 24,
+            name="",
+            command="mitigate",
+            start_time=1000 * i,
+            params={"model_run": "b" * 32, "target": "0", "reversed_triggers": "2"},
+            settings=settings,
+            mitigation=results.MitigationMetrics(0.99, 0.98, 0.97, 0.01),
+            real=results.RealTriggerMetrics(0.98, 0.01),
+        )
+
+    def cleansed(c, verdict):
+        return CleanseRun(id=c * 32, name="", command="cleanse", start_time=0, params={}, verdict=verdict)
+
+    repairs = [repair(1, "c" * 32)]
+    for newest, said in (
+        (cleansed("d", "model 1 class 3"), True),
+        (cleansed("c", "model 1 class 0"), False),  # the repairs act on the newest
+        (cleansed("d", "none"), False),  # nothing to repair
+    ):
+        doc = Document("twml")
+        report_cleanse.mitigation_section(doc, repairs, newest)
+        text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+        assert "Every repair below acts on the findings of cleanse run cccccccc." in text
+        assert ("The newest cleanse run (dddddddd, above) flagged model 1 class 3; no repair" in text) == said
+    (table,) = [b for b in doc.blocks if isinstance(b, Table)]
+    assert "cleanse run" not in table.header  # one and the same: said in the text
+    doc = Document("twml")
+    report_cleanse.mitigation_section(doc, [*repairs, repair(2, "e" * 32)], cleansed("e", "model 1 class 0"))
+    (table,) = [b for b in doc.blocks if isinstance(b, Table)]
+    assert [r[table.header.index("cleanse run")] for r in table.rows] == ["cccccccc", "eeeeeeee"]

@@ -341,10 +341,44 @@ def _place(position: str) -> str:
     return "at the centre" if position == "centre" else f"at the {position} corner"
 
 
-def mitigation_section(doc: Document, runs: list) -> None:
-    """Neural Cleanse's mitigation: each repaired model, before and after."""
+def mitigation_section(doc: Document, runs: list, newest: CleanseRun | None = None) -> None:
+    """Neural Cleanse's mitigation: each repaired model, before and after, and the cleanse run
+    whose finding it acted on; a finding of the newest cleanse run (`newest`, the one section 3
+    reads) that no repair acted on is named, with the command that repairs it."""
     if not runs:
         return
+    table, common = Table(
+        [
+            "method",
+            "model",
+            "class",
+            "cleanse run",
+            "accuracy",
+            "real trigger's success",
+            "reversed trigger's success",
+            "run",
+        ],
+        [
+            [
+                r.settings.mitigation,
+                model_name(r.param("model_run") or r.param("model_path")),
+                r.param("target"),
+                short(r.settings.cleanse_run),
+                f"{f4(r.mitigation.accuracy_before)} → {f4(r.mitigation.accuracy)}",
+                f"{f4(r.real.attack_success_rate_before)} → {f4(r.real.attack_success_rate)}" if r.real else "–",
+                f"{f4(r.mitigation.reversed_success_before)} → {f4(r.mitigation.reversed_success)}",
+                short(r.id),
+            ]
+            for r in runs
+        ],
+    ).drop_constant(["cleanse run"])
+    acted = {r.settings.cleanse_run for r in runs}
+    unrepaired = (
+        f" The newest cleanse run ({short(newest.id)}, above) flagged {newest.verdict}; no repair has acted on its "
+        "findings yet: `twml mitigate` repairs them."
+        if newest is not None and newest.verdict != "none" and newest.id not in acted
+        else ""
+    )
     doc.add(
         Heading("Mitigation: repairing the backdoored model", 2),
         Para(
@@ -352,22 +386,10 @@ def mitigation_section(doc: Document, runs: list) -> None:
             "real one stays unknown to it): "
             + "; ".join(dict.fromkeys(_how(r.settings, int(r.param("reversed_triggers") or 1)) for r in runs))
             + ". The real trigger's attack success is measured on clean test images of the other classes."
+            + (f" Every repair below acts on the findings of {common[0]}." if common else "")
+            + unrepaired
         ),
-        Table(
-            ["method", "model", "class", "accuracy", "real trigger's success", "reversed trigger's success", "run"],
-            [
-                [
-                    r.settings.mitigation,
-                    model_name(r.param("model_run") or r.param("model_path")),
-                    r.param("target"),
-                    f"{f4(r.mitigation.accuracy_before)} → {f4(r.mitigation.accuracy)}",
-                    f"{f4(r.real.attack_success_rate_before)} → {f4(r.real.attack_success_rate)}" if r.real else "–",
-                    f"{f4(r.mitigation.reversed_success_before)} → {f4(r.mitigation.reversed_success)}",
-                    short(r.id),
-                ]
-                for r in runs
-            ],
-        ),
+        table,
     )
     for r in runs:
         if r.real is None:
