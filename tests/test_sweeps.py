@@ -242,6 +242,7 @@ def test_a_sweep_through_the_cli(module_cli):
         assert agg.loc[agg["m"] == m, "robust_accuracy_std"].iloc[0] == pytest.approx(np.std(logged, ddof=1))
     assert {"sweep.png", "sweep.pdf", "sweep.csv", "sweep-aggregate.csv"} <= module_cli.artifacts(parent)
     assert f"Sweep run id: {parent.info.run_id}" in result.out and "(2 seeds)" in result.out
+    assert "Sweep of 4 runs over m, seed (mean ± sd over 2 seeds):" in result.out
 
 
 def test_a_robustness_curve_through_the_cli(module_cli):
@@ -251,6 +252,7 @@ def test_a_robustness_curve_through_the_cli(module_cli):
     parent = next(r for r in module_cli.runs("sweep") if r.data.params["sweep_command"] == "attack")
     curve = pd.read_csv(module_cli.download(parent, "robustness-curves.csv"))
     assert curve["eps"].tolist() == [0.0, 0.05, 0.1]
+    assert "Sweep of 3 runs over eps (one seed):" in result.out  # no spread to show from one seed
     robust = curve["robust_accuracy_mean"].to_numpy()
     assert np.all(np.diff(robust) <= 0) and robust[-1] < robust[0]  # never rises with eps, and falls
     children = sorted(

@@ -212,8 +212,8 @@ def execute_all(command: str, settings_list: list, session: Session) -> list[str
     if agg is not None:
         seeds = len(dict.fromkeys(s.seed for s in settings_list))
         session.echo(
-            f"\nSweep of {len(ids)} runs over {', '.join(axes)} (mean ± sd over {seeds} "
-            f"seed{'s' if seeds != 1 else ''}):"
+            f"\nSweep of {len(ids)} runs over {', '.join(axes)} "
+            + (f"(mean ± sd over {seeds} seeds):" if seeds > 1 else "(one seed):")
         )
         for line in sweep.summary_lines(command, agg, axes):
             session.echo(line)
