@@ -243,6 +243,8 @@ def test_a_sweep_through_the_cli(module_cli):
     assert {"sweep.png", "sweep.pdf", "sweep.csv", "sweep-aggregate.csv"} <= module_cli.artifacts(parent)
     assert f"Sweep run id: {parent.info.run_id}" in result.out and "(2 seeds)" in result.out
     assert "Sweep of 4 runs over m, seed (mean ± sd over 2 seeds):" in result.out
+    listed = module_cli("runs").out  # names whole: the seed is what tells a sweep's runs apart
+    assert "train: m 1, 2 x seed 0, 1 " in listed and all(f" {r.info.run_name} " in listed for r in children)
 
 
 def test_a_robustness_curve_through_the_cli(module_cli):

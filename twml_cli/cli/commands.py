@@ -224,14 +224,20 @@ def runs(
     listed = tracking.list_runs(experiment)
     if not listed:
         raise TwmlError(f"experiment '{experiment}' has no runs in {tracking.tracking_uri()}")
-    echo(f"{'status':<12} {'command':<9} {'run name':<22} {'started (UTC)':<20} run id")
+
+    def name(r) -> str:  # whole, so that the seeds of a sweep's runs tell them apart; a sweep's own cut at 40
+        text = r.info.run_name or ""
+        return text if len(text) <= 40 else text[:39] + "…"
+
+    width = max(len("run name"), *(len(name(r)) for r in listed))
+    echo(f"{'status':<12} {'command':<9} {'run name':<{width}} {'started (UTC)':<20} run id")
     from datetime import datetime, timezone
 
     for r in listed:
         status = tracking.status_of(r)
         command = r.data.tags.get(results.COMMAND_TAG, "")
         started = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        line = f"{status:<12} {command:<9} {(r.info.run_name or '')[:22]:<22} {started:<20} {r.info.run_id}"
+        line = f"{status:<12} {command:<9} {name(r):<{width}} {started:<20} {r.info.run_id}"
         if status in ("interrupted", "stale", "KILLED", "FAILED") and config.resumable(r):
             line += f"   resume: twml {command} --resume {r.info.run_id}"
         elif status == "interrupted":
