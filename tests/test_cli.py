@@ -2,6 +2,7 @@
 logged numbers, bad input, Ctrl-C, and several processes logging to one store."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -355,6 +356,9 @@ def test_help_lists_every_command_and_the_new_flag_names():
     ).stdout
     assert "--pgd-steps" in attack and "--pgd-alpha" in attack and "--run" in attack
     assert "--autoattack" in attack and "<int>" in attack and "<bool>" not in attack
+    # a setting that takes several values (a sweep) says so: numbers and choices by commas, text by repeating
+    assert re.search(r"--pgd-steps +<int,\.\.\.>", attack) and re.search(r"--threads +<int> ", attack)
+    assert re.search(r"--run +<str>\.\.\. ", attack) and "one run per combination under a sweep run" in out
     wide = {**os.environ, "COLUMNS": "200"}  # a default that wraps at 80 columns is still the same default
     smooth = subprocess.run(
         [sys.executable, "-m", "twml_cli", "smooth", "--help"], capture_output=True, text=True, check=True, env=wide

@@ -31,7 +31,9 @@ app = typer.Typer(
     help="Trustworthy-ML studies on timm models, tracked in MLflow: free adversarial training, "
     "randomized smoothing, Neural Cleanse.\n\nEvery command runs on the embedded digits data set "
     "by default; `--preset cifar10` gives the papers' setting, and any flag overrides the preset "
-    "(`twml config COMMAND` prints the effective settings). `twml reproduce` runs everything; "
+    "(`twml config COMMAND` prints the effective settings). A setting given several values (`--m 4,7 "
+    "--seed 0,1,2`; `<int,...>` in a command's help, `<str>...` by repeating the flag) runs one run per "
+    "combination under a sweep run, with means, spreads and a figure. `twml reproduce` runs everything; "
     "`mlflow ui` browses the runs.",
     no_args_is_help=True,
     add_completion=False,

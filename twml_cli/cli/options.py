@@ -126,10 +126,11 @@ def _option(cls: type, f, default: Any) -> tuple[Any, Any]:
         )
         text += f"  [default: {shown}]"
     cli_type = {int: int, float: float, bool: bool, str: str, dict: str, list: list[str]}[kind]
-    if kind is not bool and config.sweepable(cls, f):
-        cli_type = list[str]  # several values: a sweep
     shown = f.metadata["item"] if kind is list else kind
     metavar = "" if kind is bool else f"<{shown.__name__ if shown in (int, float) else 'str'}>"
+    if kind is not bool and config.sweepable(cls, f):
+        cli_type = list[str]  # several values: a sweep
+        metavar = metavar[:-1] + (",...>" if kind in (int, float) or f.metadata["choices"] else ">...")
     flag = config.flag_of(f)
     names = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
     option = typer.Option(
