@@ -58,8 +58,8 @@ def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:
             }
     figure = figures.m_curve_figure(
         np.array(ms, dtype=float),
-        {k: np.array([cells(by_m[m], k).mean for m in ms]) for k in metrics},
-        {k: np.array([cells(by_m[m], k).std for m in ms]) for k in metrics},
+        {x: np.array([cells(by_m[m], x).mean for m in ms]) for x in metrics},
+        {x: np.array([cells(by_m[m], x).std for m in ms]) for x in metrics},
         refs,
         sweep.LABELS,
         [by_m[m].n for m in ms],
@@ -94,8 +94,8 @@ def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:
     if lo == hi:
         return
     claims = [
-        sweep.compare(cells(by_m[lo], k), cells(by_m[hi], k), sweep.label(k), 1 if k.endswith("_s") else 4)
-        for k in metrics
+        sweep.compare(cells(by_m[lo], x), cells(by_m[hi], x), sweep.label(x), 1 if x.endswith("_s") else 4)
+        for x in metrics
     ]
     doc.add(Para(f"From m = {lo} to m = {hi}: " + "; ".join(claims) + "."))
     if "train_time_s" in metrics:
