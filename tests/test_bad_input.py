@@ -169,6 +169,11 @@ BAD = [
     (["runs", "--tracking-uri", "sqlite:////nonexistent/x.db"], "folder '/nonexistent' does not exist"),
     (["reproduce", "--curve-seeds", "0"], "--curve-seeds must be >= 1, got 0"),
     (["reproduce", "--seed", "x"], "--seed takes whole numbers, got x"),
+    (
+        ["reproduce", "--seed", "0,1"],
+        "twml reproduce runs one --seed, got 0,1: --curves --curve-seeds N adds N seeds from --seed on, and any study "
+        "takes several (twml train --seed 0,1,2)",
+    ),
     (["reproduce", "--out", "notes.txt"], "--out 'notes.txt': 'notes.txt' is a file, not a folder"),
     (["config", "nonsense"], "unknown command 'nonsense'"),
     (["config", "train", "--config", "missing.toml"], "config file 'missing.toml' does not exist"),

@@ -182,6 +182,11 @@ def _reproduce(out: Path = OUT[1], curves: bool = False, curve_seeds: int = 3, *
     check_out(out)
     preset = config.load_preset(shared["preset"], shared["config_file"])
     overrides = _parse(config.Common, kwargs)
+    if isinstance(overrides.get("seed"), list):
+        raise TwmlError(
+            f"twml reproduce runs one --seed, got {','.join(map(str, overrides['seed']))}: --curves --curve-seeds N "
+            "adds N seeds from --seed on, and any study takes several (twml train --seed 0,1,2)"
+        )
     reproduce.reproduce(preset, overrides, _session(shared, preset), out, curve_seeds if curves else 0)
 
 
@@ -201,7 +206,7 @@ _REPRODUCE_PARAMS = {
     "out": OUT,
     "curves": CURVES,
     "curve_seeds": CURVE_SEEDS,
-    **{k: _option(config.Common, _COMMON[k], None) for k in ("data_dir", "device", "seed")},
+    **{k: _option(config.Common, _COMMON[k], None, sweep=False) for k in ("data_dir", "device", "seed")},
     **SHARED,
     **LAUNCH,
 }

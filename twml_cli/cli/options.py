@@ -108,9 +108,10 @@ OUT = (
 )
 
 
-def _option(cls: type, f, default: Any) -> tuple[Any, Any]:
+def _option(cls: type, f, default: Any, sweep: bool = True) -> tuple[Any, Any]:
     """The Typer option of a settings field: (annotation, None). A setting that can be swept
-    takes several values (repeat the flag; numbers and choices also comma-separated); lists and
+    takes several values (repeat the flag; numbers and choices also comma-separated), and its help
+    says so unless `sweep` is False (a command that makes no sweep and refuses them); lists and
     JSON go in as text."""
     kind = config.field_type(cls, f)
     text = f.metadata["help"]
@@ -129,8 +130,9 @@ def _option(cls: type, f, default: Any) -> tuple[Any, Any]:
     shown = f.metadata["item"] if kind is list else kind
     metavar = "" if kind is bool else f"<{shown.__name__ if shown in (int, float) else 'str'}>"
     if kind is not bool and config.sweepable(cls, f):
-        cli_type = list[str]  # several values: a sweep
-        metavar = metavar[:-1] + (",...>" if kind in (int, float) or f.metadata["choices"] else ">...")
+        cli_type = list[str]  # several values: a sweep (where a command makes none, it refuses them)
+        if sweep:
+            metavar = metavar[:-1] + (",...>" if kind in (int, float) or f.metadata["choices"] else ">...")
     flag = config.flag_of(f)
     names = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
     option = typer.Option(
