@@ -43,6 +43,29 @@ def test_unlearning_removes_the_backdoor_and_keeps_accuracy(planted, digits):
     )  # a copy was repaired, not the original
 
 
+def test_unlearning_that_loses_the_clean_images_starts_again_at_half_the_rate(planted, digits):
+    """A fine-tune that ends more than 5 points below the unstamped training images' accuracy it
+    started at starts again from the model as it was, at half the rate, until one keeps them: the
+    fine-tune kept is, weight for weight, unlearning run at that rate from the start, which itself
+    never restarts."""
+    import copy
+
+    from twml_cli.attacks import accuracy
+
+    model, trigger, mask, pattern = planted
+    x, y = digits.train.tensors
+    wild = copy.deepcopy(model)
+    went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=2, lr=0.0125))  # 2.5 times the default
+    assert went.lost and [lr for lr, _ in went.lost] == [0.0125 / 2**k for k in range(len(went.lost))]
+    assert went.lr == 0.0125 / 2 ** len(went.lost) and all(acc < went.started - 0.05 for _, acc in went.lost)
+    direct = copy.deepcopy(model)
+    kept = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=2, lr=went.lr))
+    assert kept.lost == () and kept.lr == went.lr and kept.started == went.started
+    assert all(torch.equal(a, b) for a, b in zip(wild.state_dict().values(), direct.state_dict().values()))
+    assert accuracy(wild, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.05
+    assert not wild.training
+
+
 def test_unlearning_with_frozen_norm_keeps_batchnorm_statistics(planted, digits):
     import copy
 

@@ -15,7 +15,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -31,13 +31,28 @@ from .runtime import autocast, batches, generator, to_device_layout
 UNLEARN_STREAM = 10
 
 
+LOST = 0.05  # a fall of the unstamped training images' accuracy over a whole fine-tune that sends it back
+RESTARTS = 4  # halvings of the learning rate after a fine-tune that lost its clean images
+
+
+@dataclass(frozen=True)
+class Unlearned:
+    """How unlearning went: the learning rate of the fine-tune kept, and those that lost their
+    clean images first, each as (its learning rate, the unstamped images' accuracy it ended at),
+    beside the accuracy they started at."""
+
+    lr: float
+    started: float
+    lost: tuple[tuple[float, float], ...] = ()
+
+
 def unlearn(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     triggers: Sequence[tuple[torch.Tensor, torch.Tensor]],
     config: UnlearnConfig,
-) -> None:
+) -> Unlearned:
     """Fine-tune `model` in place on (x, y) with config.fraction of the images stamped with a
     reversed trigger (mask, pattern), labels unchanged; with several triggers (one per search
     of the cleanse run) the stamped images take them in turn. SGD with momentum at
@@ -47,12 +62,44 @@ def unlearn(
     With config.distill > 0, each batch's unstamped images also pull the features the classifier
     reads toward the model's own before unlearning (their squared distance relative to the
     features' squared norm, times config.distill): the stamped images learn to ignore the trigger
-    while the clean ones keep what the model made of them."""
+    while the clean ones keep what the model made of them.
+
+    A fine-tune that ends more than LOST below the unstamped images' accuracy it started at (it
+    trained on them: the rate was too high for this model) starts again from the model as it was,
+    with the same images stamped in the same order, at half the learning rate, up to RESTARTS
+    times (the last is kept whatever its accuracy): on a model whose frozen normalization makes it
+    sensitive to its weights, the default rate can wreck it in a few steps. A fine-tune that keeps
+    its clean images is kept as it is."""
     device = next(model.parameters()).device
     x, y = to_device_layout(x, device), y.to(device)
     g = generator(torch.device("cpu"), config.seed, UNLEARN_STREAM)
     chosen = draw(len(x), config.fraction, g)
     x = stamped_at(x, triggers, chosen.to(device))
+    unstamped = torch.ones(len(x), dtype=torch.bool)
+    unstamped[chosen] = False
+    unstamped = unstamped.to(device)
+    start, after_draw = copy.deepcopy(model.state_dict()), g.get_state()
+    started = _accuracy(model, x[unstamped], y[unstamped])
+    lost: list[tuple[float, float]] = []
+    lr = config.lr
+    for attempt in range(RESTARTS + 1):
+        _fine_tune(model, x, y, chosen, replace(config, lr=lr), g)
+        ended = _accuracy(model, x[unstamped], y[unstamped])
+        if ended >= started - LOST or attempt == RESTARTS:
+            break
+        lost.append((lr, ended))
+        model.load_state_dict(start)
+        g.set_state(after_draw)
+        lr /= 2
+    model.eval()
+    return Unlearned(lr, started, tuple(lost))
+
+
+def _fine_tune(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chosen: torch.Tensor, config: UnlearnConfig, g: torch.Generator
+) -> None:
+    """One fine-tune of unlearn's, with the images `chosen` stamped, in the order g draws."""
+    device = next(model.parameters()).device
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     per_epoch = math.ceil(len(x) / config.batch_size)
     rates = _rates(config, per_epoch)
@@ -77,7 +124,14 @@ def unlearn(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy in eval mode (no state changes)."""
     model.eval()
+    with torch.inference_mode(), autocast(x.device):
+        right = sum(int((model(x[s]).argmax(1) == y[s]).sum()) for s in batches(len(x), batch_size))
+    return right / max(1, len(x))
 
 
 class _FeaturePull:

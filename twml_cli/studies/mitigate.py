@@ -59,6 +59,7 @@ class Outcome:
     metrics: results.MitigationMetrics
     real: results.RealTriggerMetrics | None
     pruned: mitigation.PruneResult | None
+    unlearned: mitigation.Unlearned | None = None
 
 
 def findings(cleanse_run: str) -> list[Finding]:
@@ -134,11 +135,11 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     with runtime.phase("evaluate"):
         before = _measure(inputs.model, inputs)
     repaired = copy.deepcopy(inputs.model)
-    pruned = None
+    pruned = unlearned = None
     x, y = inputs.data.train.x.cpu(), inputs.data.train.y.cpu()
     if s.mitigation == "unlearn":
         with runtime.phase("train"):
-            mitigation.unlearn(repaired, x, y, f.triggers, s.unlearn_config())
+            unlearned = mitigation.unlearn(repaired, x, y, f.triggers, s.unlearn_config())
     else:
         with runtime.phase("evaluate"):  # pruning updates no weights by gradient
             pruned = mitigation.prune(repaired, x, y, f.target, f.mask, f.pattern, s.prune_step, s.prune_stop)
@@ -146,7 +147,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
         after = _measure(repaired, inputs)
     metrics = results.MitigationMetrics(before[0], after[0], before[1], after[1])
     real = results.RealTriggerMetrics(before[2], after[2]) if before[2] is not None and after[2] is not None else None
-    return Outcome(s, f, repaired, metrics, real, pruned)
+    return Outcome(s, f, repaired, metrics, real, pruned, unlearned)
 
 
 def extra_params(inputs: Inputs) -> dict:
@@ -172,6 +173,8 @@ def record(run: Run, outcome: Outcome) -> None:
         run.log_metrics(results.metrics(outcome.real))
     if outcome.pruned is not None:
         run.log_metrics({"pruned_neurons": outcome.pruned.pruned, "penultimate_neurons": outcome.pruned.neurons})
+    if outcome.unlearned is not None:  # the rate unlearning kept: --unlearn-lr, or less after fine-tunes that lost
+        run.log_metrics({"unlearn_lr_used": outcome.unlearned.lr, "unlearn_restarts": len(outcome.unlearned.lost)})
 
 
 def summarize(o: Outcome) -> list[str]:
@@ -184,6 +187,7 @@ def summarize(o: Outcome) -> list[str]:
     )
     lines = [
         f"Model {f.model_index} (class {f.target} flagged, anomaly index {f.anomaly_index:.2f}), repaired by {how}:",
+        *_restarts(o.unlearned),
         f"  Clean accuracy: {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
         f"  Reversed trigger's success: {m.reversed_success_before:.4f} -> {m.reversed_success:.4f}",
     ]
@@ -193,3 +197,14 @@ def summarize(o: Outcome) -> list[str]:
             f"{o.real.attack_success_rate:.4f}"
         )
     return lines
+
+
+def _restarts(u: mitigation.Unlearned | None) -> list[str]:
+    """A line for each fine-tune that lost the clean training images and was started again."""
+    if u is None:
+        return []
+    return [
+        f"  Unlearning at lr {lr:g} lost the clean training images (accuracy {u.started:.4f} -> {acc:.4f}): started "
+        f"again at lr {lr / 2:g}"
+        for lr, acc in u.lost
+    ]
