@@ -591,7 +591,10 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
         assert ("The newest cleanse run (dddddddd, above) flagged model 1 class 3; no repair" in text) == said
     (table,) = [b for b in doc.blocks if isinstance(b, Table)]
     assert "cleanse run" not in table.header  # one and the same: said in the text
+    assert "Unlearning took the real trigger's attack success from 0.9800 to 0.0100" in text  # one repair: no name
     doc = Document("twml")
     report_cleanse.mitigation_section(doc, [*repairs, repair(2, "e" * 32)], cleansed("e", "model 1 class 0"))
     (table,) = [b for b in doc.blocks if isinstance(b, Table)]
     assert [r[table.header.index("cleanse run")] for r in table.rows] == ["cccccccc", "eeeeeeee"]
+    text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+    assert "Unlearning of class 0 (run 00000002) took the real trigger's attack success" in text  # which row it reads

@@ -396,6 +396,8 @@ def mitigation_section(doc: Document, runs: list, newest: CleanseRun | None = No
             continue
         m = r.mitigation
         how = "Unlearning" if r.settings.mitigation == "unlearn" else "Pruning"
+        if len(runs) > 1:  # which row this sentence reads
+            how += f" of class {r.param('target')} (run {short(r.id)})"
         doc.add(
             Para(
                 f"{how} took the real trigger's attack success from {f4(r.real.attack_success_rate_before)} to "
