@@ -50,9 +50,7 @@ def test_unlearning_that_loses_the_clean_images_starts_again_at_half_the_rate(pl
     never restarts."""
     import copy
 
-    from twml_cli.attacks import accuracy
-
-    model, trigger, mask, pattern = planted
+    model, _, mask, pattern = planted
     x, y = digits.train.tensors
     wild = copy.deepcopy(model)
     went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=2, lr=0.0125))  # 2.5 times the default
@@ -62,8 +60,7 @@ def test_unlearning_that_loses_the_clean_images_starts_again_at_half_the_rate(pl
     kept = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=2, lr=went.lr))
     assert kept.lost == () and kept.lr == went.lr and kept.started == went.started
     assert all(torch.equal(a, b) for a, b in zip(wild.state_dict().values(), direct.state_dict().values()))
-    assert accuracy(wild, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.05
-    assert not wild.training
+    assert went.ended == kept.ended >= went.started - 0.05 and not wild.training
 
 
 def test_unlearning_with_frozen_norm_keeps_batchnorm_statistics(planted, digits):

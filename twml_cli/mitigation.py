@@ -37,12 +37,13 @@ RESTARTS = 4  # halvings of the learning rate after a fine-tune that lost its cl
 
 @dataclass(frozen=True)
 class Unlearned:
-    """How unlearning went: the learning rate of the fine-tune kept, and those that lost their
-    clean images first, each as (its learning rate, the unstamped images' accuracy it ended at),
-    beside the accuracy they started at."""
+    """How unlearning went: the learning rate of the fine-tune kept, the unstamped images' accuracy
+    before unlearning and after it, and the fine-tunes that lost those images first, each as (its
+    learning rate, the accuracy it ended at)."""
 
     lr: float
     started: float
+    ended: float
     lost: tuple[tuple[float, float], ...] = ()
 
 
@@ -92,7 +93,7 @@ def unlearn(
         g.set_state(after_draw)
         lr /= 2
     model.eval()
-    return Unlearned(lr, started, tuple(lost))
+    return Unlearned(lr, started, ended, tuple(lost))
 
 
 def _fine_tune(
