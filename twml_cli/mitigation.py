@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attacks import accuracy
 from .backdoor import stamped_success_rate
 from .cleanse import stamp
 from .configs import UnlearnConfig
@@ -80,12 +81,12 @@ def unlearn(
     unstamped[chosen] = False
     unstamped = unstamped.to(device)
     start, after_draw = copy.deepcopy(model.state_dict()), g.get_state()
-    started = _accuracy(model, x[unstamped], y[unstamped])
+    started = accuracy(model, (x[unstamped], y[unstamped]))
     lost: list[tuple[float, float]] = []
     lr = config.lr
     for attempt in range(RESTARTS + 1):
         _fine_tune(model, x, y, chosen, replace(config, lr=lr), g)
-        ended = _accuracy(model, x[unstamped], y[unstamped])
+        ended = accuracy(model, (x[unstamped], y[unstamped]))
         if ended >= started - LOST or attempt == RESTARTS:
             break
         lost.append((lr, ended))
@@ -125,14 +126,6 @@ def _fine_tune(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in eval mode (no state changes)."""
-    model.eval()
-    with torch.inference_mode(), autocast(x.device):
-        right = sum(int((model(x[s]).argmax(1) == y[s]).sum()) for s in batches(len(x), batch_size))
-    return right / max(1, len(x))
 
 
 class _FeaturePull:
