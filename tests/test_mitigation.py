@@ -192,6 +192,8 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     # and three draws, 1.7
     assert m["accuracy"] >= m["accuracy_before"] - 0.02
     assert m["reversed_success"] < m["reversed_success_before"]
+    assert m["unlearn_lr_used"] == 0.005 and m["unlearn_restarts"] == 0  # the default's fine-tune keeps its images
+    assert "lost the clean training images" not in results[0].out
     assert cli.model_files(unlearned) == {"model.safetensors", "spec.json"}  # the repaired model
     assert runs["prune"].data.params["reversed_triggers"] == "1"  # pruning ranks neurons by the first search's
     pruned = runs["prune"].data.metrics
