@@ -177,6 +177,11 @@ class Difference:
     low: float
     high: float
 
+    @property
+    def way(self) -> str | None:
+        """'rose' or 'fell' where the interval excludes 0; None where it holds 0."""
+        return "rose" if self.low > 0 else "fell" if self.high < 0 else None
+
 
 def difference(a: Estimate, b: Estimate, level: float = 0.95) -> Difference | None:
     """The difference of the means b - a with the confidence interval of Welch's two-sample t test
@@ -199,9 +204,7 @@ def direction(a: Estimate, b: Estimate) -> str | None:
     """'rose' or 'fell' from a to b where the 95% interval of the difference excludes 0; None
     where it holds 0 (within seed noise) or either side has one seed (no direction can be told)."""
     d = difference(a, b)
-    if d is None:
-        return None
-    return "rose" if d.low > 0 else "fell" if d.high < 0 else None
+    return None if d is None else d.way
 
 
 def compare(a: Estimate, b: Estimate, what: str, digits: int = 4) -> str:
@@ -215,7 +218,7 @@ def compare(a: Estimate, b: Estimate, what: str, digits: int = 4) -> str:
         )
     n = f"{min(a.n, b.n)} seeds" if a.n == b.n else f"{a.n} and {b.n} seeds"
     interval = f"difference {d.value:+.{digits}f}, 95% interval {d.low:+.{digits}f} to {d.high:+.{digits}f}"
-    verdict = direction(a, b)
+    verdict = d.way
     if verdict is None:
         return (
             f"{what} went from {a.text(digits)} to {b.text(digits)} (mean ± sd over {n}; {interval}): within seed noise"
