@@ -38,7 +38,7 @@ def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:
     kind = setup(anchor, *KIND)
     alike = [r for r in runs.train if setup(r, *KIND) == kind]
     free = [r for r in alike if r.settings.method == "free"]
-    by_m = {m: Replicates.of([r for r in free if r.settings.m == m]) for m in sorted({r.settings.m for r in free})}
+    by_m = _by(free, "m")
     ms = list(by_m)
 
     def has(k: Replicates, metric: str) -> bool:  # every seed measured it (AutoAttack: --eval autoattack)
@@ -65,13 +65,12 @@ def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:
         [by_m[m].n for m in ms],
     )
     png, _ = figures.save_both(figure, fig_dir / "m-curve")
-    outside = sorted({r.id for k in by_m.values() for r in k.runs} - children)
     doc.add(
         Heading("Across m and seeds: the m-curve", 2),
         Para(
             f"Free adversarial training at m = {', '.join(str(m) for m in ms)}, at {anchor.settings.epochs} epochs of "
             f"SGD budget and eps {anchor.settings.eps:.4g}: the runs of sweep {short(sw.id)}"
-            + _more(outside, "m")
+            + _more(by_m, children, "m")
             + ", the newest of each seed ("
             + "; ".join(f"m = {m}: {k.seeds}" for m, k in by_m.items())
             + "); every value is the mean ± standard deviation over seeds. Standard and fast training runs made alike "
@@ -102,8 +101,15 @@ def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:
         doc.add(Para(_timing_caveat([r for k in by_m.values() for r in k.runs])))
 
 
-def _more(outside: list[str], axis: str) -> str:
-    """' and 2 more made alike (...)': the runs a curve pools from outside its sweep."""
+def _by(runs: list, axis: str) -> dict:
+    """Runs of one setup but `axis`, by its value (ascending): the newest run of each seed."""
+    values = sorted({getattr(r.settings, axis) for r in runs})
+    return {v: Replicates.of([r for r in runs if getattr(r.settings, axis) == v]) for v in values}
+
+
+def _more(groups: dict, children: set[str], axis: str) -> str:
+    """' and 2 more made alike (...)': the runs a curve pools from outside its sweep's `children`."""
+    outside = {r.id for k in groups.values() for r in k.runs} - children
     if not outside:
         return ""
     return f" and {len(outside)} more made alike (every setting but {axis} and the seed as the sweep's)"
@@ -220,10 +226,7 @@ def sigma_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
         return
     kind = setup(anchor, "sigma")
     alike = [r for r in runs.smooth if setup(r, "sigma") == kind]
-    by_sigma = {
-        sigma: Replicates.of([r for r in alike if r.settings.sigma == sigma])
-        for sigma in sorted({r.settings.sigma for r in alike})
-    }
+    by_sigma = _by(alike, "sigma")
     named = [
         (smooth.cell_label(r.settings, ["sigma"]), r.table["radius"].to_numpy(), r.table["correct"].to_numpy())
         for k in by_sigma.values()
@@ -233,12 +236,11 @@ def sigma_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
     png, _ = figures.save_both(
         figures.certified_accuracy_bands_figure(grid, curves, envelope), fig_dir / "certified-accuracy-by-sigma"
     )
-    outside = sorted({r.id for k in by_sigma.values() for r in k.runs} - children)
     doc.add(
         Heading("Across sigmas and seeds: the envelope", 2),
         Para(
             f"Trained and certified at σ = {', '.join(f'{x:g}' for x in by_sigma)}: the runs of sweep {short(sw.id)}"
-            + _more(outside, "σ")
+            + _more(by_sigma, children, "σ")
             + ", the newest of each seed ("
             + "; ".join(f"σ = {x:g}: {k.seeds}" for x, k in by_sigma.items())
             + "); the curves are the mean certified accuracy over seeds with a band of one standard deviation, and the "
