@@ -12,7 +12,7 @@ from .. import figures
 from ..studies import attack, smooth, sweep
 from .adversarial import timing_caveat
 from .document import Document, Figure, Heading, Para, Table
-from .runs import KIND, Replicates, Runs, TrainRun, setup
+from .runs import KIND, Replicates, Runs, SweepRun, TrainRun, setup
 from .smoothing import gaussian
 from .words import model_name, short
 
@@ -69,11 +69,8 @@ def m_curve(doc: Document, runs: Runs, fig_dir: Path) -> None:
         Heading("Across m and seeds: the m-curve", 2),
         Para(
             f"Free adversarial training at m = {', '.join(str(m) for m in ms)}, at {anchor.settings.epochs} epochs of "
-            f"SGD budget and eps {anchor.settings.eps:.4g}: the runs of sweep {short(sw.id)}"
-            + _more(by_m, children, "m")
-            + ", the newest of each seed ("
-            + "; ".join(f"m = {m}: {k.seeds}" for m, k in by_m.items())
-            + "); every value is the mean ± standard deviation over seeds. Standard and fast training runs made alike "
+            f"SGD budget and eps {anchor.settings.eps:.4g}: {_which(sw, by_m, children, 'm')}; every value is the "
+            "mean ± standard deviation over seeds. Standard and fast training runs made alike "
             "are drawn as references."
         ),
         Figure(
@@ -107,12 +104,15 @@ def _by(runs: list, axis: str) -> dict:
     return {v: Replicates.of([r for r in runs if getattr(r.settings, axis) == v]) for v in values}
 
 
-def _more(groups: dict, children: set[str], axis: str) -> str:
-    """' and 2 more made alike (...)': the runs a curve pools from outside its sweep's `children`."""
+def _which(sw: SweepRun, groups: dict, children: set[str], axis: str) -> str:
+    """Which runs a curve draws: 'the runs of sweep X and 2 more made alike (...), the newest of each
+    seed (m = 4: seeds 0-2; ...)', the runs from outside the sweep's `children` counted."""
     outside = {r.id for k in groups.values() for r in k.runs} - children
-    if not outside:
-        return ""
-    return f" and {len(outside)} more made alike (every setting but {axis} and the seed as the sweep's)"
+    more = (
+        f" and {len(outside)} more made alike (every setting but {axis} and the seed as the sweep's)" if outside else ""
+    )
+    seeds = "; ".join(f"{axis} = {v:g}: {k.seeds}" for v, k in groups.items())
+    return f"the runs of sweep {short(sw.id)}{more}, the newest of each seed ({seeds})"
 
 
 def _metric(r: TrainRun, key: str) -> float:
@@ -239,11 +239,9 @@ def sigma_curves(doc: Document, runs: Runs, fig_dir: Path) -> None:
     doc.add(
         Heading("Across sigmas and seeds: the envelope", 2),
         Para(
-            f"Trained and certified at σ = {', '.join(f'{x:g}' for x in by_sigma)}: the runs of sweep {short(sw.id)}"
-            + _more(by_sigma, children, "σ")
-            + ", the newest of each seed ("
-            + "; ".join(f"σ = {x:g}: {k.seeds}" for x, k in by_sigma.items())
-            + "); the curves are the mean certified accuracy over seeds with a band of one standard deviation, and the "
+            f"Trained and certified at σ = {', '.join(f'{x:g}' for x in by_sigma)}: "
+            f"{_which(sw, by_sigma, children, 'σ')}; the curves are the mean certified accuracy over seeds with a band "
+            "of one standard deviation, and the "
             "envelope is the best σ at each radius, as Cohen et al. plot it."
         ),
         Figure(png, "Certified accuracy against L2 radius per σ, with the envelope", 0.7),
