@@ -10,7 +10,7 @@ from twml_cli.report import cleanse as report_cleanse
 from twml_cli.report.cleanse import describe_mask, thin_margin
 from twml_cli.report.document import Bullets, Document, Para, Table
 from twml_cli.report.runs import AttackRun, CleanseRun, TrainRun
-from twml_cli.report.words import change, model_name
+from twml_cli.report.words import change, model_name, secs
 
 
 def test_reproduce_logs_every_step_as_its_own_run(reproduced):
@@ -233,6 +233,9 @@ def test_change_wording():
     assert change(0.75, 0.5) == "fell from 0.7500 to 0.5000 (-25.00 points)"
     assert change(0.5, 0.5) == "stayed at 0.5000"
     assert change(2.0, 3.0, points=False) == "rose from 2.0000 to 3.0000 (x1.50)"
+    # two numbers that print the same are said to stay, not to rise from a figure to itself
+    assert change(5.01, 5.04, secs, points=False) == "stayed at 5.0 s (x1.01)"
+    assert change(0.98061, 0.98064) == "stayed at 0.9806"
 
 
 def test_a_model_is_named_by_its_run_or_its_folder():

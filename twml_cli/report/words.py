@@ -16,11 +16,13 @@ def secs(v: float) -> str:
 
 
 def change(before: float, after: float, fmt=f4, points: bool = True) -> str:
-    """'rose from A to B (+d points)', 'fell from ...', or 'stayed at A'."""
-    if abs(after - before) < 5e-5:
-        return f"stayed at {fmt(before)}"
+    """'rose from A to B (+d points)', 'fell from ...', or 'stayed at A' where A and B print alike
+    (a ratio, as 'x1.01', is still given: it has more digits than the figures)."""
+    ratio = f" (x{after / before:.2f})" if before and not points else ""
+    if fmt(after) == fmt(before):
+        return f"stayed at {fmt(before)}{ratio if ratio != ' (x1.00)' else ''}"
     verb = "rose" if after > before else "fell"
-    delta = f" ({(after - before) * 100:+.2f} points)" if points else f" (x{after / before:.2f})" if before else ""
+    delta = f" ({(after - before) * 100:+.2f} points)" if points else ratio
     return f"{verb} from {fmt(before)} to {fmt(after)}{delta}"
 
 
