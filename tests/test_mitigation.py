@@ -199,6 +199,30 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     pruned = runs["prune"].data.metrics
     assert pruned["pruned_neurons"] > 0 and pruned["attack_success_rate"] < pruned["attack_success_rate_before"]
     assert "Real trigger's attack success rate:" in result.out
+    # at ten times the rate, over 3 epochs, the fine-tune wrecks the clean images and starts again at half the rate
+    wild = cli(
+        "mitigate", "--cleanse-run", cleanse.info.run_id, "--unlearn-lr", "0.05", "--unlearn-epochs", "3",
+        "--experiment", "mitigation",
+    )  # fmt: skip
+    assert wild.code == 0, wild.err
+    (restarted,) = [
+        r for r in cli.runs("mitigate", experiment="mitigation") if r.data.params.get("unlearn_lr") == "0.05"
+    ]
+    m = restarted.data.metrics
+    assert m["unlearn_restarts"] >= 1 and m["unlearn_lr_used"] == 0.05 / 2 ** m["unlearn_restarts"]
+    assert "Unlearning at lr 0.05 lost the clean training images" in wild.out
+    assert cli("report", "--experiment", "mitigation", "--out", "out").code == 0
+    md = (cli.path / "out" / "mitigation.md").read_text()
+    section = md[md.index("### Mitigation") :]
+    assert section.count("unlearning fine-tunes for") == 1  # each method described once ...
+    assert "| --unlearn-epochs 3, --unlearn-lr 0.05 |" in section  # ... and what a repair changed, in its row
+    lr = f"{m['unlearn_lr_used']:g}"
+    restarts = int(m["unlearn_restarts"])
+    assert (
+        f"Unlearning of class 0 (run {restarted.info.run_id[:8]}) at lr 0.05 lost the clean training images and "
+        f"started again from the model as it was at half the rate ({restarts} restart{'s' * (restarts > 1)}): the "
+        f"model kept was fine-tuned at lr {lr}. It took the real trigger's attack success" in section
+    )
 
 
 def test_mitigate_needs_a_cleanse_run_that_flagged_something(cli):

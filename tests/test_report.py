@@ -565,8 +565,8 @@ def test_the_envelope_pools_every_sigma_made_alike_and_names_each_stretch(tmp_pa
 def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     from twml_cli.report.runs import MitigateRun
 
-    def repair(i, cleanse_run):
-        settings = config.resolve_one("mitigate", config.load_preset(), {"cleanse_run": cleanse_run})
+    def repair(i, cleanse_run, **changed):
+        settings = config.resolve_one("mitigate", config.load_preset(), {"cleanse_run": cleanse_run, **changed})
         return MitigateRun(
             id=f"{i:08d}" + "7" * 24,
             name="",
@@ -601,3 +601,12 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     assert [r[table.header.index("cleanse run")] for r in table.rows] == ["cccccccc", "eeeeeeee"]
     text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
     assert "Unlearning of class 0 (run 00000002) took the real trigger's attack success" in text  # which row it reads
+    assert "settings" not in table.header and "other settings" not in text  # all made alike
+    # the text describes the settings most repairs share; a repair made otherwise names what it changed
+    doc = Document("twml")
+    varied = [repair(4, "c" * 32, unlearn_lr=0.01), repair(3, "c" * 32, unlearn_lr=0.01), *repairs]
+    report_cleanse.mitigation_section(doc, varied)
+    (table,) = [b for b in doc.blocks if isinstance(b, Table)]
+    text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+    assert text.count("unlearning fine-tunes for") == 1 and "(SGD, lr 0.01 warmed up" in text
+    assert [r[table.header.index("settings")] for r in table.rows] == ["–", "–", "--unlearn-lr 0.005"]

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import results
+from .. import config, results
 from ..backdoor import Trigger
+from ..settings import RUNTIME_ONLY
 from .document import Bullets, Document, Figure, FigureRow, Heading, Para, Table
 from .runs import BackdoorRun, CleanseRun
 from .words import f4, model_name, short
@@ -341,12 +342,41 @@ def _place(position: str) -> str:
     return "at the centre" if position == "centre" else f"at the {position} corner"
 
 
+def _setting(run) -> str:
+    """A repair's settings, less the cleanse run it acted on and where it ran."""
+    return str({k: v for k, v in config.params(run.settings).items() if k not in ("cleanse_run", *RUNTIME_ONLY)})
+
+
+def _described(runs: list) -> dict:
+    """For each method, the run whose settings the text describes: of the settings most of its
+    repairs share, the first made (`runs`: newest first), so that later variations are named as such."""
+    out = {}
+    for method in dict.fromkeys(r.settings.mitigation for r in runs):
+        alike = [r for r in runs if r.settings.mitigation == method]
+        shared = [_setting(r) for r in alike]
+        out[method] = max(alike[::-1], key=lambda r: shared.count(_setting(r)))  # max keeps the first: the oldest
+    return out
+
+
+def _differs(run, described) -> str:
+    """The settings in which a repair differs from the run of its method the text describes, as
+    options ('--unlearn-lr 0.05'), or '–'."""
+    a, b = config.params(run.settings), config.params(described.settings)
+    changed = [
+        f"--{k.replace('_', '-')} {a[k]:g}" if isinstance(a[k], float) else f"--{k.replace('_', '-')} {a[k]}"
+        for k in a
+        if k not in ("cleanse_run", *RUNTIME_ONLY) and a[k] != b.get(k)
+    ]
+    return ", ".join(changed) or "–"
+
+
 def mitigation_section(doc: Document, runs: list, newest: CleanseRun | None = None) -> None:
     """Neural Cleanse's mitigation: each repaired model, before and after, and the cleanse run
     whose finding it acted on; a finding of the newest cleanse run (`newest`, the one section 3
     reads) that no repair acted on is named, with the command that repairs it."""
     if not runs:
         return
+    described = _described(runs)
     table, common = Table(
         [
             "method",
@@ -357,6 +387,7 @@ def mitigation_section(doc: Document, runs: list, newest: CleanseRun | None = No
             "real trigger's success",
             "reversed trigger's success",
             "run",
+            "settings",
         ],
         [
             [
@@ -368,10 +399,11 @@ def mitigation_section(doc: Document, runs: list, newest: CleanseRun | None = No
                 f"{f4(r.real.attack_success_rate_before)} → {f4(r.real.attack_success_rate)}" if r.real else "–",
                 f"{f4(r.mitigation.reversed_success_before)} → {f4(r.mitigation.reversed_success)}",
                 short(r.id),
+                _differs(r, described[r.settings.mitigation]),
             ]
             for r in runs
         ],
-    ).drop_constant(["cleanse run"])
+    ).drop_constant(["cleanse run"], dashes=["settings"])
     acted = {r.settings.cleanse_run for r in runs}
     unrepaired = (
         f" The newest cleanse run ({short(newest.id)}, above) flagged {newest.verdict}; no repair has acted on its "
@@ -384,28 +416,38 @@ def mitigation_section(doc: Document, runs: list, newest: CleanseRun | None = No
         Para(
             "`twml mitigate` repairs each model a cleanse run flagged, with the trigger Neural Cleanse reversed (the "
             "real one stays unknown to it): "
-            + "; ".join(dict.fromkeys(_how(r.settings, int(r.param("reversed_triggers") or 1)) for r in runs))
+            + "; ".join(_how(r.settings, int(r.param("reversed_triggers") or 1)) for r in described.values())
             + ". The real trigger's attack success is measured on clean test images of the other classes."
+            + (
+                " Where a repair ran with other settings, the settings column names them."
+                if "settings" in table.header
+                else ""
+            )
             + (f" Every repair below acts on the findings of {common[0]}." if common else "")
             + unrepaired
         ),
         table,
     )
     for r in runs:
-        if r.real is None:
-            continue
-        m = r.mitigation
+        m, said = r.mitigation, []
         how = "Unlearning" if r.settings.mitigation == "unlearn" else "Pruning"
         if len(runs) > 1:  # which row this sentence reads
             how += f" of class {r.param('target')} (run {short(r.id)})"
-        doc.add(
-            Para(
-                f"{how} took the real trigger's attack success from {f4(r.real.attack_success_rate_before)} to "
-                f"{f4(r.real.attack_success_rate)} while clean accuracy went from {f4(m.accuracy_before)} to "
-                f"{f4(m.accuracy)} "
+        if r.restarts:
+            said.append(
+                f"{how} at lr {r.settings.unlearn_lr:g} lost the clean training images and started again from the "
+                f"model as it was at half the rate ({_count(r.restarts, 'restart')}): the model kept was fine-tuned "
+                f"at lr {r.lr_used:g}."
+            )
+        if r.real is not None:
+            said.append(
+                f"{'It' if said else how} took the real trigger's attack success from "
+                f"{f4(r.real.attack_success_rate_before)} to {f4(r.real.attack_success_rate)} while clean accuracy "
+                f"went from {f4(m.accuracy_before)} to {f4(m.accuracy)} "
                 f"({(m.accuracy - m.accuracy_before) * 100:+.2f} points)."
             )
-        )
+        if said:
+            doc.add(Para(" ".join(said)))
 
 
 def across_runs(doc: Document, runs: list, backdoor_runs: list, clean: frozenset[str]) -> None:

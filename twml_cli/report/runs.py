@@ -94,6 +94,8 @@ class MitigateRun(Logged):
     settings: config.Mitigate = None
     mitigation: results.MitigationMetrics = None
     real: results.RealTriggerMetrics | None = None  # when the model came from twml backdoor
+    restarts: int = 0  # unlearning's fine-tunes that lost the clean training images, each started again
+    lr_used: float | None = None  # the rate of the fine-tune unlearning kept (where logged)
 
 
 @dataclass
@@ -260,6 +262,8 @@ def load(experiment: str) -> Runs:
         m = base(r, MitigateRun, config.Mitigate)
         m.mitigation = read(r, results.MitigationMetrics, m.where)
         m.real = read(r, results.RealTriggerMetrics, m.where) if "attack_success_rate" in r.data.metrics else None
+        m.restarts = int(r.data.metrics.get("unlearn_restarts", 0))
+        m.lr_used = r.data.metrics.get("unlearn_lr_used")
         mitigate.append(m)
     sweeps = []
     for r in tracking.find_runs(experiment, "sweep"):
