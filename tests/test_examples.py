@@ -101,6 +101,18 @@ def test_a_folder_streams_resized_images_keyed_like_memory(tmp_path):
     assert plain.shape == (2, 3, 8, 8) and not torch.equal(plain, x)
 
 
+def test_a_folder_has_at_most_a_worker_per_core_of_its_process(tmp_path, monkeypatch):
+    import os
+
+    root = make_folder(tmp_path / "data") / "train"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert Folder(root, 8, workers=64).workers == 4 and Folder(root, 8, workers=3).workers == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's two processes share the cores
+    assert Folder(root, 8, workers=64).workers == 2 and Folder(root, 8, workers=0).workers == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert Folder(root, 8, workers=64).workers == 1
+
+
 def test_an_image_folder_trains_and_is_attacked_through_the_cli(cli, tmp_path):
     root = make_folder(tmp_path / "shapes")
     result = cli(

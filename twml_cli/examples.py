@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TwmlError
-from .runtime import derive_seed, keyed_uniform, to_device_layout
+from .runtime import derive_seed, keyed_uniform, machine_cores, to_device_layout
 
 AUGMENT_STREAM = 5
 # each data set's usual training augmentation (the papers'): crops with 4-pixel padding and
@@ -136,7 +136,8 @@ class Folder:
     def __init__(self, root: Path, image_size: int, workers: int, classes: list[str] | None = None):
         from torchvision.datasets import ImageFolder
 
-        self.root, self.image_size, self.workers = Path(root), image_size, workers
+        cores, procs = machine_cores()  # more workers than cores only queue for them (and torch warns)
+        self.root, self.image_size, self.workers = Path(root), image_size, min(workers, max(1, cores // procs))
         self.dataset = ImageFolder(str(root))
         if classes is not None and self.dataset.classes != classes:
             raise ValueError(f"{root} has classes {self.dataset.classes}, but the training folder has {classes}")

@@ -53,9 +53,17 @@ def choose_threads(explicit: int = 0, work: int | None = None) -> tuple[int, str
         return int(given), "OMP_NUM_THREADS"
     if work is not None and work < SMALL_WORK:
         return 1, f"{work:,} values per forward pass (under {SMALL_WORK:,})"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    cores, procs = machine_cores()
     return max(1, cores // procs), f"{cores} cores / {procs} process{'es' if procs > 1 else ''}"
+
+
+def machine_cores() -> tuple[int, int]:
+    """(the cores this process may run on (its CPU affinity), the processes torchrun started on
+    this machine, which share them)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores, max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def apply_threads(choice: tuple[int, str]) -> int:

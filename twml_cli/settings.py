@@ -103,7 +103,9 @@ class Common(Group):
     )
     data_dir: str = setting("data", "Where torchvision data sets are stored.")
     image_size: int = setting(0, "Image folders: the side images are resized to (0: 224).")
-    workers: int = setting(4, "Image folders: DataLoader worker processes.", log=False)
+    workers: int = setting(
+        4, "Image folders: DataLoader worker processes (at most the cores each process has).", log=False
+    )
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
     compile: str = setting(
         "auto",
