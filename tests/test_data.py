@@ -99,3 +99,19 @@ def test_torchvision_set_offline_says_where_the_files_go(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(TwmlError, match=f"cannot load data set 'mnist' from {tmp_path}"):
         load_dataset("mnist", tmp_path)
+
+
+def test_a_folder_named_like_a_data_set_does_not_replace_it(tmp_path, monkeypatch):
+    """A folder ./digits beside the command leaves `digits` the embedded set; './digits' is the
+    folder, and is described (and so logged) by that name, not by the embedded set's."""
+    from test_examples import make_folder
+
+    from twml_cli.data import open_dataset
+    from twml_cli.examples import Folder, InMemory
+
+    make_folder(tmp_path / "digits")
+    monkeypatch.chdir(tmp_path)
+    embedded = open_dataset("digits")
+    assert isinstance(embedded.train, InMemory) and embedded.info.name == "digits" and embedded.info.num_classes == 10
+    folder = open_dataset("./digits", image_size=8, workers=0)
+    assert isinstance(folder.train, Folder) and folder.info.name == "./digits" and folder.info.num_classes == 3

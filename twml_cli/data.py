@@ -75,8 +75,8 @@ STATS_IMAGES = 512  # images of a folder's training split its mean and std are m
 
 def open_dataset(name: str, data_dir: str | Path | None = None, image_size: int = 0, workers: int = 4) -> DataSet:
     """A data set by name, .npz path or folder path, ready to batch."""
-    if Path(name).is_dir():
-        return _folder(Path(name), image_size or FOLDER_IMAGE_SIZE, workers)
+    if is_folder(name):
+        return _folder(name, image_size or FOLDER_IMAGE_SIZE, workers)
     train, test = load_dataset(name, data_dir)
     if image_size and image_size != train.tensors[0].shape[-1]:
         raise TwmlError(
@@ -85,8 +85,16 @@ def open_dataset(name: str, data_dir: str | Path | None = None, image_size: int 
     return DataSet(InMemory(*train.tensors), InMemory(*test.tensors), describe(name, train, test))
 
 
-def _folder(root: Path, size: int, workers: int) -> DataSet:
-    """train/ and val/ (or test/) class folders, streamed."""
+def is_folder(name: str) -> bool:
+    """Whether `name` is an image folder. The names of DATASETS come first: a folder ./digits
+    beside a command does not replace the embedded digits (write ./digits for the folder)."""
+    return name not in DATASETS and Path(name).is_dir()
+
+
+def _folder(name: str, size: int, workers: int) -> DataSet:
+    """train/ and val/ (or test/) class folders, streamed; described by `name` as given
+    ('./digits' stays distinct from the embedded set's name)."""
+    root = Path(name)
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise TwmlError(f"image folder '{root}' needs train/ and val/ (or test/) subfolders with one folder per class")
@@ -100,7 +108,7 @@ def _folder(root: Path, size: int, workers: int) -> DataSet:
     x, _ = train.take(sample)
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     info = DataInfo(
-        name=str(root),
+        name=name,
         num_classes=len(train.dataset.classes),
         in_chans=x.shape[1],
         input_size=(size, size),

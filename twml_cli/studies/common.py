@@ -83,7 +83,7 @@ def load_data(name: str, settings, model: models.Classifier | None = None) -> Da
     """A data set with its description (cached: a command making several runs loads it once).
     An image folder read for a given model is resized to the model's input size."""
     size = settings.image_size
-    if not size and model is not None and Path(name).is_dir():
+    if not size and model is not None and data.is_folder(name):
         size = model.spec.input_size[0]
     return _open(name, settings.data_dir, size, settings.workers)
 
