@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from twml_cli import config, figures
-from twml_cli.studies import attack, sweep
+from twml_cli.studies import attack, smooth, sweep
 
 PRESET = config.load_preset()
 
@@ -60,6 +60,12 @@ def test_names_of_children_and_parent():
     axes = config.swept(cells)
     assert sweep.child_name("free-m4", sweep.cell_values(cells[1], axes)) == "free-m4 seed=1"
     assert sweep.child_name("sigma=0.25", {"sigma": 0.25, "seed": 2}) == "sigma=0.25 seed=2"
+    # a smoothing sweep over how the base was trained names each training alike, the default's too
+    smoothed = config.resolve("smooth", PRESET, {"sigma": 0.05, "training": ["gaussian", "consistency"], "seed": [0]})
+    assert [sweep.child_name(smooth.run_name(s), sweep.cell_values(s, config.swept(smoothed))) for s in smoothed] == [
+        "gaussian sigma=0.05",
+        "consistency sigma=0.05",
+    ]
     assert sweep.parent_name("train", cells, axes) == "train: m 4, 7 x seed 0, 1"
     params = sweep.parent_params("train", cells, axes)
     assert params["m"] == [4, 7] and params["seed"] == [0, 1] and params["swept"] == "m,seed" and params["cells"] == 4

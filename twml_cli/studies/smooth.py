@@ -62,8 +62,8 @@ class Outcome:
 
 
 def run_name(s: config.Smoothing) -> str:
-    trained = s.training if s.training != "gaussian" and not s.model_run else ""
-    return f"{trained} sigma={s.sigma:g}".strip()
+    """'gaussian sigma=0.05': how the base classifier was trained, and σ; a given model's: 'sigma=0.05'."""
+    return f"sigma={s.sigma:g}" if s.model_run else f"{s.training} sigma={s.sigma:g}"
 
 
 def tags(s: config.Smoothing) -> dict[str, str]:
