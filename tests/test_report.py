@@ -604,9 +604,19 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     assert "settings" not in table.header and "other settings" not in text  # all made alike
     # the text describes the settings most repairs share; a repair made otherwise names what it changed
     doc = Document("twml")
-    varied = [repair(4, "c" * 32, unlearn_lr=0.01), repair(3, "c" * 32, unlearn_lr=0.01), *repairs]
+    varied = [
+        repair(5, "c" * 32, unlearn_freeze_norm=False),
+        repair(4, "c" * 32, unlearn_lr=0.01),
+        repair(3, "c" * 32, unlearn_lr=0.01),
+        *repairs,
+    ]
     report_cleanse.mitigation_section(doc, varied)
     (table,) = [b for b in doc.blocks if isinstance(b, Table)]
     text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
     assert text.count("unlearning fine-tunes for") == 1 and "(SGD, lr 0.01 warmed up" in text
-    assert [r[table.header.index("settings")] for r in table.rows] == ["–", "–", "--unlearn-lr 0.005"]
+    assert [r[table.header.index("settings")] for r in table.rows] == [
+        "--unlearn-lr 0.005, --no-unlearn-freeze-norm",  # as the option that makes it
+        "–",
+        "–",
+        "--unlearn-lr 0.005",
+    ]

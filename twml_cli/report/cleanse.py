@@ -342,9 +342,9 @@ def _place(position: str) -> str:
     return "at the centre" if position == "centre" else f"at the {position} corner"
 
 
-def _setting(run) -> str:
+def _setting(run) -> dict:
     """A repair's settings, less the cleanse run it acted on and where it ran."""
-    return str({k: v for k, v in config.params(run.settings).items() if k not in ("cleanse_run", *RUNTIME_ONLY)})
+    return {k: v for k, v in config.params(run.settings).items() if k not in ("cleanse_run", *RUNTIME_ONLY)}
 
 
 def _described(runs: list) -> dict:
@@ -360,14 +360,16 @@ def _described(runs: list) -> dict:
 
 def _differs(run, described) -> str:
     """The settings in which a repair differs from the run of its method the text describes, as
-    options ('--unlearn-lr 0.05'), or '–'."""
-    a, b = config.params(run.settings), config.params(described.settings)
-    changed = [
-        f"--{k.replace('_', '-')} {a[k]:g}" if isinstance(a[k], float) else f"--{k.replace('_', '-')} {a[k]}"
-        for k in a
-        if k not in ("cleanse_run", *RUNTIME_ONLY) and a[k] != b.get(k)
-    ]
-    return ", ".join(changed) or "–"
+    the options that make them ('--unlearn-lr 0.05', '--no-unlearn-freeze-norm'), or '–'."""
+
+    def option(k: str, v) -> str:
+        flag = k.replace("_", "-")
+        if isinstance(v, bool):
+            return f"--{flag}" if v else f"--no-{flag}"
+        return f"--{flag} {v:g}" if isinstance(v, float) else f"--{flag} {v}"
+
+    a, b = _setting(run), _setting(described)
+    return ", ".join(option(k, v) for k, v in a.items() if v != b.get(k)) or "–"
 
 
 def mitigation_section(doc: Document, runs: list, newest: CleanseRun | None = None) -> None:
