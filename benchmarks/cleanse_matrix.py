@@ -12,6 +12,7 @@ and `twml mitigate` would run.
     python benchmarks/cleanse_matrix.py --mitigate                # unlearning on every detected cell
     python benchmarks/cleanse_matrix.py --mitigate --unlearn-seed 1000   # ... with other images stamped
     python benchmarks/cleanse_matrix.py --dataset digits16 --jobs 2     # the same digits at 16x16
+    python benchmarks/cleanse_matrix.py --dataset mine.npz --jobs 2     # a data set of one's own
     python benchmarks/cleanse_matrix.py --cpu-bf16 --jobs 2       # the search in bf16, as on a GPU
 
 A cell is (seed, position, target, trigger size). Trained models are kept in --out and reused
@@ -100,13 +101,32 @@ def _resolved(command: str, **overrides) -> dict:
     }
 
 
+def _data_kind(dataset: str) -> str:
+    """The prefix of a data set's model folders: none for the embedded digits, the name of another
+    embedded set, an .npz file's name and the hash of its bytes (a changed file trains anew)."""
+    if dataset == DATASET:
+        return ""
+    if not dataset.endswith(".npz"):
+        return f"{dataset}-"
+    return f"{Path(dataset).stem}-{hashlib.sha1(Path(dataset).read_bytes()).hexdigest()[:8]}-"
+
+
+def dataset_arg(text: str) -> str:
+    """--dataset: an embedded set's name, or an .npz file (its absolute path, as the results key it)."""
+    if text in (DATASET, "digits16"):
+        return text
+    if text.endswith(".npz") and Path(text).is_file():
+        return str(Path(text).resolve())
+    raise argparse.ArgumentTypeError(f"{text}: use {DATASET}, digits16 or an existing .npz file")
+
+
 def _model(out: Path, cell: Cell, threads: int, dataset: str = DATASET) -> tuple[str, dict]:
     """The cell's model trained on `dataset` with `threads` intra-op threads (trained now unless
     --out already holds it: a CPU's numbers depend on the thread count) and its figures."""
     from twml_cli.models import save_model
     from twml_cli.studies import backdoor, train
 
-    kind = f"threads{threads}" if dataset == DATASET else f"{dataset}-threads{threads}"
+    kind = f"{_data_kind(dataset)}threads{threads}"
     folder = out / "models" / kind / cell.name
     facts = folder / "facts.json"
     if cell.position is None:
@@ -331,6 +351,7 @@ def repair_cell(
         "repair_attack_success_before": round(real.attack_success_rate_before, 4),
         "repair_attack_success": round(real.attack_success_rate, 4),
         "repair_s": round(time.perf_counter() - began, 1),
+        "repair_restarts": len(repaired.unlearned.lost) if repaired.unlearned else 0,  # fine-tunes that lost the images
     }
 
 
@@ -380,6 +401,11 @@ def summary(rows: list[dict], repair: str = "unlearning") -> list[str]:
                 f"{repair}: {len(ok)} of {len(repaired)} repaired (attack success <= 0.05, accuracy within 1 point); "
                 f"attack success after: largest {max(r['repair_attack_success'] for r in repaired):.4f}; "
                 f"accuracy change {min(changes):+.4f} to {max(changes):+.4f} (median {np.median(changes):+.4f})"
+                + (
+                    f"; started again at half the rate after losing the clean training images: {len(restarted)}"
+                    if (restarted := [r for r in repaired if r.get("repair_restarts")])
+                    else ""
+                )
             )
         lines.append(f"trigger search per model: median {np.median([r['cleanse_s'] for r in planted]):.1f} s")
     if clean:
@@ -703,8 +729,9 @@ def main() -> int:
     parser.add_argument(
         "--dataset",
         default=DATASET,
-        choices=(DATASET, "digits16"),
-        help="the embedded 8x8 digits, or the same images at 16x16 (models kept apart in --out)",
+        type=dataset_arg,
+        help="the embedded 8x8 digits, the same images at 16x16, or an .npz file with x_train, y_train, "
+        "x_test, y_test (models kept apart in --out)",
     )
     parser.add_argument(
         "--cpu-bf16",
@@ -757,6 +784,7 @@ def main() -> int:
     for offset in offsets:
         keyed = (searched, offset) if offset else (searched,)  # offset 0: the keys single searches always had
         keyed += ("cpu-bf16",) if args.cpu_bf16 else ()
+        keyed += (_data_kind(args.dataset),) if args.dataset.endswith(".npz") else ()  # the file's bytes
         search_key = {
             c: key(c.name, threads, *keyed) if model_threads == threads else key(c.name, threads, model_threads, *keyed)
             for c in cells
