@@ -102,6 +102,8 @@ def test_a_folder_streams_resized_images_keyed_like_memory(tmp_path):
 
 
 def test_a_folder_has_at_most_a_worker_per_core_of_its_process(tmp_path, monkeypatch):
+    """More DataLoader workers than the cores a process has only queue for them (torch warns):
+    a folder takes at most its process's share of the cores (torchrun's processes share them)."""
     import os
 
     root = make_folder(tmp_path / "data") / "train"
