@@ -65,7 +65,7 @@ def test_every_setting_is_a_toml_key_a_flag_and_a_param():
 def test_a_run_logged_before_a_setting_existed_reads_back_with_what_it_ran():
     """A mitigate run logged before --unlearn-distill existed unlearned without the pull: read back,
     its settings say 0, not today's default; the report describes each as it ran."""
-    from twml_cli.report.cleanse import _how
+    from twml_cli.report.mitigation import _how
 
     s = config.resolve("mitigate", config.load_preset())[0]
     logged = {k: config.param_text(v) for k, v in config.params(s).items()}

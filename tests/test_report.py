@@ -7,6 +7,7 @@ import pandas as pd
 from twml_cli import config, results
 from twml_cli.report import adversarial as report_adversarial
 from twml_cli.report import cleanse as report_cleanse
+from twml_cli.report import mitigation as report_mitigation
 from twml_cli.report.cleanse import describe_mask, thin_margin
 from twml_cli.report.document import Bullets, Document, Para, Table
 from twml_cli.report.runs import AttackRun, CleanseRun, TrainRun
@@ -588,7 +589,7 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
         (cleansed("d", "none"), False),  # nothing to repair
     ):
         doc = Document("twml")
-        report_cleanse.mitigation_section(doc, repairs, newest)
+        report_mitigation.section(doc, repairs, newest)
         text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
         assert "Every repair below acts on the findings of cleanse run cccccccc." in text
         assert ("The newest cleanse run (dddddddd, above) flagged model 1 class 3; no repair" in text) == said
@@ -596,7 +597,7 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     assert "cleanse run" not in table.header  # one and the same: said in the text
     assert "Unlearning took the real trigger's attack success from 0.9800 to 0.0100" in text  # one repair: no name
     doc = Document("twml")
-    report_cleanse.mitigation_section(doc, [*repairs, repair(2, "e" * 32)], cleansed("e", "model 1 class 0"))
+    report_mitigation.section(doc, [*repairs, repair(2, "e" * 32)], cleansed("e", "model 1 class 0"))
     (table,) = [b for b in doc.blocks if isinstance(b, Table)]
     assert [r[table.header.index("cleanse run")] for r in table.rows] == ["cccccccc", "eeeeeeee"]
     text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
@@ -610,7 +611,7 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
         repair(3, "c" * 32, unlearn_lr=0.01),
         *repairs,
     ]
-    report_cleanse.mitigation_section(doc, varied)
+    report_mitigation.section(doc, varied)
     (table,) = [b for b in doc.blocks if isinstance(b, Table)]
     text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
     assert text.count("unlearning fine-tunes for") == 1 and "(SGD, lr 0.01 warmed up" in text

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .. import tracking
 from ..errors import TwmlError
-from . import adversarial, cleanse, curves, smoothing
+from . import adversarial, cleanse, curves, mitigation, smoothing
 from .document import Bullets, Document, Heading, Para, Table, to_markdown, to_pdf
 from .runs import Logged, Runs, load
 
@@ -89,7 +89,7 @@ def document(experiment: str, runs: Runs, fig_dir: Path, uri: str) -> Document:
     smoothing.training_methods(doc, runs.smooth, fig_dir)
     curves.sigma_curves(doc, runs, fig_dir)
     cleanse.section(doc, runs.cleanse, runs.backdoor, fig_dir, frozenset(r.id for r in runs.train))
-    cleanse.mitigation_section(doc, runs.mitigate, runs.cleanse[0] if runs.cleanse else None)
+    mitigation.section(doc, runs.mitigate, runs.cleanse[0] if runs.cleanse else None)
     if runs.all:
         setting_section(doc, experiment, runs.all, uri)
     return doc

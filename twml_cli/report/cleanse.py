@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import config, results
+from .. import results
 from ..backdoor import Trigger
-from ..settings import RUNTIME_ONLY
 from .document import Bullets, Document, Figure, FigureRow, Heading, Para, Table
 from .runs import BackdoorRun, CleanseRun
-from .words import f4, model_name, short
+from .words import count, f4, model_name, short
 
 SPLIT_WORDS = {"train": "training", "test": "held-out test"}  # the split the trigger search drew from
 
@@ -40,7 +39,7 @@ def section(
     model_runs = {i: str(norms[norms["model"] == i]["run_id"].iloc[0]) for i in models}
     doc.add(
         Para(
-            f"The newest cleanse run ({short(run.id)}) inspected {_count(len(models), 'model')}: "
+            f"The newest cleanse run ({short(run.id)}) inspected {count(len(models), 'model')}: "
             + "; ".join(f"model {i} = {model_name(model_runs[i])}" for i in models)
             + ". For every class t it searched the smallest mask m and pattern p with (1 - m)·x + m·p classified "
             f"as t on {s.search_images} clean {SPLIT_WORDS[s.search_split]} images "
@@ -119,7 +118,7 @@ def section(
             Para(
                 f"Ground truth, from the `twml backdoor` run that made model {i} (Neural Cleanse read only its "
                 "weights): a "
-                f"{size}x{size} white square {_place(b.settings.position)} ({_count(size * size, 'pixel')}) sending "
+                f"{size}x{size} white square {_place(b.settings.position)} ({count(size * size, 'pixel')}) sending "
                 "images to class "
                 f"{target}, with attack success {f4(b.backdoor.attack_success_rate)}. "
                 + (
@@ -307,31 +306,6 @@ def _starts(s) -> str:
     return f" from {s.search_restarts} random starts per class{best}"
 
 
-def _how(s, triggers: int = 1) -> str:
-    """What a mitigation run's settings did, in words (`triggers`: the reversed triggers it stamped,
-    one per search of the cleanse run)."""
-    if s.mitigation == "prune":
-        return (
-            f"pruning removes the penultimate-layer neurons the reversed trigger excites most, {s.prune_step:.0%} at "
-            f"a time, until it succeeds on fewer than {s.prune_stop:.0%} of the training images"
-        )
-    rate = "warmed up for an epoch, then a cosine to 0" if s.unlearn_schedule == "warmup" else "constant"
-    frozen = ", normalization statistics frozen" if s.unlearn_freeze_norm else ""
-    held = f"; the other images' features held, weight {s.unlearn_distill:g}" if s.unlearn_distill else ""
-    return (
-        f"unlearning fine-tunes for {_count(s.unlearn_epochs, 'epoch')} on clean training images of which "
-        f"{s.unlearn_fraction:.0%} carry "
-        + ("the reversed trigger" if triggers == 1 else f"one of the {triggers} searches' reversed triggers, in turn,")
-        + f" under their true labels (SGD, lr {s.unlearn_lr:g} {rate}"
-        f"{frozen}{held})"
-    )
-
-
-def _count(n: int, noun: str) -> str:
-    """'1 pixel', '4 pixels'."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _span(noun: str, s: slice) -> str:
     """'row 7' or 'rows 6-7'."""
     return f"{noun} {s.start}" if s.stop - s.start == 1 else f"{noun}s {s.start}-{s.stop - 1}"
@@ -340,116 +314,6 @@ def _span(noun: str, s: slice) -> str:
 def _place(position: str) -> str:
     """'at the bottom-right corner', 'at the centre'."""
     return "at the centre" if position == "centre" else f"at the {position} corner"
-
-
-def _setting(run) -> dict:
-    """A repair's settings, less the cleanse run it acted on and where it ran."""
-    return {k: v for k, v in config.params(run.settings).items() if k not in ("cleanse_run", *RUNTIME_ONLY)}
-
-
-def _described(runs: list) -> dict:
-    """For each method, the run whose settings the text describes: of the settings most of its
-    repairs share, the first made (`runs`: newest first), so that later variations are named as such."""
-    out = {}
-    for method in dict.fromkeys(r.settings.mitigation for r in runs):
-        alike = [r for r in runs if r.settings.mitigation == method]
-        shared = [_setting(r) for r in alike]
-        out[method] = max(alike[::-1], key=lambda r: shared.count(_setting(r)))  # max keeps the first: the oldest
-    return out
-
-
-def _differs(run, described) -> str:
-    """The settings in which a repair differs from the run of its method the text describes, as
-    the options that make them ('--unlearn-lr 0.05', '--no-unlearn-freeze-norm'), or '–'."""
-
-    def option(k: str, v) -> str:
-        flag = k.replace("_", "-")
-        if isinstance(v, bool):
-            return f"--{flag}" if v else f"--no-{flag}"
-        return f"--{flag} {v:g}" if isinstance(v, float) else f"--{flag} {v}"
-
-    a, b = _setting(run), _setting(described)
-    return ", ".join(option(k, v) for k, v in a.items() if v != b.get(k)) or "–"
-
-
-def mitigation_section(doc: Document, runs: list, newest: CleanseRun | None = None) -> None:
-    """Neural Cleanse's mitigation: each repaired model, before and after, and the cleanse run
-    whose finding it acted on; a finding of the newest cleanse run (`newest`, the one section 3
-    reads) that no repair acted on is named, with the command that repairs it."""
-    if not runs:
-        return
-    described = _described(runs)
-    table, common = Table(
-        [
-            "method",
-            "model",
-            "class",
-            "cleanse run",
-            "accuracy",
-            "real trigger's success",
-            "reversed trigger's success",
-            "run",
-            "settings",
-        ],
-        [
-            [
-                r.settings.mitigation,
-                model_name(r.param("model_run") or r.param("model_path")),
-                r.param("target"),
-                short(r.settings.cleanse_run),
-                f"{f4(r.mitigation.accuracy_before)} → {f4(r.mitigation.accuracy)}",
-                f"{f4(r.real.attack_success_rate_before)} → {f4(r.real.attack_success_rate)}" if r.real else "–",
-                f"{f4(r.mitigation.reversed_success_before)} → {f4(r.mitigation.reversed_success)}",
-                short(r.id),
-                _differs(r, described[r.settings.mitigation]),
-            ]
-            for r in runs
-        ],
-    ).drop_constant(["cleanse run"], dashes=["settings"])
-    acted = {r.settings.cleanse_run for r in runs}
-    unrepaired = (
-        f" The newest cleanse run ({short(newest.id)}, above) flagged {newest.verdict}; no repair has acted on its "
-        "findings yet: `twml mitigate` repairs them."
-        if newest is not None and newest.verdict != "none" and newest.id not in acted
-        else ""
-    )
-    doc.add(
-        Heading("Mitigation: repairing the backdoored model", 2),
-        Para(
-            "`twml mitigate` repairs each model a cleanse run flagged, with the trigger Neural Cleanse reversed (the "
-            "real one stays unknown to it): "
-            + "; ".join(_how(r.settings, int(r.param("reversed_triggers") or 1)) for r in described.values())
-            + ". The real trigger's attack success is measured on clean test images of the other classes."
-            + (
-                " Where a repair ran with other settings, the settings column names them."
-                if "settings" in table.header
-                else ""
-            )
-            + (f" Every repair below acts on the findings of {common[0]}." if common else "")
-            + unrepaired
-        ),
-        table,
-    )
-    for r in runs:
-        m, said = r.mitigation, []
-        how = "Unlearning" if r.settings.mitigation == "unlearn" else "Pruning"
-        if len(runs) > 1:  # which row this sentence reads
-            how += f" of class {r.param('target')} (run {short(r.id)})"
-        if r.restarts:
-            said.append(
-                f"{how} at lr {r.settings.unlearn_lr:g} lost the clean training images and started again from the "
-                f"model as it was at half the rate ({_count(r.restarts, 'restart')}): the model kept was fine-tuned "
-                f"at lr {r.lr_used:g}."
-            )
-        if r.real is not None:
-            said.append(
-                f"{'It' if said else how} took the real trigger's attack success from "
-                f"{f4(r.real.attack_success_rate_before)} to {f4(r.real.attack_success_rate)} while clean accuracy "
-                f"went from {f4(m.accuracy_before)} to {f4(m.accuracy)} "
-                f"({(m.accuracy - m.accuracy_before) * 100:+.2f} points)."
-            )
-        if said:
-            doc.add(Para(" ".join(said)))
 
 
 def across_runs(doc: Document, runs: list, backdoor_runs: list, clean: frozenset[str]) -> None:
@@ -483,12 +347,12 @@ def across_runs(doc: Document, runs: list, backdoor_runs: list, clean: frozenset
     if backdoored:
         parts.append(
             f"named the true target in {named} of {len(backdoored)} inspections of backdoored models "
-            f"({_count(len(set(backdoored)), 'model')}) and flagged another class in {also}"
+            f"({count(len(set(backdoored)), 'model')}) and flagged another class in {also}"
         )
     if cleans:
         parts.append(
             f"flagged a class in {accused} of {len(cleans)} inspections of clean models "
-            f"({_count(len(set(cleans)), 'model')}, trained by `twml train`)"
+            f"({count(len(set(cleans)), 'model')}, trained by `twml train`)"
         )
     if parts:
         doc.add(

@@ -26,6 +26,11 @@ def change(before: float, after: float, fmt=f4, points: bool = True) -> str:
     return f"{verb} from {fmt(before)} to {fmt(after)}{delta}"
 
 
+def count(n: int, noun: str) -> str:
+    """'1 pixel', '4 pixels'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def short(run_id: str) -> str:
     return run_id[:8]
 

@@ -1,0 +1,139 @@
+"""Section 3's mitigation: the models `twml mitigate` repaired, before and after, and how."""
+
+from __future__ import annotations
+
+from .. import config
+from ..settings import RUNTIME_ONLY
+from .document import Document, Heading, Para, Table
+from .runs import CleanseRun
+from .words import count, f4, model_name, short
+
+
+def _how(s, triggers: int = 1) -> str:
+    """What a mitigation run's settings did, in words (`triggers`: the reversed triggers it stamped,
+    one per search of the cleanse run)."""
+    if s.mitigation == "prune":
+        return (
+            f"pruning removes the penultimate-layer neurons the reversed trigger excites most, {s.prune_step:.0%} at "
+            f"a time, until it succeeds on fewer than {s.prune_stop:.0%} of the training images"
+        )
+    rate = "warmed up for an epoch, then a cosine to 0" if s.unlearn_schedule == "warmup" else "constant"
+    frozen = ", normalization statistics frozen" if s.unlearn_freeze_norm else ""
+    held = f"; the other images' features held, weight {s.unlearn_distill:g}" if s.unlearn_distill else ""
+    return (
+        f"unlearning fine-tunes for {count(s.unlearn_epochs, 'epoch')} on clean training images of which "
+        f"{s.unlearn_fraction:.0%} carry "
+        + ("the reversed trigger" if triggers == 1 else f"one of the {triggers} searches' reversed triggers, in turn,")
+        + f" under their true labels (SGD, lr {s.unlearn_lr:g} {rate}"
+        f"{frozen}{held})"
+    )
+
+
+def _setting(run) -> dict:
+    """A repair's settings, less the cleanse run it acted on and where it ran."""
+    return {k: v for k, v in config.params(run.settings).items() if k not in ("cleanse_run", *RUNTIME_ONLY)}
+
+
+def _described(runs: list) -> dict:
+    """For each method, the run whose settings the text describes: of the settings most of its
+    repairs share, the first made (`runs`: newest first), so that later variations are named as such."""
+    out = {}
+    for method in dict.fromkeys(r.settings.mitigation for r in runs):
+        alike = [r for r in runs if r.settings.mitigation == method]
+        shared = [_setting(r) for r in alike]
+        out[method] = max(alike[::-1], key=lambda r: shared.count(_setting(r)))  # max keeps the first: the oldest
+    return out
+
+
+def _differs(run, described) -> str:
+    """The settings in which a repair differs from the run of its method the text describes, as
+    the options that make them ('--unlearn-lr 0.05', '--no-unlearn-freeze-norm'), or '–'."""
+
+    def option(k: str, v) -> str:
+        flag = k.replace("_", "-")
+        if isinstance(v, bool):
+            return f"--{flag}" if v else f"--no-{flag}"
+        return f"--{flag} {v:g}" if isinstance(v, float) else f"--{flag} {v}"
+
+    a, b = _setting(run), _setting(described)
+    return ", ".join(option(k, v) for k, v in a.items() if v != b.get(k)) or "–"
+
+
+def section(doc: Document, runs: list, newest: CleanseRun | None = None) -> None:
+    """Neural Cleanse's mitigation: each repaired model, before and after, and the cleanse run
+    whose finding it acted on; a finding of the newest cleanse run (`newest`, the one section 3
+    reads) that no repair acted on is named, with the command that repairs it."""
+    if not runs:
+        return
+    described = _described(runs)
+    table, common = Table(
+        [
+            "method",
+            "model",
+            "class",
+            "cleanse run",
+            "accuracy",
+            "real trigger's success",
+            "reversed trigger's success",
+            "run",
+            "settings",
+        ],
+        [
+            [
+                r.settings.mitigation,
+                model_name(r.param("model_run") or r.param("model_path")),
+                r.param("target"),
+                short(r.settings.cleanse_run),
+                f"{f4(r.mitigation.accuracy_before)} → {f4(r.mitigation.accuracy)}",
+                f"{f4(r.real.attack_success_rate_before)} → {f4(r.real.attack_success_rate)}" if r.real else "–",
+                f"{f4(r.mitigation.reversed_success_before)} → {f4(r.mitigation.reversed_success)}",
+                short(r.id),
+                _differs(r, described[r.settings.mitigation]),
+            ]
+            for r in runs
+        ],
+    ).drop_constant(["cleanse run"], dashes=["settings"])
+    acted = {r.settings.cleanse_run for r in runs}
+    unrepaired = (
+        f" The newest cleanse run ({short(newest.id)}, above) flagged {newest.verdict}; no repair has acted on its "
+        "findings yet: `twml mitigate` repairs them."
+        if newest is not None and newest.verdict != "none" and newest.id not in acted
+        else ""
+    )
+    doc.add(
+        Heading("Mitigation: repairing the backdoored model", 2),
+        Para(
+            "`twml mitigate` repairs each model a cleanse run flagged, with the trigger Neural Cleanse reversed (the "
+            "real one stays unknown to it): "
+            + "; ".join(_how(r.settings, int(r.param("reversed_triggers") or 1)) for r in described.values())
+            + ". The real trigger's attack success is measured on clean test images of the other classes."
+            + (
+                " Where a repair ran with other settings, the settings column names them."
+                if "settings" in table.header
+                else ""
+            )
+            + (f" Every repair below acts on the findings of {common[0]}." if common else "")
+            + unrepaired
+        ),
+        table,
+    )
+    for r in runs:
+        m, said = r.mitigation, []
+        how = "Unlearning" if r.settings.mitigation == "unlearn" else "Pruning"
+        if len(runs) > 1:  # which row this sentence reads
+            how += f" of class {r.param('target')} (run {short(r.id)})"
+        if r.restarts:
+            said.append(
+                f"{how} at lr {r.settings.unlearn_lr:g} lost the clean training images and started again from the "
+                f"model as it was at half the rate ({count(r.restarts, 'restart')}): the model kept was fine-tuned "
+                f"at lr {r.lr_used:g}."
+            )
+        if r.real is not None:
+            said.append(
+                f"{'It' if said else how} took the real trigger's attack success from "
+                f"{f4(r.real.attack_success_rate_before)} to {f4(r.real.attack_success_rate)} while clean accuracy "
+                f"went from {f4(m.accuracy_before)} to {f4(m.accuracy)} "
+                f"({(m.accuracy - m.accuracy_before) * 100:+.2f} points)."
+            )
+        if said:
+            doc.add(Para(" ".join(said)))
