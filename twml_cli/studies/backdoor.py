@@ -12,7 +12,7 @@ from .. import attacks, backdoor, config, figures, models, results, runtime, tra
 from ..data import MemoryDataSet
 from ..errors import TwmlError
 from ..examples import InMemory
-from .common import Hooks, Run, artifacts, device, in_memory, load_data, new_model, with_augmentation
+from .common import Hooks, Run, artifacts, device, in_memory, new_model, with_augmentation
 from .train import record_training
 
 COMMAND = "backdoor"
@@ -48,7 +48,7 @@ def run_name(s: config.Backdoor) -> str:
 
 def prepare(s: config.Backdoor) -> Inputs:
     dev = device(s)
-    data = in_memory(load_data(s.dataset, s), COMMAND)
+    data = in_memory(s.dataset, s, COMMAND)
     h, w = data.info.input_size
     if not 0 <= s.target < data.info.num_classes:
         raise TwmlError(

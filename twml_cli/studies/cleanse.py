@@ -14,7 +14,7 @@ import torch
 from .. import attacks, cleanse, config, figures, models, results
 from ..data import MemoryDataSet
 from ..runtime import Timer
-from .common import Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_data, load_model, model_source
+from .common import Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_model, model_source
 
 COMMAND = "cleanse"
 SEARCH_SEED_STRIDE = 1000  # search i is seeded with seed + 1000 i: its own clean images and random starts
@@ -134,7 +134,7 @@ def prepare(s: config.Cleanse) -> Inputs:
     """`s.model_runs` must name the models (the runner fills in the newest runs by default)."""
     dev = device(s)
     loaded = [load_model(r, dev) for r in s.model_runs]
-    data = in_memory(load_data(data_name(s.dataset, loaded[0], "digits"), s, loaded[0]), COMMAND)
+    data = in_memory(data_name(s.dataset, loaded[0], "digits"), s, COMMAND, loaded[0])
     for uri, model in zip(s.model_runs, loaded):
         check_fits(model, data.info, f"model {uri}")
     pool = (data.train if s.search_split == "train" else data.test).x.cpu()

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -88,14 +88,15 @@ def load_data(name: str, settings, model: models.Classifier | None = None) -> Da
     return _open(name, settings.data_dir, size, settings.workers)
 
 
-def in_memory(loaded: Data, command: str) -> data.MemoryDataSet:
-    """The data set, refused when it streams (commands that poison or stamp whole sets)."""
-    if not isinstance(loaded.train, InMemory) or not isinstance(loaded.test, InMemory):
+def in_memory(name: str, settings, command: str, model: models.Classifier | None = None) -> data.MemoryDataSet:
+    """The data set, for commands that poison or stamp whole sets; an image folder, which streams,
+    is refused before it is read (listing a large folder alone takes a while)."""
+    if data.is_folder(name):
         raise TwmlError(
-            f"twml {command} needs a data set that fits in memory; '{loaded.info.name}' is an image folder, which "
-            "streams"
+            f"twml {command} needs a data set that fits in memory; '{name}' is an image folder, which streams"
         )
-    return data.MemoryDataSet(loaded.train, loaded.test, loaded.info)
+    loaded = load_data(name, settings, model)
+    return data.MemoryDataSet(cast(InMemory, loaded.train), cast(InMemory, loaded.test), loaded.info)
 
 
 def with_augmentation(settings, loaded: Data):

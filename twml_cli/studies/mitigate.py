@@ -17,7 +17,7 @@ import torch
 from .. import attacks, backdoor, cleanse, config, mitigation, models, results, runtime
 from ..data import MemoryDataSet
 from ..errors import TwmlError
-from .common import Hooks, Run, check_fits, data_name, device, in_memory, load_data, load_model
+from .common import Hooks, Run, check_fits, data_name, device, in_memory, load_model
 
 COMMAND = "mitigate"
 
@@ -111,7 +111,7 @@ def run_name(s: config.Mitigate) -> str:
 def prepare(s: config.Mitigate, finding: Finding) -> Inputs:
     dev = device(s)
     model = load_model(finding.model_uri, dev)
-    data = in_memory(load_data(data_name(s.dataset, model, "digits"), s, model), COMMAND)
+    data = in_memory(data_name(s.dataset, model, "digits"), s, COMMAND, model)
     check_fits(model, data.info, f"model {finding.model_uri}")
     return Inputs(dataclasses.replace(s, dataset=data.info.name), dev, data, finding, model)
 
