@@ -68,6 +68,8 @@ def test_resume_finishes_the_same_run_with_the_uninterrupted_weights(killed_and_
     cli, killed, _, done_before, resumed, whole = killed_and_resumed
     assert 2 <= done_before < 4
     assert resumed.code == 0, resumed.err
+    said = f"Resuming run {killed.info.run_id} from the training state after pass {done_before}\n"
+    assert resumed.out.startswith(said)
     assert whole.code == 0, whole.err
     run = cli.client().get_run(killed.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["twml.resumed"] == "1"
@@ -147,6 +149,19 @@ def test_runs_ends_what_cannot_be_resumed_and_resume_refuses_a_live_run(cli):
     )
     assert f"resume: twml train --resume {stopped}" in probe.stdout, probe.stderr
     assert probe.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_resuming_says_where_the_run_goes_on_from():
+    import numpy as np
+
+    from twml_cli.checkpoints import TrainState
+    from twml_cli.studies.resume import going_on
+
+    state, rows = TrainState({}, {"passes_done": 3}), {"index": np.arange(40), "radius": np.zeros(40)}
+    assert going_on("r1", state, None) == "Resuming run r1 from the training state after pass 3"
+    both = "Resuming run r1 from the training state after pass 3 and 40 certified examples"
+    assert going_on("r1", state, rows) == both
+    assert going_on("r1", None, None) == "Resuming run r1 from the start: it had kept no training state"
 
 
 def test_a_checkpoint_torn_between_its_two_files_is_refused(tmp_path):

@@ -124,6 +124,17 @@ def leftovers(run_id: str):
     return state, rows
 
 
+def going_on(run_id: str, state, rows) -> str:
+    """The console's line on resuming: where the run goes on from."""
+    what = [f"the training state after pass {state.meta['passes_done']}"] if state is not None else []
+    done = len(next(iter(rows.values()), [])) if rows is not None else 0
+    if done:
+        what.append(f"{done} certified examples")
+    if not what:
+        return f"Resuming run {run_id} from the start: it had kept no training state"
+    return f"Resuming run {run_id} from {' and '.join(what)}"
+
+
 def _whole_rows(path) -> pd.DataFrame | None:
     """certify.csv's rows, or None when the file was cut short (an upload stopped by a kill):
     a whole file ends with a newline and has no empty cell."""

@@ -76,6 +76,7 @@ def execute(
     hooks = Hooks(progress=session.progress, earlier=earlier or [])
     if resume:
         hooks.resume, hooks.done_rows = resume_from.leftovers(resume)
+        session.echo(resume_from.going_on(resume, hooks.resume, hooks.done_rows))
     started = ""
     try:
         with runtime.planned_threads(*threads), _run(command, study, inputs, session, resume, name, threads) as run:
