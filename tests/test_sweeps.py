@@ -4,6 +4,8 @@ through the CLI."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -250,7 +252,9 @@ def test_a_sweep_through_the_cli(module_cli):
     assert f"Sweep run id: {parent.info.run_id}" in result.out and "(2 seeds)" in result.out
     assert "Sweep of 4 runs over m, seed (mean ± sd over 2 seeds):" in result.out
     listed = module_cli("runs").out  # names whole: the seed is what tells a sweep's runs apart
-    assert "train: m 1, 2 x seed 0, 1 " in listed and all(f" {r.info.run_name} " in listed for r in children)
+    assert "train: m 1, 2 x seed 0, 1 " in listed and all(f"  {r.info.run_name}  " in listed for r in children)
+    header = ["status", "command", "run name", "started (UTC)", "run id"]  # 2 spaces apart: a name's 1 stays in it
+    assert re.split(r" {2,}", listed.splitlines()[0]) == header
 
 
 def test_a_robustness_curve_through_the_cli(module_cli):

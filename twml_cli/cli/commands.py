@@ -235,14 +235,14 @@ def runs(
         return text if len(text) <= 40 else text[:39] + "…"
 
     width = max(len("run name"), *(len(name(r)) for r in listed))
-    echo(f"{'status':<12} {'command':<9} {'run name':<{width}} {'started (UTC)':<20} run id")
+    echo(f"{'status':<11}  {'command':<9}  {'run name':<{width}}  {'started (UTC)':<19}  run id")  # columns 2 apart
     from datetime import datetime, timezone
 
     for r in listed:
         status = tracking.status_of(r)
         command = r.data.tags.get(results.COMMAND_TAG, "")
         started = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        line = f"{status:<12} {command:<9} {name(r):<{width}} {started:<20} {r.info.run_id}"
+        line = f"{status:<11}  {command:<9}  {name(r):<{width}}  {started:<19}  {r.info.run_id}"
         if status in ("interrupted", "stale", "KILLED", "FAILED") and config.resumable(r):
             line += f"   resume: twml {command} --resume {r.info.run_id}"
         elif status == "interrupted":
