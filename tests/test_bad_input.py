@@ -22,6 +22,10 @@ BAD = [
     (["train", "--dataset", "missing.npz"], "data file 'missing.npz' does not exist"),
     (["train", "--dataset", "junk.npz"], "junk.npz: not a readable .npz of plain arrays (File is not a zip file)"),
     (["train", "--dataset", "empty"], "image folder 'empty' needs train/ and val/ (or test/) subfolders"),
+    (  # refused for what it is, before it is read: even a folder that could not be read
+        ["backdoor", "--dataset", "empty"],
+        "twml backdoor needs a data set that fits in memory; 'empty' is an image folder, which streams",
+    ),
     (["train", "--preset", "imagenet"], "--image-size resizes image folders only; 'digits' has 8-pixel images"),
     (["train", "--image-size", "-5"], "image size, workers and threads must be >= 0, got -5"),
     (["train", "--workers", "-1"], "image size, workers and threads must be >= 0, got 0, -1 and 0"),
