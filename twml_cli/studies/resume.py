@@ -85,16 +85,23 @@ def forget(run_id: str) -> None:
             KEPT.parent.rmdir()
 
 
+def _kept(passes: int | None, certified: int) -> list[str]:
+    """What a run kept to go on from, in words: its training state, its certified examples."""
+    return ([f"the training state after pass {passes}"] if passes is not None else []) + (
+        [f"{certified} certified examples"] if certified else []
+    )
+
+
 def went_away(command: str, run_id: str, err: BaseException) -> str:
     """What to say when the server stops answering mid-run: what is kept, and how to go on."""
     kept = KEPT / run_id
     state = kept / results.CHECKPOINT_DIR / training.TrainState.META
     rows = kept / "rows" / results.CERTIFY_CSV
-    uri, what = tracking.tracking_uri(), []
-    if state.is_file():
-        what.append(f"the training state after pass {json.loads(state.read_text())['passes_done']}")
-    if rows.is_file():
-        what.append(f"{len(pd.read_csv(rows))} certified examples")
+    uri = tracking.tracking_uri()
+    what = _kept(
+        json.loads(state.read_text())["passes_done"] if state.is_file() else None,
+        len(pd.read_csv(rows)) if rows.is_file() else 0,
+    )
     if not what or command not in RESUMABLE:
         return f"{refused(err, uri)}; run {run_id} kept nothing to go on from: run the command again"
     return (
@@ -126,10 +133,10 @@ def leftovers(run_id: str):
 
 def going_on(run_id: str, state, rows) -> str:
     """The console's line on resuming: where the run goes on from."""
-    what = [f"the training state after pass {state.meta['passes_done']}"] if state is not None else []
-    done = len(next(iter(rows.values()), [])) if rows is not None else 0
-    if done:
-        what.append(f"{done} certified examples")
+    what = _kept(
+        state.meta["passes_done"] if state is not None else None,
+        len(next(iter(rows.values()), [])) if rows is not None else 0,
+    )
     if not what:
         return f"Resuming run {run_id} from the start: it had kept no training state"
     return f"Resuming run {run_id} from {' and '.join(what)}"
