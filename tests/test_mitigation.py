@@ -63,6 +63,39 @@ def test_unlearning_that_loses_the_clean_images_starts_again_at_half_the_rate(pl
     assert went.ended == kept.ended >= went.started - 0.05 and not wild.training
 
 
+def test_unlearning_that_never_keeps_the_clean_images_keeps_the_fine_tune_that_ended_highest(
+    planted, digits, monkeypatch
+):
+    """When every fine-tune loses the clean images, the one whose unstamped images ended highest is
+    kept (not the last, at the smallest rate): weight for weight the fine-tune at its rate. Here one
+    epoch (the rate warms up over all of it) ends 5 points down or more at every rate, and the
+    third of five ends highest, above the last."""
+    import copy
+
+    from twml_cli import mitigation
+    from twml_cli.studies.mitigate import _restarts
+
+    monkeypatch.setattr(mitigation, "LOST", 0.02)
+    model, _, mask, pattern = planted
+    x, y = digits.train.tensors
+    short = UnlearnConfig(epochs=1)
+    wild = copy.deepcopy(model)
+    went = unlearn(wild, x, y, [(mask, pattern)], short)
+    tried = sorted([*went.lost, (went.lr, went.ended)], reverse=True)  # every fine-tune, from the highest rate
+    assert [lr for lr, _ in tried] == [0.005 / 2**k for k in range(5)]
+    assert went.ended == max(acc for _, acc in tried) > tried[-1][1] and went.ended < went.started - 0.02
+    assert went.lr != tried[-1][0]  # the last was not the one kept
+    monkeypatch.setattr(mitigation, "RESTARTS", 0)
+    direct = copy.deepcopy(model)
+    once = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=1, lr=went.lr))
+    assert once.ended == went.ended and once.lost == ()
+    assert all(torch.equal(a, b) for a, b in zip(wild.state_dict().values(), direct.state_dict().values()))
+    lines = _restarts(went)
+    assert len(lines) == 5
+    assert lines[-1].startswith(f"  No fine-tune kept them within 2 points: kept the one at lr {went.lr:g}")
+    assert lines[3].endswith(f"-> {tried[-1][1]:.4f})")  # the last rate tried: no "started again"
+
+
 def test_unlearning_with_frozen_norm_keeps_batchnorm_statistics(planted, digits):
     import copy
 

@@ -39,8 +39,8 @@ RESTARTS = 4  # halvings of the learning rate after a fine-tune that lost its cl
 @dataclass(frozen=True)
 class Unlearned:
     """How unlearning went: the learning rate of the fine-tune kept, the unstamped images' accuracy
-    before unlearning and after it, and the fine-tunes that lost those images first, each as (its
-    learning rate, the accuracy it ended at)."""
+    before unlearning and after it, and the fine-tunes that lost those images and were not kept, each
+    as (its learning rate, the accuracy it ended at)."""
 
     lr: float
     started: float
@@ -69,9 +69,9 @@ def unlearn(
     A fine-tune that ends more than LOST below the unstamped images' accuracy it started at (it
     trained on them: the rate was too high for this model) starts again from the model as it was,
     with the same images stamped in the same order, at half the learning rate, up to RESTARTS
-    times (the last is kept whatever its accuracy): on a model whose frozen normalization makes it
-    sensitive to its weights, the default rate can wreck it in a few steps. A fine-tune that keeps
-    its clean images is kept as it is."""
+    times: on a model whose frozen normalization makes it sensitive to its weights, the default
+    rate can wreck it in a few steps. A fine-tune that keeps its clean images is kept as it is; if
+    none does, the one that ended highest is kept."""
     device = next(model.parameters()).device
     x, y = to_device_layout(x, device), y.to(device)
     g = generator(torch.device("cpu"), config.seed, UNLEARN_STREAM)
@@ -83,16 +83,23 @@ def unlearn(
     start, after_draw = copy.deepcopy(model.state_dict()), g.get_state()
     started = accuracy(model, (x[unstamped], y[unstamped]))
     lost: list[tuple[float, float]] = []
+    best: dict[str, Any] = {}  # the weights of the fine-tune that, of those that lost the images, ended highest
     lr = config.lr
-    for attempt in range(RESTARTS + 1):
+    for _ in range(RESTARTS + 1):
         _fine_tune(model, x, y, chosen, replace(config, lr=lr), g)
         ended = accuracy(model, (x[unstamped], y[unstamped]))
-        if ended >= started - LOST or attempt == RESTARTS:
+        if ended >= started - LOST:
             break
+        if not lost or ended > max(acc for _, acc in lost):
+            best = copy.deepcopy(model.state_dict())
         lost.append((lr, ended))
         model.load_state_dict(start)
         g.set_state(after_draw)
         lr /= 2
+    else:  # none kept them
+        lr, ended = max(lost, key=lambda tried: tried[1])
+        lost.remove((lr, ended))
+        model.load_state_dict(best)
     model.eval()
     return Unlearned(lr, started, ended, tuple(lost))
 

@@ -200,11 +200,19 @@ def summarize(o: Outcome) -> list[str]:
 
 
 def _restarts(u: mitigation.Unlearned | None) -> list[str]:
-    """A line for each fine-tune that lost the clean training images and was started again."""
+    """A line for each fine-tune that lost the clean training images and was not kept, and one more
+    when none kept them."""
     if u is None:
         return []
-    return [
-        f"  Unlearning at lr {lr:g} lost the clean training images (accuracy {u.started:.4f} -> {acc:.4f}): started "
-        f"again at lr {lr / 2:g}"
+    last = min([u.lr, *(lr for lr, _ in u.lost)])
+    lines = [
+        f"  Unlearning at lr {lr:g} lost the clean training images (accuracy {u.started:.4f} -> {acc:.4f})"
+        + (f": started again at lr {lr / 2:g}" if lr > last else "")
         for lr, acc in u.lost
     ]
+    if u.ended < u.started - mitigation.LOST:
+        lines.append(
+            f"  No fine-tune kept them within {mitigation.LOST * 100:g} points: kept the one at lr {u.lr:g}, which "
+            f"ended highest ({u.started:.4f} -> {u.ended:.4f})"
+        )
+    return lines
