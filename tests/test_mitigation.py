@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from twml_cli.backdoor import Trigger, attack_success_rate, poison
-from twml_cli.mitigation import UnlearnConfig, penultimate, prune, unlearn
+from twml_cli.mitigation import LOST, UnlearnConfig, penultimate, prune, unlearn
 from twml_cli.models import ModelSpec, create_model
 from twml_cli.training import TrainConfig, train
 
@@ -44,8 +44,8 @@ def test_unlearning_removes_the_backdoor_and_keeps_accuracy(planted, digits):
 
 
 def test_unlearning_that_loses_the_clean_images_starts_again_at_half_the_rate(planted, digits):
-    """A fine-tune that ends more than 5 points below the unstamped training images' accuracy it
-    started at starts again from the model as it was, at half the rate, until one keeps them: the
+    """A fine-tune that ends more than LOST (2 points) below the unstamped training images' accuracy
+    it started at starts again from the model as it was, at half the rate, until one keeps them: the
     fine-tune kept is, weight for weight, unlearning run at that rate from the start, which itself
     never restarts."""
     import copy
@@ -53,14 +53,14 @@ def test_unlearning_that_loses_the_clean_images_starts_again_at_half_the_rate(pl
     model, _, mask, pattern = planted
     x, y = digits.train.tensors
     wild = copy.deepcopy(model)
-    went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=2, lr=0.0125))  # 2.5 times the default
-    assert went.lost and [lr for lr, _ in went.lost] == [0.0125 / 2**k for k in range(len(went.lost))]
-    assert went.lr == 0.0125 / 2 ** len(went.lost) and all(acc < went.started - 0.05 for _, acc in went.lost)
+    went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=0.02))  # 4 times the default
+    assert went.lost and [lr for lr, _ in went.lost] == [0.02 / 2**k for k in range(len(went.lost))]
+    assert went.lr == 0.02 / 2 ** len(went.lost) and all(acc < went.started - LOST for _, acc in went.lost)
     direct = copy.deepcopy(model)
-    kept = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=2, lr=went.lr))
+    kept = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=went.lr))
     assert kept.lost == () and kept.lr == went.lr and kept.started == went.started
     assert all(torch.equal(a, b) for a, b in zip(wild.state_dict().values(), direct.state_dict().values()))
-    assert went.ended == kept.ended >= went.started - 0.05 and not wild.training
+    assert went.ended == kept.ended >= went.started - LOST and not wild.training
 
 
 def test_unlearning_that_never_keeps_the_clean_images_keeps_the_fine_tune_that_ended_highest(
@@ -68,22 +68,20 @@ def test_unlearning_that_never_keeps_the_clean_images_keeps_the_fine_tune_that_e
 ):
     """When every fine-tune loses the clean images, the one whose unstamped images ended highest is
     kept (not the last, at the smallest rate): weight for weight the fine-tune at its rate. Here one
-    epoch (the rate warms up over all of it) ends 5 points down or more at every rate, and the
-    third of five ends highest, above the last."""
+    epoch at the default rate (warming up over all of it) ends more than 4 points down at every
+    rate, and the third of five ends highest, above the last."""
     import copy
 
     from twml_cli import mitigation
     from twml_cli.studies.mitigate import _restarts
 
-    monkeypatch.setattr(mitigation, "LOST", 0.02)
     model, _, mask, pattern = planted
     x, y = digits.train.tensors
-    short = UnlearnConfig(epochs=1)
     wild = copy.deepcopy(model)
-    went = unlearn(wild, x, y, [(mask, pattern)], short)
+    went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=1))
     tried = sorted([*went.lost, (went.lr, went.ended)], reverse=True)  # every fine-tune, from the highest rate
     assert [lr for lr, _ in tried] == [0.005 / 2**k for k in range(5)]
-    assert went.ended == max(acc for _, acc in tried) > tried[-1][1] and went.ended < went.started - 0.02
+    assert went.ended == max(acc for _, acc in tried) > tried[-1][1] and went.ended < went.started - LOST
     assert went.lr != tried[-1][0]  # the last was not the one kept
     monkeypatch.setattr(mitigation, "RESTARTS", 0)
     direct = copy.deepcopy(model)

@@ -32,7 +32,7 @@ from .runtime import autocast, batches, generator, to_device_layout
 UNLEARN_STREAM = 10
 
 
-LOST = 0.05  # a fall of the unstamped training images' accuracy over a whole fine-tune that sends it back
+LOST = 0.02  # a fall of the unstamped training images' accuracy over a whole fine-tune that sends it back
 RESTARTS = 4  # halvings of the learning rate after a fine-tune that lost its clean images
 
 
