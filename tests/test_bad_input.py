@@ -223,6 +223,27 @@ def test_bad_input_is_one_line_exit_2_and_no_run(files, args, message):
     assert files.runs() == []
 
 
+def test_a_data_set_named_wrong_is_refused_before_torch_loads(tmp_path):
+    """A --dataset that names nothing twml can open (a typo, a file that is not there) ends at
+    once, as a bad range does: before torch, timm and MLflow load, seconds of a 2-core CPU."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from twml_cli.cli import main
+for args in (["train", "--dataset", "cifar-10"], ["smooth", "--dataset", "mine.npz"]):
+    try:
+        main(args)
+    except SystemExit as end:
+        print(end.code)
+print(sorted(m for m in ("torch", "timm", "mlflow") if m in sys.modules))
+"""
+    ran = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert ran.stdout.split() == ["2", "2", "[]"], ran.stdout + ran.stderr
+    assert "unknown data set 'cifar-10'" in ran.stderr and "data file 'mine.npz' does not exist" in ran.stderr
+
+
 def test_the_table_has_no_duplicates_and_the_docs_list_it():
     assert len({shown(a) for a, _ in BAD}) == len(BAD) >= 50
     assert DOCS.read_text() == page(), "run `python tests/test_bad_input.py` to rewrite docs/bad-input.md"
@@ -240,7 +261,9 @@ def page() -> str:
 Every value twml cannot use ends the command with one line on stderr and exit code 2,
 before any work starts and with no MLflow run left behind (a run that fails later, for
 instance on an unreadable image halfway through an image folder, ends FAILED, never RUNNING).
-No traceback is printed.
+No traceback is printed. A value out of range or a data set that names nothing twml can open
+ends before torch and MLflow load, in about half a second, and leaves no store behind; what
+lies inside a file or a folder is checked as it is read.
 
 These {len(BAD)} inputs, over {len(flags)} flags and all of twml's commands, are tested one
 by one (`tests/test_bad_input.py`); the message below is part of the line each prints.

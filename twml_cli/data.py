@@ -25,13 +25,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from . import data_names
+from .data_names import EMBEDDED, EMBEDDED_16, TORCHVISION, is_folder
 from .errors import TwmlError
 from .examples import Folder, InMemory
 
-EMBEDDED = "digits"
-EMBEDDED_16 = "digits16"
-TORCHVISION = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "gtsrb")
-DATASETS = (EMBEDDED, EMBEDDED_16, *TORCHVISION)
 DEFAULT_DATA_DIR = "data"
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -85,12 +83,6 @@ def open_dataset(name: str, data_dir: str | Path | None = None, image_size: int 
     return DataSet(InMemory(*train.tensors), InMemory(*test.tensors), describe(name, train, test))
 
 
-def is_folder(name: str) -> bool:
-    """Whether `name` is an image folder. The names of DATASETS come first: a folder ./digits
-    beside a command does not replace the embedded digits (write ./digits for the folder)."""
-    return name not in DATASETS and Path(name).is_dir()
-
-
 def _folder(name: str, size: int, workers: int) -> DataSet:
     """train/ and val/ (or test/) class folders, streamed; described by `name` as given
     ('./digits' stays distinct from the embedded set's name)."""
@@ -123,7 +115,7 @@ def _folder(name: str, size: int, workers: int) -> DataSet:
 def load_dataset(name: str = EMBEDDED, data_dir: str | Path | None = None) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) as TensorDatasets of float32 [0, 1] images (N, C, H, W) and int64 labels.
 
-    `name` is one of DATASETS or a path to an .npz file (image folders stream: open_dataset).
+    `name` is one of data_names.DATASETS or a path to an .npz file (image folders stream: open_dataset).
     Raises TwmlError for anything else, for files that cannot be read, and when a
     torchvision data set is neither on disk nor downloadable.
     """
@@ -134,9 +126,7 @@ def load_dataset(name: str = EMBEDDED, data_dir: str | Path | None = None) -> tu
     elif str(name).endswith(".npz"):
         arrays = _npz(Path(name))
     else:
-        raise TwmlError(
-            f"unknown data set '{name}': use one of {', '.join(DATASETS)}, a path to an .npz file or an image folder"
-        )
+        raise data_names.unknown(name)
     x_train, y_train, x_test, y_test = arrays
     return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
 
@@ -233,7 +223,7 @@ def _gtsrb(tvd, root: Path, train: bool):
 
 def _npz(path: Path):
     if not path.is_file():
-        raise TwmlError(f"data file '{path}' does not exist")
+        raise data_names.missing(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import config
+from .. import config, data_names
 from ..errors import TwmlError
 from .app import app, echo, progress
 
@@ -228,6 +228,9 @@ def study_command(
                 runner.execute(command, resume_settings(command, resume, given), session, resume=resume)
                 return
             settings_list = config.resolve(command, preset, given)  # bad values end here, before MLflow loads
+            for s in settings_list:
+                if getattr(s, "dataset", ""):  # "": the data the model was trained on
+                    data_names.check(s.dataset)  # and a data set named wrong, before torch loads
             fn(settings_list, _session(shared, preset))
 
         body.__signature__ = _signature(params)  # type: ignore[attr-defined]  # how Typer reads the options
