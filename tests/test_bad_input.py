@@ -224,8 +224,8 @@ def test_bad_input_is_one_line_exit_2_and_no_run(files, args, message):
 
 
 def test_a_data_set_named_wrong_is_refused_before_torch_loads(tmp_path):
-    """A --dataset that names nothing twml can open (a typo, a file that is not there) ends at
-    once, as a bad range does: before torch, timm and MLflow load, seconds of a 2-core CPU."""
+    """A --dataset that names nothing twml can open (a typo, a file that is not there) ends
+    at once, as a bad range does: before torch, timm and MLflow load (seconds on a 2-core CPU)."""
     import subprocess
     import sys
 
