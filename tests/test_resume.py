@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pytest
 from conftest import twml_process, twml_run
@@ -134,6 +135,18 @@ def test_runs_ends_what_cannot_be_resumed_and_resume_refuses_a_live_run(cli):
     assert lines[live].startswith("running") and "resume" not in lines[live]
     assert lines[stopped].startswith("KILLED") and f"resume: twml train --resume {stopped}" in lines[stopped]
     assert tracking.status_of(client.get_run(live)) == "running"
+    late = run("report", dead.pid)  # for the JSON listing to end
+    listed = cli("runs", "--json")
+    assert listed.code == 0, listed.err
+    rows = {row["run_id"]: row for row in json.loads(listed.out)}
+    assert set(rows) == {report, early, live, stopped, late}
+    assert rows[late]["status"] == "interrupted" and rows[late]["ended_killed"] and rows[late]["resume"] is None
+    assert client.get_run(late).info.status == "KILLED"
+    assert rows[report]["status"] == "KILLED" and not rows[report]["ended_killed"]  # the table's listing ended it
+    assert rows[live]["status"] == "running" and rows[live]["resume"] is None and not rows[live]["ended_killed"]
+    assert rows[stopped]["resume"] == f"twml train --resume {stopped}" and rows[stopped]["command"] == "train"
+    started = datetime.fromisoformat(rows[stopped]["started"].replace("Z", "+00:00"))
+    assert started.timestamp() == pytest.approx(client.get_run(stopped).info.start_time / 1000, abs=1)
     refused = cli("train", "--resume", live)
     assert refused.code == 2 and f"run '{live}' is still running (process {os.getpid()} on" in refused.err
     refused = cli("train", "--resume", early)

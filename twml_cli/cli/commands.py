@@ -217,36 +217,68 @@ app.command(name="reproduce")(_reproduce)
 
 @app.command(name="runs")
 def runs(
-    experiment: ExperimentOption = "twml", tracking_uri: TrackingUriOption = None, server_wait: ServerWaitOption = 30.0
+    experiment: ExperimentOption = "twml",
+    tracking_uri: TrackingUriOption = None,
+    server_wait: ServerWaitOption = 30.0,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON array for scripts, an object per run: run_id, run_name, command, status, started "
+            "(ISO 8601, UTC), resume (the command, or null) and ended_killed (ended here, as in the table).",
+        ),
+    ] = False,
 ) -> None:
     """List the experiment's runs, newest first: which finished, which are running, which were
     interrupted (killed, crashed) and the command that resumes them. A run whose process is gone
     and that cannot be resumed (a report, a cleanse, a run killed before it logged its settings)
     is ended KILLED here, since nothing else ever will."""
+    import json
+    from datetime import datetime, timezone
+
     from .. import results, tracking
 
     tracking.configure(tracking_uri, server_wait=server_wait)
     listed = tracking.list_runs(experiment)
     if not listed:
         raise TwmlError(f"experiment '{experiment}' has no runs in {tracking.tracking_uri()}")
-
-    def name(r) -> str:  # whole, so that the seeds of a sweep's runs tell them apart; a sweep's own cut at 40
-        text = r.info.run_name or ""
-        return text if len(text) <= 40 else text[:39] + "…"
-
-    width = max(len("run name"), *(len(name(r)) for r in listed))
-    echo(f"{'status':<11}  {'command':<9}  {'run name':<{width}}  {'started (UTC)':<19}  run id")  # columns 2 apart
-    from datetime import datetime, timezone
-
+    rows = []
     for r in listed:
         status = tracking.status_of(r)
         command = r.data.tags.get(results.COMMAND_TAG, "")
-        started = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        line = f"{status:<11}  {command:<9}  {name(r):<{width}}  {started:<19}  {r.info.run_id}"
+        resume = None
         if status in ("interrupted", "stale", "KILLED", "FAILED") and config.resumable(r):
-            line += f"   resume: twml {command} --resume {r.info.run_id}"
+            resume = f"twml {command} --resume {r.info.run_id}"
         elif status == "interrupted":
             tracking.client().set_terminated(r.info.run_id, "KILLED")
+        started = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc)
+        rows.append(
+            {
+                "run_id": r.info.run_id,
+                "run_name": r.info.run_name or "",
+                "command": command,
+                "status": status,
+                "started": started.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "resume": resume,
+                "ended_killed": status == "interrupted" and resume is None,
+            }
+        )
+    if as_json:
+        echo(json.dumps(rows, indent=1))
+        return
+
+    def name(row) -> str:  # whole, so that the seeds of a sweep's runs tell them apart; a sweep's own cut at 40
+        text = row["run_name"]
+        return text if len(text) <= 40 else text[:39] + "…"
+
+    width = max(len("run name"), *(len(name(row)) for row in rows))
+    echo(f"{'status':<11}  {'command':<9}  {'run name':<{width}}  {'started (UTC)':<19}  run id")  # columns 2 apart
+    for row in rows:
+        started = row["started"].replace("T", " ").removesuffix("Z")
+        line = f"{row['status']:<11}  {row['command']:<9}  {name(row):<{width}}  {started:<19}  {row['run_id']}"
+        if row["resume"]:
+            line += f"   resume: {row['resume']}"
+        elif row["ended_killed"]:
             line += "   ended KILLED: its process is gone and it cannot be resumed; run the command again"
         echo(line)
 
