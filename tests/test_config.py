@@ -73,6 +73,10 @@ def test_a_run_logged_before_a_setting_existed_reads_back_with_what_it_ran():
     older = config.from_params(config.Mitigate, {k: v for k, v in logged.items() if k != "unlearn_distill"})
     assert older.unlearn_distill == 0.0 and older == dataclasses.replace(s, unlearn_distill=0.0)
     assert "features held, weight 0.3)" in _how(s, 2) and "features held" not in _how(older, 2)
+    # and before --unlearn-restart-fall, a fine-tune started again on a fall of 5 points
+    older = config.from_params(config.Mitigate, {k: v for k, v in logged.items() if k != "unlearn_restart_fall"})
+    assert s.unlearn_restart_fall == 0.02 and older.unlearn_restart_fall == 0.05
+    assert older.unlearn_config().restart_fall == 0.05
 
 
 def test_one_name_one_meaning():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from twml_cli.backdoor import Trigger, attack_success_rate, poison
-from twml_cli.mitigation import LOST, UnlearnConfig, penultimate, prune, unlearn
+from twml_cli.mitigation import UnlearnConfig, penultimate, prune, unlearn
 from twml_cli.models import ModelSpec, create_model
 from twml_cli.training import TrainConfig, train
 
@@ -44,8 +44,8 @@ def test_unlearning_removes_the_backdoor_and_keeps_accuracy(planted, digits):
 
 
 def test_unlearning_that_loses_the_clean_images_starts_again_at_half_the_rate(planted, digits):
-    """A fine-tune that ends more than LOST (2 points) below the unstamped training images' accuracy
-    it started at starts again from the model as it was, at half the rate, until one keeps them: the
+    """A fine-tune that ends more than restart_fall (2 points) below the unstamped training images'
+    accuracy it started at starts again from the model as it was, at half the rate, until one keeps them: the
     fine-tune kept is, weight for weight, unlearning run at that rate from the start, which itself
     never restarts."""
     import copy
@@ -55,12 +55,15 @@ def test_unlearning_that_loses_the_clean_images_starts_again_at_half_the_rate(pl
     wild = copy.deepcopy(model)
     went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=0.02))  # 4 times the default
     assert went.lost and [lr for lr, _ in went.lost] == [0.02 / 2**k for k in range(len(went.lost))]
-    assert went.lr == 0.02 / 2 ** len(went.lost) and all(acc < went.started - LOST for _, acc in went.lost)
+    assert went.lr == 0.02 / 2 ** len(went.lost) and all(acc < went.started - 0.02 for _, acc in went.lost)
     direct = copy.deepcopy(model)
     kept = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=went.lr))
     assert kept.lost == () and kept.lr == went.lr and kept.started == went.started
     assert all(torch.equal(a, b) for a, b in zip(wild.state_dict().values(), direct.state_dict().values()))
-    assert went.ended == kept.ended >= went.started - LOST and not wild.training
+    assert went.ended == kept.ended >= went.started - 0.02 and not wild.training
+    never = copy.deepcopy(model)  # --unlearn-restart-fall 1: the first fine-tune is kept, whatever it ends at
+    once = unlearn(never, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=0.02, restart_fall=1.0))
+    assert once.lost == () and once.lr == 0.02 and once.ended == went.lost[0][1]
 
 
 def test_unlearning_that_never_keeps_the_clean_images_keeps_the_fine_tune_that_ended_highest(
@@ -81,14 +84,14 @@ def test_unlearning_that_never_keeps_the_clean_images_keeps_the_fine_tune_that_e
     went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=1))
     tried = sorted([*went.lost, (went.lr, went.ended)], reverse=True)  # every fine-tune, from the highest rate
     assert [lr for lr, _ in tried] == [0.005 / 2**k for k in range(5)]
-    assert went.ended == max(acc for _, acc in tried) > tried[-1][1] and went.ended < went.started - LOST
+    assert went.ended == max(acc for _, acc in tried) > tried[-1][1] and went.ended < went.started - 0.02
     assert went.lr != tried[-1][0]  # the last was not the one kept
     monkeypatch.setattr(mitigation, "RESTARTS", 0)
     direct = copy.deepcopy(model)
     once = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=1, lr=went.lr))
     assert once.ended == went.ended and once.lost == ()
     assert all(torch.equal(a, b) for a, b in zip(wild.state_dict().values(), direct.state_dict().values()))
-    lines = _restarts(went)
+    lines = _restarts(went, 0.02)
     assert len(lines) == 5
     assert lines[-1].startswith(f"  No fine-tune kept them within 2 points: kept the one at lr {went.lr:g}")
     assert lines[3].endswith(f"-> {tried[-1][1]:.4f})")  # the last rate tried: no "started again"
@@ -214,6 +217,8 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert p["model_run"] == reproduced.backdoor.info.run_id and p["target"] == "0"
     assert p["reversed_triggers"] == "2"  # both searches' reversed triggers stamped
     assert p["unlearn_distill"] == "0.3"  # the clean images' features held
+    assert p["unlearn_restart_fall"] == "0.02" and m["unlearn_restarts"] == 0  # this repair keeps its clean images
+    assert m["unlearn_train_accuracy"] >= m["unlearn_train_accuracy_before"] - 0.02
     assert "unlearning with the 2 searches' reversed triggers" in results[0].out
     assert m["attack_success_rate_before"] == reproduced.backdoor.data.metrics["attack_success_rate"]
     # at most 0.05 on 102 or 103 of the matrix's 105 detected cells in each of three draws (at most 0.0619)

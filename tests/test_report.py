@@ -621,3 +621,14 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
         "–",
         "--unlearn-lr 0.005",
     ]
+    # repairs that started again: the rate kept, and whether the model kept held its clean images
+    held, lost = repair(7, "c" * 32), repair(6, "c" * 32)
+    held.restarts, held.lr_used, held.train_accuracy = 1, 0.0025, (0.9951, 0.9944)
+    lost.restarts, lost.lr_used, lost.train_accuracy = 4, 0.00125, (0.9951, 0.9517)
+    doc = Document("twml")
+    report_mitigation.section(doc, [held, lost])
+    text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+    assert text.count("started again from the model as it was at half the rate") == 2
+    assert "(1 restart): the model kept was fine-tuned at lr 0.0025." in text
+    assert text.count("None of its fine-tunes kept those images within 2 points") == 1
+    assert "the one kept ended highest, at 0.9517 from 0.9951." in text

@@ -32,7 +32,6 @@ from .runtime import autocast, batches, generator, to_device_layout
 UNLEARN_STREAM = 10
 
 
-LOST = 0.02  # a fall of the unstamped training images' accuracy over a whole fine-tune that sends it back
 RESTARTS = 4  # halvings of the learning rate after a fine-tune that lost its clean images
 
 
@@ -66,12 +65,12 @@ def unlearn(
     features' squared norm, times config.distill): the stamped images learn to ignore the trigger
     while the clean ones keep what the model made of them.
 
-    A fine-tune that ends more than LOST below the unstamped images' accuracy it started at (it
-    trained on them: the rate was too high for this model) starts again from the model as it was,
-    with the same images stamped in the same order, at half the learning rate, up to RESTARTS
-    times: on a model whose frozen normalization makes it sensitive to its weights, the default
-    rate can wreck it in a few steps. A fine-tune that keeps its clean images is kept as it is; if
-    none does, the one that ended highest is kept."""
+    A fine-tune that ends more than config.restart_fall below the unstamped images' accuracy it
+    started at (it trained on them: the rate was too high for this model) starts again from the
+    model as it was, with the same images stamped in the same order, at half the learning rate, up
+    to RESTARTS times: on a model whose frozen normalization makes it sensitive to its weights, the
+    default rate can wreck it in a few steps. A fine-tune that keeps its clean images is kept as it
+    is; if none does, the one that ended highest is kept."""
     device = next(model.parameters()).device
     x, y = to_device_layout(x, device), y.to(device)
     g = generator(torch.device("cpu"), config.seed, UNLEARN_STREAM)
@@ -88,7 +87,7 @@ def unlearn(
     for _ in range(RESTARTS + 1):
         _fine_tune(model, x, y, chosen, replace(config, lr=lr), g)
         ended = accuracy(model, (x[unstamped], y[unstamped]))
-        if ended >= started - LOST:
+        if ended >= started - config.restart_fall:
             break
         if not lost or ended > max(acc for _, acc in lost):
             best = copy.deepcopy(model.state_dict())

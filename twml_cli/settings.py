@@ -621,6 +621,13 @@ class Mitigate(Common, Settings):
         applies=lambda s: s.mitigation == "unlearn",
         before=0.0,
     )
+    unlearn_restart_fall: float = setting(
+        0.02,
+        "Unlearning: a fall of the unstamped training images' accuracy over a fine-tune that starts it again from "
+        "the model at half the rate, up to 4 times (1: never).",
+        applies=lambda s: s.mitigation == "unlearn",
+        before=0.05,
+    )
     prune_step: float = setting(
         0.05,
         "Pruning: fraction of the penultimate neurons removed per step.",
@@ -646,6 +653,7 @@ class Mitigate(Common, Settings):
             freeze_norm=self.unlearn_freeze_norm,
             seed=self.seed,
             distill=self.unlearn_distill,
+            restart_fall=self.unlearn_restart_fall,
         )
 
 

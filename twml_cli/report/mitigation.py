@@ -128,6 +128,12 @@ def section(doc: Document, runs: list, newest: CleanseRun | None = None) -> None
                 f"model as it was at half the rate ({count(r.restarts, 'restart')}): the model kept was fine-tuned "
                 f"at lr {r.lr_used:g}."
             )
+            fall = r.settings.unlearn_restart_fall
+            if r.train_accuracy is not None and r.train_accuracy[1] < r.train_accuracy[0] - fall:
+                said.append(
+                    f"None of its fine-tunes kept those images within {fall * 100:g} points: the one kept ended "
+                    f"highest, at {f4(r.train_accuracy[1])} from {f4(r.train_accuracy[0])}."
+                )
         if r.real is not None:
             said.append(
                 f"{'It' if said else how} took the real trigger's attack success from "

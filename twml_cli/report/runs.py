@@ -96,6 +96,7 @@ class MitigateRun(Logged):
     real: results.RealTriggerMetrics | None = None  # when the model came from twml backdoor
     restarts: int = 0  # unlearning's fine-tunes that lost the clean training images, each started again
     lr_used: float | None = None  # the rate of the fine-tune unlearning kept (where logged)
+    train_accuracy: tuple[float, float] | None = None  # the unstamped training images', before and after (where logged)
 
 
 @dataclass
@@ -264,6 +265,8 @@ def load(experiment: str) -> Runs:
         m.real = read(r, results.RealTriggerMetrics, m.where) if "attack_success_rate" in r.data.metrics else None
         m.restarts = int(r.data.metrics.get("unlearn_restarts", 0))
         m.lr_used = r.data.metrics.get("unlearn_lr_used")
+        if "unlearn_train_accuracy" in (logged := r.data.metrics):
+            m.train_accuracy = (logged["unlearn_train_accuracy_before"], logged["unlearn_train_accuracy"])
         mitigate.append(m)
     sweeps = []
     for r in tracking.find_runs(experiment, "sweep"):

@@ -174,7 +174,15 @@ def record(run: Run, outcome: Outcome) -> None:
     if outcome.pruned is not None:
         run.log_metrics({"pruned_neurons": outcome.pruned.pruned, "penultimate_neurons": outcome.pruned.neurons})
     if outcome.unlearned is not None:  # the rate unlearning kept: --unlearn-lr, or less after fine-tunes that lost
-        run.log_metrics({"unlearn_lr_used": outcome.unlearned.lr, "unlearn_restarts": len(outcome.unlearned.lost)})
+        u = outcome.unlearned
+        run.log_metrics(
+            {
+                "unlearn_lr_used": u.lr,
+                "unlearn_restarts": len(u.lost),
+                "unlearn_train_accuracy_before": u.started,  # the unstamped training images, which the restart reads
+                "unlearn_train_accuracy": u.ended,
+            }
+        )
 
 
 def summarize(o: Outcome) -> list[str]:
@@ -187,7 +195,7 @@ def summarize(o: Outcome) -> list[str]:
     )
     lines = [
         f"Model {f.model_index} (class {f.target} flagged, anomaly index {f.anomaly_index:.2f}), repaired by {how}:",
-        *_restarts(o.unlearned),
+        *_restarts(o.unlearned, o.settings.unlearn_restart_fall),
         f"  Clean accuracy: {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
         f"  Reversed trigger's success: {m.reversed_success_before:.4f} -> {m.reversed_success:.4f}",
     ]
@@ -199,7 +207,7 @@ def summarize(o: Outcome) -> list[str]:
     return lines
 
 
-def _restarts(u: mitigation.Unlearned | None) -> list[str]:
+def _restarts(u: mitigation.Unlearned | None, fall: float) -> list[str]:
     """A line for each fine-tune that lost the clean training images and was not kept, and one more
     when none kept them."""
     if u is None:
@@ -210,9 +218,9 @@ def _restarts(u: mitigation.Unlearned | None) -> list[str]:
         + (f": started again at lr {lr / 2:g}" if lr > last else "")
         for lr, acc in u.lost
     ]
-    if u.ended < u.started - mitigation.LOST:
+    if u.ended < u.started - fall:
         lines.append(
-            f"  No fine-tune kept them within {mitigation.LOST * 100:g} points: kept the one at lr {u.lr:g}, which "
+            f"  No fine-tune kept them within {fall * 100:g} points: kept the one at lr {u.lr:g}, which "
             f"ended highest ({u.started:.4f} -> {u.ended:.4f})"
         )
     return lines
