@@ -39,6 +39,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -408,6 +409,14 @@ def summary(rows: list[dict], repair: str = "unlearning") -> list[str]:
                 )
             )
         lines.append(f"trigger search per model: median {np.median([r['cleanse_s'] for r in planted]):.1f} s")
+    if "searches" in rows[0]:  # several searches: those twml cleanse runs before the verdict is decided
+        counts = np.bincount([r["searches"] for r in rows])
+        lines.append(
+            f"searches run per model: mean {np.mean([r['searches'] for r in rows]):.2f}, mean time "
+            f"{np.mean([r['cleanse_s'] for r in rows]):.1f} s ("
+            + ", ".join(f"{n} on {k} models" for n, k in enumerate(counts) if k)
+            + ")"
+        )
     if clean:
         flagged = [r for r in clean if r["flagged"]]
         lines.append(
@@ -581,16 +590,23 @@ def table(rows: list[dict]) -> list[str]:
 def agreement(runs: list[list[dict]], agree: int) -> list[dict]:
     """One row per cell from several independent searches of it: a class is flagged when at least
     `agree` searches flag it; the target's index and the norm ratio are their medians, with the
-    lowest and highest index kept."""
+    lowest and highest index kept. The time, the stamped images and `searches` are those of the
+    searches twml cleanse runs: in order, until no further one could change the verdict."""
+    from twml_cli.studies.cleanse import settled
+
     rows = []
     for each in zip(*runs):
-        votes = np.bincount([c for r in each for c in r["flagged"]], minlength=len(each[0]["norms"]))
+        classes = len(each[0]["norms"])
+        flags = [SimpleNamespace(flagged=np.isin(np.arange(classes), r["flagged"])) for r in each]
+        run = next(k for k in range(1, len(each) + 1) if settled(flags[:k], len(each), agree))
+        votes = np.bincount([c for r in each for c in r["flagged"]], minlength=classes)
         row = {
             **each[0],
             "flagged": [int(c) for c in np.flatnonzero(votes >= agree)],
             "largest_index": float(np.median([r["largest_index"] for r in each])),
-            "cleanse_s": round(sum(r["cleanse_s"] for r in each), 1),
-            "searches": len(each),
+            "cleanse_s": round(sum(r["cleanse_s"] for r in each[:run]), 1),
+            "search_images": sum(r.get("search_images", 0) for r in each[:run]),
+            "searches": run,
         }
         if row["position"] is not None:
             index = [r["target_index"] for r in each]
@@ -814,7 +830,10 @@ def main() -> int:
         repair = "pruning" if unlearned["mitigation"] == "prune" else repair
         if args.unlearn_seed:  # offset 0: the keys repairs always had
             unlearned = {**unlearned, "seed_offset": args.unlearn_seed}
-        names = {c: [keys[c] for keys, _ in runs][: 1 if args.first_trigger else None] for c in cells}
+        names = {  # the triggers of the searches twml cleanse runs, which twml mitigate stamps in turn
+            c: [keys[c] for keys, _ in runs][: 1 if args.first_trigger else r.get("searches")]
+            for c, r in zip(cells, rows)
+        }
         if args.planted_trigger:
             names = {c: n[:1] for c, n in names.items()}  # its shape only
             unlearned = {**unlearned, "trigger": "planted"}

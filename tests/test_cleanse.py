@@ -294,7 +294,8 @@ def test_the_matrix_can_search_in_bf16_on_a_cpu_as_on_cuda(backdoored, monkeypat
 
 def test_searches_agree_by_majority():
     """benchmarks/cleanse_matrix.py's verdict of several searches: a class is flagged when at
-    least `agree` of them flag it; the target's index is their median."""
+    least `agree` of them flag it; the target's index is their median; the time is that of the
+    searches twml cleanse runs, which stops once no further search could change the verdict."""
     agreement = _benchmark("cleanse_matrix").agreement
 
     def row(flagged, index):
@@ -304,11 +305,17 @@ def test_searches_agree_by_majority():
     searches = [[row([3, 8], 4.0)], [row([3], 2.5)], [row([8], 1.0)]]
     (majority,) = agreement(searches, 2)
     assert majority["flagged"] == [3, 8] and not majority["detected"] and majority["target_index"] == 2.5
+    assert majority["searches"] == 3 and majority["cleanse_s"] == 3.0  # the first two differ on class 8
     (all_three,) = agreement(searches, 3)
     assert all_three["flagged"] == [] and not all_three["detected"]
+    assert all_three["searches"] == 3  # the first two both flag class 3: the third decides it
     (two,) = agreement(searches[:2], 2)
     assert two["flagged"] == [3] and two["detected"] and two["target_index_range"] == [2.5, 4.0]
     assert two["cleanse_s"] == 2.0 and two["searches"] == 2
+    (settled_early,) = agreement(searches[::-1], 3)  # the first flags only 8, the second only 3: settled
+    assert settled_early["flagged"] == [] and settled_early["searches"] == 2 and settled_early["cleanse_s"] == 2.0
+    (first_flags_none,) = agreement([[row([], 1.0)], searches[1]], 2)
+    assert first_flags_none["flagged"] == [] and first_flags_none["searches"] == 1
 
 
 def test_searches_pooled_by_their_smallest_or_mean_norm():

@@ -196,6 +196,44 @@ def test_several_searches_flag_a_class_when_enough_of_them_do():
     assert settings.votes_needed == 3 and dataclasses.replace(settings, agreement="majority").votes_needed == 2
 
 
+def test_a_search_that_cannot_change_the_verdict_is_not_run(digits, tmp_path, monkeypatch):
+    """Searches stop once the verdict is decided: two that must both flag a class stop after a first
+    that flags none; three of which two must agree run the third only where the first two differ.
+    The verdict and the agreed index are those of the searches run."""
+    from types import SimpleNamespace
+
+    base = np.array([10.0, 11, 12, 9, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2])
+    low3 = base.copy()
+    low3[3] = 2.0
+    norms: list[np.ndarray] = []
+
+    def search(model, x, classes, cfg, progress=None):  # the norms of the next search, in turn
+        return SimpleNamespace(norms=norms[len(searched)], seed=searched.append(cfg.seed))
+
+    monkeypatch.setattr(cleanse.cleanse, "reverse_engineer_all", search)
+    monkeypatch.setattr(cleanse.cleanse, "reversed_trigger_success", lambda *a: 1.0)
+    folder = models.save_model(models.create_model(models.ModelSpec.for_data("test_byobnet", digits.info)), tmp_path)
+    small = {"model_runs": [str(folder)], "search_images": 32}
+    for given, options, run, flagged in (
+        ([base, low3], {"searches": 2}, 1, []),  # the first flags nothing: the second could not add a class
+        ([low3, base], {"searches": 2}, 2, []),
+        ([low3, low3], {"searches": 2}, 2, [3]),
+        ([low3, low3, base], {"searches": 3, "agreement": "majority"}, 2, [3]),  # two of three already agree
+        ([base, base, low3], {"searches": 3, "agreement": "majority"}, 2, []),
+        ([low3, base, low3], {"searches": 3, "agreement": "majority"}, 3, [3]),  # the third breaks the tie
+        ([low3, base, base], {"searches": 3, "agreement": "majority"}, 3, []),
+        ([low3, low3, base], {"searches": 3}, 3, []),
+    ):
+        norms[:], searched = given, []
+        s = config.resolve_one("cleanse", PRESET, {**small, **options})
+        (ins,) = cleanse.compute(cleanse.prepare(s)).inspections
+        assert searched == [s.seed, s.seed + 1000, s.seed + 2000][:run], (given, options)
+        assert np.flatnonzero(ins.flagged).tolist() == flagged and len(ins.tests) == run
+        assert (ins.flagged == (ins.agreed_index > 2.0)).all()
+        assert cleanse.settled(ins.tests, s.searches, s.votes_needed)
+    assert not cleanse.settled([], 1, 1)
+
+
 def test_cleanse_with_several_searches(tmp_path):
     """The first of several searches is the single search; each further one searches other images
     from other starts; norms.csv says how many flagged each class."""
@@ -208,9 +246,11 @@ def test_cleanse_with_several_searches(tmp_path):
     outcome = cleanse.compute(inputs)
     (ins,) = outcome.inspections
     assert np.array_equal(ins.reversed.norms, single.inspections[0].reversed.norms)
-    assert len(ins.more) == 2 and not np.array_equal(ins.more[0].reversed.norms, ins.reversed.norms)
+    assert not np.array_equal(ins.more[0].reversed.norms, ins.reversed.norms)
+    run = 2 if np.array_equal(ins.tests[0].flagged, ins.tests[1].flagged) else 3  # the third breaks a tie
+    assert len(ins.tests) == run
     table = cleanse.norms_table(outcome)
-    assert table["searches"].eq(3).all() and table["flagged_by"].tolist() == ins.votes.tolist()
+    assert table["searches"].eq(run).all() and table["flagged_by"].tolist() == ins.votes.tolist()
     assert (table["anomaly_index_lowest"] <= table["anomaly_index_highest"]).all()
     assert ins.needed == 2 and table["flagged"].tolist() == (ins.votes >= 2).tolist()
     assert "flagged_by" not in cleanse.norms_table(single)  # a single search's norms.csv as it was

@@ -150,6 +150,7 @@ BACKDOOR_SUCCESS = "backdoor_success_rate"  # reversed trigger of the most anoma
 # reach). At most the threshold: no class could have been flagged. Read as optional, since runs
 # logged by earlier twml versions lack it.
 ANOMALY_CEILING = "anomaly_ceiling"
+SEARCHES_RUN = "searches_run"  # with several searches: those run before the verdict was decided
 
 
 def run_id_of(uri: str) -> str:

@@ -76,12 +76,18 @@ class Inspection:
         return np.stack([np.where(t.below, t.anomaly_index, -t.anomaly_index) for t in self.tests])
 
     @property
+    def _rank(self) -> int:
+        """Where the agreed index lies among the searches run, highest first: the `needed`-th, or
+        the lowest when fewer ran (a class that no search left could have flagged; see settled)."""
+        return min(self.needed, len(self.tests)) - 1
+
+    @property
     def agreed_index(self) -> np.ndarray:
         """Per class, the signed index that `needed` of the searches reach (one search: its own; all
         of them: the lowest; more than half of three: the median), so that a class is flagged
         exactly when it lies above the threshold."""
         ranked = -np.sort(-self.signed_indices, axis=0)
-        return ranked[self.needed - 1]
+        return ranked[self._rank]
 
     @property
     def votes(self) -> np.ndarray:
@@ -103,7 +109,7 @@ class Inspection:
     def ceiling(self) -> float:
         """The largest index `needed` of the searches could agree on, whatever the norms: the
         `needed`-th largest of their ceilings (each the index of a norm of 0, median / MAD)."""
-        return sorted((t.ceiling for t in self.tests), reverse=True)[self.needed - 1]
+        return sorted((t.ceiling for t in self.tests), reverse=True)[self._rank]
 
     def blind(self, threshold: float) -> bool:
         """Whether no class could have been flagged, whatever its norm: fewer than `needed` of the
@@ -158,9 +164,11 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     outcome = Outcome(s, [])
     for i, (model, source) in enumerate(zip(inputs.models, inputs.sources)):
         accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
-        searches = []
+        searches: list[Search] = []
         with Timer(inputs.device) as timer:
             for k, x_clean in enumerate([inputs.x_clean, *inputs.x_more]):
+                if settled([m.test for m in searches], s.searches, s.votes_needed):
+                    break  # no further search could change the verdict
                 search = dataclasses.replace(s.cleanse_config(), seed=search_seed(s, k))
                 rev = cleanse.reverse_engineer_all(
                     model, x_clean, model.spec.num_classes, search, progress=hooks.progress
@@ -174,6 +182,18 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
             rate = cleanse.reversed_trigger_success(model, ins.reversed, int(c), x_test, y_test)
             outcome.findings.append(Finding(i, int(c), float(agreed[c]), rate))
     return outcome
+
+
+def settled(tests: list[cleanse.OutlierTest], searches: int, needed: int) -> bool:
+    """Whether the verdict of `searches` searches, `needed` of which must flag a class, is decided
+    by the `tests` of those run so far: every class already has `needed` votes, or could not reach
+    them with every search left. Two searches that must both flag a class stop after the first
+    when it flags none; three of which two must agree run the third only where the first two differ."""
+    if not tests:
+        return False
+    votes = np.sum([t.flagged for t in tests], axis=0)
+    left = searches - len(tests)
+    return bool(np.all((votes >= needed) | (votes + left < needed)))
 
 
 def extra_params(inputs: Inputs) -> dict[str, str]:
@@ -218,6 +238,8 @@ def record(run: Run, outcome: Outcome) -> None:
             results.metrics(results.CleanseModelMetrics(ins.accuracy, ins.anomaly_index, ins.seconds), f"model{i}_")
         )
         metrics[f"model{i}_{results.ANOMALY_CEILING}"] = ins.ceiling
+        if outcome.settings.searches > 1:
+            metrics[f"model{i}_{results.SEARCHES_RUN}"] = len(ins.tests)
     if outcome.strongest is not None:
         metrics[results.BACKDOOR_SUCCESS] = outcome.strongest.success_rate
     run.log_metrics(metrics)
@@ -273,7 +295,12 @@ def summarize(outcome: Outcome) -> list[str]:
             f"Norm of trigger targeting class {c} in model {i}: {n:.4f}"
             for c, n in zip(ins.reversed.classes, ins.reversed.norms)
         ]
+    searches = outcome.settings.searches
     for i, ins in enumerate(outcome.inspections):
+        if len(ins.tests) < searches:
+            lines.append(
+                f"Model {i}: {len(ins.tests)} of {searches} searches run; no further one could have changed its verdict"
+            )
         split = np.flatnonzero((ins.votes > 0) & ~ins.flagged)
         lines += [
             f"Class {c} of model {i}: flagged by {ins.votes[c]} of {len(ins.tests)} searches, fewer than the "
