@@ -48,7 +48,7 @@ def section(
             "test to the L1 norms of the masks: anomaly index |l - median| / (1.4826 · MAD), classes below the "
             f"median with an index above {s.anomaly_threshold:g} are flagged."
             + (
-                f" It ran {s.searches} independent searches per model, each on its own draw of clean images, "
+                f" It ran {_searches_run(s, run.searches_run)}, each on its own draw of clean images, "
                 f"from other starts, and flagged a class when {_how_many_agree(s)} of them did; a class's anomaly "
                 f"index below is the one {_how_many_agree(s)} of the searches reach, its norm the first search's."
                 if s.searches > 1
@@ -105,8 +105,8 @@ def section(
             Para(
                 "This verdict rests on one trigger search per model, the paper's. On twml's detection matrix (8x8 "
                 "digits), single searches flagged a class of 0 to 5 of 20 clean models, depending on the machine and "
-                "the search's seed, and three searches that all had to agree flagged none. Before acting on a flagged "
-                "class, run `twml cleanse --searches 3`."
+                "the search's seed; twml's default, three searches of which two must flag a class, flagged at most "
+                "one. Before acting on a flagged class, run `twml cleanse --searches 3`."
             )
         )
     _blind(doc, run)
@@ -360,7 +360,19 @@ def across_runs(doc: Document, runs: list, backdoor_runs: list, clean: frozenset
         )
 
 
+def _searches_run(s, run: dict[int, int]) -> str:
+    """'up to 3 independent searches per model (2 on model 0, 3 on model 1: ...)', where logged
+    (runs logged before searches stopped once the verdict was decided ran them all)."""
+    if not run:
+        return f"{s.searches} independent searches per model"
+    each = ", ".join(f"{n} on model {i}" for i, n in run.items())
+    return (
+        f"up to {s.searches} independent searches per model ({each}: a search that could not change the verdict "
+        "is not run)"
+    )
+
+
 def _how_many_agree(s) -> str:
-    if s.agreement != "all":
+    if s.votes_needed < s.searches:
         return "more than half"
-    return "both" if s.searches == 2 else "all"
+    return "both" if s.searches == 2 else "all"  # more than half of two is both

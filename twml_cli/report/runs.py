@@ -85,6 +85,7 @@ class CleanseRun(Logged):
     models: dict[int, results.CleanseModelMetrics] = field(default_factory=dict)
     backdoor_success_rate: float | None = None
     ceilings: dict[int, float] = field(default_factory=dict)  # model{i}_anomaly_ceiling, where logged
+    searches_run: dict[int, int] = field(default_factory=dict)  # model{i}_searches_run, where logged
     files: dict[str, Path] = field(default_factory=dict)  # figures and arrays, downloaded
     verdict: str = "none"  # the run's twml.verdict tag
 
@@ -247,6 +248,11 @@ def load(experiment: str) -> Runs:
             i: r.data.metrics[f"model{i}_{results.ANOMALY_CEILING}"]
             for i in c.models
             if f"model{i}_{results.ANOMALY_CEILING}" in r.data.metrics
+        }
+        c.searches_run = {
+            i: int(r.data.metrics[f"model{i}_{results.SEARCHES_RUN}"])
+            for i in c.models
+            if f"model{i}_{results.SEARCHES_RUN}" in r.data.metrics
         }
         for name in (
             results.TRIGGER_PNG,
