@@ -17,7 +17,8 @@ search itself would (on a CPU, equal to every digit: compare a schedule with a `
 (its --out/models/threads1/<cell>); trajectories are cached in --out as one JSON line per model
 and settings. Each model's search is seeded with its training seed plus --seed-offset, as
 cleanse_matrix.py --search-seeds seeds it. With --searches N, each schedule is replayed as N
-independent searches that must all flag a class, as `twml cleanse --searches N` votes: from the
+independent searches that must all flag a class, as `twml cleanse --searches N --agreement all`
+votes (each run only while it could change the verdict): from the
 traces of seed offsets 0, 1000, ... (added to --seed-offset), which earlier runs with --seed-offset
 must have recorded.
 
@@ -123,7 +124,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmark-logs/cleanse-convergence")
     args = parser.parse_args()
     from twml_cli.cleanse import mad_outlier_test
-    from twml_cli.studies.cleanse import SEARCH_SEED_STRIDE, Inspection, Search
+    from twml_cli.studies.cleanse import SEARCH_SEED_STRIDE, Inspection, Search, settled
 
     overrides = json.loads(args.search) if args.search else {}
     out = Path(args.out)
@@ -173,10 +174,13 @@ def main() -> int:
         found, planted, second, index, ratio, clean, accused, cost = 0, 0, 0, [], [], [], 0, []
         for cell, each in traced.items():
             replayed = [replay(trace, args.starts, r, b, t) for trace in each]
-            cost.append(sum(rows for _, rows in replayed))
-            first, *more = [mad_outlier_test(norms) for norms, _ in replayed]
-            # twml cleanse's own vote: a class is flagged when every search flags it
-            voted = Inspection(cell, 0.0, None, first, 0.0, [Search(None, s) for s in more], len(replayed))
+            tests = [mad_outlier_test(norms) for norms, _ in replayed]
+            # twml cleanse's own vote: a class is flagged when every search flags it, the searches run in
+            # turn until no further one could change the verdict
+            n = next(k for k in range(1, len(tests) + 1) if settled(tests[:k], len(tests), len(tests)))
+            cost.append(sum(rows for _, rows in replayed[:n]))
+            first, *more = tests[:n]
+            voted = Inspection(cell, 0.0, None, first, 0.0, [Search(None, s) for s in more], len(tests))
             signed, flagged = voted.agreed_index, np.flatnonzero(voted.flagged).tolist()
             norms = replayed[0][0]  # the first search's, as twml cleanse reports them
             m = re.search(r"-t(\d+)-s(\d+)", cell)
