@@ -413,9 +413,9 @@ def test_the_matrix_says_why_each_missed_cell_was_missed():
     assert cm.why_missed(runs[:1], cm.agreement(runs[:1], 1)[:1], 1, 0.99, 2.0) == []  # nothing missed
 
 
-@pytest.mark.e2e  # trains two models and searches them twice: about 20 s
+@pytest.mark.e2e  # trains two models and searches them three times: about 30 s
 def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_missed(tmp_path):
-    """cleanse_matrix.py end to end on one planted cell, with a short search: each of its two
+    """cleanse_matrix.py end to end on one planted cell, with a short search: each of its three
     searches keeps the planted trigger's success on its own images, which planted_success (for
     rows searched before they kept it) gives again; a missed cell gets a reason in the summary."""
     import json
@@ -430,16 +430,17 @@ def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_m
     ).stdout  # fmt: skip
     lines = (tmp_path / "cells.jsonl").read_text().splitlines()
     rows = [json.loads(line)["row"] for line in lines if '"position": "top-left"' in line]
-    assert [r["search_seed"] for r in rows] == [0, 1000]
+    assert [r["search_seed"] for r in rows] == [0, 1000, 2000]  # the default's three searches
     cell = cm.Cell(0, "top-left", 3, 1)
     threads = torch.get_num_threads()
     try:  # planted_success sets the thread count, as in a worker of the matrix
-        for r, offset in zip(rows, (0, 1000)):
+        for r, offset in zip(rows, (0, 1000, 2000)):
             assert 0 <= r["planted_search_success"] <= 1 and isinstance(r["target_reached"], bool)
             assert cm.planted_success(tmp_path, cell, 2, 2, search, offset, "digits") == r["planted_search_success"]
     finally:
         torch.set_num_threads(threads)
-    detected = set(rows[0]["flagged"]) & set(rows[1]["flagged"]) == {3}  # both searches must flag the target
+    votes = np.bincount([c for r in rows for c in r["flagged"]], minlength=10)
+    detected = np.flatnonzero(votes >= 2).tolist() == [3]  # two of the three searches must flag the target
     reasons = [line for line in out.splitlines() if line.startswith("missed: 1 of 1; ")]
     assert len(reasons) == (0 if detected else 1), out
 
