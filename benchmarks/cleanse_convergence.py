@@ -177,7 +177,8 @@ def main() -> int:
             tests = [mad_outlier_test(norms) for norms, _ in replayed]
             # twml cleanse's own vote: a class is flagged when every search flags it, the searches run in
             # turn until no further one could change the verdict
-            n = next(k for k in range(1, len(tests) + 1) if settled(tests[:k], len(tests), len(tests)))
+            flags = [t.flagged for t in tests]
+            n = next(k for k in range(1, len(tests) + 1) if settled(flags[:k], len(tests), len(tests)))
             cost.append(sum(rows for _, rows in replayed[:n]))
             first, *more = tests[:n]
             voted = Inspection(cell, 0.0, None, first, 0.0, [Search(None, s) for s in more], len(tests))

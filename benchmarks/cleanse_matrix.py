@@ -39,7 +39,6 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -597,7 +596,7 @@ def agreement(runs: list[list[dict]], agree: int) -> list[dict]:
     rows = []
     for each in zip(*runs):
         classes = len(each[0]["norms"])
-        flags = [SimpleNamespace(flagged=np.isin(np.arange(classes), r["flagged"])) for r in each]
+        flags = [np.isin(np.arange(classes), r["flagged"]) for r in each]
         run = next(k for k in range(1, len(each) + 1) if settled(flags[:k], len(each), agree))
         votes = np.bincount([c for r in each for c in r["flagged"]], minlength=classes)
         row = {

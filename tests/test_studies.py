@@ -154,8 +154,8 @@ def test_backdoor_and_cleanse_compute(tmp_path):
     } <= run.files
     assert run.metrics["model0_accuracy"] == poisoned.accuracy
     # three searches by default, two of which must flag a class; the third only where the first two differ
-    run_ = 2 if np.array_equal(ins.tests[0].flagged, ins.tests[1].flagged) else 3
-    assert len(ins.tests) == run.metrics["model0_searches_run"] == run_
+    ran = 2 if np.array_equal(ins.tests[0].flagged, ins.tests[1].flagged) else 3
+    assert len(ins.tests) == run.metrics["model0_searches_run"] == ran
     ceilings = sorted((t.median / t.mad for t in ins.tests), reverse=True)
     assert run.metrics["model0_anomaly_ceiling"] == ceilings[1]  # the one two of them reach
     table = cleanse.norms_table(outcome)
@@ -211,7 +211,8 @@ def test_a_search_that_cannot_change_the_verdict_is_not_run(digits, tmp_path, mo
     norms: list[np.ndarray] = []
 
     def search(model, x, classes, cfg, progress=None):  # the norms of the next search, in turn
-        return SimpleNamespace(norms=norms[len(searched)], seed=searched.append(cfg.seed))
+        searched.append(cfg.seed)
+        return SimpleNamespace(norms=norms[len(searched) - 1])
 
     monkeypatch.setattr(cleanse.cleanse, "reverse_engineer_all", search)
     monkeypatch.setattr(cleanse.cleanse, "reversed_trigger_success", lambda *a: 1.0)
@@ -234,7 +235,7 @@ def test_a_search_that_cannot_change_the_verdict_is_not_run(digits, tmp_path, mo
         assert searched == [s.seed, s.seed + 1000, s.seed + 2000][:run], (given, options)
         assert np.flatnonzero(ins.flagged).tolist() == flagged and len(ins.tests) == run
         assert (ins.flagged == (ins.agreed_index > 2.0)).all()
-        assert cleanse.settled(ins.tests, s.searches, s.votes_needed)
+        assert cleanse.settled([t.flagged for t in ins.tests], s.searches, s.votes_needed)
     assert not cleanse.settled([], 1, 1)
 
 

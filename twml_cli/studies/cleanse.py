@@ -167,7 +167,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
         searches: list[Search] = []
         with Timer(inputs.device) as timer:
             for k, x_clean in enumerate([inputs.x_clean, *inputs.x_more]):
-                if settled([m.test for m in searches], s.searches, s.votes_needed):
+                if settled([m.test.flagged for m in searches], s.searches, s.votes_needed):
                     break  # no further search could change the verdict
                 search = dataclasses.replace(s.cleanse_config(), seed=search_seed(s, k))
                 rev = cleanse.reverse_engineer_all(
@@ -184,15 +184,15 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     return outcome
 
 
-def settled(tests: list[cleanse.OutlierTest], searches: int, needed: int) -> bool:
+def settled(flags: list[np.ndarray], searches: int, needed: int) -> bool:
     """Whether the verdict of `searches` searches, `needed` of which must flag a class, is decided
-    by the `tests` of those run so far: every class already has `needed` votes, or could not reach
+    by the flags (per class) of those run so far: every class already has `needed` votes, or could not reach
     them with every search left. Two searches that must both flag a class stop after the first
     when it flags none; three of which two must agree run the third only where the first two differ."""
-    if not tests:
+    if not flags:
         return False
-    votes = np.sum([t.flagged for t in tests], axis=0)
-    left = searches - len(tests)
+    votes = np.sum(flags, axis=0)
+    left = searches - len(flags)
     return bool(np.all((votes >= needed) | (votes + left < needed)))
 
 
