@@ -232,7 +232,7 @@ def mlflow_server(folder: Path, port: int | None = None, auth: dict | None = Non
     import time
 
     port = port or free_port()
-    env = dict(os.environ)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job runner: twml runs none
     app = []
     if auth:
         ini = folder / "auth.ini"
@@ -240,6 +240,7 @@ def mlflow_server(folder: Path, port: int | None = None, auth: dict | None = Non
             "[mlflow]\ndefault_permission = READ\n"
             f"database_uri = sqlite:///{folder / 'users.db'}\nadmin_username = admin\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 600\n"  # check a password's hash once, not on every request
         )
         env.update(
             MLFLOW_AUTH_CONFIG_PATH=str(ini),
