@@ -13,19 +13,28 @@ import pytest
 import torch
 
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads per test, fewer where pytest-xdist's workers share the cores: a worker whose
+# OpenMP threads wait for a core the other worker holds runs several times slower.
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
 
 
 # fixtures that run whole twml commands (or start servers, or kill runs)
 E2E_FIXTURES = {"cli", "module_cli", "reproduced", "killed_and_resumed", "server"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Mark `e2e` every test that runs whole commands (through one of E2E_FIXTURES, or a
-    subprocess of its own, marked by hand): `pytest -m "not e2e"` is the fast tier."""
+    subprocess of its own, marked by hand): `pytest -m "not e2e"` is the fast tier.
+
+    The suite runs on two workers (pytest-xdist, `-n 2 --dist loadgroup`): most tests use one
+    core. Each test goes to its module's worker, so a module-scoped fixture is made once, and
+    every test that reads `twml reproduce` to one worker, so that runs once."""
     for item in items:
-        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if E2E_FIXTURES & fixtures:
             item.add_marker(pytest.mark.e2e)
+        item.add_marker(pytest.mark.xdist_group("reproduce" if "reproduced" in fixtures else item.module.__name__))
 
 
 @pytest.fixture(scope="session")
