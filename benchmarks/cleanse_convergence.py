@@ -124,7 +124,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmark-logs/cleanse-convergence")
     args = parser.parse_args()
     from twml_cli.cleanse import mad_outlier_test
-    from twml_cli.studies.cleanse import SEARCH_SEED_STRIDE, Inspection, Search, settled
+    from twml_cli.studies.cleanse import SEARCH_SEED_STRIDE, Inspection, Search, searches_run
 
     overrides = json.loads(args.search) if args.search else {}
     out = Path(args.out)
@@ -177,8 +177,7 @@ def main() -> int:
             tests = [mad_outlier_test(norms) for norms, _ in replayed]
             # twml cleanse's own vote: a class is flagged when every search flags it, the searches run in
             # turn until no further one could change the verdict
-            flags = [t.flagged for t in tests]
-            n = next(k for k in range(1, len(tests) + 1) if settled(flags[:k], len(tests), len(tests)))
+            n = searches_run([t.flagged for t in tests], len(tests))
             cost.append(sum(rows for _, rows in replayed[:n]))
             first, *more = tests[:n]
             voted = Inspection(cell, 0.0, None, first, 0.0, [Search(None, s) for s in more], len(tests))

@@ -591,13 +591,13 @@ def agreement(runs: list[list[dict]], agree: int) -> list[dict]:
     `agree` searches flag it; the target's index and the norm ratio are their medians, with the
     lowest and highest index kept. The time, the stamped images and `searches` are those of the
     searches twml cleanse runs: in order, until no further one could change the verdict."""
-    from twml_cli.studies.cleanse import settled
+    from twml_cli.studies.cleanse import searches_run
 
     rows = []
     for each in zip(*runs):
         classes = len(each[0]["norms"])
         flags = [np.isin(np.arange(classes), r["flagged"]) for r in each]
-        run = next(k for k in range(1, len(each) + 1) if settled(flags[:k], len(each), agree))
+        run = searches_run(flags, agree)
         votes = np.bincount([c for r in each for c in r["flagged"]], minlength=classes)
         row = {
             **each[0],

@@ -415,9 +415,10 @@ def test_the_matrix_says_why_each_missed_cell_was_missed():
 
 @pytest.mark.e2e  # trains a model and searches it three times
 def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_missed(tmp_path):
-    """cleanse_matrix.py end to end on one planted cell (no clean model), with a short search: each of its three
-    searches keeps the planted trigger's success on its own images, which planted_success (for
-    rows searched before they kept it) gives again; a missed cell gets a reason in the summary."""
+    """cleanse_matrix.py end to end on one planted cell (no clean model), with a short search:
+    each of its three searches keeps the planted trigger's success on its own images, which
+    planted_success (for rows searched before they kept it) gives again; a missed cell gets a
+    reason in the summary."""
     import json
     import subprocess
 

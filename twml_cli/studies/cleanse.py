@@ -196,6 +196,12 @@ def settled(flags: list[np.ndarray], searches: int, needed: int) -> bool:
     return bool(np.all((votes >= needed) | (votes + left < needed)))
 
 
+def searches_run(flags: list[np.ndarray], needed: int) -> int:
+    """How many of these searches (each one's flags per class, in order) twml cleanse runs when
+    `needed` of them must flag a class: up to the first after which the verdict is settled."""
+    return next(k for k in range(1, len(flags) + 1) if settled(flags[:k], len(flags), needed))
+
+
 def extra_params(inputs: Inputs) -> dict[str, str]:
     return {f"model{i}": source for i, source in enumerate(inputs.sources)}
 
