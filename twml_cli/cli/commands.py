@@ -166,10 +166,10 @@ def _reproduce(out: Path = OUT[1], curves: bool = False, curve_seeds: int = 3, *
 
     Standard and free (m = 4 and 7) training, smoothing at sigma 0.05 and 0.20, a BadNets
     model, Neural Cleanse on the standard and the backdoored model, its mitigation, the report.
-    Under 3 minutes on a 2-core CPU with the embedded default; `--preset cifar10` is for a GPU.
+    One to four minutes on a 2-core CPU with the embedded default; `--preset cifar10` is for a GPU.
     With --curves, also the report's curves over seeds: free training at m = 1, 2, 4, 7,
     standard and fast training, robustness curves, smoothing at three sigmas
-    (about 9 minutes on 2 cores with 3 seeds)."""
+    (9 to 12 minutes on 2 cores with 3 seeds)."""
     from ..studies import reproduce
 
     shared = {k: kwargs.pop(k) for k in SHARED}
@@ -196,7 +196,7 @@ CURVES = (
         bool,
         typer.Option(
             "--curves",
-            help="Also the curves over seeds: m, eps and sigma sweeps (about 9 minutes on 2 cores, 3 seeds).",
+            help="Also the curves over seeds: m, eps and sigma sweeps (9 to 12 minutes on 2 cores, 3 seeds).",
         ),
     ],
     False,
