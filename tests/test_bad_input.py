@@ -156,6 +156,7 @@ BAD = [
     (["mitigate", "--unlearn-lr", "0.001,0.002"], "twml mitigate repairs with one value of each setting"),
     (["mitigate", "--unlearn-schedule", "wavy"], "unknown unlearn schedule 'wavy': use one of constant, warmup"),
     (["mitigate", "--unlearn-distill", "-1"], "unlearning distillation weight must be >= 0, got -1.0"),
+    (["mitigate", "--unlearn-hold-stamped", "-1"], "unlearning stamped-image pull weight must be >= 0, got -1.0"),
     (["mitigate", "--unlearn-restart-fall", "0"], "unlearning restart fall must lie in (0, 1], got 0.0"),
     (["mitigate", "--prune-step", "1.5"], "prune step and stop must lie in (0, 1], got 1.5 and 0.05"),
     (["mitigate", "--prune-stop", "-1"], "prune step and stop must lie in (0, 1], got 0.05 and -1.0"),

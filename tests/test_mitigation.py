@@ -139,10 +139,52 @@ def test_unlearning_with_distillation_holds_the_clean_images_features(planted, d
     from twml_cli.mitigation import _FeaturePull
 
     repaired = copy.deepcopy(model)
-    with pytest.raises(RuntimeError, match="mid-way"), _FeaturePull(repaired, torch.arange(3), len(x)):
+    with (
+        pytest.raises(RuntimeError, match="mid-way"),
+        _FeaturePull(repaired, torch.arange(3), len(x), UnlearnConfig(), None),
+    ):
         assert repaired.backbone.get_classifier()._forward_hooks
         raise RuntimeError("stopped mid-way")
     assert not repaired.backbone.get_classifier()._forward_hooks  # gone, though unlearning raised
+
+
+def test_unlearning_holds_the_stamped_images_features_at_their_clean_images(planted, digits):
+    """--unlearn-hold-stamped: each stamped image's features are pulled toward what the model
+    before unlearning made of that same image unstamped. Before any step the pull is nil for a
+    trigger that changes nothing (each stamped image meets its own original, not another image) and
+    not for the real one; after unlearning, the trigger moves the other classes' features less
+    than unlearning without the pull leaves it, and the backdoor goes."""
+    import copy
+
+    from twml_cli.cleanse import stamp
+    from twml_cli.mitigation import _FeaturePull, draw, stamped_at
+
+    model, trigger, mask, pattern = planted
+    x, y = digits.train.tensors
+    chosen = draw(len(x), 0.15, torch.Generator().manual_seed(0))
+    idx = torch.arange(128)  # a batch holding stamped and unstamped images
+    assert 0 < int(torch.isin(idx, chosen).sum()) < 128
+    config = UnlearnConfig(distill=0, hold_stamped=1.0)
+    pulls = {}
+    for name, m in (("nothing", torch.zeros_like(mask)), ("trigger", mask)):
+        xs = stamped_at(x, [(m, pattern)], chosen)
+        with _FeaturePull(model, chosen, len(x), config, x[chosen]) as held, torch.no_grad():
+            model.eval()
+            model(xs[idx])
+            pulls[name] = float(held.pull(xs[idx], idx))
+    assert pulls["nothing"] < 1e-6 < 1e-3 < pulls["trigger"], pulls
+    others = x[y != 0]
+    clean = penultimate(model, others)
+    moved = {}
+    for weight in (0.0, 1.0):
+        repaired = copy.deepcopy(model)
+        unlearn(repaired, x, y, [(mask, pattern)], UnlearnConfig(epochs=6, distill=0, hold_stamped=weight))
+        stamped = penultimate(repaired, stamp(others, mask, pattern))
+        moved[weight] = float(((stamped - clean) ** 2).sum(1).mean() / (clean**2).sum(1).mean())
+        assert attack_success_rate(repaired, *digits.test.tensors, 0, trigger) <= 0.05
+    assert moved[1.0] < 0.7 * moved[0.0], moved  # 0.34 against 0.75 here
+    with pytest.raises(ValueError, match="stamped-image pull weight must be >= 0"):
+        UnlearnConfig(hold_stamped=-1)
 
 
 def test_several_reversed_triggers_share_the_stamped_images_in_turn():
@@ -247,11 +289,22 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     m = restarted.data.metrics
     assert m["unlearn_restarts"] >= 1 and m["unlearn_lr_used"] == 0.05 / 2 ** m["unlearn_restarts"]
     assert "Unlearning at lr 0.05 lost the clean training images" in wild.out
+    # the stamped images' features held at their clean images' too: logged, and named in the report's row
+    held = cli(
+        "mitigate", "--cleanse-run", cleanse.info.run_id, "--unlearn-hold-stamped", "0.3", "--experiment", "mitigation"
+    )
+    assert held.code == 0, held.err
+    (pulled,) = [
+        r for r in cli.runs("mitigate", experiment="mitigation") if r.data.params.get("unlearn_hold_stamped") == "0.3"
+    ]
+    assert pulled.data.metrics["attack_success_rate"] <= 0.05
+    assert unlearned.data.params["unlearn_hold_stamped"] == "0.0"  # off by default
     assert cli("report", "--experiment", "mitigation", "--out", "out").code == 0
     md = (cli.path / "out" / "mitigation.md").read_text()
     section = md[md.index("### Mitigation") :]
     assert section.count("unlearning fine-tunes for") == 1  # each method described once ...
     assert "| --unlearn-epochs 3, --unlearn-lr 0.05 |" in section  # ... and what a repair changed, in its row
+    assert "| --unlearn-hold-stamped 0.3 |" in section
     lr = f"{m['unlearn_lr_used']:g}"
     restarts = int(m["unlearn_restarts"])
     assert (

@@ -265,6 +265,7 @@ class UnlearnConfig:
     )
     seed: int = 0
     distill: float = 0.3  # weight of the pull of the unstamped images' features toward the model's before (0: off)
+    hold_stamped: float = 0.0  # weight of the pull of the stamped images' features toward their clean images' before
     restart_fall: float = 0.02  # a fall of the unstamped images' accuracy that starts a fine-tune again (1: never)
 
     def __post_init__(self):
@@ -278,6 +279,8 @@ class UnlearnConfig:
             raise ValueError(f"unknown unlearning schedule '{self.schedule}': use constant or warmup")
         if not self.distill >= 0:
             raise ValueError(f"unlearning distillation weight must be >= 0, got {self.distill}")
+        if not self.hold_stamped >= 0:
+            raise ValueError(f"unlearning stamped-image pull weight must be >= 0, got {self.hold_stamped}")
         if not 0 < self.restart_fall <= 1:
             raise ValueError(f"unlearning restart fall must lie in (0, 1], got {self.restart_fall}")
 

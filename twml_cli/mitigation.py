@@ -75,6 +75,7 @@ def unlearn(
     x, y = to_device_layout(x, device), y.to(device)
     g = generator(torch.device("cpu"), config.seed, UNLEARN_STREAM)
     chosen = draw(len(x), config.fraction, g)
+    originals = x[chosen.to(device)] if config.hold_stamped > 0 else None  # the stamped images, unstamped
     x = stamped_at(x, triggers, chosen.to(device))
     unstamped = torch.ones(len(x), dtype=torch.bool)
     unstamped[chosen] = False
@@ -85,7 +86,7 @@ def unlearn(
     best: dict[str, Any] = {}  # the weights of the fine-tune that, of those that lost the images, ended highest
     lr = config.lr
     for _ in range(RESTARTS + 1):
-        _fine_tune(model, x, y, chosen, replace(config, lr=lr), g)
+        _fine_tune(model, x, y, chosen, replace(config, lr=lr), g, originals)
         ended = accuracy(model, (x[unstamped], y[unstamped]))
         if ended >= started - config.restart_fall:
             break
@@ -104,14 +105,22 @@ def unlearn(
 
 
 def _fine_tune(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chosen: torch.Tensor, config: UnlearnConfig, g: torch.Generator
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chosen: torch.Tensor,
+    config: UnlearnConfig,
+    g: torch.Generator,
+    originals: torch.Tensor | None = None,
 ) -> None:
-    """One fine-tune of unlearn's, with the images `chosen` stamped, in the order g draws."""
+    """One fine-tune of unlearn's, with the images `chosen` stamped (`originals`: the same images
+    unstamped, for config.hold_stamped), in the order g draws."""
     device = next(model.parameters()).device
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     per_epoch = math.ceil(len(x) / config.batch_size)
     rates = _rates(config, per_epoch)
-    held = _FeaturePull(model, chosen, len(x)) if config.distill > 0 else contextlib.nullcontext()
+    pulled = config.distill > 0 or config.hold_stamped > 0
+    held = _FeaturePull(model, chosen, len(x), config, originals) if pulled else contextlib.nullcontext()
     with held as kept:
         for epoch in range(config.epochs):
             model.train()
@@ -128,7 +137,7 @@ def _fine_tune(
                 with autocast(device):
                     loss = F.cross_entropy(model(xb), y[idx])
                     if kept is not None:
-                        loss = loss + config.distill * kept.distance(xb, idx)
+                        loss = loss + kept.pull(xb, idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -136,26 +145,40 @@ def _fine_tune(
 
 class _FeaturePull:
     """The features the classifier reads (its input), of the model being unlearned and of a frozen
-    copy of it as it was: distance(xb, idx) compares them on the batch's unstamped images, after
-    the model's forward on xb (which records its features). A context: its hook goes on exit."""
+    copy of it as it was: pull(xb, idx), after the model's forward on xb (which records its
+    features), is config.distill times their distance on the batch's unstamped images plus
+    config.hold_stamped times their distance on its stamped ones, each against what the frozen
+    copy made of the clean image (`originals`: the stamped images before stamping, in the order of
+    `chosen`). A distance is squared and relative to the clean features' squared norm. A context:
+    its hook goes on exit."""
 
-    def __init__(self, model: nn.Module, chosen: torch.Tensor, n: int):
+    def __init__(
+        self, model: nn.Module, chosen: torch.Tensor, n: int, config: UnlearnConfig, originals: torch.Tensor | None
+    ):
         self.before = cast(Classifier, copy.deepcopy(model).requires_grad_(False))
-        self.unstamped = torch.ones(n, dtype=torch.bool)
-        self.unstamped[chosen] = False
-        self.unstamped = self.unstamped.to(next(model.parameters()).device)
+        self.row = torch.full((n,), -1, dtype=torch.long)  # each image's row in originals (-1: unstamped)
+        self.row[chosen] = torch.arange(len(chosen))
+        self.row = self.row.to(next(model.parameters()).device)
+        self.distill, self.hold_stamped, self.originals = config.distill, config.hold_stamped, originals
         self.seen: list[torch.Tensor] = []
         head = cast(Any, model).backbone.get_classifier()
         self.hook = head.register_forward_hook(lambda _m, args, _out: self.seen.append(args[0]))
 
-    def distance(self, xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def pull(self, xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         (now,) = self.seen
         self.seen.clear()
-        clean = self.unstamped[idx]
-        if not clean.any():
-            return now.sum() * 0
-        now, then = now[clean].float(), penultimate(self.before, xb[clean])
-        return ((now - then) ** 2).sum(1).mean() / (then**2).sum(1).mean().clamp_min(1e-12)
+        rows = self.row[idx]
+        clean = rows < 0
+        loss = now.sum() * 0
+        if self.distill > 0 and clean.any():
+            loss = loss + self.distill * self._distance(now[clean], xb[clean])
+        if self.hold_stamped > 0 and self.originals is not None and not clean.all():
+            loss = loss + self.hold_stamped * self._distance(now[~clean], self.originals[rows[~clean]])
+        return loss
+
+    def _distance(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        then = penultimate(self.before, images)
+        return ((features.float() - then) ** 2).sum(1).mean() / (then**2).sum(1).mean().clamp_min(1e-12)
 
     def __enter__(self) -> _FeaturePull:
         return self

@@ -622,6 +622,13 @@ class Mitigate(Common, Settings):
         applies=lambda s: s.mitigation == "unlearn",
         before=0.0,
     )
+    unlearn_hold_stamped: float = setting(
+        0.0,
+        "Unlearning: weight of the pull of the stamped images' features toward those the model gave their clean "
+        "images before unlearning (0: off).",
+        applies=lambda s: s.mitigation == "unlearn",
+        before=0.0,
+    )
     unlearn_restart_fall: float = setting(
         0.02,
         "Unlearning: a fall of the unstamped training images' accuracy over a fine-tune that starts it again from "
@@ -654,6 +661,7 @@ class Mitigate(Common, Settings):
             freeze_norm=self.unlearn_freeze_norm,
             seed=self.seed,
             distill=self.unlearn_distill,
+            hold_stamped=self.unlearn_hold_stamped,
             restart_fall=self.unlearn_restart_fall,
         )
 

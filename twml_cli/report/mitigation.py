@@ -20,6 +20,11 @@ def _how(s, triggers: int = 1) -> str:
     rate = "warmed up for an epoch, then a cosine to 0" if s.unlearn_schedule == "warmup" else "constant"
     frozen = ", normalization statistics frozen" if s.unlearn_freeze_norm else ""
     held = f"; the other images' features held, weight {s.unlearn_distill:g}" if s.unlearn_distill else ""
+    if s.unlearn_hold_stamped:
+        held += (
+            f"; the stamped images' features pulled toward their clean images' as they were, weight "
+            f"{s.unlearn_hold_stamped:g}"
+        )
     return (
         f"unlearning fine-tunes for {count(s.unlearn_epochs, 'epoch')} on clean training images of which "
         f"{s.unlearn_fraction:.0%} carry "
