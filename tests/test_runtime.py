@@ -119,3 +119,66 @@ def test_the_forward_pool_keeps_order_runs_one_thread_each_and_gives_threads_bac
         assert set(serial) == {2}
     finally:
         torch.set_num_threads(before)
+
+
+def test_side_by_side_runs_items_at_once_in_order_on_one_shared_bar():
+    import threading
+
+    both = threading.Barrier(2, timeout=10)  # each item waits for the other: one after another would time out
+    drawn: list[tuple[int, str]] = []
+
+    def bar(items, total, desc):
+        n = 0
+        for item in items:
+            n += 1
+            yield item
+        drawn.append((n, total, desc))
+
+    def item(k, progress):
+        both.wait()
+        return [k * 10 + step for step in progress(range(3 + k), 0, "ignored")], threading.current_thread().name
+
+    got = runtime.side_by_side(item, [0, 1], 2, bar, 7, "two items")
+    assert [v for v, _ in got] == [[0, 1, 2], [10, 11, 12, 13]]  # in order
+    assert got[0][1] != got[1][1] and all(name.startswith("twml-side") for _, name in got)
+    assert drawn == [(7, 7, "two items")]  # every step of both items advanced the caller's bar
+    # one worker, or one item: in the caller's thread, with the caller's progress as it is
+    here = threading.current_thread().name
+    for items, workers in (([5], 2), ([5, 6], 1)):
+        alone = runtime.side_by_side(
+            lambda k, p: (list(p(range(2), 2, "own")), threading.current_thread().name), items, workers, bar, 9, ""
+        )
+        assert alone == [([0, 1], here)] * len(items)
+    assert drawn[1:] == [(2, 2, "own")] * 3  # the item's own bar, not a shared one
+
+
+def test_side_by_side_stops_the_other_items_on_an_error_or_an_interrupt():
+    import threading
+
+    LONG = 3000
+    steps = {0: 0, 1: 0, 2: 0}
+
+    def item(k, progress):
+        for _ in progress(range(LONG), 0, ""):  # seconds unless stopped
+            steps[k] += 1
+            if k == 1 and steps[1] == 5:
+                raise ValueError("item 1 failed")
+            threading.Event().wait(0.001)
+
+    def bar(items, total, desc):
+        yield from items
+
+    with pytest.raises(ValueError, match="item 1 failed"):
+        runtime.side_by_side(item, [0, 1], 2, bar, 10, "")
+    assert steps[1] == 5 and 0 < steps[0] < LONG  # item 0 stopped at a step of its own
+
+    def interrupted(items, total, desc):  # Ctrl-C on the caller's bar, as cli.progress raises it
+        for n, item in enumerate(items):
+            if n == 20:
+                raise KeyboardInterrupt
+            yield item
+
+    steps[0] = 0
+    with pytest.raises(KeyboardInterrupt):
+        runtime.side_by_side(item, [0, 2], 2, interrupted, 0, "")
+    assert 0 < steps[0] < LONG and 0 < steps[2] < LONG

@@ -165,6 +165,40 @@ def test_backdoor_and_cleanse_compute(tmp_path):
     )  # a folder, named as given
 
 
+def test_cleanse_searches_models_at_once_with_the_numbers_of_one_after_another(tmp_path, monkeypatch):
+    """On a CPU at one intra-op thread, the models are searched at the same time, one per core,
+    each on a thread of its own: every norm, mask, index and finding is the one it has alone."""
+    from twml_cli import runtime
+
+    poisoned = backdoor.compute(backdoor.prepare(settings("backdoor", epochs=2)))
+    other = models.create_model(poisoned.model.spec)
+    folders = [str(models.save_model(m, tmp_path / n)) for n, m in (("bad", poisoned.model), ("other", other))]
+    s = config.resolve_one("cleanse", PRESET, {"model_runs": folders, "search_steps": 4, "search_images": 64})
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inputs = cleanse.prepare(s)
+        monkeypatch.setattr(runtime, "machine_cores", lambda: (2, 1))
+        together = cleanse.compute(inputs)
+        monkeypatch.setattr(runtime, "machine_cores", lambda: (1, 1))
+        apart = cleanse.compute(inputs)
+        torch.set_num_threads(2)  # a search on two intra-op threads: one model after another
+        assert cleanse.models_at_once(inputs) == 1
+    finally:
+        torch.set_num_threads(before)
+    assert (together.at_once, apart.at_once) == (2, 1)
+    for a, b in zip(together.inspections, apart.inspections, strict=True):
+        assert a.source == b.source and a.accuracy == b.accuracy and len(a.tests) == len(b.tests)
+        for x, y in zip([a.reversed, *(m.reversed for m in a.more)], [b.reversed, *(m.reversed for m in b.more)]):
+            assert np.array_equal(x.norms, y.norms) and torch.equal(x.masks, y.masks)
+            assert torch.equal(x.patterns, y.patterns)
+        assert np.array_equal(a.signed_indices, b.signed_indices)
+    assert together.findings == apart.findings and together.verdict == apart.verdict
+    run = RecordingRun(tmp_path)
+    cleanse.record(run, together)
+    assert run.params[results.MODELS_AT_ONCE] == 2
+
+
 def _outlier_tests(*norms):
     from twml_cli.cleanse import mad_outlier_test
 

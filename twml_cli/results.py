@@ -151,6 +151,9 @@ BACKDOOR_SUCCESS = "backdoor_success_rate"  # reversed trigger of the most anoma
 # logged by earlier twml versions lack it.
 ANOMALY_CEILING = "anomaly_ceiling"
 SEARCHES_RUN = "searches_run"  # with several searches: those run before the verdict was decided
+# param: how many models were searched at the same time (on a CPU, one per core); their
+# model{i}_cleanse_time_s then overlap. Runs logged by earlier twml versions lack it (one at a time).
+MODELS_AT_ONCE = "models_searched_at_once"
 
 
 def run_id_of(uri: str) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -133,6 +135,53 @@ def forward_pool(fn: Callable[[T], R], items: Iterable[T], device: torch.device,
                     future.cancel()
     finally:
         torch.set_num_threads(workers)
+
+
+class _Stopped(Exception):
+    """An item of side_by_side stopped because the calling thread stopped (an error or Ctrl-C)."""
+
+
+def side_by_side(
+    fn: Callable[[T, Progress], R], items: list[T], workers: int, progress: Progress, total: int, desc: str
+) -> list[R]:
+    """[fn(item, progress) for item in items], in order. With workers > 1, that many items at a
+    time, each on a Python thread of its own, for work that runs on one intra-op thread: each
+    item then gives the numbers it gives alone. Their loops (the iterables fn passes to its
+    progress) advance one bar, progress(..., total, desc), drawn from the calling thread; an
+    error in one item, or Ctrl-C, stops the others at their next step."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item, progress) for item in items]
+    ticks: queue.SimpleQueue[None] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def counted(steps: Iterable, _total: int, _desc: str) -> Iterable:
+        for step in steps:
+            if stop.is_set():
+                raise _Stopped
+            yield step
+            ticks.put(None)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="twml-side") as pool:
+        futures = [pool.submit(fn, item, counted) for item in items]
+
+        def ticking() -> Iterator[None]:
+            while not any(f.done() and f.exception() is not None for f in futures):  # one failed: stop
+                try:
+                    yield ticks.get(timeout=0.1)
+                except queue.Empty:
+                    if all(f.done() for f in futures):
+                        return
+
+        try:
+            for _ in progress(ticking(), total, desc):
+                pass
+        finally:  # an item that failed, or Ctrl-C here: the rest stop at their next step
+            stop.set()
+    errors = [f.exception() for f in futures]
+    failed = next((e for e in errors if e is not None and not isinstance(e, _Stopped)), None)
+    if failed is not None:
+        raise failed
+    return [f.result() for f in futures]
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import attacks, cleanse, config, figures, models, results
+from .. import attacks, cleanse, config, figures, models, results, runtime
 from ..data import MemoryDataSet
-from ..runtime import Timer
+from ..runtime import Progress, Timer
 from .common import Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_model, model_source
 
 COMMAND = "cleanse"
@@ -122,6 +122,7 @@ class Outcome:
     settings: config.Cleanse
     inspections: list[Inspection]
     findings: list[Finding] = field(default_factory=list)
+    at_once: int = 1  # models searched at the same time (models_at_once): their times overlap
 
     @property
     def verdict(self) -> str:
@@ -161,8 +162,9 @@ def search_seed(s: config.Cleanse, i: int) -> int:
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s = inputs.settings
     x_test, y_test = inputs.data.test.x.cpu(), inputs.data.test.y.cpu()
-    outcome = Outcome(s, [])
-    for i, (model, source) in enumerate(zip(inputs.models, inputs.sources)):
+
+    def inspect(i: int, progress: Progress) -> tuple[Inspection, list[Finding]]:
+        model, source = inputs.models[i], inputs.sources[i]
         accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
         searches: list[Search] = []
         with Timer(inputs.device) as timer:
@@ -170,18 +172,38 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
                 if settled([m.test.flagged for m in searches], s.searches, s.votes_needed):
                     break  # no further search could change the verdict
                 search = dataclasses.replace(s.cleanse_config(), seed=search_seed(s, k))
-                rev = cleanse.reverse_engineer_all(
-                    model, x_clean, model.spec.num_classes, search, progress=hooks.progress
-                )
+                rev = cleanse.reverse_engineer_all(model, x_clean, model.spec.num_classes, search, progress=progress)
                 searches.append(Search(rev, cleanse.mad_outlier_test(rev.norms, s.anomaly_threshold)))
         first, *more = searches
         ins = Inspection(source, accuracy, first.reversed, first.test, timer.seconds, more, s.votes_needed)
-        outcome.inspections.append(ins)
         agreed = ins.agreed_index
+        found = []
         for c in np.flatnonzero(ins.flagged):
             rate = cleanse.reversed_trigger_success(model, ins.reversed, int(c), x_test, y_test)
-            outcome.findings.append(Finding(i, int(c), float(agreed[c]), rate))
-    return outcome
+            found.append(Finding(i, int(c), float(agreed[c]), rate))
+        return ins, found
+
+    n, at_once = len(inputs.models), models_at_once(inputs)
+    inspected = runtime.side_by_side(
+        inspect,
+        list(range(n)),
+        at_once,
+        hooks.progress,
+        n * s.searches * s.search_steps,
+        f"cleanse ({n} models, {at_once} at a time"
+        + (f", up to {s.searches} searches each)" if s.searches > 1 else ")"),
+    )
+    return Outcome(s, [ins for ins, _ in inspected], [f for _, found in inspected for f in found], at_once)
+
+
+def models_at_once(inputs: Inputs) -> int:
+    """How many models are searched at the same time: on a CPU, in one process, with the search
+    on one intra-op thread (as the embedded digits' small batches choose), one per core, each on
+    a Python thread of its own; a model's searches give the same numbers either way (a test
+    checks it). Elsewhere one after another."""
+    if inputs.device.type != "cpu" or runtime.world_size() > 1 or torch.get_num_threads() > 1:
+        return 1
+    return max(1, min(len(inputs.models), runtime.machine_cores()[0]))
 
 
 def settled(flags: list[np.ndarray], searches: int, needed: int) -> bool:
@@ -249,6 +271,7 @@ def record(run: Run, outcome: Outcome) -> None:
     if outcome.strongest is not None:
         metrics[results.BACKDOOR_SUCCESS] = outcome.strongest.success_rate
     run.log_metrics(metrics)
+    run.log_params({results.MODELS_AT_ONCE: outcome.at_once})
     run.set_tags({results.VERDICT_TAG: outcome.verdict})
     panels, arrays = [], {}
     with artifacts(run) as folder:
