@@ -123,7 +123,8 @@ class Common(Group):
         0,
         "CPU intra-op threads of evaluation, attacks, certification and the trigger search (0: --threads when "
         "given, else chosen by their work as --threads is; certification runs that many noisy batches at once, "
-        "one thread each). Logged as the param eval_threads.",
+        "one thread each; at one thread, twml cleanse searches one model per core at once). Logged as the param "
+        "eval_threads.",
     )
     seed: int = setting(0, "Seed of every random choice.")
     eval_batch_size: int = setting(512, "Batch size of evaluation and attacks.")
