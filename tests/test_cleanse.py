@@ -503,3 +503,35 @@ def test_the_matrix_counts_the_repairs_that_started_again():
     assert line.startswith("unlearning: 2 of 4 repaired") and line.endswith("after losing the clean training images: 2")
     (line,) = [x for x in cm.summary([row(), row()]) if x.startswith("unlearning")]
     assert "started again" not in line
+
+
+def test_the_matrix_estimates_a_repairs_normalization_statistics_again_on_clean_images():
+    """cleanse_matrix.py --renormalize: a copy of the model whose BatchNorm statistics are the plain
+    mean of the batches' statistics over the given images, its weights and the model untouched;
+    and its summary line."""
+    cm = _benchmark("cleanse_matrix")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)).eval()
+    norm = model[1]
+    norm.running_mean.fill_(5.0)
+    norm.running_var.fill_(9.0)
+    norm.num_batches_tracked.fill_(1000)  # as trained
+    x = torch.randn(300, 1, 4, 4) * 3 + 1
+    again = cm.renormalized(model, x, batch_size=128)
+    with torch.no_grad():
+        h = model[0](x)
+    batches = [h[s : s + 128] for s in (0, 128, 256)]  # 128, 128 and 44 images, each batch weighted alike
+    means = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    variances = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    assert torch.allclose(again[1].running_mean, means, atol=1e-5)
+    assert torch.allclose(again[1].running_var, variances, atol=1e-4)
+    assert not again.training and not again[1].training
+    assert torch.equal(again[0].weight, model[0].weight) and norm.running_mean.eq(5.0).all()  # the model as it was
+    rows = [
+        {"position": "top-left", "size": 1, "target": 3, "detected": True, "flagged": [3], "norm_ratio": 1.0}
+        | {"cleanse_s": 1.0, "repair_attack_success": 0.0, "repair_accuracy_change": 0.0}
+        | {"renormalized_attack_success": a, "renormalized_accuracy_change": c}
+        for a, c in ((0.5, -0.01), (0.02, 0.0), (0.2, 0.01))
+    ]
+    (line,) = [x for x in cm.summary(rows) if "estimated again" in x]
+    assert "above 0.05 in 2 of 3 (median 0.2000, 0.0200 to 0.5000)" in line and line.endswith("(median +0.0000)")

@@ -116,7 +116,7 @@ def prepare(s: config.Mitigate, finding: Finding) -> Inputs:
     return Inputs(dataclasses.replace(s, dataset=data.info.name), dev, data, finding, model)
 
 
-def _measure(model, inputs: Inputs) -> tuple[float, float, float | None]:
+def measure(model, inputs: Inputs) -> tuple[float, float, float | None]:
     """Clean accuracy, the reversed trigger's success, the real trigger's (None if unknown)."""
     f, (x, y) = inputs.finding, (inputs.data.test.x.cpu(), inputs.data.test.y.cpu())
     s = inputs.settings
@@ -133,7 +133,7 @@ def _measure(model, inputs: Inputs) -> tuple[float, float, float | None]:
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, f = inputs.settings, inputs.finding
     with runtime.phase("evaluate"):
-        before = _measure(inputs.model, inputs)
+        before = measure(inputs.model, inputs)
     repaired = copy.deepcopy(inputs.model)
     pruned = unlearned = None
     x, y = inputs.data.train.x.cpu(), inputs.data.train.y.cpu()
@@ -144,7 +144,7 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
         with runtime.phase("evaluate"):  # pruning updates no weights by gradient
             pruned = mitigation.prune(repaired, x, y, f.target, f.mask, f.pattern, s.prune_step, s.prune_stop)
     with runtime.phase("evaluate"):
-        after = _measure(repaired, inputs)
+        after = measure(repaired, inputs)
     metrics = results.MitigationMetrics(before[0], after[0], before[1], after[1])
     real = results.RealTriggerMetrics(before[2], after[2]) if before[2] is not None and after[2] is not None else None
     return Outcome(s, f, repaired, metrics, real, pruned, unlearned)
