@@ -605,6 +605,11 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     (table,) = [b for b in doc.blocks if isinstance(b, Table)]
     assert "cleanse run" not in table.header  # one and the same: said in the text
     assert "Unlearning took the real trigger's attack success from 0.9800 to 0.0100" in text  # one repair: no name
+    assert report_mitigation.FROZEN_CAVEAT in text  # the default freezes the statistics
+    for unfrozen in ({"unlearn_freeze_norm": False}, {"mitigation": "prune"}):
+        doc = Document("twml")
+        report_mitigation.section(doc, [repair(9, "c" * 32, **unfrozen)])
+        assert report_mitigation.FROZEN_CAVEAT not in "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
     doc = Document("twml")
     report_mitigation.section(doc, [*repairs, repair(2, "e" * 32)], cleansed("e", "model 1 class 0"))
     (table,) = [b for b in doc.blocks if isinstance(b, Table)]

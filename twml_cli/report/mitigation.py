@@ -34,6 +34,19 @@ def _how(s, triggers: int = 1) -> str:
     )
 
 
+# Measured on the embedded digits' detection matrix: docs/neural-cleanse.md, "The repair holds
+# under the statistics it was fine-tuned with".
+FROZEN_CAVEAT = (
+    " An unlearned model is repaired under the normalization statistics it was fine-tuned with: re-estimated "
+    "on clean images, as training it on in train mode does, they can bring the trigger back (on the embedded "
+    "digits they did in nearly every repair), where a repair made with --no-unlearn-freeze-norm mostly holds."
+)
+
+
+def _frozen(run) -> bool:
+    return run.settings.mitigation == "unlearn" and bool(run.settings.unlearn_freeze_norm)
+
+
 def _setting(run) -> dict:
     """A repair's settings, less the cleanse run it acted on and where it ran."""
     return {k: v for k, v in config.params(run.settings).items() if k not in ("cleanse_run", *RUNTIME_ONLY)}
@@ -118,6 +131,7 @@ def section(doc: Document, runs: list, newest: CleanseRun | None = None) -> None
                 else ""
             )
             + (f" Every repair below acts on the findings of {common[0]}." if common else "")
+            + (FROZEN_CAVEAT if any(_frozen(r) for r in runs) else "")
             + unrepaired
         ),
         table,
