@@ -39,7 +39,7 @@ def _how(s, triggers: int = 1) -> str:
 FROZEN_CAVEAT = (
     " An unlearned model is repaired under the normalization statistics it was fine-tuned with: re-estimated "
     "on clean images, as training it on in train mode does, they can bring the trigger back (on the embedded "
-    "digits they did in nearly every repair), where a repair made with --no-unlearn-freeze-norm mostly holds."
+    "digits they did in nearly every repair), where a repair made with `--no-unlearn-freeze-norm` mostly holds."
 )
 
 
