@@ -367,26 +367,15 @@ def repair_cell(
 
 
 def renormalized(model, x, batch_size: int = 128):
-    """A copy of the model whose BatchNorm statistics are estimated again, as the plain mean over
-    the batches of x (no momentum), its weights as they are: what training on in train mode would
-    start from. Unlearning fine-tunes with the statistics frozen at the backdoored model's."""
+    """A copy of the model whose BatchNorm statistics are estimated again on x, as the plain mean
+    over its batches, the weights as they are: what training on in train mode would start from."""
     import copy
 
-    import torch
+    from twml_cli.mitigation import estimate_norm_statistics
 
-    from twml_cli.runtime import to_device_layout
-
-    model = copy.deepcopy(model).eval()
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches
-        norm.train()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            model(to_device_layout(x[start : start + batch_size], device))
-    return model.eval()
+    model = copy.deepcopy(model)
+    estimate_norm_statistics(model, x, batch_size)
+    return model
 
 
 # ---------------------------------------------------------------- the matrix

@@ -112,6 +112,79 @@ def test_unlearning_with_frozen_norm_keeps_batchnorm_statistics(planted, digits)
         assert not repaired.training
 
 
+def test_clean_statistics_normalize_every_image_with_the_unstamped_images_alone(planted, digits):
+    """--unlearn-clean-norm's BatchNorm: the unstamped images of a batch come out as a batch of
+    them alone would in train mode, and the running statistics move as that batch's would; the
+    stamped images are normalized with the same statistics, so they never enter them. With no image
+    stamped it is train-mode BatchNorm (outputs and gradients, in float64). Modes and hooks are
+    restored, though a forward raises."""
+    import copy
+
+    from twml_cli.mitigation import _CleanStatistics
+
+    model, _, mask, pattern = planted
+    x = digits.train.x[:64].double()
+    stamped = x.clone()
+    stamped[:24] = torch.where(mask.bool(), pattern.double(), stamped[:24])  # the first 24 stamped
+    plain, hooked = copy.deepcopy(model).double().train(), copy.deepcopy(model).double().train()
+    with _CleanStatistics(hooked, torch.arange(24), 64) as norm:
+        order = norm.batch(torch.arange(64))
+        assert order.tolist() == [*range(24, 64), *range(24)]  # the unstamped first
+        out = hooked(stamped[order])
+    assert torch.allclose(out[:40], plain(x[24:]), atol=1e-10)  # the clean images, as a batch of their own
+    stats = {k: v for k, v in plain.state_dict().items() if "running_" in k}
+    assert all(torch.allclose(hooked.state_dict()[k], v, atol=1e-12) for k, v in stats.items())
+    mixed = copy.deepcopy(model).double().train()
+    assert not torch.allclose(out[40:], mixed(stamped[order])[40:], atol=1e-3)  # train mode: with the stamped
+    assert all(m.training for m in hooked.modules()) and not any(m._forward_pre_hooks for m in hooked.modules())
+
+    plain, hooked = copy.deepcopy(model).double().train(), copy.deepcopy(model).double().train()
+    with _CleanStatistics(hooked, torch.tensor([], dtype=torch.long), 64) as norm:
+        norm.batch(torch.arange(64))
+        ours = hooked(x)
+    theirs = plain(x)
+    assert torch.allclose(ours, theirs, atol=1e-10)
+    grads = torch.autograd.grad(ours.square().sum(), list(hooked.parameters()))
+    for mine, want in zip(grads, torch.autograd.grad(theirs.square().sum(), list(plain.parameters()))):
+        assert torch.allclose(mine, want, rtol=1e-8, atol=1e-10)
+
+    broken = copy.deepcopy(model).train()
+    with pytest.raises(RuntimeError, match="mid-way"), _CleanStatistics(broken, torch.arange(3), 64) as norm:
+        norm.batch(torch.arange(64))
+        raise RuntimeError("stopped mid-way")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in broken.modules())
+
+
+def test_unlearning_on_clean_statistics_holds_when_they_are_estimated_again(planted, digits):
+    """A repair with frozen statistics removes the trigger under those statistics only: estimated
+    again on the clean training images (as training on would), they bring it back. With
+    --no-unlearn-freeze-norm --unlearn-clean-norm the fine-tune normalizes with the unstamped images'
+    statistics and ends by estimating them on the clean training images, so estimating them again
+    changes nothing and the trigger stays out."""
+    import copy
+
+    from twml_cli.mitigation import estimate_norm_statistics
+
+    model, trigger, mask, pattern = planted
+    x, y = digits.train.tensors
+    x_test, y_test = digits.test.tensors
+    success = {}
+    for name, config in (
+        ("frozen", UnlearnConfig(epochs=3)),
+        ("clean", UnlearnConfig(epochs=3, freeze_norm=False, clean_norm=True)),
+    ):
+        repaired = copy.deepcopy(model)
+        unlearn(repaired, x, y, [(mask, pattern)], config)
+        kept = {k: v.clone() for k, v in repaired.state_dict().items() if "running_" in k}
+        as_left = attack_success_rate(repaired, x_test, y_test, 0, trigger)
+        estimate_norm_statistics(repaired, x)
+        success[name] = (as_left, attack_success_rate(repaired, x_test, y_test, 0, trigger))
+        if name == "clean":
+            assert all(torch.equal(repaired.state_dict()[k], v) for k, v in kept.items())  # estimated at the end
+    assert success["frozen"][0] <= 0.05 < 0.5 < success["frozen"][1], success  # 0.0062, then 0.7747 here
+    assert success["clean"][0] == success["clean"][1] <= 0.05, success
+
+
 def test_unlearning_with_distillation_holds_the_clean_images_features(planted, digits):
     """--unlearn-distill: the unstamped images' features (the classifier's input) stay nearer to
     the model's before than plain unlearning leaves them, the trigger still goes, and no hook is

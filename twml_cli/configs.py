@@ -263,6 +263,7 @@ class UnlearnConfig:
     freeze_norm: bool = (
         True  # keep the normalization layers' statistics as trained (eval-mode BatchNorm while fine-tuning)
     )
+    clean_norm: bool = False  # not frozen: BatchNorm on the statistics of each batch's unstamped images alone
     seed: int = 0
     distill: float = 0.3  # weight of the pull of the unstamped images' features toward the model's before (0: off)
     hold_stamped: float = 0.0  # weight of the pull of the stamped images' features toward their clean images' before

@@ -73,6 +73,7 @@ def unlearn(
     is; if none does, the one that ended highest is kept."""
     device = next(model.parameters()).device
     x, y = to_device_layout(x, device), y.to(device)
+    clean_x = x
     g = generator(torch.device("cpu"), config.seed, UNLEARN_STREAM)
     chosen = draw(len(x), config.fraction, g)
     originals = x[chosen.to(device)] if config.hold_stamped > 0 else None  # the stamped images, unstamped
@@ -87,6 +88,8 @@ def unlearn(
     lr = config.lr
     for _ in range(RESTARTS + 1):
         _fine_tune(model, x, y, chosen, replace(config, lr=lr), g, originals)
+        if config.clean_norm and not config.freeze_norm:
+            estimate_norm_statistics(model, clean_x, config.batch_size)
         ended = accuracy(model, (x[unstamped], y[unstamped]))
         if ended >= started - config.restart_fall:
             break
@@ -121,7 +124,9 @@ def _fine_tune(
     rates = _rates(config, per_epoch)
     pulled = config.distill > 0 or config.hold_stamped > 0
     held = _FeaturePull(model, chosen, len(x), config, originals) if pulled else contextlib.nullcontext()
-    with held as kept:
+    clean_norm = config.clean_norm and not config.freeze_norm
+    normalized = _CleanStatistics(model, chosen, len(x)) if clean_norm else contextlib.nullcontext()
+    with held as kept, normalized as norm:
         for epoch in range(config.epochs):
             model.train()
             if config.freeze_norm:
@@ -131,6 +136,8 @@ def _fine_tune(
             order = torch.randperm(len(x), generator=g).to(device)
             for k, s in enumerate(batches(len(x), config.batch_size)):
                 idx = order[s]
+                if norm is not None:
+                    idx = norm.batch(idx)
                 xb = x[idx]
                 for group in optimizer.param_groups:
                     group["lr"] = rates[epoch * per_epoch + k]
@@ -185,6 +192,94 @@ class _FeaturePull:
 
     def __exit__(self, *_) -> None:  # the hook goes, whether unlearning ended or raised
         self.hook.remove()
+
+
+class _CleanStatistics:
+    """Train-mode BatchNorm whose statistics come from the batch's unstamped images alone: every
+    image of the batch, stamped or not, is normalized with the mean and variance of its unstamped
+    ones (the gradient flows through them, as through train-mode BatchNorm's), and the running
+    statistics follow them. The stamped images never enter the statistics, so the repair cannot
+    lie in statistics that clean images would not give. batch(idx), before each forward, returns
+    the batch's order: its unstamped images first. A context: its hooks go on exit.
+
+    Each layer's own forward runs in eval mode on its input mapped so that the running statistics
+    give the clean images' normalization: (x - mean) / sqrt(var + eps) * sqrt(running_var + eps) +
+    running_mean, which its eval-mode normalization returns to (x - mean) / sqrt(var + eps)."""
+
+    def __init__(self, model: nn.Module, chosen: torch.Tensor, n: int):
+        self.unstamped = torch.ones(n, dtype=torch.bool)
+        self.unstamped[chosen] = False
+        self.unstamped = self.unstamped.to(next(model.parameters()).device)
+        self.count = 0  # of the batch's images, its first, that are unstamped
+        self.switched: set[int] = set()
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.hooks = [m.register_forward_pre_hook(self._before) for m in norms]
+        self.hooks += [m.register_forward_hook(self._after) for m in norms]
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """The batch `idx`, its unstamped images first (the layers then read them as a slice): the
+        order its forward must take."""
+        clean = self.unstamped[idx]
+        idx = torch.cat([idx[clean], idx[~clean]])
+        self.count = int(clean.sum())
+        return idx
+
+    def _before(self, m: nn.Module, args: tuple[torch.Tensor, ...]):
+        norm = cast(nn.modules.batchnorm._BatchNorm, m)
+        if not norm.training or self.count < 2 or norm.running_mean is None or norm.running_var is None:
+            return None  # a batch without two clean images: its own statistics
+        (x,) = args
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        work = torch.promote_types(x.dtype, torch.float32)  # bf16 under autocast: the statistics in fp32
+        clean = x[: self.count].to(work)
+        mean = clean.mean(dims)
+        var = (clean - mean.view(shape)).square().mean(dims)
+        with torch.no_grad():
+            count = self.count * x[0, 0].numel()  # values per channel
+            assert norm.num_batches_tracked is not None
+            norm.num_batches_tracked.add_(1)
+            momentum = norm.momentum if norm.momentum is not None else 1 / float(norm.num_batches_tracked)
+            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+            norm.running_var.lerp_((var * count / (count - 1)).to(norm.running_var.dtype), momentum)
+        scale = ((norm.running_var + norm.eps) / (var + norm.eps)).sqrt()
+        mapped = torch.addcmul((norm.running_mean - mean * scale).view(shape), x.to(work), scale.view(shape))
+        norm.training = False
+        self.switched.add(id(m))
+        return (mapped.to(x.dtype),)
+
+    def _after(self, m: nn.Module, _args, _out) -> None:
+        if id(m) in self.switched:
+            self.switched.discard(id(m))
+            m.training = True
+
+    def __enter__(self) -> _CleanStatistics:
+        return self
+
+    def __exit__(self, *_) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def estimate_norm_statistics(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> None:
+    """Estimate the BatchNorm layers' running statistics again, in place, as the plain mean over
+    the batches of x (no momentum: every batch counts alike), the weights as they are. The model
+    is left in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+    model.eval()
+    for norm in norms:
+        norm.train()
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device):
+        for s in batches(len(x), batch_size):
+            model(to_device_layout(x[s], device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
 
 
 def draw(n: int, fraction: float, g: torch.Generator) -> torch.Tensor:

@@ -617,6 +617,13 @@ class Mitigate(Common, Settings):
         "Unlearning: keep the normalization layers' statistics as trained.",
         applies=lambda s: s.mitigation == "unlearn",
     )
+    unlearn_clean_norm: bool = setting(
+        False,
+        "Unlearning, statistics not frozen: normalize each batch with the statistics of its unstamped images "
+        "alone, which the running statistics follow, and estimate them again on the clean training images at the end.",
+        applies=lambda s: s.mitigation == "unlearn" and not s.unlearn_freeze_norm,
+        before=False,
+    )
     unlearn_distill: float = setting(
         0.3,
         "Unlearning: weight of the pull holding the unstamped images' features where they were (0: off, the paper's).",
@@ -660,6 +667,7 @@ class Mitigate(Common, Settings):
             self.unlearn_lr,
             schedule=self.unlearn_schedule,
             freeze_norm=self.unlearn_freeze_norm,
+            clean_norm=self.unlearn_clean_norm,
             seed=self.seed,
             distill=self.unlearn_distill,
             hold_stamped=self.unlearn_hold_stamped,
