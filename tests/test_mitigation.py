@@ -47,22 +47,23 @@ def test_unlearning_that_loses_the_clean_images_starts_again_at_half_the_rate(pl
     """A fine-tune that ends more than restart_fall (2 points) below the unstamped training images'
     accuracy it started at starts again from the model as it was, at half the rate, until one keeps them: the
     fine-tune kept is, weight for weight, unlearning run at that rate from the start, which itself
-    never restarts."""
+    never restarts. With the statistics frozen, which makes a fine-tune at four times the rate lose
+    them here (on the unstamped images' statistics it keeps them: 0.9959 -> 0.9803)."""
     import copy
 
     model, _, mask, pattern = planted
     x, y = digits.train.tensors
     wild = copy.deepcopy(model)
-    went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=0.02))  # 4 times the default
+    went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=0.02, freeze_norm=True))  # 4x the rate
     assert went.lost and [lr for lr, _ in went.lost] == [0.02 / 2**k for k in range(len(went.lost))]
     assert went.lr == 0.02 / 2 ** len(went.lost) and all(acc < went.started - 0.02 for _, acc in went.lost)
     direct = copy.deepcopy(model)
-    kept = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=went.lr))
+    kept = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=went.lr, freeze_norm=True))
     assert kept.lost == () and kept.lr == went.lr and kept.started == went.started
     assert all(torch.equal(a, b) for a, b in zip(wild.state_dict().values(), direct.state_dict().values()))
     assert went.ended == kept.ended >= went.started - 0.02 and not wild.training
     never = copy.deepcopy(model)  # --unlearn-restart-fall 1: the first fine-tune is kept, whatever it ends at
-    once = unlearn(never, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=0.02, restart_fall=1.0))
+    once = unlearn(never, x, y, [(mask, pattern)], UnlearnConfig(epochs=3, lr=0.02, restart_fall=1.0, freeze_norm=True))
     assert once.lost == () and once.lr == 0.02 and once.ended == went.lost[0][1]
 
 
@@ -71,8 +72,8 @@ def test_unlearning_that_never_keeps_the_clean_images_keeps_the_fine_tune_that_e
 ):
     """When every fine-tune loses the clean images, the one whose unstamped images ended highest is
     kept (not the last, at the smallest rate): weight for weight the fine-tune at its rate. Here one
-    epoch at the default rate (warming up over all of it) ends more than 4 points down at every
-    rate, and the third of five ends highest, above the last."""
+    epoch at the default rate (warming up over all of it), with the statistics frozen, ends more than
+    4 points down at every rate, and the third of five ends highest, above the last."""
     import copy
 
     from twml_cli import mitigation
@@ -81,14 +82,14 @@ def test_unlearning_that_never_keeps_the_clean_images_keeps_the_fine_tune_that_e
     model, _, mask, pattern = planted
     x, y = digits.train.tensors
     wild = copy.deepcopy(model)
-    went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=1))
+    went = unlearn(wild, x, y, [(mask, pattern)], UnlearnConfig(epochs=1, freeze_norm=True))
     tried = sorted([*went.lost, (went.lr, went.ended)], reverse=True)  # every fine-tune, from the highest rate
     assert [lr for lr, _ in tried] == [0.005 / 2**k for k in range(5)]
     assert went.ended == max(acc for _, acc in tried) > tried[-1][1] and went.ended < went.started - 0.02
     assert went.lr != tried[-1][0]  # the last was not the one kept
     monkeypatch.setattr(mitigation, "RESTARTS", 0)
     direct = copy.deepcopy(model)
-    once = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=1, lr=went.lr))
+    once = unlearn(direct, x, y, [(mask, pattern)], UnlearnConfig(epochs=1, lr=went.lr, freeze_norm=True))
     assert once.ended == went.ended and once.lost == ()
     assert all(torch.equal(a, b) for a, b in zip(wild.state_dict().values(), direct.state_dict().values()))
     lines = _restarts(went, 0.02)
@@ -156,11 +157,11 @@ def test_clean_statistics_normalize_every_image_with_the_unstamped_images_alone(
 
 
 def test_unlearning_on_clean_statistics_holds_when_they_are_estimated_again(planted, digits):
-    """A repair with frozen statistics removes the trigger under those statistics only: estimated
-    again on the clean training images (as training on would), they bring it back. With
-    --no-unlearn-freeze-norm --unlearn-clean-norm the fine-tune normalizes with the unstamped images'
-    statistics and ends by estimating them on the clean training images, so estimating them again
-    changes nothing and the trigger stays out."""
+    """A repair with frozen statistics (--unlearn-freeze-norm) removes the trigger under those
+    statistics only: estimated again on the clean training images (as training on would), they
+    bring it back. The default fine-tune normalizes with the unstamped images' statistics and ends
+    by estimating them on the clean training images, so estimating them again changes nothing and
+    the trigger stays out."""
     import copy
 
     from twml_cli.mitigation import estimate_norm_statistics
@@ -170,8 +171,8 @@ def test_unlearning_on_clean_statistics_holds_when_they_are_estimated_again(plan
     x_test, y_test = digits.test.tensors
     success = {}
     for name, config in (
-        ("frozen", UnlearnConfig(epochs=3)),
-        ("clean", UnlearnConfig(epochs=3, freeze_norm=False, clean_norm=True)),
+        ("frozen", UnlearnConfig(epochs=3, freeze_norm=True)),
+        ("clean", UnlearnConfig(epochs=3)),  # the default
     ):
         repaired = copy.deepcopy(model)
         unlearn(repaired, x, y, [(mask, pattern)], config)
@@ -188,7 +189,9 @@ def test_unlearning_on_clean_statistics_holds_when_they_are_estimated_again(plan
 def test_unlearning_with_distillation_holds_the_clean_images_features(planted, digits):
     """--unlearn-distill: the unstamped images' features (the classifier's input) stay nearer to
     the model's before than plain unlearning leaves them, the trigger still goes, and no hook is
-    left on the model."""
+    left on the model. With the statistics frozen, as the pull was chosen (docs/neural-cleanse.md):
+    six epochs on the unstamped images' statistics cost this model 3.3 points, where twenty give
+    them back."""
     import copy
 
     from twml_cli.attacks import accuracy
@@ -200,7 +203,7 @@ def test_unlearning_with_distillation_holds_the_clean_images_features(planted, d
     moved = {}
     for weight in (0.0, 1.0):
         repaired = copy.deepcopy(model)
-        unlearn(repaired, x, y, [(mask, pattern)], UnlearnConfig(epochs=6, distill=weight))
+        unlearn(repaired, x, y, [(mask, pattern)], UnlearnConfig(epochs=6, distill=weight, freeze_norm=True))
         moved[weight] = float(((penultimate(repaired, x) - before) ** 2).sum(1).mean() / (before**2).sum(1).mean())
         assert attack_success_rate(repaired, x_test, y_test, 0, trigger) <= 0.05
         assert accuracy(repaired, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.02
@@ -226,7 +229,9 @@ def test_unlearning_holds_the_stamped_images_features_at_their_clean_images(plan
     before unlearning made of that same image unstamped. Before any step the pull is nil for a
     trigger that changes nothing (each stamped image meets its own original, not another image) and
     not for the real one; after unlearning, the trigger moves the other classes' features less
-    than unlearning without the pull leaves it, and the backdoor goes."""
+    than unlearning without the pull leaves it, and the backdoor goes. With the statistics frozen,
+    as the pull was measured (docs/neural-cleanse.md): on the unstamped images' statistics it
+    moves them less (0.27 against 0.36 here)."""
     import copy
 
     from twml_cli.cleanse import stamp
@@ -251,7 +256,8 @@ def test_unlearning_holds_the_stamped_images_features_at_their_clean_images(plan
     moved = {}
     for weight in (0.0, 1.0):
         repaired = copy.deepcopy(model)
-        unlearn(repaired, x, y, [(mask, pattern)], UnlearnConfig(epochs=6, distill=0, hold_stamped=weight))
+        config = UnlearnConfig(epochs=6, distill=0, hold_stamped=weight, freeze_norm=True)
+        unlearn(repaired, x, y, [(mask, pattern)], config)
         stamped = penultimate(repaired, stamp(others, mask, pattern))
         moved[weight] = float(((stamped - clean) ** 2).sum(1).mean() / (clean**2).sum(1).mean())
         assert attack_success_rate(repaired, *digits.test.tensors, 0, trigger) <= 0.05

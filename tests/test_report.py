@@ -605,11 +605,18 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     (table,) = [b for b in doc.blocks if isinstance(b, Table)]
     assert "cleanse run" not in table.header  # one and the same: said in the text
     assert "Unlearning took the real trigger's attack success from 0.9800 to 0.0100" in text  # one repair: no name
-    assert report_mitigation.FROZEN_CAVEAT in text  # the default freezes the statistics
-    for unfrozen in ({"unlearn_freeze_norm": False}, {"mitigation": "prune"}):
+    assert report_mitigation.FROZEN_CAVEAT not in text  # the default: the unstamped images' statistics
+    assert "each batch normalized with its unstamped images' statistics, then estimated on the clean images" in text
+    for settings, caveat in (
+        ({"unlearn_freeze_norm": True}, True),
+        ({"unlearn_clean_norm": False}, False),
+        ({"mitigation": "prune"}, False),
+    ):
         doc = Document("twml")
-        report_mitigation.section(doc, [repair(9, "c" * 32, **unfrozen)])
-        assert report_mitigation.FROZEN_CAVEAT not in "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+        report_mitigation.section(doc, [repair(9, "c" * 32, **settings)])
+        text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+        assert (report_mitigation.FROZEN_CAVEAT in text) == caveat, settings
+        assert ("normalization statistics frozen" in text) == caveat
     doc = Document("twml")
     report_mitigation.section(doc, [*repairs, repair(2, "e" * 32)], cleansed("e", "model 1 class 0"))
     (table,) = [b for b in doc.blocks if isinstance(b, Table)]
@@ -620,7 +627,7 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     # the text describes the settings most repairs share; a repair made otherwise names what it changed
     doc = Document("twml")
     varied = [
-        repair(5, "c" * 32, unlearn_freeze_norm=False),
+        repair(5, "c" * 32, unlearn_freeze_norm=True),
         repair(4, "c" * 32, unlearn_lr=0.01),
         repair(3, "c" * 32, unlearn_lr=0.01),
         *repairs,
@@ -630,7 +637,7 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
     assert text.count("unlearning fine-tunes for") == 1 and "(SGD, lr 0.01 warmed up" in text
     assert [r[table.header.index("settings")] for r in table.rows] == [
-        "--unlearn-lr 0.005, --no-unlearn-freeze-norm",  # as the option that makes it
+        "--unlearn-lr 0.005, --unlearn-freeze-norm",  # as the option that makes it
         "–",
         "–",
         "--unlearn-lr 0.005",

@@ -250,8 +250,8 @@ class CleanseConfig:
 @dataclass(frozen=True)
 class UnlearnConfig:
     """Unlearning: fine-tuning epochs, the stamped fraction, SGD learning rate, schedule and batch,
-    whether normalization statistics stay as trained, and how strongly the unstamped images'
-    features are held where they were."""
+    whether normalization statistics stay as trained or follow the unstamped images, and how
+    strongly the unstamped images' features are held where they were."""
 
     epochs: int = 20
     fraction: float = 0.15  # of the clean images that carry the reversed trigger (the paper: 0.2)
@@ -260,10 +260,8 @@ class UnlearnConfig:
     schedule: str = (
         "warmup"  # the learning rate: constant (the paper's), or warmup (one epoch up from 0, then a cosine down to 0)
     )
-    freeze_norm: bool = (
-        True  # keep the normalization layers' statistics as trained (eval-mode BatchNorm while fine-tuning)
-    )
-    clean_norm: bool = False  # not frozen: BatchNorm on the statistics of each batch's unstamped images alone
+    freeze_norm: bool = False  # keep the normalization layers' statistics as trained (eval-mode BatchNorm)
+    clean_norm: bool = True  # not frozen: BatchNorm on the statistics of each batch's unstamped images alone
     seed: int = 0
     distill: float = 0.3  # weight of the pull of the unstamped images' features toward the model's before (0: off)
     hold_stamped: float = 0.0  # weight of the pull of the stamped images' features toward their clean images' before

@@ -57,8 +57,12 @@ def unlearn(
     """Fine-tune `model` in place on (x, y) with config.fraction of the images stamped with a
     reversed trigger (mask, pattern), labels unchanged; with several triggers (one per search
     of the cleanse run) the stamped images take them in turn. SGD with momentum at
-    config.lr, constant or warmed up, with the normalization layers' statistics frozen when
-    config.freeze_norm.
+    config.lr, constant or warmed up. The normalization layers' statistics stay as trained when
+    config.freeze_norm (the trigger is then removed under those statistics only); otherwise, with
+    config.clean_norm, every batch is normalized with its unstamped images' statistics, which the
+    running ones follow, and those are estimated again on the clean images at the end of each
+    fine-tune (_CleanStatistics, estimate_norm_statistics); without it, train-mode BatchNorm on
+    the whole batch, stamped images included (the paper's).
 
     With config.distill > 0, each batch's unstamped images also pull the features the classifier
     reads toward the model's own before unlearning (their squared distance relative to the

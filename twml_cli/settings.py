@@ -613,12 +613,13 @@ class Mitigate(Common, Settings):
         applies=lambda s: s.mitigation == "unlearn",
     )
     unlearn_freeze_norm: bool = setting(
-        True,
-        "Unlearning: keep the normalization layers' statistics as trained.",
+        False,
+        "Unlearning: keep the normalization layers' statistics as trained (the trigger is then removed under "
+        "those statistics only).",
         applies=lambda s: s.mitigation == "unlearn",
     )
     unlearn_clean_norm: bool = setting(
-        False,
+        True,
         "Unlearning, statistics not frozen: normalize each batch with the statistics of its unstamped images "
         "alone, which the running statistics follow, and estimate them again on the clean training images at the end.",
         applies=lambda s: s.mitigation == "unlearn" and not s.unlearn_freeze_norm,

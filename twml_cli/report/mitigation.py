@@ -18,7 +18,13 @@ def _how(s, triggers: int = 1) -> str:
             f"a time, until it succeeds on fewer than {s.prune_stop:.0%} of the training images"
         )
     rate = "warmed up for an epoch, then a cosine to 0" if s.unlearn_schedule == "warmup" else "constant"
-    frozen = ", normalization statistics frozen" if s.unlearn_freeze_norm else ""
+    frozen = (
+        ", normalization statistics frozen"
+        if s.unlearn_freeze_norm
+        else ", each batch normalized with its unstamped images' statistics, then estimated on the clean images"
+        if s.unlearn_clean_norm
+        else ""
+    )
     held = f"; the other images' features held, weight {s.unlearn_distill:g}" if s.unlearn_distill else ""
     if s.unlearn_hold_stamped:
         held += (
@@ -35,11 +41,11 @@ def _how(s, triggers: int = 1) -> str:
 
 
 # Measured on the embedded digits' detection matrix: docs/neural-cleanse.md, "The repair holds
-# under the statistics it was fine-tuned with".
+# when the statistics are estimated again".
 FROZEN_CAVEAT = (
     " An unlearned model is repaired under the normalization statistics it was fine-tuned with: re-estimated "
     "on clean images, as training it on in train mode does, they can bring the trigger back (on the embedded "
-    "digits they did in nearly every repair), where a repair made with `--no-unlearn-freeze-norm` mostly holds."
+    "digits they did in nearly every repair), where the default repair, on the unstamped images' statistics, holds."
 )
 
 
