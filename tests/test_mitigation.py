@@ -342,12 +342,12 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert m["unlearn_train_accuracy"] >= m["unlearn_train_accuracy_before"] - 0.02
     assert "unlearning with the 2 searches' reversed triggers" in results[0].out
     assert m["attack_success_rate_before"] == reproduced.backdoor.data.metrics["attack_success_rate"]
-    # at most 0.05 on 102 or 103 of the matrix's 105 detected cells in each of three draws (at most 0.0619)
+    # at most 0.05 on 119 to 121 of the matrix's 124 detected cells in each of three draws (at most 0.1080;
+    # docs/neural-cleanse.md, "The repair holds when the statistics are estimated again")
     assert m["attack_success_rate"] <= 0.05
-    # a repair's accuracy change is a draw (docs/neural-cleanse.md, "Holding the clean images' features"):
-    # this model loses 0.3 points with this draw, 1.1 without the pull; the worst over the matrix's 105 cells
-    # and three draws, 1.7
+    # a repair's accuracy change is a draw: 7 of those 124 cells lose more than a point in each draw, at worst 1.9
     assert m["accuracy"] >= m["accuracy_before"] - 0.02
+    assert p["unlearn_clean_norm"] == "True" and p["unlearn_freeze_norm"] == "False"  # the repair that holds
     assert m["reversed_success"] < m["reversed_success_before"]
     assert m["unlearn_lr_used"] == 0.005 and m["unlearn_restarts"] == 0  # the default's fine-tune keeps its images
     assert "lost the clean training images" not in results[0].out

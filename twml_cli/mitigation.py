@@ -270,6 +270,9 @@ def estimate_norm_statistics(model: nn.Module, x: torch.Tensor, batch_size: int 
     the batches of x (no momentum: every batch counts alike), the weights as they are. The model
     is left in eval mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # no running statistics (LayerNorm, GroupNorm): nothing to estimate
+        model.eval()
+        return
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
