@@ -81,7 +81,7 @@ def test_a_run_logged_before_a_setting_existed_reads_back_with_what_it_ran():
     assert s.unlearn_clean_norm and not s.unlearn_freeze_norm and "unlearn_clean_norm" in logged
     older = config.from_params(config.Mitigate, {k: v for k, v in logged.items() if k != "unlearn_clean_norm"})
     assert not older.unlearn_clean_norm and not older.unlearn_config().clean_norm
-    assert "unstamped images' statistics" in _how(s, 2) and "statistics" not in _how(older, 2)
+    assert "each batch's unstamped images" in _how(s, 2) and "statistics" not in _how(older, 2)
     frozen = config.from_params(config.Mitigate, {**logged, "unlearn_freeze_norm": "True"})
     assert frozen.unlearn_config().freeze_norm and "normalization statistics frozen" in _how(frozen, 2)
     assert "unlearn_clean_norm" not in config.params(frozen)  # frozen: it does not apply, and is not logged

@@ -606,7 +606,7 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     assert "cleanse run" not in table.header  # one and the same: said in the text
     assert "Unlearning took the real trigger's attack success from 0.9800 to 0.0100" in text  # one repair: no name
     assert report_mitigation.FROZEN_CAVEAT not in text  # the default: the unstamped images' statistics
-    assert "each batch normalized with its unstamped images' statistics, then estimated on the clean images" in text
+    assert "normalized with the statistics of each batch's unstamped images, estimated at the end on all" in text
     for settings, caveat in (
         ({"unlearn_freeze_norm": True}, True),
         ({"unlearn_clean_norm": False}, False),

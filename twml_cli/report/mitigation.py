@@ -21,7 +21,8 @@ def _how(s, triggers: int = 1) -> str:
     frozen = (
         ", normalization statistics frozen"
         if s.unlearn_freeze_norm
-        else ", each batch normalized with its unstamped images' statistics, then estimated on the clean images"
+        else ", normalized with the statistics of each batch's unstamped images, estimated at the end on all the "
+        "clean images"
         if s.unlearn_clean_norm
         else ""
     )
