@@ -267,6 +267,11 @@ class UnlearnConfig:
     hold_stamped: float = 0.0  # weight of the pull of the stamped images' features toward their clean images' before
     restart_fall: float = 0.02  # a fall of the unstamped images' accuracy that starts a fine-tune again (1: never)
 
+    @property
+    def clean_statistics(self) -> bool:
+        """Whether BatchNorm normalizes with the unstamped images' statistics (clean_norm applies unfrozen)."""
+        return self.clean_norm and not self.freeze_norm
+
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"unlearning epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")

@@ -82,9 +82,7 @@ def unlearn(
     chosen = draw(len(x), config.fraction, g)
     originals = x[chosen.to(device)] if config.hold_stamped > 0 else None  # the stamped images, unstamped
     x = stamped_at(x, triggers, chosen.to(device))
-    unstamped = torch.ones(len(x), dtype=torch.bool)
-    unstamped[chosen] = False
-    unstamped = unstamped.to(device)
+    unstamped = _unstamped(chosen, len(x), device)
     start, after_draw = copy.deepcopy(model.state_dict()), g.get_state()
     started = accuracy(model, (x[unstamped], y[unstamped]))
     lost: list[tuple[float, float]] = []
@@ -92,7 +90,7 @@ def unlearn(
     lr = config.lr
     for _ in range(RESTARTS + 1):
         _fine_tune(model, x, y, chosen, replace(config, lr=lr), g, originals)
-        if config.clean_norm and not config.freeze_norm:
+        if config.clean_statistics:
             estimate_norm_statistics(model, clean_x, config.batch_size)
         ended = accuracy(model, (x[unstamped], y[unstamped]))
         if ended >= started - config.restart_fall:
@@ -128,15 +126,13 @@ def _fine_tune(
     rates = _rates(config, per_epoch)
     pulled = config.distill > 0 or config.hold_stamped > 0
     held = _FeaturePull(model, chosen, len(x), config, originals) if pulled else contextlib.nullcontext()
-    clean_norm = config.clean_norm and not config.freeze_norm
-    normalized = _CleanStatistics(model, chosen, len(x)) if clean_norm else contextlib.nullcontext()
+    normalized = _CleanStatistics(model, chosen, len(x)) if config.clean_statistics else contextlib.nullcontext()
     with held as kept, normalized as norm:
         for epoch in range(config.epochs):
             model.train()
             if config.freeze_norm:
-                for module in model.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.eval()
+                for module in _batch_norms(model):
+                    module.eval()
             order = torch.randperm(len(x), generator=g).to(device)
             for k, s in enumerate(batches(len(x), config.batch_size)):
                 idx = order[s]
@@ -211,12 +207,10 @@ class _CleanStatistics:
     running_mean, which its eval-mode normalization returns to (x - mean) / sqrt(var + eps)."""
 
     def __init__(self, model: nn.Module, chosen: torch.Tensor, n: int):
-        self.unstamped = torch.ones(n, dtype=torch.bool)
-        self.unstamped[chosen] = False
-        self.unstamped = self.unstamped.to(next(model.parameters()).device)
+        self.unstamped = _unstamped(chosen, n, next(model.parameters()).device)
         self.count = 0  # of the batch's images, its first, that are unstamped
         self.switched: set[int] = set()
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = _batch_norms(model)
         self.hooks = [m.register_forward_pre_hook(self._before) for m in norms]
         self.hooks += [m.register_forward_hook(self._after) for m in norms]
 
@@ -269,7 +263,7 @@ def estimate_norm_statistics(model: nn.Module, x: torch.Tensor, batch_size: int 
     """Estimate the BatchNorm layers' running statistics again, in place, as the plain mean over
     the batches of x (no momentum: every batch counts alike), the weights as they are. The model
     is left in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = _batch_norms(model)
     if not norms:  # no running statistics (LayerNorm, GroupNorm): nothing to estimate
         model.eval()
         return
@@ -287,6 +281,18 @@ def estimate_norm_statistics(model: nn.Module, x: torch.Tensor, batch_size: int 
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.eval()
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers (timm's BatchNormAct2d among them): those with running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _unstamped(chosen: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """A mask over n images, False at those `chosen` to be stamped."""
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[chosen] = False
+    return mask.to(device)
 
 
 def draw(n: int, fraction: float, g: torch.Generator) -> torch.Tensor:
