@@ -161,7 +161,8 @@ def test_unlearning_on_clean_statistics_holds_when_they_are_estimated_again(plan
     statistics only: estimated again on the clean training images (as training on would), they
     bring it back. The default fine-tune normalizes with the unstamped images' statistics and ends
     by estimating them on the clean training images, so estimating them again changes nothing and
-    the trigger stays out."""
+    the trigger stays out. Both without the pull on the features, which would hold some of the
+    frozen repair in place (at the default 0.5 the trigger comes back to 0.22 here, not 1.0)."""
     import copy
 
     from twml_cli.mitigation import estimate_norm_statistics
@@ -171,8 +172,8 @@ def test_unlearning_on_clean_statistics_holds_when_they_are_estimated_again(plan
     x_test, y_test = digits.test.tensors
     success = {}
     for name, config in (
-        ("frozen", UnlearnConfig(epochs=3, freeze_norm=True)),
-        ("clean", UnlearnConfig(epochs=3)),  # the default
+        ("frozen", UnlearnConfig(epochs=3, freeze_norm=True, distill=0)),
+        ("clean", UnlearnConfig(epochs=3, distill=0)),  # the default's statistics
     ):
         repaired = copy.deepcopy(model)
         unlearn(repaired, x, y, [(mask, pattern)], config)
@@ -182,7 +183,7 @@ def test_unlearning_on_clean_statistics_holds_when_they_are_estimated_again(plan
         success[name] = (as_left, attack_success_rate(repaired, x_test, y_test, 0, trigger))
         if name == "clean":
             assert all(torch.equal(repaired.state_dict()[k], v) for k, v in kept.items())  # estimated at the end
-    assert success["frozen"][0] <= 0.05 < 0.5 < success["frozen"][1], success  # 0.0062, then 0.7747 here
+    assert success["frozen"][0] <= 0.05 < 0.5 < success["frozen"][1], success  # 0.0185, then 0.9969 here
     assert success["clean"][0] == success["clean"][1] <= 0.05, success
 
 
