@@ -69,10 +69,10 @@ def test_a_run_logged_before_a_setting_existed_reads_back_with_what_it_ran():
 
     s = config.resolve("mitigate", config.load_preset())[0]
     logged = {k: config.param_text(v) for k, v in config.params(s).items()}
-    assert s.unlearn_distill == 0.3 and config.from_params(config.Mitigate, logged).unlearn_distill == 0.3
+    assert s.unlearn_distill == 0.5 and config.from_params(config.Mitigate, logged).unlearn_distill == 0.5
     older = config.from_params(config.Mitigate, {k: v for k, v in logged.items() if k != "unlearn_distill"})
     assert older.unlearn_distill == 0.0 and older == dataclasses.replace(s, unlearn_distill=0.0)
-    assert "features held, weight 0.3)" in _how(s, 2) and "features held" not in _how(older, 2)
+    assert "features held, weight 0.5)" in _how(s, 2) and "features held" not in _how(older, 2)
     # and before --unlearn-restart-fall, a fine-tune started again on a fall of 5 points
     older = config.from_params(config.Mitigate, {k: v for k, v in logged.items() if k != "unlearn_restart_fall"})
     assert s.unlearn_restart_fall == 0.02 and older.unlearn_restart_fall == 0.05

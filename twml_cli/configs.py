@@ -263,7 +263,7 @@ class UnlearnConfig:
     freeze_norm: bool = False  # keep the normalization layers' statistics as trained (eval-mode BatchNorm)
     clean_norm: bool = True  # not frozen: BatchNorm on the statistics of each batch's unstamped images alone
     seed: int = 0
-    distill: float = 0.3  # weight of the pull of the unstamped images' features toward the model's before (0: off)
+    distill: float = 0.5  # weight of the pull of the unstamped images' features toward the model's before (0: off)
     hold_stamped: float = 0.0  # weight of the pull of the stamped images' features toward their clean images' before
     restart_fall: float = 0.02  # a fall of the unstamped images' accuracy that starts a fine-tune again (1: never)
 

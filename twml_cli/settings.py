@@ -626,7 +626,7 @@ class Mitigate(Common, Settings):
         before=False,
     )
     unlearn_distill: float = setting(
-        0.3,
+        0.5,
         "Unlearning: weight of the pull holding the unstamped images' features where they were (0: off, the paper's).",
         applies=lambda s: s.mitigation == "unlearn",
         before=0.0,
