@@ -7,7 +7,6 @@ The table below is also the documentation's list (docs/bad-input.md); after chan
 from __future__ import annotations
 
 import shlex
-import shutil
 from pathlib import Path
 
 import pytest
@@ -191,21 +190,9 @@ def shown(args: list[str]) -> str:
     return "twml " + shlex.join(args)
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An MLflow store made once, with no runs: each row starts from a copy of it, as a user's
-    folder that already holds a store does (making and migrating a new SQLite store takes seconds)."""
-    from conftest import Cli
-
-    cli = Cli(tmp_path_factory.mktemp("empty-store"))
-    cli.client()  # makes and migrates mlflow.db
-    return cli.path / "mlflow.db"
-
-
 @pytest.fixture
-def files(cli, empty_store):
+def files(cli):
     """The wrong files the table names, in the folder the commands run in, beside an empty store."""
-    shutil.copyfile(empty_store, cli.path / "mlflow.db")
     (cli.path / "notes.txt").write_text("plain text\n")
     (cli.path / "junk.npz").write_bytes(b"PK\x03\x04 not a zip archive")
     (cli.path / "broken.toml").write_text("[train\nepochs =\n")

@@ -142,13 +142,13 @@ def test_weights_that_are_not_safetensors_end_with_exit_2(cli, tmp_path):
     assert len(result.err.strip().splitlines()) == 1 and cli.runs() == []
 
 
-def test_tracking_uri_flag_picks_the_store(cli, tmp_path):
+def test_tracking_uri_flag_picks_the_store(bare_cli, tmp_path):
     other = tmp_path / "elsewhere.db"
-    result = cli(
+    result = bare_cli(
         "train", "--epochs", "1", "--pgd-steps", "1", "--tracking-uri", f"sqlite:///{other}", "--experiment", "mine"
     )
     assert result.code == 0, result.err
-    assert other.exists() and cli.runs() == []
+    assert other.exists() and not (tmp_path / "mlflow.db").exists()  # no store made where none was named
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(f"sqlite:///{other}").get_experiment_by_name("mine") is not None

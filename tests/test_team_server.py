@@ -40,6 +40,12 @@ def as_user(monkeypatch, user: str | None, password: str | None) -> None:
             monkeypatch.setenv(key, value)
 
 
+@pytest.fixture
+def cli(bare_cli):
+    """twml in an empty folder: against a server, no store is made here (the tests check it)."""
+    return bare_cli
+
+
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     """A basic-auth server with two users, alice and bob; every user may read every experiment
