@@ -12,6 +12,7 @@ and `twml mitigate` would run.
     python benchmarks/cleanse_matrix.py --mitigate                # unlearning on every detected cell
     python benchmarks/cleanse_matrix.py --mitigate --unlearn-seed 1000   # ... with other images stamped
     python benchmarks/cleanse_matrix.py --mitigate --renormalize  # ... and after BatchNorm statistics re-estimated
+    python benchmarks/cleanse_matrix.py --mitigate --recheck      # ... and twml cleanse on every repaired model
     python benchmarks/cleanse_matrix.py --dataset digits16 --jobs 2     # the same digits at 16x16
     python benchmarks/cleanse_matrix.py --dataset mine.npz --jobs 2     # a data set of one's own
     python benchmarks/cleanse_matrix.py --cpu-bf16 --jobs 2       # the search in bf16, as on a GPU
@@ -21,11 +22,11 @@ by later runs (and across cells: one clean model per seed); each cell's result i
 line in --out/cells.jsonl, keyed by the cell and the search settings (the preset's defaults
 with the overrides; a model is retrained when its training settings changed), so an
 interrupted matrix resumes where it stopped. Each line is one search; a model gets as many
-independent searches as the preset's `searches` (two on the digits, seeded with the training seed
-plus 0 and 1000, as twml cleanse seeds them) and the verdict of its `agreement` (both must flag a
-class), unless --search-seeds and --agree say otherwise. The summary (detection rate, false alarms, norm ratios,
-repairs, why each missed cell was missed) is printed at the end and written to --out/matrix.md with
-the Markdown tables.
+independent searches as the preset's `searches` (three on the digits, seeded with the training seed
+plus 0, 1000 and 2000, as twml cleanse seeds them) and the verdict of its `agreement` (two of the
+three must flag a class), unless --search-seeds and --agree say otherwise. The summary (detection
+rate, false alarms, norm ratios, repairs, why each missed cell was missed) is printed at the end
+and written to --out/matrix.md with the Markdown tables.
 """
 
 from __future__ import annotations
@@ -321,13 +322,15 @@ def repair_cell(
     dataset: str = DATASET,
     planted: bool = False,
     renormalize: bool = False,
+    recheck: dict | None = None,
 ) -> dict:
     """`twml mitigate` with the detected class's reversed triggers, one per search (`names`: their
     files in out/triggers, the first search's first), the real trigger measured; seeded with the
     training seed plus `seed_offset` (which images are stamped, and their order). `planted`: with
     the planted trigger instead (a control: what the best reversed trigger would give).
     `renormalize`: also the repaired model's clean accuracy and real trigger after its
-    normalization statistics are estimated again on the clean training images."""
+    normalization statistics are estimated again on the clean training images. `recheck`: also
+    twml cleanse on the repaired model, with these search settings (recheck_verdict)."""
     import torch
 
     from twml_cli.backdoor import Trigger
@@ -363,7 +366,30 @@ def repair_cell(
         accuracy, _, attack = mitigate.measure(model, inputs)
         row["renormalized_accuracy_change"] = round(accuracy - m.accuracy_before, 4)
         row["renormalized_attack_success"] = round(attack, 4)
+    if recheck is not None:
+        row.update(recheck_verdict(repaired.model, cell, recheck, dataset))
     return row
+
+
+def recheck_verdict(model, cell: Cell, search: dict, dataset: str) -> dict:
+    """twml cleanse on a repaired model (its search settings `search`, seeded as the cell's own
+    searches were): the classes its verdict flags, and the target's agreed index (signed: below
+    zero, the target's reversed trigger is larger than the median class's)."""
+    import tempfile
+
+    from twml_cli import models
+    from twml_cli.studies import cleanse
+
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        path = models.save_model(model, Path(folder) / "repaired")
+        s = _settings("cleanse", seed=cell.seed, model_runs=[str(path)], dataset=dataset, **search)
+        (ins,) = cleanse.compute(cleanse.prepare(s)).inspections
+    return {
+        "recheck_flagged": [int(c) for c in np.flatnonzero(ins.flagged)],
+        "recheck_target_index": round(float(ins.agreed_index[cell.target]), 3),
+        "recheck_s": round(time.perf_counter() - began, 1),
+    }
 
 
 def renormalized(model, x, batch_size: int = 128):
@@ -429,6 +455,16 @@ def summary(rows: list[dict], repair: str = "unlearning") -> list[str]:
                     if (restarted := [r for r in repaired if r.get("repair_restarts")])
                     else ""
                 )
+            )
+        rechecked = [r for r in repaired if "recheck_flagged" in r]
+        if rechecked:
+            after = [r["recheck_target_index"] for r in rechecked]
+            lines.append(
+                f"twml cleanse on the repaired models: the target flagged in "
+                f"{sum(r['target'] in r['recheck_flagged'] for r in rechecked)} of {len(rechecked)}, any class in "
+                f"{sum(bool(r['recheck_flagged']) for r in rechecked)}; the target's agreed index median "
+                f"{np.median(after):.2f} ({min(after):.2f} to {max(after):.2f}), against "
+                f"{np.median([r['target_index'] for r in rechecked]):.2f} before repair"
             )
         renormed = [r for r in repaired if "renormalized_attack_success" in r]
         if renormed:
@@ -769,6 +805,11 @@ def main() -> int:
         help="also measure each repair after its BatchNorm statistics are estimated again on the clean training images",
     )
     parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="also run twml cleanse (the --search settings) on every repaired model: is the target still flagged?",
+    )
+    parser.add_argument(
         "--planted-trigger",
         action="store_true",
         help="a control: repair every detected cell with its planted trigger, not the reversed ones",
@@ -798,6 +839,7 @@ def main() -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     model_threads = args.model_threads or threads
     search = json.loads(args.search) if args.search else {}
+    verdict = dict(search)  # the whole search, several searches and their agreement too (for --recheck)
     unlearn = json.loads(args.unlearn) if args.unlearn else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -876,6 +918,8 @@ def main() -> int:
             unlearned = {**unlearned, "trigger": "planted"}
         if args.renormalize:
             unlearned = {**unlearned, "renormalize": True}
+        if args.recheck:
+            unlearned = {**unlearned, "recheck": _resolved("cleanse", dataset=args.dataset, **verdict)}
         repair_key = {c: key(*names[c], unlearned) for c in cells}  # one search: the keys repairs always had
         repairs = _run(
             out / "repairs.jsonl",
@@ -893,6 +937,7 @@ def main() -> int:
                 args.dataset,
                 args.planted_trigger,
                 args.renormalize,
+                verdict if args.recheck else None,
             ),
             f"{repair} {unlearn or 'as the preset'}",
         )

@@ -446,6 +446,27 @@ def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_m
     assert len(reasons) == (0 if detected else 1), out
 
 
+def test_the_matrix_rechecks_a_repaired_model_with_twml_cleanses_verdict(backdoored, tmp_path):
+    """cleanse_matrix.py --recheck: the verdict twml cleanse gives the model (its searches seeded
+    with the cell's training seed, the matrix's search settings, two of three agreeing), and the
+    target's agreed index."""
+    from twml_cli import models
+    from twml_cli.studies import cleanse
+
+    cm = _benchmark("cleanse_matrix")
+    model, _ = backdoored
+    search = {"search_steps": 6, "search_images": 64}
+    row = cm.recheck_verdict(model, cm.Cell(3, "bottom-right", 0, 2), search, "digits")
+    folder = models.save_model(model, tmp_path / "model")
+    s = cm._settings("cleanse", seed=3, model_runs=[str(folder)], dataset="digits", **search)
+    assert (s.searches, s.votes_needed) == (3, 2)
+    (ins,) = cleanse.compute(cleanse.prepare(s)).inspections
+    assert row["recheck_flagged"] == np.flatnonzero(ins.flagged).tolist()
+    assert row["recheck_target_index"] == round(float(ins.agreed_index[0]), 3) != 0
+    other = cm.recheck_verdict(model, cm.Cell(4, "bottom-right", 0, 2), search, "digits")
+    assert other["recheck_target_index"] != row["recheck_target_index"]  # another seed, other searches
+
+
 def test_lambda_schedule_stops_a_class_early(backdoored):
     model, x = backdoored
     rev = reverse_engineer(
