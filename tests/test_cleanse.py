@@ -447,9 +447,9 @@ def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_m
 
 
 def test_the_matrix_rechecks_a_repaired_model_with_twml_cleanses_verdict(backdoored, tmp_path):
-    """cleanse_matrix.py --recheck: the verdict twml cleanse gives the model (its searches seeded
-    with the cell's training seed, the matrix's search settings, two of three agreeing), and the
-    target's agreed index."""
+    """cleanse_matrix.py --recheck: the verdict twml cleanse gives a model (here the backdoored one
+    itself; in the matrix, each repaired model), its searches seeded with the cell's training seed,
+    with the matrix's search settings, two of three agreeing; and the target's agreed index."""
     from twml_cli import models
     from twml_cli.studies import cleanse
 
