@@ -373,8 +373,9 @@ def repair_cell(
 
 def recheck_verdict(model, cell: Cell, search: dict, dataset: str) -> dict:
     """twml cleanse on a repaired model (its search settings `search`, seeded as the cell's own
-    searches were): the classes its verdict flags, and the target's agreed index (signed: below
-    zero, the target's reversed trigger is larger than the median class's)."""
+    searches were): the classes its verdict flags, the target's agreed index, every class's, and
+    every class's index in each search run (signed: below zero, the class's reversed trigger is
+    larger than the median class's)."""
     import tempfile
 
     from twml_cli import models
@@ -388,6 +389,8 @@ def recheck_verdict(model, cell: Cell, search: dict, dataset: str) -> dict:
     return {
         "recheck_flagged": [int(c) for c in np.flatnonzero(ins.flagged)],
         "recheck_target_index": round(float(ins.agreed_index[cell.target]), 3),
+        "recheck_indices": [round(float(i), 3) for i in ins.agreed_index],
+        "recheck_search_indices": np.round(ins.signed_indices, 3).tolist(),
         "recheck_s": round(time.perf_counter() - began, 1),
     }
 

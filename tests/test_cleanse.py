@@ -463,6 +463,9 @@ def test_the_matrix_rechecks_a_repaired_model_with_twml_cleanses_verdict(backdoo
     (ins,) = cleanse.compute(cleanse.prepare(s)).inspections
     assert row["recheck_flagged"] == np.flatnonzero(ins.flagged).tolist()
     assert row["recheck_target_index"] == round(float(ins.agreed_index[0]), 3) != 0
+    assert row["recheck_indices"] == [round(float(i), 3) for i in ins.agreed_index]
+    assert row["recheck_search_indices"] == np.round(ins.signed_indices, 3).tolist()
+    assert len(row["recheck_search_indices"]) == len(ins.tests) >= 2
     other = cm.recheck_verdict(model, cm.Cell(4, "bottom-right", 0, 2), search, "digits")
     assert other["recheck_target_index"] != row["recheck_target_index"]  # another seed, other searches
 
