@@ -373,9 +373,9 @@ def repair_cell(
 
 def recheck_verdict(model, cell: Cell, search: dict, dataset: str) -> dict:
     """twml cleanse on a repaired model (its search settings `search`, seeded as the cell's own
-    searches were): the classes its verdict flags, the target's agreed index, every class's, and
-    every class's index in each search run (signed: below zero, the class's reversed trigger is
-    larger than the median class's)."""
+    searches were): the classes its verdict flags, the target's agreed index and every class's
+    (signed: below zero, the class's reversed trigger is larger than the median class's), and
+    each search's reversed norms."""
     import tempfile
 
     from twml_cli import models
@@ -390,7 +390,7 @@ def recheck_verdict(model, cell: Cell, search: dict, dataset: str) -> dict:
         "recheck_flagged": [int(c) for c in np.flatnonzero(ins.flagged)],
         "recheck_target_index": round(float(ins.agreed_index[cell.target]), 3),
         "recheck_indices": [round(float(i), 3) for i in ins.agreed_index],
-        "recheck_search_indices": np.round(ins.signed_indices, 3).tolist(),
+        "recheck_norms": [[round(float(n), 3) for n in t.reversed.norms] for t in [ins, *ins.more]],
         "recheck_s": round(time.perf_counter() - began, 1),
     }
 

@@ -464,8 +464,8 @@ def test_the_matrix_rechecks_a_repaired_model_with_twml_cleanses_verdict(backdoo
     assert row["recheck_flagged"] == np.flatnonzero(ins.flagged).tolist()
     assert row["recheck_target_index"] == round(float(ins.agreed_index[0]), 3) != 0
     assert row["recheck_indices"] == [round(float(i), 3) for i in ins.agreed_index]
-    assert row["recheck_search_indices"] == np.round(ins.signed_indices, 3).tolist()
-    assert len(row["recheck_search_indices"]) == len(ins.tests) >= 2
+    norms = [ins.reversed.norms, *(m.reversed.norms for m in ins.more)]
+    assert row["recheck_norms"] == [np.round(n, 3).tolist() for n in norms] and len(norms) >= 2
     other = cm.recheck_verdict(model, cm.Cell(4, "bottom-right", 0, 2), search, "digits")
     assert other["recheck_target_index"] != row["recheck_target_index"]  # another seed, other searches
 
