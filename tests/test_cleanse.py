@@ -465,7 +465,9 @@ def test_the_matrix_rechecks_a_repaired_model_with_twml_cleanses_verdict(backdoo
     assert row["recheck_target_index"] == round(float(ins.agreed_index[0]), 3) != 0
     assert row["recheck_indices"] == [round(float(i), 3) for i in ins.agreed_index]
     norms = [ins.reversed.norms, *(m.reversed.norms for m in ins.more)]
-    assert row["recheck_norms"] == [np.round(n, 3).tolist() for n in norms] and len(norms) >= 2
+    assert len(row["recheck_norms"]) == len(norms) >= 2
+    for kept, searched in zip(row["recheck_norms"], norms):
+        np.testing.assert_allclose(kept, searched, rtol=0, atol=5e-4)  # each search's norms, to 3 decimals
     other = cm.recheck_verdict(model, cm.Cell(4, "bottom-right", 0, 2), search, "digits")
     assert other["recheck_target_index"] != row["recheck_target_index"]  # another seed, other searches
 
