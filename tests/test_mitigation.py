@@ -353,6 +353,12 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert m["unlearn_lr_used"] == 0.005 and m["unlearn_restarts"] == 0  # the default's fine-tune keeps its images
     assert "lost the clean training images" not in results[0].out
     assert cli.model_files(unlearned) == {"model.safetensors", "spec.json"}  # the repaired model
+    check = f"Check the repair by searching it again: twml cleanse --run {unlearned.info.run_id}"
+    assert check in results[0].out
+    quick = ["--searches", "1", "--search-steps", "3", "--search-images", "40", "--experiment", "mitigation"]
+    searched = cli(*check.split(": ")[1].split()[1:], *quick)  # the command it prints searches the repaired model
+    assert searched.code == 0, searched.err
+    assert f"Accuracy of model 0 (run {unlearned.info.run_id[:8]}): {m['accuracy']:.4f}" in searched.out
     assert runs["prune"].data.params["reversed_triggers"] == "1"  # pruning ranks neurons by the first search's
     pruned = runs["prune"].data.metrics
     assert pruned["pruned_neurons"] > 0 and pruned["attack_success_rate"] < pruned["attack_success_rate_before"]

@@ -138,7 +138,8 @@ def mitigate(settings_list, session) -> None:
         raise TwmlError(
             f"twml mitigate repairs with one value of each setting; {flags} got several (run it once per value)"
         )
-    runner.mitigate_all(settings_list[0], session)
+    repaired = runner.mitigate_all(settings_list[0], session)
+    session.echo(f"\nCheck the repair by searching it again: twml cleanse {' '.join(f'--run {r}' for r in repaired)}")
 
 
 def _report(out: Path = OUT[1], **shared) -> None:
