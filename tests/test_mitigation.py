@@ -359,6 +359,12 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     searched = cli(*check.split(": ")[1].split()[1:], *quick)  # the command it prints searches the repaired model
     assert searched.code == 0, searched.err
     assert f"Accuracy of model 0 (run {unlearned.info.run_id[:8]}): {m['accuracy']:.4f}" in searched.out
+    from twml_cli import config
+    from twml_cli.studies import cleanse as cleanse_study
+
+    cli.use()  # which class each searched model was repaired for: the mitigate run's, none for the backdoor run's
+    both = config.resolve_one("cleanse", config.load_preset(), {"model_runs": [unlearned.info.run_id, p["model_run"]]})
+    assert cleanse_study.prepare(both).repaired == [0, None]
     assert runs["prune"].data.params["reversed_triggers"] == "1"  # pruning ranks neurons by the first search's
     pruned = runs["prune"].data.metrics
     assert pruned["pruned_neurons"] > 0 and pruned["attack_success_rate"] < pruned["attack_success_rate_before"]

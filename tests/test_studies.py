@@ -388,6 +388,31 @@ def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
         assert search.norms[3] <= 1.5 * 1.0 and search.start_norms.shape == (10, 1)
 
 
+def test_a_flag_on_a_repaired_model_says_which_class_the_repair_was_for():
+    """Searching a model twml mitigate repaired (its run given to twml cleanse): a flag on the
+    repaired class says the trigger is still found; a flag on another class says a repair can
+    uncover a natural trigger; a model that was not repaired gets neither line."""
+    from types import SimpleNamespace
+
+    norms = np.array([10.0, 11, 12, 2.0, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2])
+    (test,) = _outlier_tests(norms)
+    rev = SimpleNamespace(classes=list(range(10)), norms=norms)
+    ins = cleanse.Inspection("m", 1.0, rev, test, 0.0, [], 1)
+    found = [cleanse.Finding(0, 3, float(test.anomaly_index[3]), 0.99)]
+    s = config.resolve_one("cleanse", PRESET, {"model_runs": ["a"], "searches": 1})
+
+    def notes(repaired):
+        lines = cleanse.summarize(cleanse.Outcome(s, [ins], found, 1, repaired))
+        return [line for line in lines if "was repaired" in line]
+
+    assert notes([0]) == [
+        "Model 0 was repaired for class 0 (twml mitigate), not class 3: a repair can uncover a natural trigger that "
+        "the backdoor's small one had hidden; compare class 3 in a clean model"
+    ]
+    assert notes([3]) == ["Model 0 was repaired for class 3 (twml mitigate), and a small trigger of it is still found"]
+    assert notes([None]) == notes([]) == []
+
+
 def test_a_single_search_that_flags_a_class_says_to_confirm_it_with_three():
     """A flag from the paper's single search ends with the advice to run --searches 3 (single searches
     flag classes of some clean models); several searches, or no flag, do not print it."""

@@ -35,6 +35,7 @@ class Inputs:
     sources: list[str]  # each model's run id or folder
     x_clean: torch.Tensor  # the clean images the trigger search uses (of the split search_split names)
     x_more: list[torch.Tensor] = field(default_factory=list)  # those of the further searches (--searches)
+    repaired: list[int | None] = field(default_factory=list)  # per model: the class twml mitigate repaired, if any
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Outcome:
     inspections: list[Inspection]
     findings: list[Finding] = field(default_factory=list)
     at_once: int = 1  # models searched at the same time (models_at_once): their times overlap
+    repaired: list[int | None] = field(default_factory=list)  # per model: the class twml mitigate repaired, if any
 
     @property
     def verdict(self) -> str:
@@ -151,7 +153,20 @@ def prepare(s: config.Cleanse) -> Inputs:
     ]
     s = dataclasses.replace(s, dataset=data.info.name, search_images=len(picks[0]))
     sources = [next(iter(model_source(r).values())) for r in s.model_runs]
-    return Inputs(s, dev, data, loaded, sources, pool[picks[0]], [pool[p] for p in picks[1:]])
+    repaired = [repaired_class(r) for r in s.model_runs]
+    return Inputs(s, dev, data, loaded, sources, pool[picks[0]], [pool[p] for p in picks[1:]], repaired)
+
+
+def repaired_class(uri: str) -> int | None:
+    """The class a `twml mitigate` run repaired, when `uri` names that run (its model is the
+    repaired one); None for any other run, a folder or a models:/ URI."""
+    if Path(uri).is_dir() or uri.startswith("models:/"):
+        return None
+    from .. import tracking
+
+    run = tracking.get_run(tracking.run_id_of(uri))
+    target = run.data.params.get("target")
+    return int(target) if run.data.tags.get(results.COMMAND_TAG) == "mitigate" and target is not None else None
 
 
 def search_seed(s: config.Cleanse, i: int) -> int:
@@ -193,7 +208,8 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
         f"cleanse ({n} models, {at_once} at a time"
         + (f", up to {s.searches} searches each)" if s.searches > 1 else ")"),
     )
-    return Outcome(s, [ins for ins, _ in inspected], [f for _, found in inspected for f in found], at_once)
+    found = [f for _, each in inspected for f in each]
+    return Outcome(s, [ins for ins, _ in inspected], found, at_once, inputs.repaired)
 
 
 def models_at_once(inputs: Inputs) -> int:
@@ -361,12 +377,30 @@ def summarize(outcome: Outcome) -> list[str]:
         lines += [
             f"Backdoor is at model {f.model} class {f.target} (anomaly index {f.anomaly_index:.2f}{agreed})",
             f"Backdoor success rate: {f.success_rate:.4f}",
+            *_after_repair(outcome, f),
         ]
     if not outcome.findings:
         lines.append(f"No backdoor found: no class has an anomaly index above {threshold:g} below the median norm")
     elif outcome.settings.searches == 1:
         lines.append(SINGLE_SEARCH_CAUTION)
     return lines
+
+
+def _after_repair(outcome: Outcome, f: Finding) -> list[str]:
+    """What a flag on a model that twml mitigate repaired means: its own class still has a small
+    trigger, or another class's natural trigger stands out now that the backdoor's no longer
+    widens the spread of the norms (docs: "Searching the repaired model again")."""
+    was = outcome.repaired[f.model] if f.model < len(outcome.repaired) else None
+    if was is None:
+        return []
+    if was == f.target:
+        return [
+            f"Model {f.model} was repaired for class {was} (twml mitigate), and a small trigger of it is still found"
+        ]
+    return [
+        f"Model {f.model} was repaired for class {was} (twml mitigate), not class {f.target}: a repair can uncover a "
+        f"natural trigger that the backdoor's small one had hidden; compare class {f.target} in a clean model"
+    ]
 
 
 def _short(source: str) -> str:
