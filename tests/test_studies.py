@@ -413,6 +413,13 @@ def test_a_flag_on_a_repaired_model_says_which_class_the_repair_was_for():
     assert notes([None]) == notes([]) == []
 
 
+def test_mitigate_ends_with_the_command_that_searches_every_repaired_model_again():
+    from twml_cli.cli.commands import recheck_line
+
+    assert recheck_line(["a1"]) == "Check the repair by searching it again: twml cleanse --run a1"
+    assert recheck_line(["a1", "b2"]) == "Check the repairs by searching them again: twml cleanse --run a1 --run b2"
+
+
 def test_a_single_search_that_flags_a_class_says_to_confirm_it_with_three():
     """A flag from the paper's single search ends with the advice to run --searches 3 (single searches
     flag classes of some clean models); several searches, or no flag, do not print it."""

@@ -138,8 +138,13 @@ def mitigate(settings_list, session) -> None:
         raise TwmlError(
             f"twml mitigate repairs with one value of each setting; {flags} got several (run it once per value)"
         )
-    repaired = runner.mitigate_all(settings_list[0], session)
-    session.echo(f"\nCheck the repair by searching it again: twml cleanse {' '.join(f'--run {r}' for r in repaired)}")
+    session.echo("\n" + recheck_line(runner.mitigate_all(settings_list[0], session)))
+
+
+def recheck_line(repaired: list[str]) -> str:
+    """The twml cleanse command that searches the repaired models (their mitigate runs) again."""
+    which = "the repair by searching it" if len(repaired) == 1 else "the repairs by searching them"
+    return f"Check {which} again: twml cleanse {' '.join(f'--run {r}' for r in repaired)}"
 
 
 def _report(out: Path = OUT[1], **shared) -> None:
