@@ -14,7 +14,18 @@ import torch
 from .. import attacks, cleanse, config, figures, models, results, runtime
 from ..data import MemoryDataSet
 from ..runtime import Progress, Timer
-from .common import Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_model, model_source
+from .common import (
+    Hooks,
+    Run,
+    artifacts,
+    check_fits,
+    data_name,
+    device,
+    in_memory,
+    load_model,
+    model_source,
+    source_run,
+)
 
 COMMAND = "cleanse"
 SEARCH_SEED_STRIDE = 1000  # search i is seeded with seed + 1000 i: its own clean images and random starts
@@ -160,13 +171,10 @@ def prepare(s: config.Cleanse) -> Inputs:
 def repaired_class(uri: str) -> int | None:
     """The class a `twml mitigate` run repaired, when `uri` names that run (its model is the
     repaired one); None for any other run, a folder or a models:/ URI."""
-    if Path(uri).is_dir() or uri.startswith("models:/"):
+    run = source_run(uri)
+    if run is None or run.data.tags.get(results.COMMAND_TAG) != "mitigate" or "target" not in run.data.params:
         return None
-    from .. import tracking
-
-    run = tracking.get_run(tracking.run_id_of(uri))
-    target = run.data.params.get("target")
-    return int(target) if run.data.tags.get(results.COMMAND_TAG) == "mitigate" and target is not None else None
+    return int(run.data.params["target"])
 
 
 def search_seed(s: config.Cleanse, i: int) -> int:

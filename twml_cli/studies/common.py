@@ -149,11 +149,17 @@ def model_source(uri: str) -> dict[str, str]:
     """How a run names the model it used: {'model_run': id} or {'model_path': folder}."""
     if Path(uri).is_dir():
         return {"model_path": str(Path(uri).resolve())}
-    if uri.startswith("models:/"):
-        return {"model_run": uri}
+    run = source_run(uri)
+    return {"model_run": uri if run is None else run.info.run_id}  # the whole id, when a prefix was given
+
+
+def source_run(uri: str):
+    """The MLflow run whose model `uri` names; None for a model folder or a models:/ URI."""
+    if Path(uri).is_dir() or uri.startswith("models:/"):
+        return None
     from .. import tracking
 
-    return {"model_run": tracking.get_run(tracking.run_id_of(uri)).info.run_id}  # the whole id, when a prefix was given
+    return tracking.get_run(tracking.run_id_of(uri))
 
 
 def data_name(explicit: str | None, model: models.Classifier | None, default: str) -> str:
