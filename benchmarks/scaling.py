@@ -24,11 +24,11 @@ def worker(args) -> None:
     import torch
     from _models import subject
 
-    from twml_cli import runtime
+    from twml_cli import distributed, runtime
     from twml_cli.models import create_model, prepare
     from twml_cli.smoothing import Smooth, certify_dataset
 
-    runtime.init_distributed()
+    distributed.init()
     device = runtime.resolve_device(args.device)
     torch.manual_seed(0)
     spec, x, name = subject(device.type == "cuda", args.images, "test")
@@ -36,19 +36,19 @@ def worker(args) -> None:
     y = torch.zeros(len(x), dtype=torch.long)
     smooth = Smooth(model, 10, 0.25)
     certify_dataset(smooth, (x[:2], y[:2]), [0, 1], 100, min(args.n, args.batch), 0.001, args.batch)  # warm-up
-    runtime.barrier()
+    distributed.barrier()
     began = time.perf_counter()
     table = certify_dataset(smooth, (x, y), list(range(len(x))), 100, args.n, 0.001, args.batch)
-    runtime.barrier()
+    distributed.barrier()
     seconds = time.perf_counter() - began
-    if runtime.rank() == 0:
+    if distributed.rank() == 0:
         samples = len(x) * (100 + args.n)
         print(
             json.dumps(
                 {
                     "model": name,
                     "device": str(device),
-                    "processes": runtime.world_size(),
+                    "processes": distributed.world_size(),
                     "images": len(x),
                     "n": args.n,
                     "seconds": round(seconds, 2),

@@ -14,11 +14,11 @@ from twml_cli import findings, results
 
 GROUP_AT_EXIT = """
 import os, torch
-from twml_cli import runtime
-runtime.init_distributed()
+from twml_cli import distributed
+distributed.init()
 import timm  # imports torch._dynamo, as every twml command that loads a model does
-runtime.all_reduce_sum(torch.ones(2))
-runtime.close_distributed()
+distributed.all_reduce_sum(torch.ones(2))
+distributed.close()
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 with open(f"{os.path.dirname(__file__)}/rank{os.environ['RANK']}.txt", "w") as out:  # not a shared stdout
     out.write(str(sorted(n for n in names if "gloo" in n)))

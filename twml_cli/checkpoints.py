@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import runtime
+from . import distributed
 
 
 @dataclass
@@ -85,7 +85,7 @@ def snapshot(
         "step": step,
         "passes_done": passes_done,
         "train_time_s": seconds,
-        "world_size": runtime.world_size(),
+        "world_size": distributed.world_size(),
         "optimizer": {
             "param_groups": opt["param_groups"],
             "scalars": {
@@ -101,13 +101,13 @@ def snapshot(
 
 def _gather_per_rank(t: torch.Tensor) -> torch.Tensor:
     """(world, *t.shape): each process's tensor, in rank order (through the GPU under NCCL)."""
-    return runtime.all_gather_rows(t.detach()[None].to(runtime.collective_device())).cpu()
+    return distributed.all_gather_rows(t.detach()[None].to(distributed.collective_device())).cpu()
 
 
 def restore(state: TrainState, model, optimizer, scheduler, shuffle, perturbation) -> tuple[int, int, float, dict]:
     """Load a snapshot into the loop's objects; (step, passes done, seconds spent, meta)."""
     meta, tensors = state.meta, state.tensors
-    world, rank = runtime.world_size(), runtime.rank()
+    world, rank = distributed.world_size(), distributed.rank()
     if meta["world_size"] != world:
         raise ValueError(
             f"the checkpoint was made by {meta['world_size']} processes; resume it with as many (now {world})"

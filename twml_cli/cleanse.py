@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime
+from . import distributed
 from .backdoor import stamped_success_rate
 from .configs import CleanseConfig
 from .runtime import Progress, autocast, frozen, generator, no_autotune, no_progress, to_device_layout
@@ -195,8 +195,8 @@ def reverse_engineer_all(
     """reverse_engineer for every class; under torchrun each process takes a contiguous share
     of the classes and every process gets all of them back. Classes are optimized
     independently, so the result is one process's (identical on a CPU, as the tests check)."""
-    mine = list(range(num_classes))[runtime.shard(num_classes)]
-    if runtime.world_size() == 1:
+    mine = list(range(num_classes))[distributed.shard(num_classes)]
+    if distributed.world_size() == 1:
         return reverse_engineer(model, x_clean, num_classes, config, mine, progress)
     c, h, w = x_clean.shape[1:]
     if mine:
@@ -214,7 +214,7 @@ def reverse_engineer_all(
         )
 
     def gather(t: torch.Tensor) -> torch.Tensor:
-        return runtime.all_gather_rows(t.to(runtime.collective_device())).cpu()
+        return distributed.all_gather_rows(t.to(distributed.collective_device())).cpu()
 
     starts = rev.start_norms if rev.start_norms is not None else np.zeros((len(rev.classes), config.restarts))
     numbers = np.column_stack([rev.norms, rev.success, rev.reached, rev.rounds, starts])
@@ -228,7 +228,7 @@ def reverse_engineer_all(
         reached=numbers[:, 2].astype(bool),
         rounds=numbers[:, 3].astype(int),
         start_norms=numbers[:, 4:],
-        images=int(runtime.all_reduce_sum(torch.tensor(rev.images, device=runtime.collective_device()))),
+        images=int(distributed.all_reduce_sum(torch.tensor(rev.images, device=distributed.collective_device()))),
     )
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .distributed import shard
 from .errors import TwmlError
 from .runtime import derive_seed, keyed_uniform, machine_cores, to_device_layout
 
@@ -266,9 +267,7 @@ def resized_crop_box(
 
 def batch_indices(order: torch.Tensor, batch_size: int, part: int = 0, parts: int = 1) -> list[torch.Tensor]:
     """Consecutive global batches of `order`, each cut to the share of process `part` of `parts`
-    (runtime.shard: contiguous, sizes within one)."""
-    from .runtime import shard
-
+    (distributed.shard: contiguous, sizes within one)."""
     out = []
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]

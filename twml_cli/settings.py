@@ -145,7 +145,7 @@ class Common(Group):
         device. `auto` compiles on CUDA only when the work repays a compile of about a minute
         (COMPILE_PAYS images: a CIFAR-10 training run or n = 100,000 certificates, not the
         digits demo), with CUDA graphs in one process (fixed shapes), without under DDP."""
-        from .runtime import world_size
+        from .distributed import world_size
 
         choice = self.compile
         if choice == "auto":

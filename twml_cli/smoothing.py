@@ -22,7 +22,7 @@ from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
-from . import runtime
+from . import distributed, runtime
 from .configs import check_certify_args
 from .models import is_compiled
 from .runtime import Progress, Timer, autocast, generator, no_progress
@@ -334,13 +334,13 @@ def certify_dataset(
     rows.setdefault("samples", [n0 + n] * len(rows["idx"]))
     finished = {int(i) for i in rows["idx"]}
     todo = [int(i) for i in indices if int(i) not in finished]
-    world, rank = runtime.world_size(), runtime.rank()
+    world, rank = distributed.world_size(), distributed.rank()
     per_image = n0 + (n if grid is None else rounds(n)[0])  # an adaptive image often stops after its first look
     chunk = max(1, math.ceil(8 * batch_size / per_image)) * world  # >= 8 full forward batches per process
     starts = range(0, len(todo), chunk)
     for start in progress(starts, len(starts), f"certify (sigma={smooth.sigma:g})"):
         part = todo[start : start + chunk]
-        mine = part[runtime.shard(len(part))]
+        mine = part[distributed.shard(len(part))]
         x, y = data.take(mine)
         with Timer(device) as timer:
             if grid is None:
@@ -359,7 +359,7 @@ def certify_dataset(
             samples,
         ]
         part_rows = torch.tensor(np.stack(columns, 1) if mine else np.zeros((0, len(ROWS))), dtype=torch.float64)
-        gathered = runtime.all_gather_rows(part_rows.to(runtime.collective_device())).cpu().numpy()
+        gathered = distributed.all_gather_rows(part_rows.to(distributed.collective_device())).cpu().numpy()
         for k, column in zip(ROWS, gathered.T):
             rows[k] += column.tolist()
         if save_rows is not None and rank == 0:

@@ -33,7 +33,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from . import runtime
+from . import distributed
 from .checkpoints import TrainState, restore, snapshot
 from .configs import TrainConfig
 from .examples import Augment, InMemory, batch_indices
@@ -131,7 +131,7 @@ def train(
     hooks = hooks or Hooks(progress=progress)
     device = next(model.parameters()).device
     data = (InMemory(*data) if isinstance(data, tuple) else data).to(device)
-    world, rank = runtime.world_size(), runtime.rank()
+    world, rank = distributed.world_size(), distributed.rank()
     n, bs, replays = len(data), config.batch_size, perturbation.replays
     if world > 1 and (n % bs or bs) < world:
         raise ValueError(
@@ -172,7 +172,7 @@ def train(
                 correct = torch.zeros((), dtype=torch.long, device=device)
             global_size = min(bs, n - b * bs)
             scale = len(yb) * world / global_size  # 1.0 in one process: the global batch's mean gradient
-            offset = runtime.shard(global_size, rank, world).start
+            offset = distributed.shard(global_size, rank, world).start
             for _ in range(replays):
                 loss, logits, labels = perturbation.objective(
                     net, model, Batch(xb, yb, idx, step, offset, global_size, p)
@@ -188,7 +188,7 @@ def train(
             if b < batches_per_pass - 1:
                 continue
             seen = n * replays  # one host sync per pass
-            totals = runtime.all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
+            totals = distributed.all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
             robust = guard.check(p) if guard is not None else None
             accuracy = totals[1].item() / (seen * perturbation.copies)
             stats = EpochStats((p + 1) * replays, totals[0].item() / seen, accuracy, robust)
@@ -224,7 +224,7 @@ def train(
 def _ticks(data, shuffle, config: TrainConfig, first_pass: int, passes: int, batches_per_pass: int, device):
     """(pass, batch, this process's share of the batch) for every global batch still to train on.
     The shuffling stream advances once per pass, so a resumed run draws the same orders."""
-    world, rank = runtime.world_size(), runtime.rank()
+    world, rank = distributed.world_size(), distributed.rank()
     for p in range(first_pass, passes):
         order = torch.randperm(len(data), generator=shuffle, device=device)
         augment = Augment(config.augment, config.seed, p) if config.augment != "none" else None

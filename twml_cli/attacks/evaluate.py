@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import runtime
+from .. import distributed
 from ..examples import InMemory
 from ..runtime import Progress, Timer, autocast, no_progress
 from .autoattack import AutoAttackConfig
@@ -73,7 +73,7 @@ def evaluate_robustness(
     names = autoattack.attacks if autoattack else ()
     keys = EXAMPLE_COLUMNS + ((*(f"aa_{_key(a)}" for a in names), "aa_reused") if autoattack else ())
     columns: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    share = runtime.shard(len(chosen))
+    share = distributed.shard(len(chosen))
     mine = list(zip(*(t[share].split(batch_size) for t in (chosen, mask(broken), mask(aa_broken)))))
     pgd_s = aa_s = 0.0
     batches = data.batches([idx for idx, _, _ in mine], device)
@@ -125,8 +125,8 @@ def evaluate_robustness(
         return torch.cat(parts) if parts else torch.zeros(0, dtype=empty)
 
     def gather(t: torch.Tensor) -> np.ndarray:  # flags travel as bytes (not every backend gathers bools)
-        rows = runtime.all_gather_rows(
-            (t.to(torch.uint8) if t.dtype == torch.bool else t).to(runtime.collective_device())
+        rows = distributed.all_gather_rows(
+            (t.to(torch.uint8) if t.dtype == torch.bool else t).to(distributed.collective_device())
         ).cpu()
         return rows.bool().numpy() if t.dtype == torch.bool else rows.numpy()
 
@@ -175,7 +175,7 @@ def accuracy(model: nn.Module, data, batch_size: int = 1024) -> float:
     with torch.inference_mode(), autocast(device):
         for xb, yb, _ in data.batches(_my_batches(len(data), batch_size), device):
             correct += (model(xb).argmax(1) == yb).sum()
-    return runtime.all_reduce_sum(correct).item() / len(data)
+    return distributed.all_reduce_sum(correct).item() / len(data)
 
 
 def _examples(data):
@@ -184,5 +184,5 @@ def _examples(data):
 
 def _my_batches(n: int, batch_size: int) -> list[torch.Tensor]:
     """This process's share of range(n), in batches."""
-    mine = torch.arange(n)[runtime.shard(n)]
+    mine = torch.arange(n)[distributed.shard(n)]
     return list(mine.split(batch_size))

@@ -133,9 +133,9 @@ def _run(argv: list[str]) -> None:
     """The command, its errors as one line, its exit code."""
     try:
         if "WORLD_SIZE" in __import__("os").environ:
-            from ..runtime import init_distributed
+            from .. import distributed
 
-            init_distributed()
+            distributed.init()
         code = app(args=argv, prog_name="twml", standalone_mode=False)
     except UsageError as err:
         if type(err).__name__ == "NoArgsIsHelpError":
@@ -154,9 +154,9 @@ def _run(argv: list[str]) -> None:
         else:
             raise
     finally:
-        runtime = sys.modules.get("twml_cli.runtime")  # not imported for a bad value: no torch to load
-        if runtime is not None:
-            runtime.close_distributed()
+        group = sys.modules.get("twml_cli.distributed")  # not imported for a bad value: no torch to load
+        if group is not None:
+            group.close()
     if code == 130:
         _end_interrupted()
     sys.exit(code if isinstance(code, int) else 0)

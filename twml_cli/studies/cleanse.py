@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import attacks, cleanse, config, figures, models, results, runtime
+from .. import attacks, cleanse, config, distributed, figures, models, results, runtime
 from ..data import MemoryDataSet
 from ..runtime import Progress, Timer
 from .common import (
@@ -225,7 +225,7 @@ def models_at_once(inputs: Inputs) -> int:
     on one intra-op thread (as the embedded digits' small batches choose), one per core, each on
     a Python thread of its own; a model's searches give the same numbers either way (a test
     checks it). Elsewhere one after another."""
-    if inputs.device.type != "cpu" or runtime.world_size() > 1 or torch.get_num_threads() > 1:
+    if inputs.device.type != "cpu" or distributed.world_size() > 1 or torch.get_num_threads() > 1:
         return 1
     return max(1, min(len(inputs.models), runtime.machine_cores()[0]))
 

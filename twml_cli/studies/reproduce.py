@@ -8,7 +8,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from .. import config, runtime, tracking
+from .. import config, distributed, tracking
 from . import backdoor
 from .runner import Session, _parent, execute, execute_all, mitigate_all
 
@@ -38,7 +38,7 @@ def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Pat
     backdoor.prepare(poisoning)  # its data-dependent checks (target class, trigger size) too
     seeds = [base.seed + k for k in range(curve_seeds)]
     curves = _curve_settings(preset, overrides, seeds) if curve_seeds else None
-    if runtime.rank() == 0:
+    if distributed.rank() == 0:
         tracking.experiment_id(session.experiment)  # the store and experiment exist before any step runs
     ids: dict = {}  # run ids (and the cleanse run's outcome) the later steps need
     began = time.perf_counter()
@@ -93,7 +93,7 @@ def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Pat
         for k, (title, step) in enumerate(steps, 1):
             session.echo(f"\n[{k}/{total}] {title}  ({time.perf_counter() - began:.0f} s elapsed)")
             step()
-        if runtime.rank() != 0:
+        if distributed.rank() != 0:
             return None
         session.echo(f"\n[{total}/{total}] report  ({time.perf_counter() - began:.0f} s elapsed)")
         files = report.build(session.experiment, out, tracking.tracking_uri(), parent=nested.parent)

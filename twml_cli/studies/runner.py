@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import config, figures, results, runtime, tracking
+from .. import config, distributed, figures, results, runtime, tracking
 from ..config import RESUMABLE
 from ..errors import TwmlError
 from ..runtime import Progress, describe_device, no_progress
@@ -44,7 +44,7 @@ class Session:
     parent: str | None = None  # runs are nested under this one (twml reproduce, several sigmas)
 
     def __post_init__(self):
-        if runtime.rank() != 0:
+        if distributed.rank() != 0:
             self.echo, self.progress = (lambda _: None), no_progress
 
 
@@ -90,7 +90,7 @@ def execute(
             raise TwmlError(resume_from.went_away(command, started, err)) from None
         raise
     resume_from.forget(run.id)
-    run_id = runtime.broadcast_text(run.id)
+    run_id = distributed.broadcast_text(run.id)
     for line in study.summarize(outcome):
         session.echo(line)
     session.echo(f"Run id: {run_id}")
@@ -145,7 +145,7 @@ def thread_plan(command: str, inputs) -> tuple[int, int]:
 def _run(
     command: str, study, inputs, session: Session, resume: str | None, name: str | None, threads: tuple[int, int]
 ) -> Iterator:
-    if runtime.rank() != 0:
+    if distributed.rank() != 0:
         yield NullRun()
         return
     if resume:
@@ -156,7 +156,7 @@ def _run(
     params = {
         **config.params(s),
         "preset": session.preset,
-        "world_size": runtime.world_size(),
+        "world_size": distributed.world_size(),
         **tracking.environment_params(describe_device(inputs.device), *threads),
     }
     if hasattr(study, "extra_params"):
@@ -228,7 +228,7 @@ def execute_all(command: str, settings_list: list, session: Session) -> list[str
 
 def _record_sweep(parent, command: str, settings_list: list, axes: list[str], ids: list[str], kept: list):
     """The parent's tables and figures (rank 0); returns the aggregate, None on other ranks."""
-    if runtime.rank() != 0:
+    if distributed.rank() != 0:
         return None
     metrics = [tracking.final_metrics(run_id) for run_id in ids]
     frame = sweep.table(settings_list, axes, ids, metrics)
@@ -258,7 +258,7 @@ def _record_sweep(parent, command: str, settings_list: list, axes: list[str], id
 def _parent(session: Session, command: str, name: str) -> Iterator[tuple[Session, Any]]:
     """A new parent run (nested under the session's own parent, if any) and a session whose
     runs nest under it. Other ranks get their session and a run that records nothing."""
-    if runtime.rank() != 0:
+    if distributed.rank() != 0:
         yield session, NullRun()
         return
     with tracking.start_run(session.experiment, command, run_name=name, parent=session.parent) as parent:
