@@ -1,35 +1,44 @@
 """Several processes through PyTorch's launcher (`--nproc-per-node 2`, gloo on this CPU),
 compared with one process: the same certificates, the same Neural Cleanse norms, the same
-SGD steps and the embedded default's findings, one MLflow run per command."""
+SGD steps and the embedded default's findings, one MLflow run per command; and the collectives
+themselves (twml_cli/distributed.py)."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+import torch
 from conftest import twml_run
 
-from twml_cli import findings, results
+from twml_cli import distributed, findings, results
 
 GROUP_AT_EXIT = """
-import os, torch
+import json, os, torch
 from twml_cli import distributed
 distributed.init()
 import timm  # imports torch._dynamo, as every twml command that loads a model does
-distributed.all_reduce_sum(torch.ones(2))
+me = distributed.rank()
+summed = distributed.all_reduce_sum(torch.ones(2)).tolist()
+rows = distributed.all_gather_rows(torch.full((me + 1, 2), float(me))).tolist()  # 1 row, then 2
+text = distributed.broadcast_text("run-0a1b" if me == 0 else None)
+share = distributed.shard(7)
 distributed.close()
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 with open(f"{os.path.dirname(__file__)}/rank{os.environ['RANK']}.txt", "w") as out:  # not a shared stdout
-    out.write(str(sorted(n for n in names if "gloo" in n)))
+    out.write(json.dumps({"gloo_threads": sorted(n for n in names if "gloo" in n), "summed": summed,
+                          "rows": rows, "text": text, "share": [share.start, share.stop]}))
 """
 
 
 @pytest.mark.e2e  # a launch of two processes
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
-def test_closing_the_group_stops_its_gloo_threads_even_after_timm_is_imported(tmp_path):
-    """A group whose threads outlive destroy_process_group ends a finished process, now and then,
-    with std::terminate at interpreter exit."""
+def test_the_collectives_in_two_processes_and_closing_the_group_stops_its_gloo_threads(tmp_path):
+    """Sums, rows of unequal number gathered in rank order, rank 0's text, each process's share.
+    Then: a group whose threads outlive destroy_process_group ends a finished process, now and
+    then, with std::terminate at interpreter exit, even after timm is imported."""
     script = tmp_path / "group.py"
     script.write_text(GROUP_AT_EXIT)
     done = subprocess.run(
@@ -40,7 +49,30 @@ def test_closing_the_group_stops_its_gloo_threads_even_after_timm_is_imported(tm
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[]", "[]"]  # no gloo thread left
+    seen = [json.loads((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)]
+    for got in seen:
+        assert got["gloo_threads"] == []  # no gloo thread left
+        assert got["summed"] == [2.0, 2.0]
+        assert got["rows"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        assert got["text"] == "run-0a1b"
+    assert [got["share"] for got in seen] == [[0, 4], [4, 7]]
+
+
+def test_shards_cover_the_range_once_in_order_with_sizes_within_one():
+    for n in range(0, 41):
+        for parts in range(1, 8):
+            shares = [distributed.shard(n, part, parts) for part in range(parts)]
+            assert [i for s in shares for i in range(n)[s]] == list(range(n))
+            sizes = [s.stop - s.start for s in shares]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_in_one_process_the_collectives_are_the_identity():
+    t = torch.arange(6.0).view(3, 2)
+    assert (distributed.world_size(), distributed.rank(), distributed.active()) == (1, 0, False)
+    assert distributed.all_gather_rows(t) is t and distributed.all_reduce_sum(t) is t
+    assert distributed.broadcast_text("abc") == "abc" and distributed.broadcast_text(None) == ""
+    assert distributed.shard(5) == slice(0, 5)
 
 
 def run_both(reproduced, tmp_path, *args):
