@@ -17,11 +17,13 @@ ARGS = ("train", "--free", "--m", "4", "--epochs", "16", "--pgd-steps", "3")  # 
 
 
 def checkpoint_passes(cli, run_id) -> int:
+    """The passes the run's logged checkpoint holds; 0 while there is none, or while the run is
+    still copying its state.json into the store (the copy is read half-written)."""
     try:
         path = cli.client().download_artifacts(run_id, "checkpoint/state.json")
-    except Exception:  # noqa: BLE001 - no checkpoint yet
+        return json.loads(open(path).read())["passes_done"]
+    except Exception:  # noqa: BLE001 - no checkpoint yet, or one being logged
         return 0
-    return json.loads(open(path).read())["passes_done"]
 
 
 def kill_after(cli, args: tuple, passes: int):
