@@ -260,6 +260,31 @@ def planted_success(
     return _planted_success(cleanse.prepare(s), cell)
 
 
+def clean_success(
+    out: Path, cells: list[Cell], threads: int, model_threads: int, dataset: str = DATASET
+) -> dict[Cell, float]:
+    """The planted trigger's attack success on the clean model of each planted cell's seed (the test
+    images not of the target, as the backdoored model's is measured), for the seeds whose clean
+    model is among `cells`: what a model that was never backdoored gives, and so how low a repair
+    can bring it."""
+    import torch
+
+    from twml_cli.backdoor import Trigger, attack_success_rate
+    from twml_cli.data import load_dataset
+    from twml_cli.models import load_model_dir
+
+    torch.set_num_threads(threads)
+    _, test = load_dataset(dataset)
+    x, y = test.tensors
+    found = {}
+    for clean in (c for c in cells if c.position is None):
+        model = load_model_dir(_model(out, clean, model_threads, dataset)[0])
+        for c in cells:
+            if c.position is not None and c.seed == clean.seed:
+                found[c] = round(attack_success_rate(model, x, y, c.target, Trigger(c.size, c.position)), 4)
+    return found
+
+
 def planted_trigger(cell: Cell, shape: tuple[int, ...]):
     """The planted trigger as a reversed one, (mask (H, W), pattern `shape` (C, H, W)): what a
     perfect search would return. Stamped, it gives the planted trigger's images."""
@@ -479,6 +504,18 @@ def summary(rows: list[dict], repair: str = "unlearning") -> list[str]:
                 f"{np.median(attack):.4f}, {min(attack):.4f} to {max(attack):.4f}); accuracy change {min(change):+.4f} "
                 f"to {max(change):+.4f} (median {np.median(change):+.4f})"
             )
+        floor = [r for r in planted if "clean_attack_success" in r]
+        if floor:
+            worst = max(floor, key=lambda r: r["clean_attack_success"])
+            kept = [r for r in repaired if r["repair_attack_success"] > 0.05 and "clean_attack_success" in r]
+            after = [f"{r['repair_attack_success']:.4f} (clean: {r['clean_attack_success']:.4f})" for r in kept]
+            lines.append(
+                f"the planted trigger on the clean model of its seed (never backdoored): attack success median "
+                f"{np.median([r['clean_attack_success'] for r in floor]):.4f}, above 0.05 in "
+                f"{sum(r['clean_attack_success'] > 0.05 for r in floor)} of {len(floor)} cells (largest "
+                f"{worst['clean_attack_success']:.4f}, {worst['cell']})"
+                + ("; where a repair left more than 0.05: " + ", ".join(after) if after else "")
+            )
         lines.append(f"trigger search per model: median {np.median([r['cleanse_s'] for r in planted]):.1f} s")
     if "searches" in rows[0]:  # several searches: those twml cleanse runs before the verdict is decided
         counts = np.bincount([r["searches"] for r in rows])
@@ -631,8 +668,9 @@ def breakdown(rows: list[dict]) -> list[str]:
 def table(rows: list[dict]) -> list[str]:
     head = [
         "| seed | position | target | size | attack success | accuracy | detected | flagged | target's index | "
-        "reversed / planted norm | search s | after unlearning: attack success | accuracy change |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "reversed / planted norm | search s | after unlearning: attack success | accuracy change | "
+        "the clean model's attack success |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     body = []
     for r in sorted(
@@ -641,7 +679,7 @@ def table(rows: list[dict]) -> list[str]:
         if r["position"] is None:
             body.append(
                 f"| {r['seed']} | clean | | | | {r['accuracy']:.4f} | | {r['flagged'] or '-'} | largest "
-                f"{r['largest_index']:.2f} | | {r['cleanse_s']} | | |"
+                f"{r['largest_index']:.2f} | | {r['cleanse_s']} | | | |"
             )
             continue
         repair = (
@@ -653,7 +691,8 @@ def table(rows: list[dict]) -> list[str]:
             f"| {r['seed']} | {r['position']} | {r['target']} | {r['size']}x{r['size']} | {r['attack_success']:.4f} | "
             f"{r['accuracy']:.4f} | "
             f"{'yes' if r['detected'] else 'NO'} | {r['flagged'] or '-'} | {r['target_index']:.2f} | "
-            f"{r['norm_ratio']:.2f} | {r['cleanse_s']} | {repair} |"
+            f"{r['norm_ratio']:.2f} | {r['cleanse_s']} | {repair} | "
+            + (f"{r['clean_attack_success']:.4f} |" if "clean_attack_success" in r else " |")
         )
     return head + body
 
@@ -945,6 +984,8 @@ def main() -> int:
             f"{repair} {unlearn or 'as the preset'}",
         )
         rows = [{**r, **repairs.get(repair_key[c], {})} for c, r in zip(cells, rows)]
+    floor = clean_success(out, cells, threads, model_threads, args.dataset)
+    rows = [{**r, "clean_attack_success": floor[c]} if c in floor else r for c, r in zip(cells, rows)]
     lines = summary(rows, repair)
     if len(runs) == 1 or args.pool:  # the norms the verdict was computed on
         lines += bound(rows, searched["anomaly_threshold"])
