@@ -1,6 +1,7 @@
 import dataclasses
 import importlib.util
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -248,6 +249,31 @@ def test_the_matrix_s_planted_trigger_control_stamps_as_the_backdoor_does(channe
         assert mask.shape == (8, 8) and pattern.shape == (channels, 8, 8)
         assert torch.equal(stamp(x, mask, pattern), Trigger(size, position).apply(x)), (position, size)
         assert mask.sum().item() == cm.planted_norm(size, position)
+
+
+def test_the_matrix_measures_each_planted_trigger_on_the_clean_model_of_its_own_seed(tmp_path):
+    """cleanse_matrix.py's clean_success: each planted cell's trigger on the clean model trained
+    with the cell's seed (the floor a repair can reach), none where that seed has no clean model.
+    The two clean models here answer one class whatever the image (3 for seed 0, 7 for seed 1), so
+    a trigger sends every other class's image to that class and none to any other."""
+    from twml_cli.data import describe, load_dataset
+    from twml_cli.models import save_model
+
+    cm = _benchmark("cleanse_matrix")
+    info = describe("digits", *load_dataset("digits"))
+    for seed, answer in ((0, 3), (1, 7)):
+        model = create_model(ModelSpec.for_data("test_byobnet", info))
+        head = model.backbone.get_classifier()
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(10.0 * torch.nn.functional.one_hot(torch.tensor(answer), 10))
+        folder = tmp_path / "models" / "threads1" / cm.Cell(seed).name
+        save_model(model, folder)
+        settings = cm.key(cm._resolved("train", seed=seed, pgd_steps=1, dataset="digits"))
+        (folder / "facts.json").write_text(json.dumps({"accuracy": 0.1, "settings": settings}))
+    planted = [cm.Cell(s, "top-left", t, 2) for s in (0, 1, 2) for t in (0, 3, 7)]
+    floor = cm.clean_success(tmp_path, [cm.Cell(0), cm.Cell(1), *planted], 1, 1)
+    assert floor == {c: float(c.target == {0: 3, 1: 7}[c.seed]) for c in planted if c.seed < 2}
 
 
 def test_the_matrix_says_whether_the_search_found_the_planted_trigger_or_another():
