@@ -272,7 +272,11 @@ def test_the_matrix_measures_each_planted_trigger_on_the_clean_model_of_its_own_
         settings = cm.key(cm._resolved("train", seed=seed, pgd_steps=1, dataset="digits"))
         (folder / "facts.json").write_text(json.dumps({"accuracy": 0.1, "settings": settings}))
     planted = [cm.Cell(s, "top-left", t, 2) for s in (0, 1, 2) for t in (0, 3, 7)]
-    floor = cm.clean_success(tmp_path, [cm.Cell(0), cm.Cell(1), *planted], 1, 1)
+    threads = torch.get_num_threads()
+    try:
+        floor = cm.clean_success(tmp_path, [cm.Cell(0), cm.Cell(1), *planted], 1, 1)
+    finally:
+        torch.set_num_threads(threads)  # clean_success sets the thread count of the process it runs in
     assert floor == {c: float(c.target == {0: 3, 1: 7}[c.seed]) for c in planted if c.seed < 2}
 
 
