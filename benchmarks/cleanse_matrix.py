@@ -276,12 +276,16 @@ def clean_success(
     torch.set_num_threads(threads)
     _, test = load_dataset(dataset)
     x, y = test.tensors
+    planted: dict[int, list[Cell]] = {}
+    for c in cells:
+        if c.position is not None:
+            planted.setdefault(c.seed, []).append(c)
     found = {}
-    for clean in (c for c in cells if c.position is None):
+    for clean in (c for c in cells if c.position is None and c.seed in planted):
         model = load_model_dir(_model(out, clean, model_threads, dataset)[0])
-        for c in cells:
-            if c.position is not None and c.seed == clean.seed:
-                found[c] = round(attack_success_rate(model, x, y, c.target, Trigger(c.size, c.position)), 4)
+        for c in planted[clean.seed]:
+            assert c.position is not None
+            found[c] = round(attack_success_rate(model, x, y, c.target, Trigger(c.size, c.position)), 4)
     return found
 
 
