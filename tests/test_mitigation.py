@@ -356,6 +356,8 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     check = f"Check the repair by searching it again: twml cleanse --run {unlearned.info.run_id}"
     assert check in results[0].out
     quick = ["--searches", "1", "--search-steps", "3", "--search-images", "40", "--experiment", "mitigation"]
+    studied = cli("cleanse", "--run", p["model_run"], *quick)  # a search of the backdoored model, before the recheck
+    assert studied.code == 0, studied.err
     searched = cli(*check.split(": ")[1].split()[1:], *quick)  # the command it prints searches the repaired model
     assert searched.code == 0, searched.err
     assert f"Accuracy of model 0 (run {unlearned.info.run_id[:8]}): {m['accuracy']:.4f}" in searched.out
@@ -395,6 +397,12 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert cli("report", "--experiment", "mitigation", "--out", "out").code == 0
     md = (cli.path / "out" / "mitigation.md").read_text()
     section = md[md.index("### Mitigation") :]
+    # section 3 reads the search of the models as they were; the recheck of the repaired one is read under its repair
+    recheck, study = (r.info.run_id for r in cli.runs("cleanse", experiment="mitigation"))
+    assert study == studied.out.split("Run id: ")[1].split()[0]
+    assert f"The newest cleanse run ({study[:8]}; 1 newer one searched repaired models, under Mitigation)" in md
+    assert f"Searched again by cleanse run {recheck[:8]}, the model that run {unlearned.info.run_id[:8]} repaired" in md
+    assert f"`twml cleanse --run {runs['prune'].info.run_id}`" in section  # not searched again: the command
     assert section.count("unlearning fine-tunes for") == 1  # each method described once ...
     assert "| --unlearn-epochs 3, --unlearn-lr 0.05, --unlearn-freeze-norm |" in section  # ... and what one changed
     assert "| --unlearn-hold-stamped 0.3 |" in section

@@ -653,3 +653,65 @@ def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     assert "(1 restart): the model kept was fine-tuned at lr 0.0025." in text
     assert text.count("None of its fine-tunes kept those images within 2 points") == 1
     assert "the one kept ended highest, at 0.9517 from 0.9951." in text
+
+
+def test_a_repaired_model_searched_again_is_reported_under_its_repair():
+    """`twml cleanse --run <mitigate run>` on a repaired model: the mitigation part says, per
+    repair, whether that search flags the repaired class, another class or none, and where the
+    repaired class's trigger now stands; a repair not searched again gets the command."""
+    from twml_cli.report.runs import MitigateRun
+
+    def repair(c: str, target: int) -> MitigateRun:
+        settings = config.resolve_one("mitigate", config.load_preset(), {"cleanse_run": "c" * 32})
+        return MitigateRun(
+            id=c * 32,
+            name="",
+            command="mitigate",
+            start_time=0,
+            params={"model_run": "b" * 32, "target": str(target)},
+            settings=settings,
+            mitigation=results.MitigationMetrics(0.99, 0.98, 0.97, 0.01),
+            real=results.RealTriggerMetrics(0.98, 0.01),
+        )
+
+    def searched(c: str, models: list[str], norms: list[list[float]], flagged: set[tuple[int, int]]) -> CleanseRun:
+        rows = []
+        for i, each in enumerate(norms):
+            median = pd.Series(each).median()
+            for k, n in enumerate(each):
+                rows.append({"model": i, "class": k, "norm": n, "anomaly_index": abs(n - median) / 2.0,
+                             "flagged": (i, k) in flagged})  # fmt: skip
+        params = {f"model{i}": f"runs:/{m * 32}/model" for i, m in enumerate(models)}
+        return CleanseRun(id=c * 32, name="", command="cleanse", start_time=0, params=params, norms=pd.DataFrame(rows))
+
+    ten = [10.0, 11, 12, 13, 14, 15, 16, 17, 18, 19]  # median 14.5
+    repairs = [repair("1", 3), repair("2", 0), repair("3", 7), repair("4", 5)]
+    again = [
+        searched("e", ["1", "2"], [[*ten[:3], 20.0, *ten[4:]], [3.0, *ten[1:]]], {(1, 0)}),
+        searched("f", ["3"], [[*ten[:7], 11.5, 4.0, ten[9]]], {(0, 8)}),
+        searched("d", ["1"], [[3.0, *ten[1:]]], {(0, 0)}),  # older: the newest search of a model is read
+    ]
+    doc = Document("twml")
+    report_mitigation.section(doc, repairs, None, again)
+    (text,) = [b.text for b in doc.blocks if isinstance(b, Para) and "Searched again" in b.text]
+    assert (
+        "Searched again by cleanse run eeeeeeee, the model that run 11111111 repaired has no class flagged; class "
+        "3's smallest trigger is now larger than the median class's (20.00 against 15.50)." in text
+    )
+    assert (
+        "Searched again by cleanse run eeeeeeee, the model that run 22222222 repaired still has class 0 flagged, at "
+        "anomaly index 5.75: the repair left a small trigger of it." in text
+    )
+    assert (
+        "Searched again by cleanse run ffffffff, the model that run 33333333 repaired has class 8 flagged, not the "
+        "repaired class 7: a repair can uncover a class's natural small trigger that the backdoor's had hidden "
+        "(compare that class in a clean model); class 7's smallest trigger is now 11.50 against a median of 12.50, "
+        "anomaly index 0.50." in text
+    )
+    assert "dddddddd" not in text
+    assert text.endswith("Search a repaired model again, as a check that needs no real trigger: `twml cleanse --run "
+                         f"{'4' * 32}`.")  # fmt: skip
+    doc = Document("twml")
+    report_mitigation.section(doc, repairs[:1], None, again[:1])
+    (text,) = [b.text for b in doc.blocks if isinstance(b, Para) and "Searched again" in b.text]
+    assert "Search a repaired model again" not in text  # every repair was

@@ -88,8 +88,8 @@ def document(experiment: str, runs: Runs, fig_dir: Path, uri: str) -> Document:
     smoothing.section(doc, runs.smooth, fig_dir)
     smoothing.training_methods(doc, runs.smooth, fig_dir)
     curves.sigma_curves(doc, runs, fig_dir)
-    cleanse.section(doc, runs.cleanse, runs.backdoor, fig_dir, frozenset(r.id for r in runs.train))
-    mitigation.section(doc, runs.mitigate, runs.cleanse[0] if runs.cleanse else None)
+    cleanse.section(doc, runs.cleanse, runs.backdoor, fig_dir, frozenset(r.id for r in runs.train), runs.searched_again)
+    mitigation.section(doc, runs.mitigate, runs.cleanse[0] if runs.cleanse else None, runs.searched_again)
     if runs.all:
         setting_section(doc, experiment, runs.all, uri)
     return doc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,10 @@ def section(
     backdoor_runs: list[BackdoorRun],
     fig_dir: Path,
     clean: frozenset[str] = frozenset(),
+    searched_again: Sequence[CleanseRun] = (),
 ) -> None:
+    """`runs`: the cleanse runs, newest first, the first read in full; `searched_again`: those that
+    searched repaired models alone (the mitigation part reads them), named here when newer."""
     doc.add(Heading("3 Neural Cleanse"))
     if not runs:
         doc.add(
@@ -39,7 +43,8 @@ def section(
     model_runs = {i: str(norms[norms["model"] == i]["run_id"].iloc[0]) for i in models}
     doc.add(
         Para(
-            f"The newest cleanse run ({short(run.id)}) inspected {count(len(models), 'model')}: "
+            f"The newest cleanse run ({short(run.id)}{_newer(run, searched_again)}) inspected "
+            f"{count(len(models), 'model')}: "
             + "; ".join(f"model {i} = {model_name(model_runs[i])}" for i in models)
             + ". For every class t it searched the smallest mask m and pattern p with (1 - m)·x + m·p classified "
             f"as t on {s.search_images} clean {SPLIT_WORDS[s.search_split]} images "
@@ -132,6 +137,14 @@ def section(
     across_runs(doc, runs, backdoor_runs, clean)
     _looks(doc, run, flagged, truth, fig_dir)
     _benign(doc, models, flagged, accuracy)
+
+
+def _newer(run: CleanseRun, searched_again: Sequence[CleanseRun]) -> str:
+    """'; 1 newer one searched repaired models, under Mitigation', where there are such."""
+    newer = sum(c.start_time > run.start_time for c in searched_again)
+    if not newer:
+        return ""
+    return f"; {count(newer, 'newer one')} searched repaired models, under Mitigation"
 
 
 def _blind(doc: Document, run: CleanseRun) -> None:
@@ -331,9 +344,7 @@ def across_runs(doc: Document, runs: list, backdoor_runs: list, clean: frozenset
         for item in run.verdict.split("; ") if run.verdict != "none" else []:  # "model 1 class 0; ..."
             _, model_index, _, target = item.split()
             flagged.setdefault(int(model_index), set()).add(int(target))
-        i = 0
-        while run.param(f"model{i}"):
-            model = results.run_in(run.param(f"model{i}")) or run.param(f"model{i}")
+        for i, model in enumerate(run.inspected):
             classes = flagged.get(i, set())
             if model in truth:
                 backdoored.append(model)
@@ -342,7 +353,6 @@ def across_runs(doc: Document, runs: list, backdoor_runs: list, clean: frozenset
             elif model in clean:
                 cleans.append(model)
                 accused += bool(classes)
-            i += 1
     parts = []
     if backdoored:
         parts.append(

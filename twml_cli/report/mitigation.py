@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .. import config
 from ..settings import RUNTIME_ONLY
 from .document import Document, Heading, Para, Table
@@ -84,10 +86,14 @@ def _differs(run, described) -> str:
     return ", ".join(option(k, v) for k, v in a.items() if v != b.get(k)) or "–"
 
 
-def section(doc: Document, runs: list, newest: CleanseRun | None = None) -> None:
+def section(
+    doc: Document, runs: list, newest: CleanseRun | None = None, searched_again: Sequence[CleanseRun] = ()
+) -> None:
     """Neural Cleanse's mitigation: each repaired model, before and after, and the cleanse run
     whose finding it acted on; a finding of the newest cleanse run (`newest`, the one section 3
-    reads) that no repair acted on is named, with the command that repairs it."""
+    reads) that no repair acted on is named, with the command that repairs it. Then what
+    searching each repaired model again found (`searched_again`: cleanse runs of repaired models,
+    newest first), or the command that searches it."""
     if not runs:
         return
     described = _described(runs)
@@ -169,3 +175,50 @@ def section(doc: Document, runs: list, newest: CleanseRun | None = None) -> None
             )
         if said:
             doc.add(Para(" ".join(said)))
+    _searched_again(doc, runs, searched_again)
+
+
+def _searched_again(doc: Document, runs: list, searched: Sequence[CleanseRun]) -> None:
+    """Per repaired model, the newest cleanse run that searched it: whether its verdict flags the
+    repaired class, another class, or none, and where the repaired class's trigger now stands."""
+    said, unsearched = [], []
+    for r in runs:
+        run = next((c for c in searched if r.id in c.inspected), None)
+        if run is None:
+            unsearched.append(r.id)
+            continue
+        i, target = run.inspected.index(r.id), int(r.param("target"))
+        norms = run.norms[run.norms["model"] == i]
+        median = float(norms["norm"].median())
+        repaired = norms[norms["class"] == target].iloc[0]
+        flagged = [int(c) for c in norms[norms["flagged"].astype(bool)]["class"]]
+        what = f"Searched again by cleanse run {short(run.id)}, the model that run {short(r.id)} repaired "
+        if target in flagged:
+            what += (
+                f"still has class {target} flagged, at anomaly index {repaired['anomaly_index']:.2f}: the repair "
+                "left a small trigger of it."
+            )
+        else:
+            if flagged:
+                what += (
+                    f"has class{'es' * (len(flagged) > 1)} {', '.join(map(str, flagged))} flagged, not the repaired "
+                    f"class {target}: a repair can uncover a class's natural small trigger that the backdoor's had "
+                    "hidden (compare that class in a clean model)"
+                )
+            else:
+                what += "has no class flagged"
+            where = (
+                f"larger than the median class's ({repaired['norm']:.2f} against {median:.2f})"
+                if repaired["norm"] >= median
+                else f"{repaired['norm']:.2f} against a median of {median:.2f}, anomaly index "
+                f"{repaired['anomaly_index']:.2f}"
+            )
+            what += f"; class {target}'s smallest trigger is now {where}."
+        said.append(what)
+    if unsearched:
+        said.append(
+            "Search a repaired model again, as a check that needs no real trigger: "
+            + ", ".join(f"`twml cleanse --run {run}`" for run in unsearched)
+            + "."
+        )
+    doc.add(Para(" ".join(said)))

@@ -89,6 +89,16 @@ class CleanseRun(Logged):
     files: dict[str, Path] = field(default_factory=dict)  # figures and arrays, downloaded
     verdict: str = "none"  # the run's twml.verdict tag
 
+    @property
+    def inspected(self) -> list[str]:
+        """The models it searched, as their sources were given (model0, model1, ...): run ids where
+        they were runs."""
+        sources, i = [], 0
+        while source := self.param(f"model{i}"):
+            sources.append(results.run_in(source) or source)
+            i += 1
+        return sources
+
 
 @dataclass
 class MitigateRun(Logged):
@@ -176,6 +186,9 @@ class Runs:
     cleanse: list[CleanseRun]  # the newest is read in full; the others' verdicts only
     mitigate: list[MitigateRun] = field(default_factory=list)
     sweeps: list[SweepRun] = field(default_factory=list)
+    # cleanse runs of repaired models alone (twml cleanse --run <mitigate run>), read in full but for their figures;
+    # `cleanse` holds the others, or, where there are none, these too
+    searched_again: list[CleanseRun] = field(default_factory=list)
 
     def sweep(self, command: str, axis: str) -> SweepRun | None:
         """The newest sweep of `command` over `axis` (a setting, or 'seed'), if any."""
@@ -184,6 +197,8 @@ class Runs:
     @property
     def all(self) -> list[Logged]:
         every = [*self.train, *self.attack, *self.smooth, *self.backdoor, *self.cleanse, *self.mitigate, *self.sweeps]
+        read = {r.id for r in self.cleanse}
+        every += [r for r in self.searched_again if r.id not in read]
         return sorted(every, key=lambda r: r.start_time, reverse=True)
 
 
@@ -232,38 +247,6 @@ def load(experiment: str) -> Runs:
         b = base(r, BackdoorRun, config.Backdoor)
         b.backdoor = read(r, results.BackdoorMetrics, b.where)
         backdoor.append(b)
-    cleansed = tracking.find_runs(experiment, "cleanse")
-    cleanse = [base(r, CleanseRun, config.Cleanse) for r in cleansed]
-    for c, r in zip(cleanse, cleansed):
-        c.verdict = r.data.tags.get(results.VERDICT_TAG, "none")
-    if cleanse:
-        c, r = cleanse[0], cleansed[0]
-        c.norms = pd.read_csv(_artifact(c, results.NORMS_CSV))
-        c.models = {
-            int(i): read(r, results.CleanseModelMetrics, c.where, f"model{int(i)}_")
-            for i in sorted(c.norms["model"].unique())
-        }
-        c.backdoor_success_rate = r.data.metrics.get(results.BACKDOOR_SUCCESS)
-        c.ceilings = {
-            i: r.data.metrics[f"model{i}_{results.ANOMALY_CEILING}"]
-            for i in c.models
-            if f"model{i}_{results.ANOMALY_CEILING}" in r.data.metrics
-        }
-        c.searches_run = {
-            i: int(r.data.metrics[f"model{i}_{results.SEARCHES_RUN}"])
-            for i in c.models
-            if f"model{i}_{results.SEARCHES_RUN}" in r.data.metrics
-        }
-        for name in (
-            results.TRIGGER_PNG,
-            results.MASK_PNG,
-            results.MASK_GRID_FIGURE,
-            results.NORMS_FIGURE,
-            results.REVERSED_NPZ,
-        ):
-            path = tracking.download_artifact(c.id, name)
-            if path:
-                c.files[name] = Path(path)
     mitigate = []
     for r in tracking.find_runs(experiment, "mitigate"):
         m = base(r, MitigateRun, config.Mitigate)
@@ -274,6 +257,16 @@ def load(experiment: str) -> Runs:
         if "unlearn_train_accuracy" in (logged := r.data.metrics):
             m.train_accuracy = (logged["unlearn_train_accuracy_before"], logged["unlearn_train_accuracy"])
         mitigate.append(m)
+    cleansed = tracking.find_runs(experiment, "cleanse")
+    cleanse = [base(r, CleanseRun, config.Cleanse) for r in cleansed]
+    for c, r in zip(cleanse, cleansed):
+        c.verdict = r.data.tags.get(results.VERDICT_TAG, "none")
+    repaired = {m.id for m in mitigate}
+    # searches of repaired models alone (twml cleanse --run <mitigate run>)
+    again = [k for k, c in enumerate(cleanse) if c.inspected and set(c.inspected) <= repaired]
+    studied = [k for k in range(len(cleanse)) if k not in again] or again  # those alone: the newest is read
+    for k in {*again, *studied[:1]}:
+        _read_cleanse(cleanse[k], cleansed[k], files=k in studied[:1])
     sweeps = []
     for r in tracking.find_runs(experiment, "sweep"):
         params = r.data.params
@@ -291,7 +284,42 @@ def load(experiment: str) -> Runs:
         w.table = pd.read_csv(_artifact(w, results.SWEEP_CSV))
         w.aggregate = pd.read_csv(_artifact(w, results.SWEEP_AGGREGATE_CSV))
         sweeps.append(w)
-    return Runs(train, attack, smooth, backdoor, cleanse, mitigate, sweeps)
+    return Runs(
+        train, attack, smooth, backdoor, [cleanse[k] for k in studied], mitigate, sweeps, [cleanse[k] for k in again]
+    )
+
+
+def _read_cleanse(c: CleanseRun, r, files: bool) -> None:
+    """Fill a cleanse run's record from its logged norms and metrics; `files`: also download its
+    figures and reversed triggers (the run section 3 reads)."""
+    c.norms = pd.read_csv(_artifact(c, results.NORMS_CSV))
+    c.models = {
+        int(i): results.read(r.data.metrics, results.CleanseModelMetrics, c.where, f"model{int(i)}_")
+        for i in sorted(c.norms["model"].unique())
+    }
+    c.backdoor_success_rate = r.data.metrics.get(results.BACKDOOR_SUCCESS)
+    c.ceilings = {
+        i: r.data.metrics[f"model{i}_{results.ANOMALY_CEILING}"]
+        for i in c.models
+        if f"model{i}_{results.ANOMALY_CEILING}" in r.data.metrics
+    }
+    c.searches_run = {
+        i: int(r.data.metrics[f"model{i}_{results.SEARCHES_RUN}"])
+        for i in c.models
+        if f"model{i}_{results.SEARCHES_RUN}" in r.data.metrics
+    }
+    if not files:
+        return
+    for name in (
+        results.TRIGGER_PNG,
+        results.MASK_PNG,
+        results.MASK_GRID_FIGURE,
+        results.NORMS_FIGURE,
+        results.REVERSED_NPZ,
+    ):
+        path = tracking.download_artifact(c.id, name)
+        if path:
+            c.files[name] = Path(path)
 
 
 def _artifact(run: Logged, name: str) -> Path:
