@@ -418,3 +418,27 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
 def test_mitigate_needs_a_cleanse_run_that_flagged_something(cli):
     result = cli("mitigate")
     assert result.code == 2 and "no finished cleanse run" in result.err and cli.runs() == []
+    # the newest cleanse run searched a repaired model (the check twml mitigate prints) and flagged none: the error
+    # names the cleanse run the repair acted on
+    client = cli.client()
+    experiment = client.create_experiment("twml")
+
+    def logged(command: str, params: dict, verdict: str | None = None) -> str:
+        tags = {"twml.command": command, **({"twml.verdict": verdict} if verdict else {})}
+        run = client.create_run(experiment, tags=tags)
+        for k, v in params.items():
+            client.log_param(run.info.run_id, k, v)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    repair = logged("mitigate", {"cleanse_run": "c" * 32})
+    logged("cleanse", {"model0": repair}, verdict="none")
+    result = cli("mitigate", "--mitigation", "prune")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "searched models twml mitigate repaired and flagged none: there is nothing to mitigate" in result.err
+    assert result.err.strip().endswith(f"give --cleanse-run {'c' * 32}")
+    assert len(cli.runs()) == 2  # nothing logged
+    # a search of a model twml mitigate did not make: the run itself is read (and here holds nothing)
+    logged("cleanse", {"model0": repair, "model1": logged("train", {})}, verdict="none")
+    result = cli("mitigate")
+    assert result.code == 2 and "holds no norms.csv" in result.err

@@ -275,6 +275,13 @@ def mitigate_all(settings, session: Session) -> list[str]:
                 "--cleanse-run"
             )
         settings = dataclasses.replace(settings, cleanse_run=newest[0].info.run_id)
+        acted = _repairs_searched(newest[0])
+        if acted and newest[0].data.tags.get(results.VERDICT_TAG, "none") == "none":
+            raise TwmlError(
+                f"the newest cleanse run ({newest[0].info.run_id[:8]}) searched models twml mitigate repaired and "
+                "flagged none: there is nothing to mitigate; to repair the models as they were again (say, with "
+                f"another --mitigation), give --cleanse-run {' or '.join(acted)}"
+            )
     found = mitigate.findings(settings.cleanse_run)
     if len(found) == 1:
         return [execute("mitigate", settings, session, None, found[0])[0]]
@@ -284,6 +291,22 @@ def mitigate_all(settings, session: Session) -> list[str]:
             execute("mitigate", settings, nested, None, f, inputs=first if i == 0 else None)[0]
             for i, f in enumerate(found)
         ]
+
+
+def _repairs_searched(run) -> list[str]:
+    """When every model a cleanse run searched is a `twml mitigate` run's (a check of repairs), the
+    cleanse runs whose findings those repairs acted on; else none."""
+    acted, i = [], 0
+    while source := run.data.params.get(f"model{i}"):
+        try:
+            repair = tracking.get_run(made) if (made := results.run_in(source)) else None
+        except TwmlError:  # a run deleted since
+            return []
+        if repair is None or repair.data.tags.get(results.COMMAND_TAG) != "mitigate":
+            return []
+        acted.append(repair.data.params.get("cleanse_run", ""))
+        i += 1
+    return [a for a in dict.fromkeys(acted) if a]
 
 
 def default_cleanse_runs(experiment: str) -> list[str]:
