@@ -391,7 +391,8 @@ def test_cleanse_detects_a_non_default_target_and_position(tmp_path):
 def test_a_flag_on_a_repaired_model_says_which_class_the_repair_was_for():
     """Searching a model twml mitigate repaired (its run given to twml cleanse): a flag on the
     repaired class says the trigger is still found; a flag on another class says a repair can
-    uncover a natural trigger; a model that was not repaired gets neither line."""
+    uncover a natural trigger; a repaired class no longer flagged says where its trigger now
+    stands; a model that was not repaired gets none of these lines."""
     from types import SimpleNamespace
 
     norms = np.array([10.0, 11, 12, 2.0, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2])
@@ -407,9 +408,17 @@ def test_a_flag_on_a_repaired_model_says_which_class_the_repair_was_for():
 
     assert notes([0]) == [
         "Model 0 was repaired for class 0 (twml mitigate), not class 3: a repair can uncover a natural trigger that "
-        "the backdoor's small one had hidden; compare class 3 in a clean model"
+        "the backdoor's small one had hidden; compare class 3 in a clean model",
+        "Model 0 was repaired for class 0 (twml mitigate), which is no longer flagged: class 0's smallest trigger is "
+        "now 10.00 against a median of 10.75, anomaly index 0.67",
     ]
     assert notes([3]) == ["Model 0 was repaired for class 3 (twml mitigate), and a small trigger of it is still found"]
+    assert notes([1]) == [  # its trigger above the median: no index (it could not be flagged)
+        "Model 0 was repaired for class 1 (twml mitigate), not class 3: a repair can uncover a natural trigger that "
+        "the backdoor's small one had hidden; compare class 3 in a clean model",
+        "Model 0 was repaired for class 1 (twml mitigate), which is no longer flagged: class 1's smallest trigger is "
+        "now larger than the median class's (11.00 against 10.75)",
+    ]
     assert notes([None]) == notes([]) == []
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from .. import config
 from ..settings import RUNTIME_ONLY
+from ..studies.cleanse import standing
 from .document import Document, Heading, Para, Table
 from .runs import CleanseRun
 from .words import count, f4, model_name, short
@@ -207,13 +208,7 @@ def _searched_again(doc: Document, runs: list, searched: Sequence[CleanseRun]) -
                 )
             else:
                 what += "has no class flagged"
-            where = (
-                f"larger than the median class's ({repaired['norm']:.2f} against {median:.2f})"
-                if repaired["norm"] >= median
-                else f"{repaired['norm']:.2f} against a median of {median:.2f}, anomaly index "
-                f"{repaired['anomaly_index']:.2f}"
-            )
-            what += f"; class {target}'s smallest trigger is now {where}."
+            what += f"; {standing(target, float(repaired['norm']), median, float(repaired['anomaly_index']))}."
         said.append(what)
     if unsearched:
         said.append(

@@ -391,7 +391,22 @@ def summarize(outcome: Outcome) -> list[str]:
         lines.append(f"No backdoor found: no class has an anomaly index above {threshold:g} below the median norm")
     elif outcome.settings.searches == 1:
         lines.append(SINGLE_SEARCH_CAUTION)
+    for i, (ins, was) in enumerate(zip(outcome.inspections, outcome.repaired)):
+        if was is not None and not ins.flagged[was]:  # a repair that holds: where its class stands now
+            norms = ins.reversed.norms
+            lines.append(
+                f"Model {i} was repaired for class {was} (twml mitigate), which is no longer flagged: "
+                + standing(was, float(norms[was]), float(np.median(norms)), abs(float(ins.agreed_index[was])))
+            )
     return lines
+
+
+def standing(c: int, norm: float, median: float, index: float) -> str:
+    """Where a repaired class's smallest trigger stands among its model's: its norm (the first
+    search's) against the median class's, and its anomaly index where it is below the median."""
+    if norm >= median:
+        return f"class {c}'s smallest trigger is now larger than the median class's ({norm:.2f} against {median:.2f})"
+    return f"class {c}'s smallest trigger is now {norm:.2f} against a median of {median:.2f}, anomaly index {index:.2f}"
 
 
 def _after_repair(outcome: Outcome, f: Finding) -> list[str]:
