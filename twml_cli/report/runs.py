@@ -17,6 +17,7 @@ import pandas as pd
 
 from .. import config, results, tracking
 from ..errors import TwmlError
+from ..studies.cleanse import searched_models
 from ..studies.sweep import Estimate
 
 
@@ -91,13 +92,8 @@ class CleanseRun(Logged):
 
     @property
     def inspected(self) -> list[str]:
-        """The models it searched, as their sources were given (model0, model1, ...): run ids where
-        they were runs."""
-        sources, i = [], 0
-        while source := self.param(f"model{i}"):
-            sources.append(results.run_in(source) or source)
-            i += 1
-        return sources
+        """The models it searched: run ids where they were runs."""
+        return searched_models(self.params)
 
 
 @dataclass

@@ -252,6 +252,16 @@ def extra_params(inputs: Inputs) -> dict[str, str]:
     return {f"model{i}": source for i, source in enumerate(inputs.sources)}
 
 
+def searched_models(params: dict[str, str]) -> list[str]:
+    """The models a logged cleanse run searched, read back from the params extra_params wrote (model0,
+    model1, ...): run ids where they were runs, else the sources as given."""
+    sources, i = [], 0
+    while source := params.get(f"model{i}"):
+        sources.append(results.run_in(source) or source)
+        i += 1
+    return sources
+
+
 def norms_table(outcome: Outcome) -> pd.DataFrame:
     """One row per (model, class): the schema of norms.csv. The norm, the rounds and whether the
     threshold was reached are the first search's (whose triggers are kept); with several

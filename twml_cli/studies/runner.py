@@ -27,7 +27,7 @@ from ..runtime import Progress, describe_device, no_progress
 from ..tracking_server import unreachable
 from . import attack, backdoor, cleanse, mitigate, smooth, sweep, train
 from . import resume as resume_from
-from .common import Hooks, artifacts
+from .common import Hooks, artifacts, source_run
 
 STUDIES: dict[str, ModuleType] = {m.COMMAND: m for m in (train, attack, smooth, backdoor, cleanse, mitigate)}
 MAX_THREADS_PER_CORE = 4  # more intra-op threads than this only contend (and thousands hang OpenMP)
@@ -296,16 +296,15 @@ def mitigate_all(settings, session: Session) -> list[str]:
 def _repairs_searched(run) -> list[str]:
     """When every model a cleanse run searched is a `twml mitigate` run's (a check of repairs), the
     cleanse runs whose findings those repairs acted on; else none."""
-    acted, i = [], 0
-    while source := run.data.params.get(f"model{i}"):
+    acted = []
+    for model in cleanse.searched_models(run.data.params):
         try:
-            repair = tracking.get_run(made) if (made := results.run_in(source)) else None
+            repair = source_run(model)
         except TwmlError:  # a run deleted since
             return []
         if repair is None or repair.data.tags.get(results.COMMAND_TAG) != "mitigate":
             return []
         acted.append(repair.data.params.get("cleanse_run", ""))
-        i += 1
     return [a for a in dict.fromkeys(acted) if a]
 
 
