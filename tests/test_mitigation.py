@@ -35,7 +35,7 @@ def test_unlearning_removes_the_backdoor_and_keeps_accuracy(planted, digits):
     assert before > 0.9
     repaired = copy.deepcopy(model)
     unlearn(repaired, *digits.train.tensors, [(mask, pattern)], UnlearnConfig())  # the defaults
-    # the matrix's bar (docs/neural-cleanse.md); 6 epochs with 10% stamped lost 1.1 points here
+    # the matrix's bar (docs/neural-cleanse-measurements.md); 6 epochs with 10% stamped lost 1.1 points here
     assert attack_success_rate(repaired, x_test, y_test, 0, trigger) <= 0.05
     assert accuracy(repaired, digits.test.tensors) >= accuracy(model, digits.test.tensors) - 0.01
     assert not torch.equal(
@@ -190,7 +190,7 @@ def test_unlearning_on_clean_statistics_holds_when_they_are_estimated_again(plan
 def test_unlearning_with_distillation_holds_the_clean_images_features(planted, digits):
     """--unlearn-distill: the unstamped images' features (the classifier's input) stay nearer to
     the model's before than plain unlearning leaves them, the trigger still goes, and no hook is
-    left on the model. With the statistics frozen, as the pull was chosen (docs/neural-cleanse.md):
+    left on the model. With the statistics frozen, as the pull was chosen (docs/neural-cleanse-measurements.md):
     six epochs on the unstamped images' statistics cost this model 3.3 points, where twenty give
     them back."""
     import copy
@@ -231,7 +231,7 @@ def test_unlearning_holds_the_stamped_images_features_at_their_clean_images(plan
     trigger that changes nothing (each stamped image meets its own original, not another image) and
     not for the real one; after unlearning, the trigger moves the other classes' features less
     than unlearning without the pull leaves it, and the backdoor goes. With the statistics frozen,
-    as the pull was measured (docs/neural-cleanse.md): on the unstamped images' statistics it
+    as the pull was measured (docs/neural-cleanse-measurements.md): on the unstamped images' statistics it
     moves them less (0.27 against 0.36 here)."""
     import copy
 
@@ -344,7 +344,7 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert "unlearning with the 2 searches' reversed triggers" in results[0].out
     assert m["attack_success_rate_before"] == reproduced.backdoor.data.metrics["attack_success_rate"]
     # at most 0.05 on 119 to 121 of the matrix's 124 detected cells in each of three draws (at most 0.1265;
-    # docs/neural-cleanse.md, "How strongly to hold the clean images' features")
+    # docs/neural-cleanse-measurements.md, "How strongly to hold the clean images' features")
     assert m["attack_success_rate"] <= 0.05
     # a repair's accuracy change is a draw: 3 to 6 of those 124 cells lose more than a point in a draw, at worst 1.4
     assert m["accuracy"] >= m["accuracy_before"] - 0.02

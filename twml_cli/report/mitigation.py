@@ -44,7 +44,7 @@ def _how(s, triggers: int = 1) -> str:
     )
 
 
-# Measured on the embedded digits' detection matrix: docs/neural-cleanse.md, "The repair holds
+# Measured on the embedded digits' detection matrix: docs/neural-cleanse-measurements.md, "The repair holds
 # when the statistics are estimated again".
 FROZEN_CAVEAT = (
     " An unlearned model is repaired under the normalization statistics it was fine-tuned with: re-estimated "
