@@ -819,14 +819,14 @@ def main() -> int:
         default=None,
         help="offsets added to the training seed to seed the search (its clean images and starts); several: "
         "independent searches per model, and the verdict of --agree of them (default: as twml cleanse, the "
-        "preset's searches, 0,1000 on the digits)",
+        "preset's searches, 0,1000,2000 on the digits)",
     )
     parser.add_argument(
         "--agree",
         type=int,
         default=None,
         help="with several search seeds: a class is flagged when at least this "
-        "many searches flag it (default: as the preset's agreement, all of them)",
+        "many searches flag it (default: as the preset's agreement, two of three on the digits)",
     )
     parser.add_argument(
         "--pool",
