@@ -22,9 +22,9 @@ by later runs (and across cells: one clean model per seed); each cell's result i
 line in --out/cells.jsonl, keyed by the cell and the search settings (the preset's defaults
 with the overrides; a model is retrained when its training settings changed), so an
 interrupted matrix resumes where it stopped. Each line is one search; a model gets as many
-independent searches as the preset's `searches` (three on the digits, seeded with the training seed
-plus 0, 1000 and 2000, as twml cleanse seeds them) and the verdict of its `agreement` (two of the
-three must flag a class), unless --search-seeds and --agree say otherwise. The summary (detection
+independent searches as the preset's `searches` (two on the digits, seeded with the training seed
+plus 0 and 1000, as twml cleanse seeds them) and the verdict of its `agreement` (on the digits, both
+must flag a class), unless --search-seeds and --agree say otherwise. The summary (detection
 rate, false alarms, norm ratios, repairs, why each missed cell was missed) is printed at the end
 and written to --out/matrix.md with the Markdown tables.
 """
@@ -819,14 +819,14 @@ def main() -> int:
         default=None,
         help="offsets added to the training seed to seed the search (its clean images and starts); several: "
         "independent searches per model, and the verdict of --agree of them (default: as twml cleanse, the "
-        "preset's searches, 0,1000,2000 on the digits)",
+        "preset's searches, 0,1000 on the digits)",
     )
     parser.add_argument(
         "--agree",
         type=int,
         default=None,
         help="with several search seeds: a class is flagged when at least this "
-        "many searches flag it (default: as the preset's agreement, two of three on the digits)",
+        "many searches flag it (default: as the preset's agreement, both of two on the digits)",
     )
     parser.add_argument(
         "--pool",

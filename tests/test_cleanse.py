@@ -443,10 +443,10 @@ def test_the_matrix_says_why_each_missed_cell_was_missed():
     assert cm.why_missed(runs[:1], cm.agreement(runs[:1], 1)[:1], 1, 0.99, 2.0) == []  # nothing missed
 
 
-@pytest.mark.e2e  # trains a model and searches it three times
+@pytest.mark.e2e  # trains a model and searches it twice
 def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_missed(tmp_path):
     """cleanse_matrix.py end to end on one planted cell (no clean model), with a short search:
-    each of its three searches keeps the planted trigger's success on its own images, which
+    each of its two searches keeps the planted trigger's success on its own images, which
     planted_success (for rows searched before they kept it) gives again; a missed cell gets a
     reason in the summary."""
     import json
@@ -461,17 +461,17 @@ def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_m
     ).stdout  # fmt: skip
     lines = (tmp_path / "cells.jsonl").read_text().splitlines()
     rows = [json.loads(line)["row"] for line in lines if '"position": "top-left"' in line]
-    assert [r["search_seed"] for r in rows] == [0, 1000, 2000]  # the default's three searches
+    assert [r["search_seed"] for r in rows] == [0, 1000]  # the default's two searches
     cell = cm.Cell(0, "top-left", 3, 1)
     threads = torch.get_num_threads()
     try:  # planted_success sets the thread count, as in a worker of the matrix
-        for r, offset in zip(rows, (0, 1000, 2000)):
+        for r, offset in zip(rows, (0, 1000)):
             assert 0 <= r["planted_search_success"] <= 1 and isinstance(r["target_reached"], bool)
             assert cm.planted_success(tmp_path, cell, 1, 1, search, offset, "digits") == r["planted_search_success"]
     finally:
         torch.set_num_threads(threads)
     votes = np.bincount([c for r in rows for c in r["flagged"]], minlength=10)
-    detected = np.flatnonzero(votes >= 2).tolist() == [3]  # two of the three searches must flag the target
+    detected = np.flatnonzero(votes >= 2).tolist() == [3]  # both searches must flag the target
     reasons = [line for line in out.splitlines() if line.startswith("missed: 1 of 1; ")]
     assert len(reasons) == (0 if detected else 1), out
 
@@ -479,7 +479,7 @@ def test_the_matrix_keeps_each_searchs_planted_success_and_says_why_a_cell_was_m
 def test_the_matrix_rechecks_a_repaired_model_with_twml_cleanses_verdict(backdoored, tmp_path):
     """cleanse_matrix.py --recheck: the verdict twml cleanse gives a model (here the backdoored one
     itself; in the matrix, each repaired model), its searches seeded with the cell's training seed,
-    with the matrix's search settings, two of three agreeing; and the target's agreed index."""
+    with the matrix's search settings, both of two agreeing; and the target's agreed index."""
     from twml_cli import models
     from twml_cli.studies import cleanse
 
@@ -489,13 +489,13 @@ def test_the_matrix_rechecks_a_repaired_model_with_twml_cleanses_verdict(backdoo
     row = cm.recheck_verdict(model, cm.Cell(3, "bottom-right", 0, 2), search, "digits")
     folder = models.save_model(model, tmp_path / "model")
     s = cm._settings("cleanse", seed=3, model_runs=[str(folder)], dataset="digits", **search)
-    assert (s.searches, s.votes_needed) == (3, 2)
+    assert (s.searches, s.votes_needed) == (2, 2)
     (ins,) = cleanse.compute(cleanse.prepare(s)).inspections
     assert row["recheck_flagged"] == np.flatnonzero(ins.flagged).tolist()
     assert row["recheck_target_index"] == round(float(ins.agreed_index[0]), 3) != 0
     assert row["recheck_indices"] == [round(float(i), 3) for i in ins.agreed_index]
     norms = [ins.reversed.norms, *(m.reversed.norms for m in ins.more)]
-    assert len(row["recheck_norms"]) == len(norms) >= 2
+    assert len(row["recheck_norms"]) == len(norms) == (2 if ins.tests[0].flagged.any() else 1)
     for kept, searched in zip(row["recheck_norms"], norms):
         np.testing.assert_allclose(kept, searched, rtol=0, atol=5e-4)  # each search's norms, to 3 decimals
     other = cm.recheck_verdict(model, cm.Cell(4, "bottom-right", 0, 2), search, "digits")

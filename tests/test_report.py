@@ -69,9 +69,10 @@ def test_report_states_the_logged_numbers(reproduced):
     assert "**Backdoor is at model 1 class 0**" in md
     assert f"sends {cleanse.data.metrics['backdoor_success_rate']:.4f} of them to class 0" in md
     assert "The verdict names that model and class." in md
-    run = [cleanse.data.metrics[f"model{i}_searches_run"] for i in (0, 1)]  # the third where the first two differ
-    assert f"It ran up to 3 independent searches per model ({run[0]:g} on model 0, {run[1]:g} on model 1: " in md
-    assert "flagged a class when more than half of them did" in md
+    run = [cleanse.data.metrics[f"model{i}_searches_run"] for i in (0, 1)]  # the second where the first flags
+    assert run == [1, 2]  # the clean model's first search flags nothing; the backdoored model's flags class 0
+    assert f"It ran up to 2 independent searches per model ({run[0]:g} on model 0, {run[1]:g} on model 1: " in md
+    assert "flagged a class when both of them did" in md
     assert "This verdict rests on one trigger search per model" not in md
     assert "carry one of the 2 searches' reversed triggers, in turn, under their true labels" in md  # unlearning
     for i in (0, 1):  # the index a norm of 0 would reach: with two searches, the lower of their two
@@ -169,7 +170,7 @@ def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path
         "test cannot see a backdoor in this model, however small its trigger, so the verdict says nothing about it "
         "either way."
     ]
-    assert not [b for b in doc.blocks if isinstance(b, Para) and "--searches 3" in b.text]  # nothing was flagged
+    assert not [b for b in doc.blocks if isinstance(b, Para) and "--searches 2" in b.text]  # nothing was flagged
     run.settings = config.resolve_one(
         "cleanse", config.load_preset(), {"model_runs": ["a", "b"], "searches": 3, "agreement": "all"}
     )
@@ -179,12 +180,12 @@ def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path
     assert (
         "the largest anomaly index all of its 3 searches could agree on, that of a trigger of norm 0, is 1.48" in blind
     )
-    run.settings = config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"], "searches": 2})
+    run.settings = config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"]})  # the default
     doc = Document("twml")
     report_cleanse.section(doc, [run], [], tmp_path)
     (blind,) = [b.text for b in doc.blocks if isinstance(b, Para) and "could have been flagged" in b.text]
     assert "the largest anomaly index both of its 2 searches could agree on" in blind
-    run.settings = config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"]})  # two of three
+    run.settings = config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"], "searches": 3})
     doc = Document("twml")
     report_cleanse.section(doc, [run], [], tmp_path)
     (blind,) = [b.text for b in doc.blocks if isinstance(b, Para) and "could have been flagged" in b.text]

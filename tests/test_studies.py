@@ -153,11 +153,11 @@ def test_backdoor_and_cleanse_compute(tmp_path):
         "masks/model0_class9_mask.png",
     } <= run.files
     assert run.metrics["model0_accuracy"] == poisoned.accuracy
-    # three searches by default, two of which must flag a class; the third only where the first two differ
-    ran = 2 if np.array_equal(ins.tests[0].flagged, ins.tests[1].flagged) else 3
+    # two searches by default, both of which must flag a class; the second only where the first flags one
+    ran = 2 if ins.tests[0].flagged.any() else 1
     assert len(ins.tests) == run.metrics["model0_searches_run"] == ran
     ceilings = sorted((t.median / t.mad for t in ins.tests), reverse=True)
-    assert run.metrics["model0_anomaly_ceiling"] == ceilings[1]  # the one two of them reach
+    assert run.metrics["model0_anomaly_ceiling"] == ceilings[-1]  # the one every search run reaches
     table = cleanse.norms_table(outcome)
     assert table["class"].tolist() == list(range(10)) and table["norm"].tolist() == ins.reversed.norms.tolist()
     assert (
@@ -229,8 +229,10 @@ def test_several_searches_flag_a_class_when_enough_of_them_do():
         assert (ins.flagged == (ins.agreed_index > 2.0)).all()
     one = inspection(tests[0])  # a single search: the paper's test as it is
     assert (one.flagged == tests[0].flagged).all() and one.anomaly_index == tests[0].anomaly_index[3]
-    settings = config.resolve_one("cleanse", PRESET, {})  # the default: two of three
-    assert settings.votes_needed == 2 and dataclasses.replace(settings, agreement="all").votes_needed == 3
+    settings = config.resolve_one("cleanse", PRESET, {})  # the default: two searches, both must flag a class
+    assert settings.searches == 2 and settings.votes_needed == 2
+    three = dataclasses.replace(settings, searches=3)  # --searches 3: two of three, or all three
+    assert three.votes_needed == 2 and dataclasses.replace(three, agreement="all").votes_needed == 3
 
 
 def test_a_search_that_cannot_change_the_verdict_is_not_run(digits, tmp_path, monkeypatch):
@@ -429,8 +431,8 @@ def test_mitigate_ends_with_the_command_that_searches_every_repaired_model_again
     assert recheck_line(["a1", "b2"]) == "Check the repairs by searching them again: twml cleanse --run a1 --run b2"
 
 
-def test_a_single_search_that_flags_a_class_says_to_confirm_it_with_three():
-    """A flag from the paper's single search ends with the advice to run --searches 3 (single searches
+def test_a_single_search_that_flags_a_class_says_to_confirm_it_with_two():
+    """A flag from the paper's single search ends with the advice to run --searches 2 (single searches
     flag classes of some clean models); several searches, or no flag, do not print it."""
     from types import SimpleNamespace
 
@@ -439,7 +441,7 @@ def test_a_single_search_that_flags_a_class_says_to_confirm_it_with_three():
     rev = SimpleNamespace(classes=list(range(10)), norms=norms)
     found = [cleanse.Finding(0, 3, float(test.anomaly_index[3]), 0.99)]
     single = config.resolve_one("cleanse", PRESET, {"model_runs": ["a"], "searches": 1})
-    three = config.resolve_one("cleanse", PRESET, {"model_runs": ["a"], "searches": 3})
+    two = config.resolve_one("cleanse", PRESET, {"model_runs": ["a"], "searches": 2})
 
     def summary(s, findings, more=0):
         ins = cleanse.Inspection("m", 1.0, rev, test, 0.0, [cleanse.Search(rev, test)] * more, 1 + more)
@@ -447,6 +449,6 @@ def test_a_single_search_that_flags_a_class_says_to_confirm_it_with_three():
 
     lines = summary(single, found)
     assert lines[-2:] == ["Backdoor success rate: 0.9900", cleanse.SINGLE_SEARCH_CAUTION]
-    assert "--searches 3" in lines[-1]
-    assert cleanse.SINGLE_SEARCH_CAUTION not in summary(three, found, more=2)
+    assert "--searches 2" in lines[-1]
+    assert cleanse.SINGLE_SEARCH_CAUTION not in summary(two, found, more=1)
     assert cleanse.SINGLE_SEARCH_CAUTION not in summary(single, [])

@@ -543,10 +543,10 @@ class Cleanse(Common, Settings):
     )
     anomaly_threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
     searches: int = setting(
-        3,
+        2,
         "Independent trigger searches per model, each on its own draw of clean images, from other starts; a class is "
         "flagged when --agreement of them flag it (1: the paper's single search). They run in turn until no further "
-        "one could change the verdict: by default the third only where the first two differ.",
+        "one could change the verdict: by default the second only where the first flags a class.",
         applies=lambda s: s.searches > 1,  # logged when several: a single search's params stay as they were
     )
     agreement: str = setting(

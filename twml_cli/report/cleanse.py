@@ -109,9 +109,9 @@ def section(
         doc.add(
             Para(
                 "This verdict rests on one trigger search per model, the paper's. On twml's detection matrix (8x8 "
-                "digits), single searches flagged a class of 0 to 5 of 20 clean models, depending on the machine and "
-                "the search's seed; twml's default, three searches of which two must flag a class, flagged at most "
-                "one. Before acting on a flagged class, run `twml cleanse --searches 3`."
+                "digits), single searches flagged a class of 9% to 17% of 140 clean models, depending on the search's "
+                "seed; twml's default, two searches that must both flag a class, 2%. Before acting on a flagged "
+                "class, run `twml cleanse --searches 2`."
             )
         )
     _blind(doc, run)

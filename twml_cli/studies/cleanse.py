@@ -29,12 +29,12 @@ from .common import (
 
 COMMAND = "cleanse"
 SEARCH_SEED_STRIDE = 1000  # search i is seeded with seed + 1000 i: its own clean images and random starts
-# A single search flags classes of some clean models (docs/neural-cleanse-measurements.md: 0 to 5
-# of 20 on the 8x8 digits, 4 to 7 at 16x16, depending on the machine and the search's seed); the
-# default, two of three, at most 1 of 20.
+# A single search flags a class of some clean models (docs/neural-cleanse-measurements.md: 9% to 17%
+# of 140 on the 8x8 digits, depending on the search's seed); the default, two that must both flag
+# it, 2%.
 SINGLE_SEARCH_CAUTION = (
-    "One search per model; before acting on a flag, confirm it with twml cleanse --searches 3 "
-    "(the default: two of three independent searches must flag it)"
+    "One search per model; before acting on a flag, confirm it with twml cleanse --searches 2 "
+    "(the default: two independent searches must both flag it)"
 )
 
 
