@@ -109,9 +109,9 @@ def section(
         doc.add(
             Para(
                 "This verdict rests on one trigger search per model, the paper's. On twml's detection matrix (8x8 "
-                "digits), single searches flagged a class of 9% to 17% of 140 clean models, depending on the search's "
-                "seed; twml's default, two searches that must both flag a class, 2%. Before acting on a flagged "
-                "class, run `twml cleanse --searches 2`."
+                "digits), single searches flagged a class of 12% to 15% of 240 clean models, depending on the "
+                "search's seed; twml's default, two searches that must both flag a class, 2.5%. Before acting on a "
+                "flagged class, run `twml cleanse --searches 2`."
             )
         )
     _blind(doc, run)

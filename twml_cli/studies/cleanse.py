@@ -29,9 +29,9 @@ from .common import (
 
 COMMAND = "cleanse"
 SEARCH_SEED_STRIDE = 1000  # search i is seeded with seed + 1000 i: its own clean images and random starts
-# A single search flags a class of some clean models (docs/neural-cleanse-measurements.md: 9% to 17%
-# of 140 on the 8x8 digits, depending on the search's seed); the default, two that must both flag
-# it, 2%.
+# A single search flags a class of some clean models (docs/neural-cleanse-measurements.md: 12% to
+# 15% of 240 on the 8x8 digits, depending on the search's seed); the default, two that must both
+# flag it, 2.5%.
 SINGLE_SEARCH_CAUTION = (
     "One search per model; before acting on a flag, confirm it with twml cleanse --searches 2 "
     "(the default: two independent searches must both flag it)"
