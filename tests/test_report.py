@@ -192,6 +192,39 @@ def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path
     assert "the largest anomaly index more than half of its 3 searches could agree on" in blind
 
 
+def test_a_single_searchs_flag_is_reported_with_the_advice_to_confirm_it(tmp_path):
+    """A class flagged by the paper's single search comes with the caution to confirm it with the
+    default's two searches (single searches flag a class of 12% to 15% of clean models); a flag of
+    the default's two searches does not."""
+    norms = pd.DataFrame(
+        [
+            {"model": 0, "run_id": "0" * 32, "class": c, "norm": n, "anomaly_index": 0.5, "flagged": c == 3}
+            for c, n in enumerate([10.0, 11, 12, 2.0, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2])
+        ]
+    )
+    run = CleanseRun(
+        id="c" * 32,
+        name="cleanse",
+        command="cleanse",
+        start_time=0,
+        params={},
+        settings=config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a"], "searches": 1}),
+        norms=norms,
+        models={0: results.CleanseModelMetrics(0.98, 4.0, 1.0)},
+    )
+
+    def cautions(settings) -> list[str]:
+        run.settings = settings
+        doc = Document("twml")
+        report_cleanse.section(doc, [run], [], tmp_path)
+        assert any(isinstance(b, Para) and "**Backdoor is at model 0 class 3**" in b.text for b in doc.blocks)
+        return [b.text for b in doc.blocks if isinstance(b, Para) and "rests on one trigger search" in b.text]
+
+    (caution,) = cautions(run.settings)
+    assert "12% to 15% of 240 clean models" in caution and "run `twml cleanse --searches 2`" in caution
+    assert cautions(config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a"]})) == []
+
+
 def test_attacks_on_a_folder_model_are_reported_without_any_train_run(tmp_path):
     """`twml attack` on a model folder, in an experiment with no `twml train` run: the write-up
     still has its table, and names the model by its folder."""
