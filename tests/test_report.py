@@ -138,29 +138,38 @@ def test_a_run_missing_a_metric_stops_the_report_with_one_line(cli):
     assert f"run {other.info.run_id[:8]} (train) has no metric 'pgd_success_rate'" in result.err
 
 
-def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path):
-    """A model whose logged ceiling (the index of a norm of 0) is not above the threshold gets its
-    own sentence: its "no backdoor" means nothing. One above the threshold does not."""
-    wide = [4.0, 6, 8, 10, 12, 14, 16, 18, 20, 3]  # median 11, MAD 7.41: ceiling 1.48
-    narrow = [10.0, 11, 12, 9, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2]
-    norms = pd.DataFrame(
+def _cleanse_run(norms, overrides, flagged=frozenset(), index=0.5, **fields) -> CleanseRun:
+    """A logged cleanse run of models with these ten norms each (every class's anomaly index 0.5 in
+    norms.csv, the model's `index` in its metrics), the (model, class) pairs in `flagged` flagged,
+    its settings the preset's with `overrides`."""
+    table = pd.DataFrame(
         [
-            {"model": i, "run_id": f"{i}" * 32, "class": c, "norm": n, "anomaly_index": 0.5, "flagged": False}
-            for i, model in enumerate((narrow, wide))
+            {"model": i, "run_id": f"{i}" * 32, "class": c, "norm": n, "anomaly_index": 0.5}
+            | {"flagged": (i, c) in flagged}
+            for i, model in enumerate(norms)
             for c, n in enumerate(model)
         ]
     )
-    run = CleanseRun(
+    runs = [chr(ord("a") + i) for i in range(len(norms))]
+    return CleanseRun(
         id="c" * 32,
         name="cleanse",
         command="cleanse",
         start_time=0,
         params={},
-        settings=config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a", "b"], "searches": 1}),
-        norms=norms,
-        models={i: results.CleanseModelMetrics(0.98, 0.5, 1.0) for i in (0, 1)},
-        ceilings={0: 10.3, 1: 11 / (1.4826 * 5)},
+        settings=config.resolve_one("cleanse", config.load_preset(), {"model_runs": runs, **overrides}),
+        norms=table,
+        models={i: results.CleanseModelMetrics(0.98, index, 1.0) for i in range(len(norms))},
+        **fields,
     )
+
+
+def test_report_names_a_model_no_class_of_which_could_have_been_flagged(tmp_path):
+    """A model whose logged ceiling (the index of a norm of 0) is not above the threshold gets its
+    own sentence: its "no backdoor" means nothing. One above the threshold does not."""
+    wide = [4.0, 6, 8, 10, 12, 14, 16, 18, 20, 3]  # median 11, MAD 7.41: ceiling 1.48
+    narrow = [10.0, 11, 12, 9, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2]
+    run = _cleanse_run([narrow, wide], {"searches": 1}, ceilings={0: 10.3, 1: 11 / (1.4826 * 5)})
     doc = Document("twml")
     report_cleanse.section(doc, [run], [], tmp_path)
     blind = [b.text for b in doc.blocks if isinstance(b, Para) and "could have been flagged" in b.text]
@@ -196,22 +205,8 @@ def test_a_single_searchs_flag_is_reported_with_the_advice_to_confirm_it(tmp_pat
     """A class flagged by the paper's single search comes with the caution to confirm it with the
     default's two searches (single searches flag a class of 12% to 15% of clean models); a flag of
     the default's two searches does not."""
-    norms = pd.DataFrame(
-        [
-            {"model": 0, "run_id": "0" * 32, "class": c, "norm": n, "anomaly_index": 0.5, "flagged": c == 3}
-            for c, n in enumerate([10.0, 11, 12, 2.0, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2])
-        ]
-    )
-    run = CleanseRun(
-        id="c" * 32,
-        name="cleanse",
-        command="cleanse",
-        start_time=0,
-        params={},
-        settings=config.resolve_one("cleanse", config.load_preset(), {"model_runs": ["a"], "searches": 1}),
-        norms=norms,
-        models={0: results.CleanseModelMetrics(0.98, 4.0, 1.0)},
-    )
+    norms = [10.0, 11, 12, 2.0, 10.5, 11.5, 12.5, 9.5, 10.2, 11.2]
+    run = _cleanse_run([norms], {"searches": 1}, flagged={(0, 3)}, index=4.0)
 
     def cautions(settings) -> list[str]:
         run.settings = settings
