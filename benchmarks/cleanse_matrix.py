@@ -390,6 +390,8 @@ def repair_cell(
         "repair_s": round(time.perf_counter() - began, 1),
         "repair_restarts": len(repaired.unlearned.lost) if repaired.unlearned else 0,  # fine-tunes that lost the images
     }
+    if (k := repaired.filtering) is not None:  # what the filter rejects of the test images
+        row["repair_clean_rejected"], row["repair_real_rejected"] = round(k.clean, 4), round(k.real or 0.0, 4)
     if renormalize:
         model = renormalized(repaired.model, inputs.data.train.x.cpu())
         accuracy, _, attack = mitigate.measure(model, inputs)
@@ -475,7 +477,18 @@ def summary(rows: list[dict], repair: str = "unlearning") -> list[str]:
                 groups.setdefault(r[field], []).append(r["detected"])
             lines.append(f"detected by {field}: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in groups.items()))
         repaired = [r for r in detected if "repair_attack_success" in r]
-        if repaired:
+        filtered = [r for r in repaired if "repair_real_rejected" in r]
+        if filtered:  # its accuracy counts the clean images it rejects: not a repair's accuracy to compare
+            rejected_clean, real = ([r[f"repair_{k}_rejected"] for r in filtered] for k in ("clean", "real"))
+            attack = [r["repair_attack_success"] for r in filtered]
+            lines.append(
+                f"{repair}: test images carrying the planted trigger rejected, median {np.median(real):.4f} (lowest "
+                f"{min(real):.4f}, under 0.95 in {sum(v < 0.95 for v in real)} of {len(filtered)}); clean test images "
+                f"rejected, median {np.median(rejected_clean):.4f} ({min(rejected_clean):.4f} to "
+                f"{max(rejected_clean):.4f}); attack success after above 0.05 in {sum(a > 0.05 for a in attack)} "
+                f"(largest {max(attack):.4f})"
+            )
+        elif repaired:
             ok = [r for r in repaired if r["repair_attack_success"] <= 0.05 and r["repair_accuracy_change"] >= -0.01]
             changes = [r["repair_accuracy_change"] for r in repaired]
             lines.append(
@@ -837,7 +850,7 @@ def main() -> int:
     parser.add_argument(
         "--mitigate",
         action="store_true",
-        help='repair every detected cell (unlearning, or --unlearn \'{"mitigation": "prune"}\')',
+        help='repair every detected cell (unlearning, or --unlearn \'{"mitigation": "prune"}\' or "filter")',
     )
     parser.add_argument("--unlearn", default=None, help="mitigate settings as JSON, e.g. '{\"unlearn_lr\": 0.002}'")
     parser.add_argument(
@@ -952,7 +965,9 @@ def main() -> int:
     repair = "unlearning"
     if args.mitigate:
         unlearned = _resolved("mitigate", dataset=args.dataset, **unlearn)
-        repair = "pruning" if unlearned["mitigation"] == "prune" else repair
+        repair = {"prune": "pruning", "filter": "filtering"}.get(unlearned["mitigation"], repair)
+        if repair == "filtering" and (args.renormalize or args.recheck):
+            parser.error("a filter leaves the model as it was: --renormalize and --recheck repair nothing to check")
         if args.unlearn_seed:  # offset 0: the keys repairs always had
             unlearned = {**unlearned, "seed_offset": args.unlearn_seed}
         names = {  # the triggers of the searches twml cleanse runs, which twml mitigate stamps in turn

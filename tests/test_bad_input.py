@@ -148,7 +148,7 @@ BAD = [
     (["cleanse", "--cost-multiplier", "1"], "cost multiplier must be > 1, got 1.0"),
     (["cleanse", "--anomaly-threshold", "0"], "anomaly threshold must be > 0, got 0.0"),
     (["mitigate", "--cleanse-run", RUN], f"no run '{RUN}'"),
-    (["mitigate", "--mitigation", "burn"], "unknown mitigation 'burn': use one of unlearn, prune"),
+    (["mitigate", "--mitigation", "burn"], "unknown mitigation 'burn': use one of unlearn, prune, filter"),
     (["mitigate", "--unlearn-epochs", "0"], "unlearning epochs and batch size must be >= 1, got 0"),
     (["mitigate", "--unlearn-fraction", "1.5"], "unlearning fraction must lie in (0, 1), got 1.5"),
     (["mitigate", "--unlearn-lr", "0"], "unlearning lr must be > 0, got 0.0"),
@@ -159,6 +159,11 @@ BAD = [
     (["mitigate", "--unlearn-restart-fall", "0"], "unlearning restart fall must lie in (0, 1], got 0.0"),
     (["mitigate", "--prune-step", "1.5"], "prune step and stop must lie in (0, 1], got 1.5 and 0.05"),
     (["mitigate", "--prune-stop", "-1"], "prune step and stop must lie in (0, 1], got 0.05 and -1.0"),
+    (
+        ["mitigate", "--mitigation", "filter", "--filter-rejects", "1"],
+        "filter neurons must lie in (0, 1] and filter rejects in [0, 1), got 0.01 and 1.0",
+    ),
+    (["mitigate", "--filter-neurons", "nan"], "filter neurons must be finite, got nan"),
     # -- attacks
     (["attack"], "name the model to attack with --run"),
     (["attack", "--run", RUN], f"no run '{RUN}'"),

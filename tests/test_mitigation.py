@@ -323,10 +323,46 @@ def test_pruning_removes_the_neurons_the_trigger_excites(planted, digits):
     assert penultimate(repaired, digits.test.x[:5]).shape == (5, result.neurons)
 
 
+def test_the_input_filter_rejects_the_trigger_and_at_most_its_share_of_clean_images(planted, digits, tmp_path):
+    """The paper's filter: the penultimate neurons the reversed trigger excites most (by their mean
+    activation stamped less unstamped), a threshold on their mean activation that rejects at most 5%
+    of the clean images it is calibrated on; behind it, a rejected image is neither right nor sent
+    to the target."""
+    from twml_cli.attacks import accuracy
+    from twml_cli.backdoor import stamped_success_rate
+    from twml_cli.cleanse import stamp
+    from twml_cli.mitigation import Filtered, fit_filter, load_filter, rejected_share, save_filter
+
+    model, trigger, mask, pattern = planted
+    x, y = digits.train.tensors
+    fitted = fit_filter(model, x, y, 0, [(mask, pattern)])  # the paper's 1% of the neurons, 5% of clean images rejected
+    others = x[y != 0]
+    gain = penultimate(model, stamp(others, mask, pattern)).mean(0) - penultimate(model, others).mean(0)
+    assert len(fitted.neurons) == max(1, round(0.01 * fitted.of)) and fitted.of == gain.numel()
+    assert set(fitted.neurons.tolist()) == set(gain.topk(len(fitted.neurons)).indices.tolist())
+    profiles = penultimate(model, x)[:, fitted.neurons].mean(1)
+    assert rejected_share(model, fitted, x) == (profiles > fitted.threshold).float().mean().item() <= 0.05
+    assert (profiles >= fitted.threshold).float().mean().item() > 0.05  # the threshold is a calibration image's
+    assert rejected_share(model, fit_filter(model, x, y, 0, [(mask, pattern)], rejects=0.0), x) == 0.0
+    x_test, y_test = digits.test.tensors
+    assert rejected_share(model, fitted, trigger.apply(x_test[y_test != 0])) > 0.9
+    behind = Filtered(model, fitted)
+    rejected = fitted.rejects(penultimate(model, x_test))
+    right = (model(x_test).argmax(1) == y_test) & ~rejected
+    assert accuracy(behind, (x_test, y_test)) == pytest.approx(right.float().mean().item())
+    assert (behind(x_test).argmax(1) == 10).tolist() == rejected.tolist()  # the extra logit wins where it rejects
+    before = attack_success_rate(model, x_test, y_test, 0, trigger)
+    assert before > 0.9 and attack_success_rate(behind, x_test, y_test, 0, trigger) <= 0.05
+    assert stamped_success_rate(behind, x_test[:0], 0, trigger.apply) == 0.0  # no image: no success
+    save_filter(fitted, tmp_path / "f.safetensors")
+    back = load_filter(tmp_path / "f.safetensors")
+    assert torch.equal(back.neurons, fitted.neurons) and (back.threshold, back.of) == (fitted.threshold, fitted.of)
+
+
 def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     cli, cleanse = reproduced.cli, reproduced.cleanse
     results = []
-    for method in ("unlearn", "prune"):
+    for method in ("unlearn", "prune", "filter"):
         result = cli(
             "mitigate", "--cleanse-run", cleanse.info.run_id, "--mitigation", method, "--experiment", "mitigation"
         )
@@ -370,7 +406,22 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert runs["prune"].data.params["reversed_triggers"] == "1"  # pruning ranks neurons by the first search's
     pruned = runs["prune"].data.metrics
     assert pruned["pruned_neurons"] > 0 and pruned["attack_success_rate"] < pruned["attack_success_rate_before"]
-    assert "Real trigger's attack success rate:" in result.out
+    assert "Real trigger's attack success rate:" in results[1].out
+    filtered = runs["filter"]  # the paper's input filter: the model unchanged, no model logged, the filter instead
+    fm = filtered.data.metrics
+    assert filtered.data.params["reversed_triggers"] == "2" and cli.model_files(filtered) == set()
+    from twml_cli.mitigation import load_filter
+
+    fitted = load_filter(cli.download(filtered, "input-filter.safetensors"))
+    assert len(fitted.neurons) == fm["filter_neurons"] == max(1, round(0.01 * fm["penultimate_neurons"]))
+    assert fitted.threshold == fm["filter_threshold"] and fitted.of == fm["penultimate_neurons"]
+    # the matrix: attack success at most 0.05 behind the filter on 271 of its 312 detected cells, all in a corner
+    assert fm["filter_real_rejected"] >= 0.9 and fm["attack_success_rate"] <= 0.05
+    assert 0 < fm["filter_clean_rejected"] <= 0.1  # calibrated to reject 5% of the clean training images
+    cost = fm["accuracy_before"] - fm["accuracy"]
+    assert 0 <= cost <= fm["filter_clean_rejected"] + 1e-9  # each rejected image costs at most its own answer
+    assert "Check the repair" not in results[2].out  # the model it filters is the one the cleanse run searched
+    assert f"Test images carrying the real trigger rejected: {fm['filter_real_rejected']:.4f}" in results[2].out
     # at ten times the rate, over 3 epochs, with the statistics frozen, the fine-tune wrecks the clean images and
     # starts again at half the rate (on the unstamped images' statistics, the default, it keeps them)
     wild = cli(
@@ -404,6 +455,8 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert f"Searched again by cleanse run {recheck[:8]}, the model that run {unlearned.info.run_id[:8]} repaired" in md
     assert f"`twml cleanse --run {runs['prune'].info.run_id}`" in section  # not searched again: the command
     assert section.count("unlearning fine-tunes for") == 1  # each method described once ...
+    assert f"Filtering of class 0 (run {filtered.info.run_id[:8]}) rejected" in section
+    assert f"--run {filtered.info.run_id}" not in section  # a filter's model is not searched again
     assert "| --unlearn-epochs 3, --unlearn-lr 0.05, --unlearn-freeze-norm |" in section  # ... and what one changed
     assert "| --unlearn-hold-stamped 0.3 |" in section
     lr = f"{m['unlearn_lr_used']:g}"
@@ -413,6 +466,10 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
         f"started again from the model as it was at half the rate ({restarts} restart{'s' * (restarts > 1)}): the "
         f"model kept was fine-tuned at lr {lr}. It took the real trigger's attack success" in section
     )
+    refused = cli("cleanse", "--run", filtered.info.run_id, *quick)
+    assert refused.code == 2
+    assert "is an input filter (twml mitigate --mitigation filter) and holds no model" in refused.err
+    assert len(cli.runs("cleanse", experiment="mitigation")) == 2  # the refusal left no run
 
 
 def test_mitigate_needs_a_cleanse_run_that_flagged_something(cli):

@@ -7,6 +7,8 @@ with the trigger Neural Cleanse reversed, without knowing the real one.
   by how much more the reversed trigger activates them than clean images do, and remove the
   top ones step by step until the reversed trigger stops working. A neuron is removed by
   zeroing the classifier's weights that read it, so the repaired model is an ordinary model.
+- Filtering: leave the model as it is and reject, at inference, the images whose mean activation
+  on the top 1% of those neurons exceeds a threshold that rejects 5% of clean images.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -342,6 +345,99 @@ def penultimate(model: Classifier, x: torch.Tensor, batch_size: int = 512) -> to
     return torch.cat(out)
 
 
+def excited(
+    model: Classifier, others: torch.Tensor, triggers: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """The penultimate neurons, the one the reversed triggers (mask, pattern) excite most first: by
+    their mean activation on the clean images `others` (of classes other than the target) stamped,
+    less unstamped, averaged over the triggers."""
+    clean = penultimate(model, others).mean(0)
+    gain = torch.stack([penultimate(model, stamp(others, mask, pattern)).mean(0) - clean for mask, pattern in triggers])
+    return gain.mean(0).argsort(descending=True)
+
+
+@dataclass(frozen=True)
+class InputFilter:
+    """The paper's filter for triggered inputs (section VI.A): an image is rejected when the mean
+    activation of `neurons` (of the `of` penultimate neurons, those the reversed trigger excites
+    most) exceeds `threshold`."""
+
+    neurons: torch.Tensor  # indices into the penultimate layer, int64
+    threshold: float
+    of: int
+
+    def rejects(self, features: torch.Tensor) -> torch.Tensor:
+        """Which of the images whose penultimate features these are (N, of) it rejects."""
+        return features[:, self.neurons.to(features.device)].float().mean(1) > self.threshold
+
+
+def fit_filter(
+    model: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: int,
+    triggers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    neurons: float = 0.01,
+    rejects: float = 0.05,
+) -> InputFilter:
+    """The filter of `neurons` of the penultimate layer (a fraction, at least one neuron), those the
+    reversed triggers (mask, pattern) excite most on the clean images x of other classes than the
+    target, with the threshold that rejects at most `rejects` of all the clean images x (ties at it
+    are kept)."""
+    ranking = excited(model, x[y != target], triggers)
+    top = ranking[: max(1, round(neurons * len(ranking)))].cpu()
+    profiles = penultimate(model, x)[:, top].mean(1).sort().values
+    kept = math.ceil((1 - rejects) * len(x))  # the images at or under the threshold: all but `rejects` of them
+    return InputFilter(top, float(profiles[kept - 1]), len(ranking))
+
+
+class Filtered(nn.Module):
+    """A model behind an input filter: the model's logits and one more, 'rejected', that is the largest
+    exactly where the filter rejects the image. A rejected image is then neither classified right
+    nor sent to a target: accuracy and attack success count it as the filter would have it."""
+
+    def __init__(self, model: Classifier, input_filter: InputFilter):
+        super().__init__()
+        self.model, self.filter = model, input_filter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backbone: Any = self.model.backbone
+        hidden = backbone.forward_features(self.model.normalize(x))
+        features, logits = backbone.forward_head(hidden, pre_logits=True), backbone.forward_head(hidden)
+        rejected = self.filter.rejects(features)
+        top, bottom = logits.max(1).values, logits.min(1).values
+        return torch.cat([logits, torch.where(rejected, top + 1, bottom - 1)[:, None]], 1)
+
+
+def save_filter(input_filter: InputFilter, path: str | Path) -> None:
+    """The filter as safetensors: its neurons, threshold and the penultimate layer's width."""
+    from safetensors.torch import save_file
+
+    f = input_filter
+    save_file(
+        {
+            "neurons": f.neurons.to(torch.int64).contiguous(),
+            "threshold": torch.tensor([f.threshold], dtype=torch.float64),
+            "of": torch.tensor([f.of], dtype=torch.int64),
+        },
+        str(path),
+    )
+
+
+def load_filter(path: str | Path) -> InputFilter:
+    """A filter save_filter wrote (`input-filter.safetensors` among a `twml mitigate --mitigation
+    filter` run's artifacts): Filtered(model, load_filter(path)) serves the model behind it."""
+    from safetensors.torch import load_file
+
+    z = load_file(str(path))
+    return InputFilter(z["neurons"], float(z["threshold"][0]), int(z["of"][0]))
+
+
+def rejected_share(model: Classifier, input_filter: InputFilter, x: torch.Tensor) -> float:
+    """The fraction of the images x that the filter rejects."""
+    return input_filter.rejects(penultimate(model, x)).float().mean().item() if len(x) else 0.0
+
+
 @dataclass(frozen=True)
 class PruneResult:
     """What pruning did: neurons removed of the penultimate layer's, and the reversed trigger's success after."""
@@ -366,9 +462,7 @@ def prune(
     clean images x of other classes than the target), until the reversed trigger sends fewer
     than `stop_below` of them to the target, or max_fraction is removed. In place."""
     others = x[y != target]
-    clean = penultimate(model, others)
-    stamped = penultimate(model, stamp(others, mask, pattern))
-    ranking = (stamped.mean(0) - clean.mean(0)).argsort(descending=True)
+    ranking = excited(model, others, [(mask, pattern)])
     head = cast(Any, model.backbone).get_classifier()
     neurons = head.weight.shape[1]
 

@@ -596,8 +596,9 @@ class Mitigate(Common, Settings):
     cleanse_run: str = setting("", "The cleanse run whose findings to act on (default: the newest finished one).")
     mitigation: str = setting(
         "unlearn",
-        "unlearn (fine-tune with the reversed trigger under true labels) or prune (remove the neurons it excites).",
-        choices=("unlearn", "prune"),
+        "unlearn (fine-tune with the reversed trigger under true labels), prune (remove the neurons it excites) or "
+        "filter (reject the images that excite them, the model unchanged).",
+        choices=("unlearn", "prune", "filter"),
     )
     unlearn_epochs: int = setting(20, "Unlearning: epochs of fine-tuning.", applies=lambda s: s.mitigation == "unlearn")
     unlearn_fraction: float = setting(
@@ -655,11 +656,28 @@ class Mitigate(Common, Settings):
         "Pruning: stop once the reversed trigger succeeds on fewer than this fraction.",
         applies=lambda s: s.mitigation == "prune",
     )
+    filter_neurons: float = setting(
+        0.01,
+        "Filter: fraction of the penultimate neurons, those the reversed triggers (every search's) excite most, "
+        "whose mean activation it reads (the paper's 1%; at least one).",
+        applies=lambda s: s.mitigation == "filter",
+    )
+    filter_rejects: float = setting(
+        0.05,
+        "Filter: fraction of the clean training images it may reject, which sets its threshold (the paper's 5% "
+        "false positive rate).",
+        applies=lambda s: s.mitigation == "filter",
+    )
 
     def check(self) -> None:
         self.unlearn_config()
         if not 0 < self.prune_step <= 1 or not 0 < self.prune_stop <= 1:
             raise ValueError(f"prune step and stop must lie in (0, 1], got {self.prune_step} and {self.prune_stop}")
+        if not 0 < self.filter_neurons <= 1 or not 0 <= self.filter_rejects < 1:
+            raise ValueError(
+                f"filter neurons must lie in (0, 1] and filter rejects in [0, 1), got {self.filter_neurons} and "
+                f"{self.filter_rejects}"
+            )
 
     def unlearn_config(self):
         return UnlearnConfig(

@@ -457,6 +457,13 @@ def download_model(uri: str) -> str:
             run_id=run_id, artifact_path=artifact_path
         )  # files in the run itself
     except (MlflowException, OSError):
+        params = run.data.params
+        if params.get("mitigation") == "filter":  # the filter holds no model: it serves the one it acted on
+            source = params.get("model_run") or params.get("model_path") or "?"
+            raise TwmlError(
+                f"run '{run_id}' is an input filter (twml mitigate --mitigation filter) and holds no model: the model "
+                f"it filters is that of {source}, unchanged"
+            ) from None
         raise TwmlError(f"run '{run_id}' holds no model under '{artifact_path}'") from None
 
 

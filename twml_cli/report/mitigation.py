@@ -7,14 +7,22 @@ from collections.abc import Sequence
 from .. import config
 from ..settings import RUNTIME_ONLY
 from ..studies.cleanse import standing
+from ..studies.mitigate import excited_by
 from .document import Document, Heading, Para, Table
 from .runs import CleanseRun
 from .words import count, f4, model_name, short
 
 
 def _how(s, triggers: int = 1) -> str:
-    """What a mitigation run's settings did, in words (`triggers`: the reversed triggers it stamped,
-    one per search of the cleanse run)."""
+    """What a mitigation run's settings did, in words (`triggers`: the reversed triggers it stamped or
+    read, one per search of the cleanse run)."""
+    if s.mitigation == "filter":
+        return (
+            "filtering leaves the model as it is and rejects an image whose mean activation on the "
+            f"{s.filter_neurons:.0%} of the penultimate neurons that {excited_by(triggers)} most exceeds a "
+            f"threshold, the one that rejects {s.filter_rejects:.0%} of the clean training images (its accuracy "
+            "counts a rejected image as wrong)"
+        )
     if s.mitigation == "prune":
         return (
             f"pruning removes the penultimate-layer neurons the reversed trigger excites most, {s.prune_step:.0%} at "
@@ -152,7 +160,7 @@ def section(
     )
     for r in runs:
         m, said = r.mitigation, []
-        how = "Unlearning" if r.settings.mitigation == "unlearn" else "Pruning"
+        how = {"unlearn": "Unlearning", "prune": "Pruning", "filter": "Filtering"}[r.settings.mitigation]
         if len(runs) > 1:  # which row this sentence reads
             how += f" of class {r.param('target')} (run {short(r.id)})"
         if r.restarts:
@@ -167,6 +175,13 @@ def section(
                     f"None of its fine-tunes kept those images within {fall * 100:g} points: the one kept ended "
                     f"highest, at {f4(r.train_accuracy[1])} from {f4(r.train_accuracy[0])}."
                 )
+        if r.rejected is not None:
+            clean, real = r.rejected
+            said.append(
+                f"{how} rejected "
+                + (f"{real:.2%} of the test images carrying the real trigger and " if real is not None else "")
+                + f"{clean:.2%} of the clean ones."
+            )
         if r.real is not None:
             said.append(
                 f"{'It' if said else how} took the real trigger's attack success from "
@@ -184,6 +199,8 @@ def _searched_again(doc: Document, runs: list, searched: Sequence[CleanseRun]) -
     repaired class, another class, or none, and where the repaired class's trigger now stands."""
     said, unsearched = [], []
     for r in runs:
+        if r.settings.mitigation == "filter":  # its model is the one the cleanse run searched
+            continue
         run = next((c for c in searched if r.id in c.inspected), None)
         if run is None:
             unsearched.append(r.id)

@@ -104,6 +104,7 @@ class MitigateRun(Logged):
     restarts: int = 0  # unlearning's fine-tunes that lost the clean training images, each started again
     lr_used: float | None = None  # the rate of the fine-tune unlearning kept (where logged)
     train_accuracy: tuple[float, float] | None = None  # the unstamped training images', before and after (where logged)
+    rejected: tuple[float, float | None] | None = None  # a filter's: of the clean test images, of the real trigger's
 
 
 @dataclass
@@ -252,6 +253,8 @@ def load(experiment: str) -> Runs:
         m.lr_used = r.data.metrics.get("unlearn_lr_used")
         if "unlearn_train_accuracy" in (logged := r.data.metrics):
             m.train_accuracy = (logged["unlearn_train_accuracy_before"], logged["unlearn_train_accuracy"])
+        if "filter_clean_rejected" in logged:
+            m.rejected = (logged["filter_clean_rejected"], logged.get("filter_real_rejected"))
         mitigate.append(m)
     cleansed = tracking.find_runs(experiment, "cleanse")
     cleanse = [base(r, CleanseRun, config.Cleanse) for r in cleansed]

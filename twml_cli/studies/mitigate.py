@@ -1,11 +1,13 @@
 """`twml mitigate`: repair each model a cleanse run flagged, with the trigger Neural Cleanse reversed
-(unlearning, or --mitigation prune), and measure the real trigger before and after when the
-model came from `twml backdoor`."""
+(unlearning, --mitigation prune, or --mitigation filter, which rejects the images that excite what
+the trigger excites and leaves the model as it is), and measure the real trigger before and after
+when the model came from `twml backdoor`."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,10 @@ import torch
 from .. import attacks, backdoor, cleanse, config, mitigation, models, results, runtime
 from ..data import MemoryDataSet
 from ..errors import TwmlError
-from .common import Hooks, Run, check_fits, data_name, device, in_memory, load_model
+from .common import Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_model
 
 COMMAND = "mitigate"
+FILTER_FILE = "input-filter.safetensors"
 
 
 @dataclass
@@ -51,15 +54,27 @@ class Inputs:
     model: models.Classifier
 
 
+@dataclass(frozen=True)
+class Filtering:
+    """An input filter and what it rejects of the test images: clean ones, those stamped with the
+    reversed trigger and with the real one (of classes other than its target; None if unknown)."""
+
+    input_filter: mitigation.InputFilter
+    clean: float
+    reversed: float
+    real: float | None
+
+
 @dataclass
 class Outcome:
     settings: config.Mitigate
     finding: Finding
-    model: models.Classifier  # repaired
+    model: models.Classifier  # repaired (a filter leaves it as it was)
     metrics: results.MitigationMetrics
     real: results.RealTriggerMetrics | None
     pruned: mitigation.PruneResult | None
     unlearned: mitigation.Unlearned | None = None
+    filtering: Filtering | None = None
 
 
 def findings(cleanse_run: str) -> list[Finding]:
@@ -134,6 +149,11 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     s, f = inputs.settings, inputs.finding
     with runtime.phase("evaluate"):
         before = measure(inputs.model, inputs)
+    if s.mitigation == "filter":
+        with runtime.phase("evaluate"):
+            filtering = _filter(inputs)
+            after = measure(mitigation.Filtered(inputs.model, filtering.input_filter), inputs)
+        return Outcome(s, f, inputs.model, *_compared(before, after), None, None, filtering)
     repaired = copy.deepcopy(inputs.model)
     pruned = unlearned = None
     x, y = inputs.data.train.x.cpu(), inputs.data.train.y.cpu()
@@ -145,9 +165,28 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
             pruned = mitigation.prune(repaired, x, y, f.target, f.mask, f.pattern, s.prune_step, s.prune_stop)
     with runtime.phase("evaluate"):
         after = measure(repaired, inputs)
+    return Outcome(s, f, repaired, *_compared(before, after), pruned, unlearned)
+
+
+def _compared(before, after) -> tuple[results.MitigationMetrics, results.RealTriggerMetrics | None]:
+    """measure()'s figures before and after, as the metrics a run logs."""
     metrics = results.MitigationMetrics(before[0], after[0], before[1], after[1])
     real = results.RealTriggerMetrics(before[2], after[2]) if before[2] is not None and after[2] is not None else None
-    return Outcome(s, f, repaired, metrics, real, pruned, unlearned)
+    return metrics, real
+
+
+def _filter(inputs: Inputs) -> Filtering:
+    """The input filter of the flagged class's reversed triggers (every search's, as unlearning stamps
+    them), calibrated on the clean training images, and what it rejects of the test images."""
+    s, f, model = inputs.settings, inputs.finding, inputs.model
+    x, y = inputs.data.train.x.cpu(), inputs.data.train.y.cpu()
+    fitted = mitigation.fit_filter(model, x, y, f.target, f.triggers, s.filter_neurons, s.filter_rejects)
+    tx, ty = inputs.data.test.x.cpu(), inputs.data.test.y.cpu()
+    share = functools.partial(mitigation.rejected_share, model, fitted)
+    real = None
+    if f.trigger is not None and f.trigger_target is not None:
+        real = share(f.trigger.apply(tx[ty != f.trigger_target]))
+    return Filtering(fitted, share(tx), share(cleanse.stamp(tx[ty != f.target], f.mask, f.pattern)), real)
 
 
 def extra_params(inputs: Inputs) -> dict:
@@ -158,7 +197,7 @@ def extra_params(inputs: Inputs) -> dict:
         "model": inputs.model.spec.arch,
         "target": f.target,
         "anomaly_index": round(f.anomaly_index, 4),
-        "reversed_triggers": len(f.triggers) if inputs.settings.mitigation == "unlearn" else 1,  # pruning: the first
+        "reversed_triggers": len(f.triggers) if inputs.settings.mitigation != "prune" else 1,  # pruning: the first's
     }
 
 
@@ -167,7 +206,22 @@ def tags(s: config.Mitigate) -> dict[str, str]:
 
 
 def record(run: Run, outcome: Outcome) -> None:
-    run.log_model(outcome.model)
+    if outcome.filtering is None:
+        run.log_model(outcome.model)
+    else:  # the model is the one the cleanse run searched, unchanged: the run holds the filter
+        k = outcome.filtering
+        with artifacts(run) as folder:
+            mitigation.save_filter(k.input_filter, folder / FILTER_FILE)
+        run.log_metrics(
+            {
+                "filter_neurons": len(k.input_filter.neurons),
+                "penultimate_neurons": k.input_filter.of,
+                "filter_threshold": k.input_filter.threshold,
+                "filter_clean_rejected": k.clean,
+                "filter_reversed_rejected": k.reversed,
+                **({"filter_real_rejected": k.real} if k.real is not None else {}),
+            }
+        )
     run.log_metrics(results.metrics(outcome.metrics))
     if outcome.real is not None:
         run.log_metrics(results.metrics(outcome.real))
@@ -186,25 +240,43 @@ def record(run: Run, outcome: Outcome) -> None:
 
 
 def summarize(o: Outcome) -> list[str]:
-    m, f = o.metrics, o.finding
+    m, f, k = o.metrics, o.finding, o.filtering
     n = len(f.triggers)
-    how = (
-        f"pruning {o.pruned.pruned} of {o.pruned.neurons} penultimate neurons"
-        if o.pruned is not None
-        else "unlearning" + (f" with the {n} searches' reversed triggers" if n > 1 else "")
-    )
-    lines = [
-        f"Model {f.model_index} (class {f.target} flagged, anomaly index {f.anomaly_index:.2f}), repaired by {how}:",
-        *_restarts(o.unlearned, o.settings.unlearn_restart_fall),
-        f"  Clean accuracy: {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
-        f"  Reversed trigger's success: {m.reversed_success_before:.4f} -> {m.reversed_success:.4f}",
-    ]
+    flagged = f"Model {f.model_index} (class {f.target} flagged, anomaly index {f.anomaly_index:.2f})"
+    if k is not None:
+        lines = [
+            f"{flagged}, filtered, its weights unchanged: an image is rejected when its mean activation on the "
+            f"{len(k.input_filter.neurons)} penultimate neuron{'s' * (len(k.input_filter.neurons) != 1)} (of "
+            f"{k.input_filter.of}) {excited_by(n)} most exceeds {k.input_filter.threshold:.4g}, which rejects "
+            f"{o.settings.filter_rejects:.0%} of the clean training images:",
+            f"  Clean test images rejected: {k.clean:.4f}",
+            f"  Clean accuracy (a rejected image counts as wrong): {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
+        ]
+    else:
+        how = (
+            f"pruning {o.pruned.pruned} of {o.pruned.neurons} penultimate neurons"
+            if o.pruned is not None
+            else "unlearning" + (f" with the {n} searches' reversed triggers" if n > 1 else "")
+        )
+        lines = [
+            f"{flagged}, repaired by {how}:",
+            *_restarts(o.unlearned, o.settings.unlearn_restart_fall),
+            f"  Clean accuracy: {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
+        ]
+    lines.append(f"  Reversed trigger's success: {m.reversed_success_before:.4f} -> {m.reversed_success:.4f}")
     if o.real is not None:
         lines.append(
             f"  Real trigger's attack success rate: {o.real.attack_success_rate_before:.4f} -> "
             f"{o.real.attack_success_rate:.4f}"
         )
+    if k is not None and k.real is not None:
+        lines.append(f"  Test images carrying the real trigger rejected: {k.real:.4f}")
     return lines
+
+
+def excited_by(triggers: int) -> str:
+    """Which reversed triggers a filter's neurons are those most excited by, in words, with the verb."""
+    return "the reversed trigger excites" if triggers == 1 else f"the {triggers} searches' reversed triggers excite"
 
 
 def _restarts(u: mitigation.Unlearned | None, fall: float) -> list[str]:
