@@ -21,6 +21,7 @@ def test_reproduce_is_one_run_tree(reproduced):
         "cleanse",
         "mitigate",
         "mitigate",
+        "mitigate",
         "report",
         "sweep",
         "train",

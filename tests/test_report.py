@@ -24,6 +24,7 @@ def test_reproduce_logs_every_step_as_its_own_run(reproduced):
         "cleanse",
         "mitigate",
         "mitigate",
+        "mitigate",
         "report",
         "reproduce",
         "smooth",
@@ -36,6 +37,7 @@ def test_reproduce_logs_every_step_as_its_own_run(reproduced):
     assert reproduced.cleanse.data.params["model0"] == reproduced.standard.info.run_id
     assert reproduced.cleanse.data.params["model1"] == reproduced.backdoor.info.run_id
     assert "[8/8] report" in result.out and "Report: reports/twml.md and reports/twml.pdf" in result.out
+    assert "[7/8] mitigation of what Neural Cleanse flagged: unlearning, pruning, then the input filter" in result.out
     assert "mlflow ui" in result.out
 
 

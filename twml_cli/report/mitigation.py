@@ -186,7 +186,8 @@ def section(
             said.append(
                 f"{'It' if said else how} took the real trigger's attack success from "
                 f"{f4(r.real.attack_success_rate_before)} to {f4(r.real.attack_success_rate)} while clean accuracy "
-                f"went from {f4(m.accuracy_before)} to {f4(m.accuracy)} "
+                + ("(a rejected image counted as wrong) " if r.rejected is not None else "")
+                + f"went from {f4(m.accuracy_before)} to {f4(m.accuracy)} "
                 f"({(m.accuracy - m.accuracy_before) * 100:+.2f} points)."
             )
         if said:

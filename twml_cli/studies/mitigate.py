@@ -245,10 +245,10 @@ def summarize(o: Outcome) -> list[str]:
     flagged = f"Model {f.model_index} (class {f.target} flagged, anomaly index {f.anomaly_index:.2f})"
     if k is not None:
         lines = [
-            f"{flagged}, filtered, its weights unchanged: an image is rejected when its mean activation on the "
-            f"{len(k.input_filter.neurons)} penultimate neuron{'s' * (len(k.input_filter.neurons) != 1)} (of "
-            f"{k.input_filter.of}) {excited_by(n)} most exceeds {k.input_filter.threshold:.4g}, which rejects "
-            f"{o.settings.filter_rejects:.0%} of the clean training images:",
+            f"{flagged}, filtered, its weights unchanged:",
+            f"  Rejects an image whose mean activation on the {len(k.input_filter.neurons)} of "
+            f"{k.input_filter.of} penultimate neurons {excited_by(n)} most exceeds {k.input_filter.threshold:.4g} "
+            f"({o.settings.filter_rejects:.0%} of the clean training images)",
             f"  Clean test images rejected: {k.clean:.4f}",
             f"  Clean accuracy (a rejected image counts as wrong): {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
         ]

@@ -21,7 +21,7 @@ CURVE_SIGMAS = (0.12, 0.25, 0.5)
 def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Path, curve_seeds: int = 0):
     """The whole write-up: standard, free m=4 and m=7 training; smoothing at sigma 0.05 and
     0.20; a BadNets model; Neural Cleanse on the standard and the backdoored model; its
-    mitigation (unlearning and pruning); with curve_seeds > 0 the curve sweeps over that many
+    mitigation (unlearning, pruning and the input filter); with curve_seeds > 0 the curve sweeps over that many
     seeds (from --seed on); the report. Every setting is checked before the first run starts."""
     from .. import report
 
@@ -57,7 +57,10 @@ def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Pat
                     )
                 ),
             ),
-            ("mitigation of what Neural Cleanse flagged: unlearning, then pruning", lambda: repair(ids["cleanse"])),
+            (
+                "mitigation of what Neural Cleanse flagged: unlearning, pruning, then the input filter",
+                lambda: repair(ids["cleanse"]),
+            ),
         ]
         if curves is not None:
             n = f"{len(seeds)} seeds"
@@ -86,7 +89,7 @@ def reproduce(preset: config.Preset, overrides: dict, session: Session, out: Pat
             if not outcome.findings:
                 session.echo("Neural Cleanse flagged no model, so there is nothing to mitigate.")
                 return
-            for method in ("unlearn", "prune"):
+            for method in ("unlearn", "prune", "filter"):
                 mitigate_all(dataclasses.replace(mitigating, cleanse_run=run_id, mitigation=method), nested)
 
         total = len(steps) + 1
