@@ -900,6 +900,8 @@ def main() -> int:
     search = json.loads(args.search) if args.search else {}
     verdict = dict(search)  # the whole search, several searches and their agreement too (for --recheck)
     unlearn = json.loads(args.unlearn) if args.unlearn else {}
+    if unlearn.get("mitigation") == "filter" and (args.renormalize or args.recheck):  # before any work
+        parser.error("a filter leaves the model as it was: --renormalize and --recheck repair nothing to check")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     positions = [] if args.positions == "none" else args.positions.split(",")
@@ -966,8 +968,6 @@ def main() -> int:
     if args.mitigate:
         unlearned = _resolved("mitigate", dataset=args.dataset, **unlearn)
         repair = {"prune": "pruning", "filter": "filtering"}.get(unlearned["mitigation"], repair)
-        if repair == "filtering" and (args.renormalize or args.recheck):
-            parser.error("a filter leaves the model as it was: --renormalize and --recheck repair nothing to check")
         if args.unlearn_seed:  # offset 0: the keys repairs always had
             unlearned = {**unlearned, "seed_offset": args.unlearn_seed}
         names = {  # the triggers of the searches twml cleanse runs, which twml mitigate stamps in turn

@@ -561,6 +561,39 @@ def test_the_matrix_counts_the_repairs_that_started_again():
     assert "started again" not in line
 
 
+def test_the_matrix_reads_a_filters_repairs_by_what_it_rejects(tmp_path):
+    """cleanse_matrix.py --mitigate with the input filter: its accuracy counts the clean images it
+    rejects, so the summary says what it rejects and what trigger passes it, not how many models
+    lost a point; and it refuses --recheck, whose search would find the model as it was."""
+    import subprocess
+
+    cm = _benchmark("cleanse_matrix")
+
+    def row(real, clean, success):
+        r = {"position": "top-left", "size": 1, "target": 3, "detected": True, "flagged": [3], "norm_ratio": 1.0}
+        return (
+            r
+            | {"cleanse_s": 1.0, "repair_attack_success": success, "repair_accuracy_change": -clean}
+            | {"repair_real_rejected": real, "repair_clean_rejected": clean}
+        )
+
+    rows = [row(0.99, 0.05, 0.01), row(0.5, 0.03, 0.4), row(0.97, 0.07, 0.02)]
+    lines = cm.summary(rows, "filtering")
+    (line,) = [x for x in lines if x.startswith("filtering")]
+    assert line == (
+        "filtering: test images carrying the planted trigger rejected, median 0.9700 (lowest 0.5000, under 0.95 in 1 "
+        "of 3); clean test images rejected, median 0.0500 (0.0300 to 0.0700); attack success after above 0.05 in 1 "
+        "(largest 0.4000)"
+    )
+    refused = subprocess.run(
+        [sys.executable, cm.__file__, "--mitigate", "--recheck", "--unlearn", '{"mitigation": "filter"}',
+         "--out", str(tmp_path / "m")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "a filter leaves the model as it was" in refused.stderr
+    assert not (tmp_path / "m").exists()  # refused before any model was trained
+
+
 def test_the_matrix_estimates_a_repairs_normalization_statistics_again_on_clean_images():
     """cleanse_matrix.py --renormalize: a copy of the model whose BatchNorm statistics are the plain
     mean of the batches' statistics over the given images, its weights and the model untouched;
