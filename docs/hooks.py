@@ -36,7 +36,8 @@ def reference() -> str:
         ]
         panels: dict[str, list] = {}
         for param in command.get_params(sub):
-            if not isinstance(param, click.Option) or param.hidden or param.name == "help":
+            # by its kind, not its class: recent Typer builds its options on a click of its own
+            if param.param_type_name != "option" or getattr(param, "hidden", False) or param.name == "help":
                 continue
             panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(param)
         for panel, params in panels.items():
