@@ -359,7 +359,7 @@ def excited(
 @dataclass(frozen=True)
 class InputFilter:
     """The paper's filter for triggered inputs (section VI.A): an image is rejected when the mean
-    activation of `neurons` (of the `of` penultimate neurons, those the reversed trigger excites
+    activation of `neurons` (of the `of` penultimate neurons, those the reversed triggers excite
     most) exceeds `threshold`."""
 
     neurons: torch.Tensor  # indices into the penultimate layer, int64

@@ -57,7 +57,8 @@ class Inputs:
 @dataclass(frozen=True)
 class Filtering:
     """An input filter and what it rejects of the test images: clean ones, those stamped with the
-    reversed trigger and with the real one (of classes other than its target; None if unknown)."""
+    first search's reversed trigger (as measure() stamps them) and with the real one (of classes
+    other than its target; None if unknown)."""
 
     input_filter: mitigation.InputFilter
     clean: float
