@@ -74,7 +74,7 @@ def _described(runs: list) -> dict:
     """For each method, the run whose settings the text describes: of the settings most of its
     repairs share, the first made (`runs`: newest first), so that later variations are named as such."""
     out = {}
-    for method in dict.fromkeys(r.settings.mitigation for r in runs):
+    for method in dict.fromkeys(r.settings.mitigation for r in runs[::-1]):  # in the order they ran
         alike = [r for r in runs if r.settings.mitigation == method]
         shared = [_setting(r) for r in alike]
         out[method] = max(alike[::-1], key=lambda r: shared.count(_setting(r)))  # max keeps the first: the oldest
