@@ -364,6 +364,10 @@ def test_help_lists_every_command_and_the_new_flag_names():
         [sys.executable, "-m", "twml_cli", "smooth", "--help"], capture_output=True, text=True, check=True, env=wide
     ).stdout
     assert "--cert-alpha" in smooth and "--pgd-alpha" not in smooth and "[default: 0.05, 0.2]" in smooth
+    shown = subprocess.run(
+        [sys.executable, "-m", "twml_cli", "config", "--help"], capture_output=True, text=True, check=True, env=wide
+    ).stdout
+    assert "train, attack, smooth, backdoor, cleanse or mitigate." in shown  # every command it prints
 
 
 def test_the_command_reference_lists_every_commands_options():

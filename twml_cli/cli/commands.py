@@ -295,7 +295,9 @@ def runs(
 
 @app.command(name="config")
 def show_config(
-    command: Annotated[str, typer.Argument(help="train, attack, smooth, backdoor or cleanse.")],
+    command: Annotated[
+        str, typer.Argument(help=f"{', '.join(list(config.COMMANDS)[:-1])} or {list(config.COMMANDS)[-1]}.")
+    ],
     preset: PresetOption = None,
     config_file: ConfigOption = None,
 ) -> None:
