@@ -154,7 +154,7 @@ def recheck_line(repaired: list[str]) -> str:
 def _report(out: Path = OUT[1], **shared) -> None:
     """Build the write-up (Markdown and PDF) from the experiment's finished runs.
 
-    Writes <out>/<experiment>.md and .pdf with their figures, and logs them as a run."""
+    Writes OUT/EXPERIMENT.md and .pdf (--out, --experiment) with their figures, and logs them as a run."""
     from .. import report as report_module
     from .. import tracking
 

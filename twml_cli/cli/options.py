@@ -103,7 +103,7 @@ RESUME = (
     None,
 )
 OUT = (
-    Annotated[Path, typer.Option(help="Folder for <experiment>.md, <experiment>.pdf and the figures.")],
+    Annotated[Path, typer.Option(help="Folder for EXPERIMENT.md, EXPERIMENT.pdf and the figures.")],
     Path("reports"),
 )
 
