@@ -603,6 +603,35 @@ def test_the_envelope_pools_every_sigma_made_alike_and_names_each_stretch(tmp_pa
     assert curves._where_best(grid, lead, "b") == "at 0.200, at 0.400"
 
 
+def test_a_filter_is_described_by_what_it_rejects_and_not_searched_again():
+    """A repair by the input filter alone: the text says what it rejects and that its accuracy counts a
+    rejection as wrong; no paragraph asks to search its model again (it is the one already searched),
+    and no empty one is left."""
+    from twml_cli.report.runs import MitigateRun
+
+    settings = config.resolve_one("mitigate", config.load_preset(), {"cleanse_run": "c" * 32, "mitigation": "filter"})
+    run = MitigateRun(
+        id="f" * 32,
+        name="",
+        command="mitigate",
+        start_time=0,
+        params={"model_run": "b" * 32, "target": "0", "reversed_triggers": "2"},
+        settings=settings,
+        mitigation=results.MitigationMetrics(0.99, 0.94, 0.97, 0.01),
+        real=results.RealTriggerMetrics(0.98, 0.02),
+        rejected=(0.05, 0.97),
+    )
+    doc = Document("twml")
+    report_mitigation.section(doc, [run])
+    paragraphs = [b.text for b in doc.blocks if isinstance(b, Para)]
+    assert all(p.strip() for p in paragraphs)
+    text = "\n".join(paragraphs)
+    assert "the penultimate neurons that the 2 searches' reversed triggers excite most exceeds a threshold" in text
+    assert "Filtering rejected 97.00% of the test images carrying the real trigger and 5.00% of the clean ones." in text
+    assert "while clean accuracy (a rejected image counted as wrong) went from 0.9900 to 0.9400 (-5.00 points)" in text
+    assert "twml cleanse --run" not in text
+
+
 def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     from twml_cli.report.runs import MitigateRun
 

@@ -234,4 +234,5 @@ def _searched_again(doc: Document, runs: list, searched: Sequence[CleanseRun]) -
             + ", ".join(f"`twml cleanse --run {run}`" for run in unsearched)
             + "."
         )
-    doc.add(Para(" ".join(said)))
+    if said:  # nothing to say when every repair is a filter, whose model is the one already searched
+        doc.add(Para(" ".join(said)))
