@@ -421,6 +421,7 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     cost = fm["accuracy_before"] - fm["accuracy"]
     assert 0 <= cost <= fm["filter_clean_rejected"] + 1e-9  # each rejected image costs at most its own answer
     assert "Check the repair" not in results[2].out  # the model it filters is the one the cleanse run searched
+    assert f"The filter is input-filter.safetensors in run {filtered.info.run_id}: " in results[2].out
     assert f"Test images carrying the real trigger rejected: {fm['filter_real_rejected']:.4f}" in results[2].out
     # at ten times the rate, over 3 epochs, with the statistics frozen, the fine-tune wrecks the clean images and
     # starts again at half the rate (on the unstamped images' statistics, the default, it keeps them)
