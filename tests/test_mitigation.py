@@ -344,6 +344,12 @@ def test_the_input_filter_rejects_the_trigger_and_at_most_its_share_of_clean_ima
     assert rejected_share(model, fitted, x) == (profiles > fitted.threshold).float().mean().item() <= 0.05
     assert (profiles >= fitted.threshold).float().mean().item() > 0.05  # the threshold is a calibration image's
     assert rejected_share(model, fit_filter(model, x, y, 0, [(mask, pattern)], rejects=0.0), x) == 0.0
+    corner = torch.zeros(8, 8)
+    corner[0, 0] = 1.0  # a second search's trigger, elsewhere: the neurons are ranked by the mean of both gains
+    both = fit_filter(model, x, y, 0, [(mask, pattern), (corner, pattern)], neurons=0.05)
+    other = penultimate(model, stamp(others, corner, pattern)).mean(0) - penultimate(model, others).mean(0)
+    assert both.neurons.tolist() == ((gain + other) / 2).topk(len(both.neurons)).indices.tolist()
+    assert len(both.neurons) == round(0.05 * fitted.of)
     x_test, y_test = digits.test.tensors
     assert rejected_share(model, fitted, trigger.apply(x_test[y_test != 0])) > 0.9
     behind = Filtered(model, fitted)
