@@ -365,6 +365,33 @@ def test_the_input_filter_rejects_the_trigger_and_at_most_its_share_of_clean_ima
     assert torch.equal(back.neurons, fitted.neurons) and (back.threshold, back.of) == (fitted.threshold, fitted.of)
 
 
+def test_the_filters_tradeoff_figure_traces_every_threshold_and_marks_the_one_chosen():
+    """What each threshold rejects: from rejecting nothing (0, 0) to rejecting everything (1, 1),
+    never falling, through the dot at the threshold chosen; one curve per kind of stamped image."""
+    import numpy as np
+
+    from twml_cli.figures import filter_tradeoff_figure
+
+    clean = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    stamped = {"a": np.array([0.95, 1.5, 2.0, 0.15]), "b": np.array([0.05, 0.25])}
+    fig = filter_tradeoff_figure(clean, stamped, threshold=0.85)
+    ax = fig.axes[0]
+    curves = [line for line in ax.lines if line.get_linestyle() == "-"]
+    dots = [line for line in ax.lines if line.get_marker() == "o" and len(line.get_xdata())]
+    assert [c.get_label() for c in curves] == ["a", "b"] and len(dots) == 2
+    for curve, dot, values in zip(curves, dots, stamped.values()):
+        x, y = np.asarray(curve.get_xdata()), np.asarray(curve.get_ydata())
+        assert (x[0], y[0], x[-1], y[-1]) == (0, 0, 1, 1)
+        assert (np.diff(x) >= 0).all() and (np.diff(y) >= 0).all()
+        share = ((clean > 0.85).mean(), (values > 0.85).mean())  # 0.2 of the clean images, 0.75 and 0 stamped
+        assert (dot.get_xdata()[0], dot.get_ydata()[0]) == share
+        assert any(np.isclose(x, share[0]) & np.isclose(y, share[1]))  # on its curve
+    assert ax.get_xlim()[1] >= 0.5  # wide enough for the chosen dot (2.5 x 0.2)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     cli, cleanse = reproduced.cli, reproduced.cleanse
     results = []
@@ -427,6 +454,7 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     cost = fm["accuracy_before"] - fm["accuracy"]
     assert 0 <= cost <= fm["filter_clean_rejected"] + 1e-9  # each rejected image costs at most its own answer
     assert "Check the repair" not in results[2].out  # the model it filters is the one the cleanse run searched
+    assert {"input-filter.safetensors", "filter-tradeoff.png"} <= cli.artifacts(filtered)
     assert f"The filter is input-filter.safetensors in run {filtered.info.run_id}: " in results[2].out
     assert f"Test images carrying the real trigger rejected: {fm['filter_real_rejected']:.4f}" in results[2].out
     # at ten times the rate, over 3 epochs, with the statistics frozen, the fine-tune wrecks the clean images and
@@ -463,6 +491,8 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert f"`twml cleanse --run {runs['prune'].info.run_id}`" in section  # not searched again: the command
     assert section.count("unlearning fine-tunes for") == 1  # each method described once ...
     assert f"Filtering of class 0 (run {filtered.info.run_id[:8]}) rejected" in section
+    shown = f"mitigation/mitigate-{filtered.info.run_id[:8]}-filter-tradeoff.png"
+    assert f"]({shown})" in section and (cli.path / "out" / shown).is_file()  # its trade-off, in the report
     assert f"--run {filtered.info.run_id}" not in section  # a filter's model is not searched again
     assert "| --unlearn-epochs 3, --unlearn-lr 0.05, --unlearn-freeze-norm |" in section  # ... and what one changed
     assert "| --unlearn-hold-stamped 0.3 |" in section

@@ -603,11 +603,15 @@ def test_the_envelope_pools_every_sigma_made_alike_and_names_each_stretch(tmp_pa
     assert curves._where_best(grid, lead, "b") == "at 0.200, at 0.400"
 
 
-def test_a_filter_is_described_by_what_it_rejects_and_not_searched_again():
+def test_a_filter_is_described_by_what_it_rejects_and_not_searched_again(tmp_path):
     """A repair by the input filter alone: the text says what it rejects and that its accuracy counts a
-    rejection as wrong; no paragraph asks to search its model again (it is the one already searched),
-    and no empty one is left."""
+    rejection as wrong, and shows its trade-off figure; no paragraph asks to search its model again
+    (it is the one already searched), and no empty one is left."""
+    from twml_cli.report.document import Figure
     from twml_cli.report.runs import MitigateRun
+
+    logged = tmp_path / "filter-tradeoff.png"
+    logged.write_bytes(b"png")
 
     settings = config.resolve_one("mitigate", config.load_preset(), {"cleanse_run": "c" * 32, "mitigation": "filter"})
     run = MitigateRun(
@@ -620,9 +624,14 @@ def test_a_filter_is_described_by_what_it_rejects_and_not_searched_again():
         mitigation=results.MitigationMetrics(0.99, 0.94, 0.97, 0.01),
         real=results.RealTriggerMetrics(0.98, 0.02),
         rejected=(0.05, 0.97),
+        tradeoff=logged,
     )
     doc = Document("twml")
-    report_mitigation.section(doc, [run])
+    (tmp_path / "figures").mkdir()
+    report_mitigation.section(doc, [run], fig_dir=tmp_path / "figures")
+    (figure,) = [b for b in doc.blocks if isinstance(b, Figure)]
+    assert figure.path == tmp_path / "figures" / "mitigate-ffffffff-filter-tradeoff.png" and figure.path.is_file()
+    assert figure.caption.startswith("The input filter of class 0 (run ffffffff)")
     paragraphs = [b.text for b in doc.blocks if isinstance(b, Para)]
     assert all(p.strip() for p in paragraphs)
     text = "\n".join(paragraphs)

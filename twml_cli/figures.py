@@ -81,6 +81,27 @@ def certified_accuracy_figure(curves: dict[float, tuple[np.ndarray, np.ndarray]]
     return fig
 
 
+def filter_tradeoff_figure(clean: np.ndarray, stamped: dict[str, np.ndarray], threshold: float):
+    """An input filter's trade-off: for every threshold on its profile (the mean activation of its
+    neurons), the share of clean images it rejects against the share of each kind of stamped
+    image (`stamped`: label -> profiles); the threshold chosen is marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    right = max(0.2, 2.5 * float((clean > threshold).mean()))  # the low rejection of clean images, where it matters
+    for label, values in stamped.items():
+        cuts = np.unique(np.concatenate([clean, values, [np.inf]]))[::-1]  # from rejecting none to rejecting all
+        x = np.array([(clean > t).mean() for t in cuts] + [1.0])
+        y = np.array([(values > t).mean() for t in cuts] + [1.0])
+        (line,) = ax.plot(x, y, label=label, linewidth=2)
+        ax.plot([(clean > threshold).mean()], [(values > threshold).mean()], "o", color=line.get_color())
+        right = max(right, float(x[np.argmax(y >= 0.99)]))  # until every curve rejects 99%
+    ax.plot([], [], "o", color="0.4", label=f"the threshold chosen ({threshold:.4g})")
+    _accuracy_axes(ax, "clean test images rejected", "stamped test images rejected")
+    ax.set_xlim(0, min(1.0, right))
+    ax.legend(loc="lower right")
+    ax.set_title("Input filter: what each threshold rejects")
+    return fig
+
+
 def adversarial_bars_figure(labels: list[str], accuracy: list[float], pgd_success: list[float]):
     """Benign accuracy and PGD success rate side by side for each training run."""
     x = np.arange(len(labels))

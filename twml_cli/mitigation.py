@@ -366,9 +366,13 @@ class InputFilter:
     threshold: float
     of: int
 
+    def profile(self, features: torch.Tensor) -> torch.Tensor:
+        """The mean activation of its neurons, per image whose penultimate features these are (N, of)."""
+        return features[:, self.neurons.to(features.device)].float().mean(1)
+
     def rejects(self, features: torch.Tensor) -> torch.Tensor:
-        """Which of the images whose penultimate features these are (N, of) it rejects."""
-        return features[:, self.neurons.to(features.device)].float().mean(1) > self.threshold
+        """Which of the images whose penultimate features these are it rejects."""
+        return self.profile(features) > self.threshold
 
 
 def fit_filter(
@@ -386,9 +390,9 @@ def fit_filter(
     are kept)."""
     ranking = excited(model, x[y != target], triggers)
     top = ranking[: max(1, round(neurons * len(ranking)))].cpu()
-    profiles = penultimate(model, x)[:, top].mean(1).sort().values
+    calibration = penultimate(model, x)[:, top].mean(1).sort().values
     kept = math.ceil((1 - rejects) * len(x))  # the images at or under the threshold: all but `rejects` of them
-    return InputFilter(top, float(profiles[kept - 1]), len(ranking))
+    return InputFilter(top, float(calibration[kept - 1]), len(ranking))
 
 
 class Filtered(nn.Module):
@@ -433,9 +437,15 @@ def load_filter(path: str | Path) -> InputFilter:
     return InputFilter(z["neurons"], float(z["threshold"][0]), int(z["of"][0]))
 
 
+def profiles(model: Classifier, input_filter: InputFilter, x: torch.Tensor) -> torch.Tensor:
+    """The filter's profile of each image x (the mean activation of its neurons): above its
+    threshold, rejected."""
+    return input_filter.profile(penultimate(model, x)).cpu()
+
+
 def rejected_share(model: Classifier, input_filter: InputFilter, x: torch.Tensor) -> float:
     """The fraction of the images x that the filter rejects."""
-    return input_filter.rejects(penultimate(model, x)).float().mean().item() if len(x) else 0.0
+    return (profiles(model, input_filter, x) > input_filter.threshold).float().mean().item() if len(x) else 0.0
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ CURVE_FIGURE = "randomized-smoothing-acc-vs-radius"  # .png and .pdf
 BACKDOOR_EXAMPLES = ("example.png", "example-clean.png", "example-triggered.png")
 NORMS_CSV = "norms.csv"  # one row per (model, class)
 NORMS_FIGURE = "norms.png"
+FILTER_FILE = "input-filter.safetensors"  # a mitigate --mitigation filter run's filter (mitigation.save_filter)
+FILTER_FIGURE = "filter-tradeoff.png"  # ... and what each threshold of it rejects
 MASK_GRID_FIGURE = "mask-grid.png"
 TRIGGER_PNG, MASK_PNG = "trigger.png", "mask.png"  # of the most anomalous flagged class
 REVERSED_NPZ = "reversed-triggers.npz"  # plain float arrays, loads with allow_pickle=False

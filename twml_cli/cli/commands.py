@@ -140,11 +140,13 @@ def mitigate(settings_list, session) -> None:
         raise TwmlError(
             f"twml mitigate repairs with one value of each setting; {flags} got several (run it once per value)"
         )
+    from ..results import FILTER_FILE
+
     repaired = runner.mitigate_all(settings_list[0], session)
     if settings_list[0].mitigation == "filter":  # a filtered model is the one already searched: where the filter is
         where = ", ".join(repaired)
         session.echo(
-            f"\nThe filter is input-filter.safetensors in run{'s' * (len(repaired) > 1)} {where}: "
+            f"\nThe filter is {FILTER_FILE} in run{'s' * (len(repaired) > 1)} {where}: "
             "twml_cli.mitigation.load_filter reads it, and Filtered(model, filter) serves the model behind it"
         )
     else:

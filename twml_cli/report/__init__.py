@@ -89,7 +89,7 @@ def document(experiment: str, runs: Runs, fig_dir: Path, uri: str) -> Document:
     smoothing.training_methods(doc, runs.smooth, fig_dir)
     curves.sigma_curves(doc, runs, fig_dir)
     cleanse.section(doc, runs.cleanse, runs.backdoor, fig_dir, frozenset(r.id for r in runs.train), runs.searched_again)
-    mitigation.section(doc, runs.mitigate, runs.cleanse[0] if runs.cleanse else None, runs.searched_again)
+    mitigation.section(doc, runs.mitigate, runs.cleanse[0] if runs.cleanse else None, runs.searched_again, fig_dir)
     if runs.all:
         setting_section(doc, experiment, runs.all, uri)
     return doc

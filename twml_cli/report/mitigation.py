@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
-from .. import config
+from .. import config, results
 from ..settings import RUNTIME_ONLY
 from ..studies.cleanse import standing
 from ..studies.mitigate import excited_by
-from .document import Document, Heading, Para, Table
+from .document import Document, Figure, Heading, Para, Table
 from .runs import CleanseRun
 from .words import count, f4, model_name, short
 
@@ -96,13 +98,18 @@ def _differs(run, described) -> str:
 
 
 def section(
-    doc: Document, runs: list, newest: CleanseRun | None = None, searched_again: Sequence[CleanseRun] = ()
+    doc: Document,
+    runs: list,
+    newest: CleanseRun | None = None,
+    searched_again: Sequence[CleanseRun] = (),
+    fig_dir: Path | None = None,
 ) -> None:
     """Neural Cleanse's mitigation: each repaired model, before and after, and the cleanse run
     whose finding it acted on; a finding of the newest cleanse run (`newest`, the one section 3
-    reads) that no repair acted on is named, with the command that repairs it. Then what
-    searching each repaired model again found (`searched_again`: cleanse runs of repaired models,
-    newest first), or the command that searches it."""
+    reads) that no repair acted on is named, with the command that repairs it; a filter's
+    figure of what each threshold rejects (copied into `fig_dir`). Then what searching each
+    repaired model again found (`searched_again`: cleanse runs of repaired models, newest
+    first), or the command that searches it."""
     if not runs:
         return
     described = _described(runs)
@@ -192,6 +199,17 @@ def section(
             )
         if said:
             doc.add(Para(" ".join(said)))
+        if r.tradeoff is not None and fig_dir is not None:
+            shown = fig_dir / f"mitigate-{short(r.id)}-{results.FILTER_FIGURE}"
+            shutil.copy(r.tradeoff, shown)
+            doc.add(
+                Figure(
+                    shown,
+                    f"The input filter of class {r.param('target')} (run {short(r.id)}): the clean and the stamped "
+                    "test images it rejects at each threshold; the dots, the threshold it uses",
+                    0.6,
+                )
+            )
     _searched_again(doc, runs, searched_again)
 
 

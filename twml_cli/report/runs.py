@@ -105,6 +105,7 @@ class MitigateRun(Logged):
     lr_used: float | None = None  # the rate of the fine-tune unlearning kept (where logged)
     train_accuracy: tuple[float, float] | None = None  # the unstamped training images', before and after (where logged)
     rejected: tuple[float, float | None] | None = None  # a filter's: of the clean test images, of the real trigger's
+    tradeoff: Path | None = None  # a filter's figure: what each threshold rejects
 
 
 @dataclass
@@ -255,6 +256,8 @@ def load(experiment: str) -> Runs:
             m.train_accuracy = (logged["unlearn_train_accuracy_before"], logged["unlearn_train_accuracy"])
         if "filter_clean_rejected" in logged:
             m.rejected = (logged["filter_clean_rejected"], logged.get("filter_real_rejected"))
+            figure = tracking.download_artifact(m.id, results.FILTER_FIGURE)
+            m.tradeoff = Path(figure) if figure else None
         mitigate.append(m)
     cleansed = tracking.find_runs(experiment, "cleanse")
     cleanse = [base(r, CleanseRun, config.Cleanse) for r in cleansed]

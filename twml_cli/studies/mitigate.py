@@ -11,18 +11,18 @@ import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import attacks, backdoor, cleanse, config, mitigation, models, results, runtime
+from .. import attacks, backdoor, cleanse, config, figures, mitigation, models, results, runtime
 from ..data import MemoryDataSet
 from ..errors import TwmlError
 from .common import Hooks, Run, artifacts, check_fits, data_name, device, in_memory, load_model
 
 COMMAND = "mitigate"
-FILTER_FILE = "input-filter.safetensors"
 
 
 @dataclass
@@ -56,14 +56,30 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Filtering:
-    """An input filter and what it rejects of the test images: clean ones, those stamped with the
-    first search's reversed trigger (as measure() stamps them) and with the real one (of classes
-    other than its target; None if unknown)."""
+    """An input filter and its profile of the test images (the mean activation of its neurons; above
+    its threshold, rejected): clean ones, those stamped with the first search's reversed trigger (as
+    measure() stamps them) and with the real one (of classes other than its target; None if
+    unknown)."""
 
     input_filter: mitigation.InputFilter
-    clean: float
-    reversed: float
-    real: float | None
+    profiles: dict[str, np.ndarray]  # "clean", "reversed", and "real" where known
+
+    def share(self, kind: str) -> float | None:
+        """The fraction of those test images it rejects (None: the real trigger is unknown)."""
+        values = self.profiles.get(kind)
+        return None if values is None else float((values > self.input_filter.threshold).mean())
+
+    @property
+    def clean(self) -> float:
+        return cast(float, self.share("clean"))
+
+    @property
+    def reversed(self) -> float:
+        return cast(float, self.share("reversed"))
+
+    @property
+    def real(self) -> float | None:
+        return self.share("real")
 
 
 @dataclass
@@ -183,11 +199,11 @@ def _filter(inputs: Inputs) -> Filtering:
     x, y = inputs.data.train.x.cpu(), inputs.data.train.y.cpu()
     fitted = mitigation.fit_filter(model, x, y, f.target, f.triggers, s.filter_neurons, s.filter_rejects)
     tx, ty = inputs.data.test.x.cpu(), inputs.data.test.y.cpu()
-    share = functools.partial(mitigation.rejected_share, model, fitted)
-    real = None
+    profile = functools.partial(mitigation.profiles, model, fitted)
+    found = {"clean": profile(tx), "reversed": profile(cleanse.stamp(tx[ty != f.target], f.mask, f.pattern))}
     if f.trigger is not None and f.trigger_target is not None:
-        real = share(f.trigger.apply(tx[ty != f.trigger_target]))
-    return Filtering(fitted, share(tx), share(cleanse.stamp(tx[ty != f.target], f.mask, f.pattern)), real)
+        found["real"] = profile(f.trigger.apply(tx[ty != f.trigger_target]))
+    return Filtering(fitted, {k: v.numpy() for k, v in found.items()})
 
 
 def extra_params(inputs: Inputs) -> dict:
@@ -212,7 +228,14 @@ def record(run: Run, outcome: Outcome) -> None:
     else:  # the model is the one the cleanse run searched, unchanged: the run holds the filter
         k = outcome.filtering
         with artifacts(run) as folder:
-            mitigation.save_filter(k.input_filter, folder / FILTER_FILE)
+            mitigation.save_filter(k.input_filter, folder / results.FILTER_FILE)
+            stamped = {"the reversed trigger": k.profiles["reversed"]}
+            if "real" in k.profiles:
+                stamped["the real trigger"] = k.profiles["real"]
+            figures.save(
+                figures.filter_tradeoff_figure(k.profiles["clean"], stamped, k.input_filter.threshold),
+                folder / results.FILTER_FIGURE,
+            )
         run.log_metrics(
             {
                 "filter_neurons": len(k.input_filter.neurons),
