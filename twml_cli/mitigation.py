@@ -443,11 +443,6 @@ def profiles(model: Classifier, input_filter: InputFilter, x: torch.Tensor) -> t
     return input_filter.profile(penultimate(model, x)).cpu()
 
 
-def rejected_share(model: Classifier, input_filter: InputFilter, x: torch.Tensor) -> float:
-    """The fraction of the images x that the filter rejects."""
-    return (profiles(model, input_filter, x) > input_filter.threshold).float().mean().item() if len(x) else 0.0
-
-
 @dataclass(frozen=True)
 class PruneResult:
     """What pruning did: neurons removed of the penultimate layer's, and the reversed trigger's success after."""
