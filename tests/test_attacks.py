@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from twml_cli.attacks import PGDConfig, accuracy, evaluate_robustness, pgd
+from twml_cli.attacks import PGDConfig, accuracy, classified_right, evaluate_robustness, pgd
 from twml_cli.models import ModelSpec, create_model
 
 
@@ -25,6 +25,17 @@ def linear_case(seed=0):
     w[w.abs() < 0.05] = 0.3  # no zero weights: every pixel has a defined worst direction
     x = 0.3 + 0.4 * torch.rand(6, 1, 4, 4, generator=g)  # far from 0 and 1: clamping never binds
     return Linear2(w, 0.1).eval(), x, w
+
+
+def test_classified_right_reads_each_image_of_a_linear_model_in_order():
+    model, x, w = linear_case()
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    predicted = ((x.flatten(1) @ w.flatten() + 0.1) > 0).long()  # class 1 where w.x + b > 0
+    for batch_size in (1, 4, 1024):  # the same images in the same order, however they are batched
+        found = classified_right(model, (x, y), batch_size)
+        assert found.dtype == torch.bool and torch.equal(found, predicted == y)
+    assert accuracy(model, (x, y)) == int((predicted == y).sum()) / len(y)
+    assert 0 < accuracy(model, (x, y)) < 1  # the case has images right and wrong: the check can fail
 
 
 @pytest.mark.parametrize("label", [0, 1])

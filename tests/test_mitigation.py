@@ -396,7 +396,31 @@ def test_the_filters_tradeoff_figure_traces_every_threshold_and_marks_the_one_ch
     plt.close(fig)
 
 
+@pytest.mark.parametrize("lost, gained", [(6, 0), (5, 1), (0, 6), (3, 3), (7, 2), (12, 30), (1, 0)])
+def test_a_repairs_lost_and_gained_images_are_tested_by_mcnemars_exact_test(lost, gained):
+    """Two-sided: the binomial(lost + gained, 1/2) outcomes no likelier than the one seen, summed."""
+    from math import comb
+
+    from twml_cli.results import AccuracyChange
+
+    n = lost + gained
+    chance = [comb(n, k) / 2**n for k in range(n + 1)]
+    expected = sum(c for c in chance if c <= chance[lost] * (1 + 1e-12))
+    assert AccuracyChange(lost, gained).p_value() == pytest.approx(min(1.0, expected), rel=1e-9)
+    assert AccuracyChange(lost, gained).p_value() == pytest.approx(AccuracyChange(gained, lost).p_value(), rel=1e-12)
+
+
+def test_a_repairs_changed_images_in_words():
+    from twml_cli.results import AccuracyChange
+
+    assert AccuracyChange(6, 0).in_words() == "6 test images lost, 0 gained; McNemar's exact test p = 0.031"  # 2 / 64
+    assert AccuracyChange(1, 1).in_words() == "1 test image lost, 1 gained; McNemar's exact test p = 1"
+    assert AccuracyChange(0, 0).in_words() == "no test image changed"
+
+
 def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
+    from twml_cli.results import AccuracyChange
+
     cli, cleanse = reproduced.cli, reproduced.cleanse
     results = []
     for method in ("unlearn", "prune", "filter"):
@@ -421,6 +445,18 @@ def test_mitigate_repairs_the_flagged_model_of_the_default(reproduced):
     assert m["attack_success_rate"] <= 0.05
     # a repair's accuracy change is a draw: 3 to 6 of those 124 cells lose more than a point in a draw, at worst 1.4
     assert m["accuracy"] >= m["accuracy_before"] - 0.02
+    # the images it changed, one by one, make up the change in accuracy on the 360 test images
+    for run in runs.values():
+        r = run.data.metrics
+        lost, gained = int(r["test_images_lost"]), int(r["test_images_gained"])
+        assert lost - gained == round((r["accuracy_before"] - r["accuracy"]) * 360), run.data.params["mitigation"]
+    change = AccuracyChange(int(m["test_images_lost"]), int(m["test_images_gained"]))
+    assert f"Clean accuracy: {m['accuracy_before']:.4f} -> {m['accuracy']:.4f} ({change.in_words()})" in results[0].out
+    # unlearning changes few answers: on the matrix's 205 detected models (first draw), 3 to 6 (quartiles), at most 17
+    assert m["test_images_lost"] + m["test_images_gained"] <= 17
+    # the filter only rejects: an image it lets through keeps the model's answer, so it never gains one
+    f = runs["filter"].data.metrics
+    assert f["test_images_gained"] == 0 and 0 < f["test_images_lost"] <= round(f["filter_clean_rejected"] * 360)
     assert p["unlearn_clean_norm"] == "True" and p["unlearn_freeze_norm"] == "False"  # the repair that holds
     assert m["reversed_success"] < m["reversed_success_before"]
     assert m["unlearn_lr_used"] == 0.005 and m["unlearn_restarts"] == 0  # the default's fine-tune keeps its images

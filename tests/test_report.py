@@ -641,6 +641,36 @@ def test_a_filter_is_described_by_what_it_rejects_and_not_searched_again(tmp_pat
     assert "twml cleanse --run" not in text
 
 
+def test_a_repairs_accuracy_names_the_test_images_it_changed_with_or_without_the_real_trigger():
+    """Logged by this twml: the images lost and gained, with McNemar's test; where the real trigger is
+    unknown (a model of the user's own), the accuracy still gets its sentence."""
+    from twml_cli.report.runs import MitigateRun
+
+    settings = config.resolve_one("mitigate", config.load_preset(), {"cleanse_run": "c" * 32})
+    run = MitigateRun(
+        id="a" * 32,
+        name="",
+        command="mitigate",
+        start_time=0,
+        params={"model_path": "my-model", "target": "3", "reversed_triggers": "2"},
+        settings=settings,
+        mitigation=results.MitigationMetrics(0.9833, 0.9722, 0.97, 0.01),
+        change=results.AccuracyChange(5, 1),
+    )
+    for real, said in (
+        (results.RealTriggerMetrics(0.98, 0.01), "while clean accuracy went from"),
+        (None, "After unlearning, clean accuracy went from"),
+    ):
+        run.real = real
+        doc = Document("twml")
+        report_mitigation.section(doc, [run])
+        text = "\n".join(b.text for b in doc.blocks if isinstance(b, Para))
+        assert (
+            f"{said} 0.9833 to 0.9722 (-1.11 points: 5 test images lost, 1 gained; McNemar's exact test p = 0.22)."
+            in text
+        )
+
+
 def test_the_repairs_name_their_cleanse_run_and_an_unrepaired_newest_finding():
     from twml_cli.report.runs import MitigateRun
 

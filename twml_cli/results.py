@@ -128,6 +128,30 @@ class MitigationMetrics:
 
 
 @dataclass(frozen=True)
+class AccuracyChange:
+    """The clean test images a repair changed, image by image: classified right before and wrong
+    after (lost), and the reverse (gained). Runs logged by earlier twml versions lack them."""
+
+    test_images_lost: int
+    test_images_gained: int
+
+    def p_value(self) -> float:
+        """McNemar's exact test, two-sided: how likely a split of the changed images at least this
+        uneven would be if the repair were as likely to gain an image as to lose one."""
+        from scipy.stats import binomtest  # here, not at import: the CLI's start stays light
+
+        changed = self.test_images_lost + self.test_images_gained
+        return 1.0 if changed == 0 else float(binomtest(self.test_images_lost, changed, 0.5).pvalue)
+
+    def in_words(self) -> str:
+        """'5 test images lost, 1 gained; McNemar's exact test p = 0.22', as the CLI and the report say it."""
+        if self.test_images_lost + self.test_images_gained == 0:
+            return "no test image changed"
+        lost = f"{self.test_images_lost} test image{'s' * (self.test_images_lost != 1)} lost"
+        return f"{lost}, {self.test_images_gained} gained; McNemar's exact test p = {self.p_value():.2g}"
+
+
+@dataclass(frozen=True)
 class RealTriggerMetrics:
     """The real trigger's attack success before and after (when the model came from twml backdoor)."""
 

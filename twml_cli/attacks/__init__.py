@@ -4,7 +4,7 @@ one small module each, and the robustness evaluation that runs them."""
 
 from ..configs import ATTACKS, AutoAttackConfig, PGDConfig
 from .autoattack import autoattack
-from .evaluate import RobustnessResult, accuracy, evaluate_robustness
+from .evaluate import RobustnessResult, accuracy, classified_right, evaluate_robustness
 from .pgd import PGD_STREAM, pgd
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "RobustnessResult",
     "accuracy",
     "autoattack",
+    "classified_right",
     "evaluate_robustness",
     "pgd",
 ]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..examples import InMemory
+from ..examples import Folder, InMemory
 from ..runtime import Progress, Timer, autocast, no_progress
 from .autoattack import AutoAttackConfig
 from .autoattack import autoattack as run_autoattack
@@ -168,14 +168,24 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def accuracy(model: nn.Module, data, batch_size: int = 1024) -> float:
     """Clean accuracy in eval mode on `data` (examples, or a pair of tensors), counted on the
     device; each process takes its share."""
-    device = next(model.parameters()).device
     data = _examples(data)
+    right = _right(model, data, _my_batches(len(data), batch_size))
+    return distributed.all_reduce_sum(right.sum()).item() / len(data)
+
+
+def classified_right(model: nn.Module, data, batch_size: int = 1024) -> torch.Tensor:
+    """Which examples of `data` the model classifies right in eval mode, in order, on the CPU:
+    every example, in this process alone (a paired comparison of two models reads the same ones)."""
+    data = _examples(data)
+    return _right(model, data, list(torch.arange(len(data)).split(batch_size))).cpu()
+
+
+def _right(model: nn.Module, data: InMemory | Folder, batches: list[torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
     with torch.inference_mode(), autocast(device):
-        for xb, yb, _ in data.batches(_my_batches(len(data), batch_size), device):
-            correct += (model(xb).argmax(1) == yb).sum()
-    return distributed.all_reduce_sum(correct).item() / len(data)
+        found = [model(xb).argmax(1) == yb for xb, yb, _ in data.batches(batches, device)]
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.bool, device=device)
 
 
 def _examples(data):

@@ -189,14 +189,19 @@ def section(
                 + (f"{real:.2%} of the test images carrying the real trigger and " if real is not None else "")
                 + f"{clean:.2%} of the clean ones."
             )
+        accuracy = (
+            "clean accuracy "
+            + ("(a rejected image counted as wrong) " if r.rejected is not None else "")
+            + f"went from {f4(m.accuracy_before)} to {f4(m.accuracy)} ({(m.accuracy - m.accuracy_before) * 100:+.2f} "
+            + (f"points: {r.change.in_words()})" if r.change is not None else "points)")
+        )
         if r.real is not None:
             said.append(
                 f"{'It' if said else how} took the real trigger's attack success from "
-                f"{f4(r.real.attack_success_rate_before)} to {f4(r.real.attack_success_rate)} while clean accuracy "
-                + ("(a rejected image counted as wrong) " if r.rejected is not None else "")
-                + f"went from {f4(m.accuracy_before)} to {f4(m.accuracy)} "
-                f"({(m.accuracy - m.accuracy_before) * 100:+.2f} points)."
+                f"{f4(r.real.attack_success_rate_before)} to {f4(r.real.attack_success_rate)} while {accuracy}."
             )
+        elif r.change is not None:  # a model of the user's own: the accuracy, with the images it changed
+            said.append(f"{'In the end' if said else 'After ' + how[0].lower() + how[1:]}, {accuracy}.")
         if said:
             doc.add(Para(" ".join(said)))
         if r.tradeoff is not None and fig_dir is not None:

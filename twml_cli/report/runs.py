@@ -101,6 +101,7 @@ class MitigateRun(Logged):
     settings: config.Mitigate = None
     mitigation: results.MitigationMetrics = None
     real: results.RealTriggerMetrics | None = None  # when the model came from twml backdoor
+    change: results.AccuracyChange | None = None  # the test images it lost and gained (where logged)
     restarts: int = 0  # unlearning's fine-tunes that lost the clean training images, each started again
     lr_used: float | None = None  # the rate of the fine-tune unlearning kept (where logged)
     train_accuracy: tuple[float, float] | None = None  # the unstamped training images', before and after (where logged)
@@ -250,6 +251,8 @@ def load(experiment: str) -> Runs:
         m = base(r, MitigateRun, config.Mitigate)
         m.mitigation = read(r, results.MitigationMetrics, m.where)
         m.real = read(r, results.RealTriggerMetrics, m.where) if "attack_success_rate" in r.data.metrics else None
+        if "test_images_lost" in r.data.metrics:
+            m.change = read(r, results.AccuracyChange, m.where)
         m.restarts = int(r.data.metrics.get("unlearn_restarts", 0))
         m.lr_used = r.data.metrics.get("unlearn_lr_used")
         if "unlearn_train_accuracy" in (logged := r.data.metrics):

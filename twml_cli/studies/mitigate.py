@@ -11,7 +11,7 @@ import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import numpy as np
 import pandas as pd
@@ -89,6 +89,7 @@ class Outcome:
     model: models.Classifier  # repaired (a filter leaves it as it was)
     metrics: results.MitigationMetrics
     real: results.RealTriggerMetrics | None
+    change: results.AccuracyChange  # the clean test images it lost and gained
     pruned: mitigation.PruneResult | None
     unlearned: mitigation.Unlearned | None = None
     filtering: Filtering | None = None
@@ -148,18 +149,30 @@ def prepare(s: config.Mitigate, finding: Finding) -> Inputs:
     return Inputs(dataclasses.replace(s, dataset=data.info.name), dev, data, finding, model)
 
 
-def measure(model, inputs: Inputs) -> tuple[float, float, float | None]:
-    """Clean accuracy, the reversed trigger's success, the real trigger's (None if unknown)."""
+class Measured(NamedTuple):
+    """What measure() found: which clean test images the model classifies right, the reversed
+    trigger's success, and the real trigger's (None if unknown)."""
+
+    right: torch.Tensor
+    reversed_success: float
+    real: float | None
+
+    @property
+    def accuracy(self) -> float:
+        return int(self.right.sum()) / len(self.right)
+
+
+def measure(model, inputs: Inputs) -> Measured:
+    """The model on the test images, clean and stamped."""
     f, (x, y) = inputs.finding, (inputs.data.test.x.cpu(), inputs.data.test.y.cpu())
-    s = inputs.settings
-    accuracy = attacks.accuracy(model, inputs.data.test, s.eval_batch_size)
+    right = attacks.classified_right(model, inputs.data.test, inputs.settings.eval_batch_size)
     reversed_success = backdoor.stamped_success_rate(
         model, x[y != f.target], f.target, lambda z: cleanse.stamp(z, f.mask.to(z.device), f.pattern.to(z.device))
     )
     real = None
     if f.trigger is not None and f.trigger_target is not None:
         real = backdoor.attack_success_rate(model, x, y, f.trigger_target, f.trigger)
-    return accuracy, reversed_success, real
+    return Measured(right, reversed_success, real)
 
 
 def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
@@ -185,11 +198,15 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
     return Outcome(s, f, repaired, *_compared(before, after), pruned, unlearned)
 
 
-def _compared(before, after) -> tuple[results.MitigationMetrics, results.RealTriggerMetrics | None]:
+def _compared(
+    before: Measured, after: Measured
+) -> tuple[results.MitigationMetrics, results.RealTriggerMetrics | None, results.AccuracyChange]:
     """measure()'s figures before and after, as the metrics a run logs."""
-    metrics = results.MitigationMetrics(before[0], after[0], before[1], after[1])
-    real = results.RealTriggerMetrics(before[2], after[2]) if before[2] is not None and after[2] is not None else None
-    return metrics, real
+    b, a = before, after
+    metrics = results.MitigationMetrics(b.accuracy, a.accuracy, b.reversed_success, a.reversed_success)
+    real = results.RealTriggerMetrics(b.real, a.real) if b.real is not None and a.real is not None else None
+    change = results.AccuracyChange(int((b.right & ~a.right).sum()), int((~b.right & a.right).sum()))
+    return metrics, real, change
 
 
 def _filter(inputs: Inputs) -> Filtering:
@@ -246,7 +263,7 @@ def record(run: Run, outcome: Outcome) -> None:
                 **({"filter_real_rejected": k.real} if k.real is not None else {}),
             }
         )
-    run.log_metrics(results.metrics(outcome.metrics))
+    run.log_metrics(results.metrics(outcome.metrics) | results.metrics(outcome.change))
     if outcome.real is not None:
         run.log_metrics(results.metrics(outcome.real))
     if outcome.pruned is not None:
@@ -274,7 +291,8 @@ def summarize(o: Outcome) -> list[str]:
             f"{k.input_filter.of} penultimate neurons {excited_by(n)} most exceeds {k.input_filter.threshold:.4g} "
             f"({o.settings.filter_rejects:.0%} of the clean training images)",
             f"  Clean test images rejected: {k.clean:.4f}",
-            f"  Clean accuracy (a rejected image counts as wrong): {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
+            f"  Clean accuracy (a rejected image counts as wrong): {m.accuracy_before:.4f} -> {m.accuracy:.4f} "
+            f"({o.change.in_words()})",
         ]
     else:
         how = (
@@ -285,7 +303,7 @@ def summarize(o: Outcome) -> list[str]:
         lines = [
             f"{flagged}, repaired by {how}:",
             *_restarts(o.unlearned, o.settings.unlearn_restart_fall),
-            f"  Clean accuracy: {m.accuracy_before:.4f} -> {m.accuracy:.4f}",
+            f"  Clean accuracy: {m.accuracy_before:.4f} -> {m.accuracy:.4f} ({o.change.in_words()})",
         ]
     lines.append(f"  Reversed trigger's success: {m.reversed_success_before:.4f} -> {m.reversed_success:.4f}")
     if o.real is not None:
