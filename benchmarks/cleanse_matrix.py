@@ -389,14 +389,16 @@ def repair_cell(
         "repair_attack_success": round(real.attack_success_rate, 4),
         "repair_s": round(time.perf_counter() - began, 1),
         "repair_restarts": len(repaired.unlearned.lost) if repaired.unlearned else 0,  # fine-tunes that lost the images
+        "repair_images_lost": repaired.change.test_images_lost,
+        "repair_images_gained": repaired.change.test_images_gained,
     }
     if (k := repaired.filtering) is not None:  # what the filter rejects of the test images
         row["repair_clean_rejected"], row["repair_real_rejected"] = round(k.clean, 4), round(k.real or 0.0, 4)
     if renormalize:
         model = renormalized(repaired.model, inputs.data.train.x.cpu())
-        accuracy, _, attack = mitigate.measure(model, inputs)
-        row["renormalized_accuracy_change"] = round(accuracy - m.accuracy_before, 4)
-        row["renormalized_attack_success"] = round(attack, 4)
+        again = mitigate.measure(model, inputs)
+        row["renormalized_accuracy_change"] = round(again.accuracy - m.accuracy_before, 4)
+        row["renormalized_attack_success"] = round(again.real, 4)
     if recheck is not None:
         row.update(recheck_verdict(repaired.model, cell, recheck, dataset))
     return row
@@ -452,6 +454,24 @@ def planted_norm(size: int, position: str) -> float:
     return float(Trigger(size, position).size ** 2)
 
 
+def paired(repaired: list[dict], repair: str) -> str:
+    """The test images each repair changed, and which accuracy changes McNemar's exact test tells
+    from chance at 0.05 (on 360 images a point is 3.6 of them)."""
+    from twml_cli.results import AccuracyChange
+
+    changed = [r["repair_images_lost"] + r["repair_images_gained"] for r in repaired]
+    p = {id(r): AccuracyChange(r["repair_images_lost"], r["repair_images_gained"]).p_value() for r in repaired}
+    down = [r for r in repaired if r["repair_images_lost"] > r["repair_images_gained"] and p[id(r)] < 0.05]
+    up = [r for r in repaired if r["repair_images_gained"] > r["repair_images_lost"] and p[id(r)] < 0.05]
+    fell = [r for r in repaired if r["repair_accuracy_change"] < -0.01]
+    q1, q2, q3 = np.percentile(changed, [25, 50, 75])
+    return (
+        f"{repair}: test images a repair changed, median {q2:g} (quartiles {q1:g} to {q3:g}, at most {max(changed)}); "
+        f"McNemar's exact test below 0.05: accuracy down in {len(down)}, up in {len(up)}; of the {len(fell)} that "
+        f"lose more than a point, {sum(r in down for r in fell)} below 0.05"
+    )
+
+
 def summary(rows: list[dict], repair: str = "unlearning") -> list[str]:
     planted = [r for r in rows if r["position"] is not None]
     clean = [r for r in rows if r["position"] is None]
@@ -501,6 +521,8 @@ def summary(rows: list[dict], repair: str = "unlearning") -> list[str]:
                     else ""
                 )
             )
+        if counted := [r for r in repaired if "repair_images_lost" in r]:
+            lines.append(paired(counted, repair))
         rechecked = [r for r in repaired if "recheck_flagged" in r]
         if rechecked:
             after = [r["recheck_target_index"] for r in rechecked]
