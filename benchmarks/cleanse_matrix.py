@@ -459,16 +459,18 @@ def paired(repaired: list[dict], repair: str) -> str:
     from chance at 0.05 (on 360 images a point is 3.6 of them)."""
     from twml_cli.results import AccuracyChange
 
+    def significant(r: dict) -> bool:
+        return AccuracyChange(r["repair_images_lost"], r["repair_images_gained"]).p_value() < 0.05
+
     changed = [r["repair_images_lost"] + r["repair_images_gained"] for r in repaired]
-    p = {id(r): AccuracyChange(r["repair_images_lost"], r["repair_images_gained"]).p_value() for r in repaired}
-    down = [r for r in repaired if r["repair_images_lost"] > r["repair_images_gained"] and p[id(r)] < 0.05]
-    up = [r for r in repaired if r["repair_images_gained"] > r["repair_images_lost"] and p[id(r)] < 0.05]
+    down = [r for r in repaired if r["repair_images_lost"] > r["repair_images_gained"] and significant(r)]
+    up = [r for r in repaired if r["repair_images_gained"] > r["repair_images_lost"] and significant(r)]
     fell = [r for r in repaired if r["repair_accuracy_change"] < -0.01]
     q1, q2, q3 = np.percentile(changed, [25, 50, 75])
     return (
         f"{repair}: test images a repair changed, median {q2:g} (quartiles {q1:g} to {q3:g}, at most {max(changed)}); "
         f"McNemar's exact test below 0.05: accuracy down in {len(down)}, up in {len(up)}; of the {len(fell)} that "
-        f"lose more than a point, {sum(r in down for r in fell)} below 0.05"
+        f"lose more than a point, {sum(significant(r) for r in fell)} below 0.05"
     )
 
 

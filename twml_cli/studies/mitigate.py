@@ -199,10 +199,9 @@ def compute(inputs: Inputs, hooks: Hooks = Hooks()) -> Outcome:
 
 
 def _compared(
-    before: Measured, after: Measured
+    b: Measured, a: Measured
 ) -> tuple[results.MitigationMetrics, results.RealTriggerMetrics | None, results.AccuracyChange]:
-    """measure()'s figures before and after, as the metrics a run logs."""
-    b, a = before, after
+    """measure()'s figures before (b) and after (a), as the metrics a run logs."""
     metrics = results.MitigationMetrics(b.accuracy, a.accuracy, b.reversed_success, a.reversed_success)
     real = results.RealTriggerMetrics(b.real, a.real) if b.real is not None and a.real is not None else None
     change = results.AccuracyChange(int((b.right & ~a.right).sum()), int((~b.right & a.right).sum()))
